@@ -1,0 +1,124 @@
+//! The admin listener: `/metrics` (Prometheus text), `/status` (JSON), `/healthz`.
+//!
+//! Read-only views of the running state. It shares nothing mutable with the request path
+//! beyond reading the runtime snapshot and counters, and it must stay answerable while
+//! the proxy is overloaded, so every handler is cheap and allocation is bounded by the
+//! number of backends.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use arc_swap::ArcSwap;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::{self, Body};
+use crate::forward::Runtime;
+use crate::telemetry;
+
+/// Serves the admin API until shutdown.
+pub async fn serve(
+    sock: TcpListener,
+    runtime: Arc<ArcSwap<Runtime>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if let Ok(a) = sock.local_addr() {
+        tracing::info!(listen = %a, "admin listening");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            r = sock.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let rt = runtime.load_full();
+                async move { Ok::<_, Infallible>(route(&rt, req)) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            telemetry::metrics_handle().render(),
+        ),
+        (&Method::GET, "/status") => reply(
+            StatusCode::OK,
+            "application/json",
+            status_json(rt).to_string(),
+        ),
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /status or /healthz\n".into(),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, ctype: &'static str, text: String) -> Response<Body> {
+    let mut r = Response::new(body::full(text));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// The `/status` document: every cluster with its backends and their counters.
+pub fn status_json(rt: &Runtime) -> serde_json::Value {
+    let clusters: Vec<_> = rt
+        .clusters
+        .iter()
+        .map(|c| {
+            let backends: Vec<_> = c
+                .backends
+                .iter()
+                .map(|b| {
+                    let last_error = b.last_error().map(|(at, msg)| {
+                        serde_json::json!({
+                            "at_unix_ms": at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                            "message": msg,
+                        })
+                    });
+                    serde_json::json!({
+                        "id": b.cfg.id,
+                        "address": b.cfg.address.to_string(),
+                        "weight": b.cfg.weight,
+                        "priority": b.cfg.priority,
+                        "tls": b.cfg.tls,
+                        "in_flight": b.in_flight(),
+                        "requests": b.requests(),
+                        "connect_errors": b.connect_errors(),
+                        "pool_idle": b.pool.has_idle(),
+                        "last_error": last_error,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": c.cfg.name,
+                "strategy": c.cfg.strategy.as_str(),
+                "balance": c.cfg.balance.as_str(),
+                "in_flight": c.backends.iter().map(|b| u64::from(b.in_flight())).sum::<u64>(),
+                "backends": backends,
+            })
+        })
+        .collect();
+    serde_json::json!({ "clusters": clusters })
+}

@@ -1,0 +1,349 @@
+//! Runtime state of a cluster: its backends, their counters and pools, the balancer,
+//! the retry budget and sticky-cookie tokens.
+//!
+//! A [`Cluster`] is built from a [`ClusterConfig`] and then shared read-only by every
+//! request (`Arc`); per-request state lives in atomics. Metric handles are registered
+//! once here so the request path increments counters without hashing label sets.
+//! This module decides nothing about where a request goes (see `forward`) and performs
+//! no I/O.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+use crate::balance::{Balancer, Candidate};
+use crate::config::{BackendConfig, ClusterConfig, RetryBudget};
+use crate::upstream::{self, Pool};
+
+/// One backend at run time.
+pub struct Backend {
+    /// Its configuration.
+    pub cfg: BackendConfig,
+    /// Value of the sticky cookie that pins a client to this backend.
+    pub sticky_token: String,
+    /// Idle upstream connections.
+    pub pool: Pool,
+    /// TLS settings for this backend, if it uses TLS.
+    pub tls: Option<upstream::BackendTls>,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    connect_errors: AtomicU64,
+    last_error: Mutex<Option<(SystemTime, String)>>,
+    metrics: BackendMetrics,
+}
+
+struct BackendMetrics {
+    responses: [Counter; 5],
+    connect_errors: Counter,
+    in_flight: Gauge,
+}
+
+impl Candidate for Arc<Backend> {
+    fn weight(&self) -> u32 {
+        self.cfg.weight
+    }
+    fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+impl Backend {
+    fn new(cluster: &ClusterConfig, cfg: BackendConfig) -> Result<Self, String> {
+        let labels = [
+            ("cluster", cluster.name.clone()),
+            ("backend", cfg.id.clone()),
+        ];
+        let class = |c: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("class", c.to_string()));
+            counter!("keyway_upstream_responses_total", &l)
+        };
+        let tls = if cfg.tls {
+            Some(upstream::BackendTls::new(
+                cluster.upstream_ca.as_deref(),
+                &cfg,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            sticky_token: sticky_token(&cluster.name, &cfg.id),
+            pool: Pool::new(cluster.pool),
+            tls,
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            metrics: BackendMetrics {
+                responses: [
+                    class("1xx"),
+                    class("2xx"),
+                    class("3xx"),
+                    class("4xx"),
+                    class("5xx"),
+                ],
+                connect_errors: counter!("keyway_upstream_connect_errors_total", &labels),
+                in_flight: gauge!("keyway_upstream_in_flight", &labels),
+            },
+            cfg,
+        })
+    }
+
+    /// Requests in flight on this backend.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this backend since start.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Failed connection attempts since start.
+    pub fn connect_errors(&self) -> u64 {
+        self.connect_errors.load(Ordering::Relaxed)
+    }
+
+    /// The most recent failure, with when it happened.
+    pub fn last_error(&self) -> Option<(SystemTime, String)> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Marks a request as started; the guard marks it finished when dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.increment(1.0);
+        InFlight(self.clone())
+    }
+
+    /// Counts a response by status class.
+    pub fn record_response(&self, status: u16) {
+        let idx = usize::from((status / 100).clamp(1, 5) - 1);
+        self.metrics.responses[idx].increment(1);
+    }
+
+    /// Records a failed connection attempt.
+    pub fn record_connect_error(&self, detail: &str) {
+        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connect_errors.increment(1);
+        self.record_error(detail);
+    }
+
+    /// Records the latest error seen on this backend (for `/status`).
+    pub fn record_error(&self, detail: &str) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = Some((SystemTime::now(), detail.to_string()));
+        }
+    }
+}
+
+/// Decrements a backend's in-flight count when dropped.
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.in_flight.decrement(1.0);
+    }
+}
+
+/// A stable, non-secret token naming a backend in a sticky cookie. The same on every
+/// keyway instance and across restarts, and it does not reveal the backend's address.
+pub fn sticky_token(cluster: &str, backend: &str) -> String {
+    // FNV-1a, 64 bit: stable across Rust versions, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cluster.bytes().chain([0xff]).chain(backend.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// A cluster at run time.
+pub struct Cluster {
+    /// Its configuration.
+    pub cfg: ClusterConfig,
+    /// Backends, in config order.
+    pub backends: Vec<Arc<Backend>>,
+    /// Backend indices by ascending priority (config order within a priority).
+    pub by_priority: Vec<usize>,
+    /// Chooses among candidates.
+    pub balancer: Balancer,
+    budget: Budget,
+    metrics: ClusterMetrics,
+}
+
+struct ClusterMetrics {
+    requests: Counter,
+    retries: Counter,
+    retries_denied: Counter,
+    in_flight: Gauge,
+    duration: Histogram,
+}
+
+impl Cluster {
+    /// Builds runtime state for a cluster. Fails only if TLS settings cannot be built.
+    pub fn new(cfg: ClusterConfig) -> Result<Self, String> {
+        let backends = cfg
+            .backends
+            .iter()
+            .map(|b| Backend::new(&cfg, b.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut by_priority: Vec<usize> = (0..backends.len()).collect();
+        by_priority.sort_by_key(|&i| backends[i].cfg.priority);
+        let weights: Vec<u32> = backends.iter().map(|b| b.cfg.weight).collect();
+        let labels = [("cluster", cfg.name.clone())];
+        Ok(Self {
+            balancer: Balancer::new(cfg.balance, &weights),
+            budget: Budget::new(cfg.retry_budget),
+            metrics: ClusterMetrics {
+                requests: counter!("keyway_requests_total", &labels),
+                retries: counter!("keyway_retries_total", &labels),
+                retries_denied: counter!("keyway_retries_denied_total", &labels),
+                in_flight: gauge!("keyway_requests_in_flight", &labels),
+                duration: histogram!("keyway_request_duration_seconds", &labels),
+            },
+            by_priority,
+            backends,
+            cfg,
+        })
+    }
+
+    /// The backend a sticky cookie value names, if any.
+    pub fn backend_by_token(&self, token: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.sticky_token == token)
+    }
+
+    /// Notes a new request (for metrics and the retry budget); the guard ends it.
+    pub fn start_request(&self) -> ClusterRequest<'_> {
+        self.budget.deposit();
+        self.metrics.requests.increment(1);
+        self.metrics.in_flight.increment(1.0);
+        ClusterRequest {
+            cluster: self,
+            started: Instant::now(),
+        }
+    }
+
+    /// Asks the retry budget for one retry; counts the retry or the refusal.
+    pub fn try_retry(&self) -> bool {
+        if self.budget.withdraw() {
+            self.metrics.retries.increment(1);
+            true
+        } else {
+            self.metrics.retries_denied.increment(1);
+            false
+        }
+    }
+}
+
+/// An in-flight request on a cluster; records its duration when dropped.
+pub struct ClusterRequest<'a> {
+    cluster: &'a Cluster,
+    started: Instant,
+}
+
+impl ClusterRequest<'_> {
+    /// Time since the request started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for ClusterRequest<'_> {
+    fn drop(&mut self) {
+        self.cluster.metrics.in_flight.decrement(1.0);
+        self.cluster
+            .metrics
+            .duration
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+// === impl Budget ===
+
+/// Retry budget over a 10-second window: retries ≤ ratio × requests + min_per_second × 10.
+/// Lock-free; the window resets coarsely, which is fine for a bound on retry storms.
+struct Budget {
+    cfg: RetryBudget,
+    epoch: Instant,
+    window: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
+}
+
+const BUDGET_WINDOW_SECS: u64 = 10;
+
+impl Budget {
+    fn new(cfg: RetryBudget) -> Self {
+        Self {
+            cfg,
+            epoch: Instant::now(),
+            window: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    fn roll(&self) {
+        let now = self.epoch.elapsed().as_secs() / BUDGET_WINDOW_SECS;
+        let seen = self.window.load(Ordering::Relaxed);
+        if now != seen
+            && self
+                .window
+                .compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.requests.store(0, Ordering::Relaxed);
+            self.retries.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn deposit(&self) {
+        self.roll();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn withdraw(&self) -> bool {
+        self.roll();
+        let requests = self.requests.load(Ordering::Relaxed) as f64;
+        let allowed = (requests * self.cfg.ratio) as u64
+            + u64::from(self.cfg.min_per_second) * BUDGET_WINDOW_SECS;
+        let used = self.retries.fetch_add(1, Ordering::Relaxed);
+        if used < allowed {
+            true
+        } else {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sticky_tokens_are_stable_and_distinct() {
+        assert_eq!(sticky_token("psm", "a"), sticky_token("psm", "a"));
+        assert_ne!(sticky_token("psm", "a"), sticky_token("psm", "b"));
+        assert_ne!(sticky_token("psm", "a"), sticky_token("ps", "ma"));
+        assert_eq!(sticky_token("psm", "a").len(), 16);
+    }
+
+    #[test]
+    fn budget_caps_retries() {
+        let b = Budget::new(RetryBudget {
+            ratio: 0.5,
+            min_per_second: 0,
+        });
+        for _ in 0..10 {
+            b.deposit();
+        }
+        let granted = (0..20).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 5);
+    }
+}

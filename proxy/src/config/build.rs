@@ -1,0 +1,921 @@
+//! Turns config text into a validated [`Config`], collecting every error.
+//!
+//! Order of work: syntax (toml) → shape (serde, with unknown keys collected by
+//! `serde_ignored`) → each field (addresses, durations, names, files) → fields against
+//! each other (duplicate ids, routes to clusters that do not exist, listeners sharing an
+//! address). Each error carries the key path; `Locator` turns it into a line number.
+//! Nothing here binds sockets or touches live state.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::file::*;
+use super::locate::{KeyPath, Locator};
+use super::*;
+
+/// Collects errors while building.
+struct Errors<'a> {
+    loc: &'a Locator<'a>,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, path: &KeyPath, message: impl Into<String>, fix: impl Into<String>) {
+        self.list.push(ConfigError {
+            line: self.loc.line(path),
+            path: path.to_string(),
+            message: message.into(),
+            fix: fix.into(),
+        });
+    }
+}
+
+/// Parses a duration written as `"500ms"`, `"2s"`, `"5m"`, `"1h 30m"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("`{s}` is not a duration ({e}); write a number with a unit, e.g. \"500ms\", \"2s\", \"5m\"")
+    })
+}
+
+pub(super) fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>> {
+    let loc = Locator::new(text);
+    let mut errs = Errors {
+        loc: &loc,
+        list: Vec::new(),
+    };
+
+    let de = match toml::Deserializer::parse(text) {
+        Ok(de) => de,
+        Err(e) => {
+            return Err(vec![toml_error(
+                &loc,
+                &e,
+                "fix the TOML syntax at that line",
+            )])
+        }
+    };
+    let mut unknown = Vec::new();
+    let file: Result<FileConfig, _> =
+        serde_ignored::deserialize(de, |p| unknown.push(KeyPath::from_ignored(&p)));
+    for path in &unknown {
+        let key = path.last_key().unwrap_or("?");
+        let parent = KeyPath(path.0[..path.0.len().saturating_sub(1)].to_vec());
+        let known = known_keys(&parent);
+        let fix = match closest(key, known) {
+            Some(k) => format!(
+                "did you mean `{k}`? Keys allowed here: {}",
+                known.join(", ")
+            ),
+            None if known.is_empty() => "remove it".to_string(),
+            None => format!("remove it; keys allowed here: {}", known.join(", ")),
+        };
+        errs.push(path, format!("unknown key `{key}`"), fix);
+    }
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            let mut list = errs.list;
+            list.push(toml_error(
+                &loc,
+                &e,
+                "give the value the type shown in docs/config.md",
+            ));
+            return Err(list);
+        }
+    };
+
+    let cfg = check(&file, base, &mut errs);
+    if errs.list.is_empty() {
+        Ok(cfg)
+    } else {
+        let mut list = errs.list;
+        list.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        Err(list)
+    }
+}
+
+fn toml_error(loc: &Locator<'_>, e: &toml::de::Error, fix: &str) -> ConfigError {
+    ConfigError {
+        line: e.span().map(|s| loc.line_of_offset(s.start)),
+        path: String::new(),
+        message: e.message().trim().to_string(),
+        fix: fix.to_string(),
+    }
+}
+
+/// The keys each table accepts, for "did you mean" hints on unknown keys.
+fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
+    use super::locate::Seg::{Index, Key};
+    let segs: Vec<Option<&str>> = parent
+        .0
+        .iter()
+        .map(|s| match s {
+            Key(k) => Some(k.as_str()),
+            Index(_) => None,
+        })
+        .collect();
+    match segs.as_slice() {
+        [] => &["admin", "proxy", "listener", "route", "cluster"],
+        [Some("admin")] => &["listen"],
+        [Some("proxy")] => &["workers", "drain_timeout", "access_log"],
+        [Some("listener"), None] => &[
+            "listen",
+            "tls",
+            "max_request_header_bytes",
+            "max_request_body_bytes",
+            "header_read_timeout",
+            "idle_timeout",
+        ],
+        [Some("listener"), None, Some("tls"), None] => &["hosts", "cert", "key"],
+        [Some("route"), None] => &["host", "path", "cluster"],
+        [Some("cluster"), Some(_)] => &[
+            "strategy",
+            "balance",
+            "sticky",
+            "connect_timeout",
+            "connect_stagger",
+            "protocol_timeout",
+            "retries",
+            "retry_budget",
+            "upstream_ca",
+            "pool",
+            "backends",
+        ],
+        [Some("cluster"), Some(_), Some("sticky")] => &["cookie", "max_age"],
+        [Some("cluster"), Some(_), Some("retry_budget")] => &["ratio", "min_per_second"],
+        [Some("cluster"), Some(_), Some("pool")] => &["max_idle", "idle_timeout"],
+        [Some("cluster"), Some(_), Some("backends"), None] => &[
+            "id", "address", "weight", "priority", "tls", "sni", "protocol",
+        ],
+        _ => &[],
+    }
+}
+
+/// The known key nearest to `key` by edit distance, if it is close enough to be a typo.
+fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1; b.len() + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let cost = usize::from(ca != *cb);
+                cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    known
+        .iter()
+        .map(|k| (distance(key, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
+    let root = KeyPath::root();
+    let mut bound: Vec<(SocketAddr, KeyPath)> = Vec::new();
+
+    let admin = file.admin.as_ref().and_then(|a| {
+        let p = root.key("admin").key("listen");
+        let addr = socket_addr(&a.listen, &p, errs)?;
+        bound.push((addr, p));
+        Some(AdminConfig { listen: addr })
+    });
+
+    let fp = file.proxy.as_ref();
+    let proxy = ProxySettings {
+        workers: fp.and_then(|p| p.workers).and_then(|w| {
+            if w == 0 || w > 1024 {
+                errs.push(
+                    &root.key("proxy").key("workers"),
+                    format!("workers = {w} is out of range"),
+                    "use 1 to 1024, or remove it to use one worker per core",
+                );
+                None
+            } else {
+                Some(w)
+            }
+        }),
+        drain_timeout: duration(
+            fp.and_then(|p| p.drain_timeout.as_deref()),
+            &root.key("proxy").key("drain_timeout"),
+            DEFAULT_DRAIN_TIMEOUT,
+            errs,
+        ),
+        access_log: fp.and_then(|p| p.access_log).unwrap_or(false),
+    };
+
+    if file.listeners.is_empty() {
+        errs.push(
+            &root,
+            "no [[listener]] is defined, so keyway would accept no traffic",
+            "add a [[listener]] table with listen = \"127.0.0.1:8080\"",
+        );
+    }
+    let listeners = file
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| listener(l, &root.key("listener").index(i), base, &mut bound, errs))
+        .collect();
+
+    let clusters: Vec<ClusterConfig> = file
+        .clusters
+        .iter()
+        .filter_map(|(name, c)| cluster(name, c, &root.key("cluster").key(name), base, errs))
+        .collect();
+
+    let defined: BTreeSet<&str> = file.clusters.keys().map(String::as_str).collect();
+    let routes = file
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| route(r, &root.key("route").index(i), &defined, errs))
+        .collect();
+
+    // Two listeners (or a listener and the admin server) on one address would fail at bind.
+    for (i, (addr, path)) in bound.iter().enumerate() {
+        if addr.port() != 0 && bound[..i].iter().any(|(a, _)| a == addr) {
+            errs.push(
+                path,
+                format!("{addr} is already used by another listener or the admin server"),
+                "give each listener and [admin] its own address",
+            );
+        }
+    }
+
+    Config {
+        admin,
+        proxy,
+        listeners,
+        routes,
+        clusters,
+    }
+}
+
+fn listener(
+    l: &FileListener,
+    path: &KeyPath,
+    base: &Path,
+    bound: &mut Vec<(SocketAddr, KeyPath)>,
+    errs: &mut Errors<'_>,
+) -> Option<ListenerConfig> {
+    let listen = socket_addr(&l.listen, &path.key("listen"), errs);
+    if let Some(a) = listen {
+        bound.push((a, path.key("listen")));
+    }
+    let tls: Vec<TlsCertConfig> = l
+        .tls
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| tls_cert(t, &path.key("tls").index(i), base, errs))
+        .collect();
+    let max_header = l
+        .max_request_header_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
+    if max_header < MIN_MAX_REQUEST_HEADER_BYTES {
+        errs.push(
+            &path.key("max_request_header_bytes"),
+            format!("{max_header} bytes is below the smallest limit keyway can enforce"),
+            format!("raise it to >= {MIN_MAX_REQUEST_HEADER_BYTES} or remove it"),
+        );
+    }
+    let limits = Limits {
+        max_request_header_bytes: max_header.max(MIN_MAX_REQUEST_HEADER_BYTES),
+        max_request_body_bytes: l
+            .max_request_body_bytes
+            .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES),
+        header_read_timeout: nonzero_duration(
+            l.header_read_timeout.as_deref(),
+            &path.key("header_read_timeout"),
+            DEFAULT_HEADER_READ_TIMEOUT,
+            errs,
+        ),
+        idle_timeout: nonzero_duration(
+            l.idle_timeout.as_deref(),
+            &path.key("idle_timeout"),
+            DEFAULT_IDLE_TIMEOUT,
+            errs,
+        ),
+    };
+    Some(ListenerConfig {
+        listen: listen?,
+        tls,
+        limits,
+    })
+}
+
+fn tls_cert(
+    t: &FileTlsCert,
+    path: &KeyPath,
+    base: &Path,
+    errs: &mut Errors<'_>,
+) -> Option<TlsCertConfig> {
+    if t.hosts.is_empty() {
+        errs.push(
+            &path.key("hosts"),
+            "a certificate with no hosts is never chosen by SNI",
+            "list the names it serves, e.g. hosts = [\"pvwa.corp.test\"]",
+        );
+    }
+    let mut ok = true;
+    for (i, h) in t.hosts.iter().enumerate() {
+        if host_pattern(h).is_err() {
+            errs.push(
+                &path.key("hosts").index(i),
+                format!("`{h}` is not a host name or `*.suffix` pattern"),
+                "write a DNS name such as \"pvwa.corp.test\" or \"*.corp.test\"",
+            );
+            ok = false;
+        }
+    }
+    let cert_path = resolve(base, &t.cert);
+    let key_path = resolve(base, &t.key);
+    let chain = read_file_checked(&cert_path, &path.key("cert"), errs).and_then(|_| {
+        let chain: Result<Vec<CertificateDer<'static>>, _> =
+            CertificateDer::pem_file_iter(&cert_path).and_then(|it| it.collect());
+        match chain {
+            Ok(c) if !c.is_empty() => Some(c),
+            Ok(_) => {
+                errs.push(
+                    &path.key("cert"),
+                    format!("{} holds no PEM certificate", cert_path.display()),
+                    "point cert at a PEM file with -----BEGIN CERTIFICATE----- blocks (leaf first)",
+                );
+                None
+            }
+            Err(e) => {
+                errs.push(
+                    &path.key("cert"),
+                    format!("{} is not a PEM certificate file: {e}", cert_path.display()),
+                    "point cert at a PEM file with -----BEGIN CERTIFICATE----- blocks (leaf first)",
+                );
+                None
+            }
+        }
+    });
+    let key = read_file_checked(&key_path, &path.key("key"), errs).and_then(|_| {
+        match PrivateKeyDer::from_pem_file(&key_path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                errs.push(
+                    &path.key("key"),
+                    format!("{} holds no usable private key: {e}", key_path.display()),
+                    "point key at a PEM file with a PKCS#8, PKCS#1 or SEC1 private key",
+                );
+                None
+            }
+        }
+    });
+    let (chain, key) = (chain?, key?);
+    let signer = match rustls::crypto::ring::sign::any_supported_type(&key) {
+        Ok(s) => s,
+        Err(e) => {
+            errs.push(
+                &path.key("key"),
+                format!("unsupported private key: {e}"),
+                "use an RSA, ECDSA (P-256/P-384) or Ed25519 key",
+            );
+            return None;
+        }
+    };
+    let certified = rustls::sign::CertifiedKey::new(chain, signer);
+    if certified.keys_match().is_err() {
+        errs.push(
+            &path.key("key"),
+            format!(
+                "{} does not match the certificate in {}",
+                key_path.display(),
+                cert_path.display()
+            ),
+            "pair each certificate with the key it was issued for",
+        );
+        return None;
+    }
+    ok.then(|| TlsCertConfig {
+        hosts: t.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        cert_path,
+        certified: Arc::new(certified),
+    })
+}
+
+fn route(
+    r: &FileRoute,
+    path: &KeyPath,
+    defined: &BTreeSet<&str>,
+    errs: &mut Errors<'_>,
+) -> Option<RouteConfig> {
+    let host_text = r.host.as_deref().unwrap_or("*");
+    let host = match host_pattern(host_text) {
+        Ok(h) => Some(h),
+        Err(()) => {
+            errs.push(
+                &path.key("host"),
+                format!("`{host_text}` is not a host pattern"),
+                "write an exact name (\"pvwa.corp.test\"), a suffix (\"*.corp.test\") or \"*\"",
+            );
+            None
+        }
+    };
+    let prefix = r.path.clone().unwrap_or_else(|| "/".to_string());
+    if !prefix.starts_with('/') {
+        errs.push(
+            &path.key("path"),
+            format!("path `{prefix}` does not start with `/`"),
+            format!("write it as \"/{prefix}\""),
+        );
+    }
+    if !defined.contains(r.cluster.as_str()) {
+        let names: Vec<&str> = defined.iter().copied().collect();
+        errs.push(
+            &path.key("cluster"),
+            format!(
+                "route points at cluster `{}`, which is not defined",
+                r.cluster
+            ),
+            if names.is_empty() {
+                format!("add a [cluster.{}] table", r.cluster)
+            } else {
+                format!(
+                    "use one of: {}, or add a [cluster.{}] table",
+                    names.join(", "),
+                    r.cluster
+                )
+            },
+        );
+    }
+    Some(RouteConfig {
+        host: host?,
+        path: prefix,
+        cluster: r.cluster.clone(),
+    })
+}
+
+fn cluster(
+    name: &str,
+    c: &FileCluster,
+    path: &KeyPath,
+    base: &Path,
+    errs: &mut Errors<'_>,
+) -> Option<ClusterConfig> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+    {
+        errs.push(
+            path,
+            format!("cluster name `{name}` has characters keyway does not allow"),
+            "use letters, digits, '-', '_' and '.' only",
+        );
+    }
+    let strategy = match c.strategy.as_deref().unwrap_or("balanced") {
+        "balanced" => Strategy::Balanced,
+        "ordered" => Strategy::Ordered,
+        other => {
+            errs.push(
+                &path.key("strategy"),
+                format!("unknown strategy `{other}`"),
+                "use \"balanced\" or \"ordered\"",
+            );
+            Strategy::Balanced
+        }
+    };
+    let balance = match c.balance.as_deref().unwrap_or("round-robin") {
+        "round-robin" => Balance::RoundRobin,
+        "least-requests" => Balance::LeastRequests,
+        "p2c" => Balance::P2c,
+        "random" => Balance::Random,
+        other => {
+            errs.push(
+                &path.key("balance"),
+                format!("unknown balance `{other}`"),
+                "use \"round-robin\", \"least-requests\", \"p2c\" or \"random\"",
+            );
+            Balance::RoundRobin
+        }
+    };
+    let sticky = c.sticky.as_ref().map(|s| {
+        let cookie = s
+            .cookie
+            .clone()
+            .unwrap_or_else(|| DEFAULT_STICKY_COOKIE.into());
+        if cookie.is_empty() || !cookie.bytes().all(is_cookie_name_byte) {
+            errs.push(
+                &path.key("sticky").key("cookie"),
+                format!("`{cookie}` is not a valid cookie name"),
+                "use letters, digits, '_' and '-' only",
+            );
+        }
+        StickyConfig {
+            cookie,
+            max_age: s.max_age.as_deref().and_then(|m| {
+                let p = path.key("sticky").key("max_age");
+                match parse_duration(m) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        errs.push(&p, e, "or remove max_age for a session cookie");
+                        None
+                    }
+                }
+            }),
+        }
+    });
+    let retries = c.retries.unwrap_or(DEFAULT_RETRIES);
+    if retries > 10 {
+        errs.push(
+            &path.key("retries"),
+            format!("retries = {retries} would multiply an outage"),
+            "use 0 to 10",
+        );
+    }
+    let rb = c.retry_budget.as_ref();
+    let ratio = rb.and_then(|b| b.ratio).unwrap_or(DEFAULT_RETRY_RATIO);
+    if !(0.0..=1.0).contains(&ratio) {
+        errs.push(
+            &path.key("retry_budget").key("ratio"),
+            format!("ratio = {ratio} is outside 0.0 to 1.0"),
+            "use a fraction such as 0.2 (retries may add 20% to the request rate)",
+        );
+    }
+    let upstream_ca = c.upstream_ca.as_deref().and_then(|ca| {
+        let p = path.key("upstream_ca");
+        let file = resolve(base, ca);
+        read_file_checked(&file, &p, errs)?;
+        let certs: Result<Vec<CertificateDer<'static>>, _> =
+            CertificateDer::pem_file_iter(&file).and_then(|it| it.collect());
+        match certs {
+            Ok(v) if !v.is_empty() => Some(v),
+            _ => {
+                errs.push(
+                    &p,
+                    format!("{} holds no PEM CA certificate", file.display()),
+                    "export the backends' CA as PEM (-----BEGIN CERTIFICATE-----) and point upstream_ca at it",
+                );
+                None
+            }
+        }
+    });
+    let pool = PoolConfig {
+        max_idle: c
+            .pool
+            .as_ref()
+            .and_then(|p| p.max_idle)
+            .unwrap_or(DEFAULT_POOL_MAX_IDLE),
+        idle_timeout: nonzero_duration(
+            c.pool.as_ref().and_then(|p| p.idle_timeout.as_deref()),
+            &path.key("pool").key("idle_timeout"),
+            DEFAULT_POOL_IDLE_TIMEOUT,
+            errs,
+        ),
+    };
+
+    if c.backends.is_empty() {
+        errs.push(
+            path,
+            format!("cluster `{name}` has no backends"),
+            "add backends = [{ id = \"a\", address = \"10.0.0.1:443\" }]",
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut backends = Vec::new();
+    for (i, b) in c.backends.iter().enumerate() {
+        let bp = path.key("backends").index(i);
+        if !seen.insert(b.id.as_str()) {
+            errs.push(
+                &bp.key("id"),
+                format!("backend id `{}` is used twice in cluster `{name}`", b.id),
+                "give every backend of a cluster its own id",
+            );
+        }
+        if b.id.is_empty() {
+            errs.push(
+                &bp.key("id"),
+                "backend id is empty",
+                "name the backend, e.g. id = \"vault-a\"",
+            );
+        }
+        if let Some(backend) = backend(b, &bp, c.upstream_ca.is_some(), errs) {
+            backends.push(backend);
+        }
+    }
+
+    Some(ClusterConfig {
+        name: name.to_string(),
+        strategy,
+        balance,
+        sticky,
+        connect_timeout: nonzero_duration(
+            c.connect_timeout.as_deref(),
+            &path.key("connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+            errs,
+        ),
+        connect_stagger: duration(
+            c.connect_stagger.as_deref(),
+            &path.key("connect_stagger"),
+            DEFAULT_CONNECT_STAGGER,
+            errs,
+        ),
+        protocol_timeout: nonzero_duration(
+            c.protocol_timeout.as_deref(),
+            &path.key("protocol_timeout"),
+            DEFAULT_PROTOCOL_TIMEOUT,
+            errs,
+        ),
+        retries,
+        retry_budget: RetryBudget {
+            ratio,
+            min_per_second: rb
+                .and_then(|b| b.min_per_second)
+                .unwrap_or(DEFAULT_RETRY_MIN_PER_SECOND),
+        },
+        upstream_ca,
+        pool,
+        backends,
+    })
+}
+
+fn backend(
+    b: &FileBackend,
+    path: &KeyPath,
+    _has_ca: bool,
+    errs: &mut Errors<'_>,
+) -> Option<BackendConfig> {
+    let address = socket_addr(&b.address, &path.key("address"), errs);
+    let weight = b.weight.unwrap_or(1);
+    if weight == 0 || weight > 10_000 {
+        errs.push(
+            &path.key("weight"),
+            format!("weight = {weight} is out of range"),
+            "use 1 to 10000 (remove the backend to take it out of service)",
+        );
+    }
+    let tls = b.tls.unwrap_or(false);
+    let protocol = match b.protocol.as_deref().unwrap_or("auto") {
+        "http1" | "http/1.1" => UpstreamProtocol::Http1,
+        "http2" | "h2" => UpstreamProtocol::Http2,
+        "auto" => UpstreamProtocol::Auto,
+        other => {
+            errs.push(
+                &path.key("protocol"),
+                format!("unknown protocol `{other}`"),
+                "use \"http1\", \"http2\" or \"auto\" (auto: ALPN on TLS, HTTP/1.1 on plain)",
+            );
+            UpstreamProtocol::Auto
+        }
+    };
+    let host_part = b
+        .address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(&b.address);
+    let sni = b.sni.clone().unwrap_or_else(|| host_part.to_string());
+    if tls && rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+        errs.push(
+            &path.key("sni"),
+            format!("`{sni}` cannot be used as a TLS server name"),
+            "set sni to the DNS name on the backend's certificate",
+        );
+    }
+    Some(BackendConfig {
+        id: b.id.clone(),
+        address: address?,
+        weight: weight.clamp(1, 10_000),
+        priority: b.priority.unwrap_or(0),
+        tls,
+        sni,
+        protocol,
+    })
+}
+
+// === field helpers ===
+
+fn socket_addr(text: &str, path: &KeyPath, errs: &mut Errors<'_>) -> Option<SocketAddr> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    let has_port = text
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    if has_port {
+        if let Ok(mut addrs) = text.to_socket_addrs() {
+            if let Some(a) = addrs.next() {
+                return Some(a);
+            }
+        }
+        errs.push(
+            path,
+            format!("`{text}` does not resolve to an address"),
+            "use an IP address with a port, e.g. \"10.0.0.1:443\", or a name this host can resolve",
+        );
+    } else {
+        errs.push(
+            path,
+            format!("`{text}` is not an address with a port"),
+            "write HOST:PORT, e.g. \"10.0.0.1:443\" or \"[::1]:8443\"",
+        );
+    }
+    None
+}
+
+fn duration(
+    text: Option<&str>,
+    path: &KeyPath,
+    default: Duration,
+    errs: &mut Errors<'_>,
+) -> Duration {
+    match text.map(parse_duration) {
+        None => default,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            errs.push(
+                path,
+                e,
+                format!(
+                    "or remove it to use the default ({})",
+                    humantime::format_duration(default)
+                ),
+            );
+            default
+        }
+    }
+}
+
+fn nonzero_duration(
+    text: Option<&str>,
+    path: &KeyPath,
+    default: Duration,
+    errs: &mut Errors<'_>,
+) -> Duration {
+    let d = duration(text, path, default, errs);
+    if d.is_zero() {
+        errs.push(
+            path,
+            "a zero duration here would fail every request",
+            format!(
+                "use a positive duration, or remove it to use the default ({})",
+                humantime::format_duration(default)
+            ),
+        );
+        return default;
+    }
+    d
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn read_file_checked(file: &Path, path: &KeyPath, errs: &mut Errors<'_>) -> Option<()> {
+    match std::fs::metadata(file) {
+        Ok(m) if m.is_file() => Some(()),
+        Ok(_) => {
+            errs.push(
+                path,
+                format!("{} is not a file", file.display()),
+                "point it at a PEM file",
+            );
+            None
+        }
+        Err(e) => {
+            errs.push(
+                path,
+                format!("cannot read {}: {e}", file.display()),
+                "check the path (relative paths are taken from the config file's folder)",
+            );
+            None
+        }
+    }
+}
+
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
+/// Parses a route or certificate host pattern.
+pub(crate) fn host_pattern(text: &str) -> Result<HostPattern, ()> {
+    let t = text.trim().to_ascii_lowercase();
+    if t == "*" {
+        return Ok(HostPattern::Any);
+    }
+    let (suffix, name) = match t.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, t.as_str()),
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    match (valid, suffix) {
+        (false, _) => Err(()),
+        (true, true) => Ok(HostPattern::Suffix(format!(".{name}"))),
+        (true, false) => Ok(HostPattern::Exact(name.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        build(text, Path::new(".")).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("10").is_err());
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(host_pattern("*"), Ok(HostPattern::Any));
+        assert_eq!(
+            host_pattern("PVWA.corp.test"),
+            Ok(HostPattern::Exact("pvwa.corp.test".into()))
+        );
+        assert_eq!(
+            host_pattern("*.corp.test"),
+            Ok(HostPattern::Suffix(".corp.test".into()))
+        );
+        assert!(host_pattern("a.*.test").is_err());
+        assert!(host_pattern("a b").is_err());
+        assert!(host_pattern("host:80").is_err());
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_near_one() {
+        let e = errors(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.a]\nbackends = [{ id = \"x\", adress = \"127.0.0.1:1\" }]\n",
+        );
+        let unknown = e
+            .iter()
+            .find(|e| e.message.contains("`adress`"))
+            .expect("unknown key reported");
+        assert_eq!(unknown.line, Some(4));
+        assert!(
+            unknown.fix.contains("did you mean `address`"),
+            "{}",
+            unknown.fix
+        );
+    }
+
+    #[test]
+    fn every_documented_key_is_known() {
+        // A config using every key keyway documents must produce no "unknown key" error.
+        let text = r#"
+[admin]
+listen = "127.0.0.1:0"
+[proxy]
+workers = 2
+drain_timeout = "5s"
+access_log = true
+[[listener]]
+listen = "127.0.0.1:0"
+max_request_header_bytes = 16384
+max_request_body_bytes = 1000
+header_read_timeout = "5s"
+idle_timeout = "1m"
+[[route]]
+host = "*"
+path = "/"
+cluster = "c"
+[cluster.c]
+strategy = "ordered"
+balance = "p2c"
+sticky = { cookie = "k", max_age = "1h" }
+connect_timeout = "1s"
+connect_stagger = "100ms"
+protocol_timeout = "2s"
+retries = 1
+retry_budget = { ratio = 0.5, min_per_second = 3 }
+pool = { max_idle = 4, idle_timeout = "10s" }
+backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls = false, sni = "a.test", protocol = "http1" }]
+"#;
+        let cfg = build(text, Path::new(".")).expect("valid");
+        assert_eq!(cfg.clusters[0].backends[0].weight, 2);
+        assert_eq!(cfg.clusters[0].strategy, Strategy::Ordered);
+    }
+}

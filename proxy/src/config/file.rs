@@ -1,0 +1,117 @@
+//! The on-disk shape of a keyway config file, exactly as serde reads it.
+//!
+//! These structs say which keys exist and what TOML type each holds; nothing more.
+//! Strings that need interpretation (addresses, durations, enum names, file paths) stay
+//! strings here so that the builder in `build.rs` can check every one of them and
+//! report all problems at once, each with the line it came from. Unknown keys are not
+//! rejected by serde (that would stop at the first one); `load.rs` collects them with
+//! `serde_ignored` instead.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// A whole config file.
+#[derive(Debug, Default, Deserialize)]
+pub struct FileConfig {
+    pub admin: Option<FileAdmin>,
+    pub proxy: Option<FileProxy>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<FileListener>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<FileRoute>,
+    #[serde(default, rename = "cluster")]
+    pub clusters: BTreeMap<String, FileCluster>,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+pub struct FileAdmin {
+    pub listen: String,
+}
+
+/// `[proxy]`: process-wide settings.
+#[derive(Debug, Default, Deserialize)]
+pub struct FileProxy {
+    pub workers: Option<usize>,
+    pub drain_timeout: Option<String>,
+    pub access_log: Option<bool>,
+}
+
+/// `[[listener]]`
+#[derive(Debug, Deserialize)]
+pub struct FileListener {
+    pub listen: String,
+    #[serde(default)]
+    pub tls: Vec<FileTlsCert>,
+    pub max_request_header_bytes: Option<usize>,
+    pub max_request_body_bytes: Option<u64>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+/// One entry of a listener's `tls = [...]`.
+#[derive(Debug, Deserialize)]
+pub struct FileTlsCert {
+    pub hosts: Vec<String>,
+    pub cert: String,
+    pub key: String,
+}
+
+/// `[[route]]`
+#[derive(Debug, Deserialize)]
+pub struct FileRoute {
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub cluster: String,
+}
+
+/// `[cluster.NAME]`
+#[derive(Debug, Deserialize)]
+pub struct FileCluster {
+    pub strategy: Option<String>,
+    pub balance: Option<String>,
+    pub sticky: Option<FileSticky>,
+    pub connect_timeout: Option<String>,
+    pub connect_stagger: Option<String>,
+    pub protocol_timeout: Option<String>,
+    pub retries: Option<u32>,
+    pub retry_budget: Option<FileRetryBudget>,
+    pub upstream_ca: Option<String>,
+    pub pool: Option<FilePool>,
+    #[serde(default)]
+    pub backends: Vec<FileBackend>,
+}
+
+/// `sticky = { cookie = "...", max_age = "..." }`
+#[derive(Debug, Deserialize)]
+pub struct FileSticky {
+    pub cookie: Option<String>,
+    pub max_age: Option<String>,
+}
+
+/// `retry_budget = { ratio = 0.2, min_per_second = 10 }`
+#[derive(Debug, Deserialize)]
+pub struct FileRetryBudget {
+    pub ratio: Option<f64>,
+    pub min_per_second: Option<u32>,
+}
+
+/// `pool = { max_idle = 64, idle_timeout = "90s" }`
+#[derive(Debug, Deserialize)]
+pub struct FilePool {
+    pub max_idle: Option<usize>,
+    pub idle_timeout: Option<String>,
+}
+
+/// One entry of a cluster's `backends = [...]`.
+#[derive(Debug, Deserialize)]
+pub struct FileBackend {
+    pub id: String,
+    pub address: String,
+    pub weight: Option<u32>,
+    pub priority: Option<u32>,
+    pub tls: Option<bool>,
+    pub sni: Option<String>,
+    pub protocol: Option<String>,
+}

@@ -1,0 +1,390 @@
+//! Configuration: read a TOML file, validate it as a whole, produce an immutable [`Config`].
+//!
+//! Three steps, as in the proxies we learn from: `file` (serde structs, the file's shape),
+//! `build` (every field checked, and fields against each other, with every error collected)
+//! and the types below (validated, typed, ready for the engine). The engine only ever sees
+//! a [`Config`]; it never parses text. A config that fails any check produces
+//! [`ConfigErrors`], which lists every problem with its file, line and a fix.
+//!
+//! This module must never touch sockets or live state: building a config is pure, so a
+//! reload can build the next one while the current one keeps serving.
+
+mod build;
+mod file;
+mod locate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+
+pub use build::parse_duration;
+
+// === defaults ===
+
+/// Time allowed to establish a TCP (and TLS) connection to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// BeyondTrust's `masterdelay` default: how long the first backend of an ordered
+/// cluster has before the next one is tried in parallel.
+pub const DEFAULT_CONNECT_STAGGER: Duration = Duration::from_millis(500);
+/// How long to wait for a backend's response headers once the request is sent.
+pub const DEFAULT_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many times one request may be retried on another backend.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Retries may add at most this fraction of the cluster's request rate...
+pub const DEFAULT_RETRY_RATIO: f64 = 0.2;
+/// ...plus this many retries per second, so a quiet cluster can still retry.
+pub const DEFAULT_RETRY_MIN_PER_SECOND: u32 = 10;
+/// Idle upstream connections kept per backend.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
+/// An idle upstream connection older than this is closed, not reused.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Largest request head (request line + headers) a listener accepts. hyper's floor is 8 KiB.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+/// Largest request body a listener accepts (PAM uploads are small; raise for file transfer).
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Time a client has to send a complete request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A downstream connection with no request in flight and no bytes moving is closed after this.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long in-flight requests get to finish on shutdown before connections are cut.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The affinity cookie's name when `sticky = {}` names none.
+pub const DEFAULT_STICKY_COOKIE: &str = "keyway_affinity";
+/// Smallest request-head limit hyper can enforce.
+pub const MIN_MAX_REQUEST_HEADER_BYTES: usize = 8192;
+
+// === the validated config ===
+
+/// A complete, validated keyway configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The admin listener (`/metrics`, `/status`, `/healthz`), if any.
+    pub admin: Option<AdminConfig>,
+    /// Process-wide settings.
+    pub proxy: ProxySettings,
+    /// Where keyway accepts client traffic.
+    pub listeners: Vec<ListenerConfig>,
+    /// Host + path prefix → cluster, in file order (first match wins within equal specificity).
+    pub routes: Vec<RouteConfig>,
+    /// Clusters by name.
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// `[admin]`
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    /// Address the admin HTTP server binds.
+    pub listen: SocketAddr,
+}
+
+/// `[proxy]`
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// Runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+    /// Grace period for in-flight requests on shutdown.
+    pub drain_timeout: Duration,
+    /// Emit one `keyway::access` log line per request.
+    pub access_log: bool,
+}
+
+/// `[[listener]]`
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// Address to bind (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// Certificates; empty means plain HTTP. The first is served when SNI matches none.
+    pub tls: Vec<TlsCertConfig>,
+    /// Size and time limits for client requests.
+    pub limits: Limits,
+}
+
+/// Per-listener request limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request head accepted (HTTP/1.1 buffer, HTTP/2 header list).
+    pub max_request_header_bytes: usize,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_request_body_bytes: u64,
+    /// Time a client has to send a request head.
+    pub header_read_timeout: Duration,
+    /// Idle downstream connections are closed after this.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// One certificate of a TLS listener, already read and parsed.
+#[derive(Clone)]
+pub struct TlsCertConfig {
+    /// Host names (exact or `*.suffix`) this certificate is served for.
+    pub hosts: Vec<String>,
+    /// Where the chain came from (for messages).
+    pub cert_path: PathBuf,
+    /// The parsed chain and signing key.
+    pub certified: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl fmt::Debug for TlsCertConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsCertConfig")
+            .field("hosts", &self.hosts)
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a route matches the request's host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostPattern {
+    /// `*`: any host.
+    Any,
+    /// `pvwa.corp.test`: this host only (compared case-insensitively, port ignored).
+    Exact(String),
+    /// `*.corp.test`: any host ending in `.corp.test` (stored with the leading dot).
+    Suffix(String),
+}
+
+/// `[[route]]`
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    /// Which hosts.
+    pub host: HostPattern,
+    /// Path prefix, always starting with `/`.
+    pub path: String,
+    /// Target cluster name (checked to exist).
+    pub cluster: String,
+}
+
+/// How a cluster chooses among its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Spread load across all backends with the balance algorithm.
+    Balanced,
+    /// Lowest priority first; the next is added after `connect_stagger`.
+    Ordered,
+}
+
+/// Load-balancing algorithm within a set of equal candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    /// Smooth weighted round-robin.
+    RoundRobin,
+    /// Fewest in-flight requests relative to weight.
+    LeastRequests,
+    /// Power of two random choices on in-flight requests.
+    P2c,
+    /// Weighted random.
+    Random,
+}
+
+impl Strategy {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Balanced => "balanced",
+            Strategy::Ordered => "ordered",
+        }
+    }
+}
+
+impl Balance {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastRequests => "least-requests",
+            Balance::P2c => "p2c",
+            Balance::Random => "random",
+        }
+    }
+}
+
+/// Which HTTP version keyway speaks to a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default for plain connections).
+    Http1,
+    /// HTTP/2 (prior knowledge on plain connections, ALPN `h2` on TLS).
+    Http2,
+    /// TLS: whatever ALPN picks (h2 preferred). Plain: HTTP/1.1.
+    Auto,
+}
+
+/// `sticky = { cookie = "..." }`
+#[derive(Clone, Debug)]
+pub struct StickyConfig {
+    /// Cookie name.
+    pub cookie: String,
+    /// Cookie lifetime; `None` makes it a session cookie.
+    pub max_age: Option<Duration>,
+}
+
+/// Bounds on retries, so retries cannot multiply an outage.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryBudget {
+    /// Retries may be at most this fraction of requests (over a 10 s window)...
+    pub ratio: f64,
+    /// ...plus this many per second.
+    pub min_per_second: u32,
+}
+
+/// Upstream connection pool settings.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolConfig {
+    /// Idle connections kept per backend.
+    pub max_idle: usize,
+    /// Idle connections older than this are dropped.
+    pub idle_timeout: Duration,
+}
+
+/// `[cluster.NAME]`
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// The cluster's name (the key in `[cluster.NAME]`).
+    pub name: String,
+    /// Balanced or ordered.
+    pub strategy: Strategy,
+    /// Algorithm among equal candidates.
+    pub balance: Balance,
+    /// Session affinity, if enabled.
+    pub sticky: Option<StickyConfig>,
+    /// TCP + TLS connect bound, per attempt.
+    pub connect_timeout: Duration,
+    /// Ordered clusters: delay before the next backend joins the race.
+    pub connect_stagger: Duration,
+    /// Bound on the wait for response headers.
+    pub protocol_timeout: Duration,
+    /// Extra attempts on other backends.
+    pub retries: u32,
+    /// Cluster-wide retry budget.
+    pub retry_budget: RetryBudget,
+    /// CA certificates that verify TLS backends; `None` uses the system store.
+    pub upstream_ca: Option<Vec<CertificateDer<'static>>>,
+    /// Connection pool settings.
+    pub pool: PoolConfig,
+    /// Backends in file order.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One backend.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// Unique within the cluster; shows up in metrics, logs and `/status`.
+    pub id: String,
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// Relative share of traffic (≥ 1).
+    pub weight: u32,
+    /// Lower is preferred by `ordered` clusters.
+    pub priority: u32,
+    /// Speak TLS to this backend.
+    pub tls: bool,
+    /// Server name for SNI and certificate verification.
+    pub sni: String,
+    /// HTTP version towards this backend.
+    pub protocol: UpstreamProtocol,
+}
+
+// === errors ===
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Where in the document, e.g. `cluster.vault.backends[1].address`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Clone, Debug)]
+pub struct ConfigErrors {
+    /// The file, as given.
+    pub file: String,
+    /// All problems, in document order.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        writeln!(
+            f,
+            "{}: {n} error{} in configuration",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            match e.line {
+                Some(line) => write!(f, "  {}:{line}: ", self.file)?,
+                None => write!(f, "  {}: ", self.file)?,
+            }
+            if !e.path.is_empty() {
+                write!(f, "{}: ", e.path)?;
+            }
+            writeln!(f, "{}", e.message)?;
+            if !e.fix.is_empty() {
+                writeln!(f, "      fix: {}", e.fix)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Read, parse and validate a config file. Relative paths inside it (certificates,
+    /// CA files) are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.display().to_string(),
+            errors: vec![ConfigError {
+                line: None,
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+                fix: "check the path given to --config and that keyway may read it".into(),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_str_with_base(&text, &path.display().to_string(), base)
+    }
+
+    /// Parse and validate config text. `name` labels errors; relative paths resolve
+    /// against `base`.
+    pub fn from_str_with_base(text: &str, name: &str, base: &Path) -> Result<Config, ConfigErrors> {
+        build::build(text, base).map_err(|errors| ConfigErrors {
+            file: name.to_string(),
+            errors,
+        })
+    }
+
+    /// Look up a cluster by name.
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+/// Parses a host pattern the way route and certificate `host` keys are parsed.
+#[doc(hidden)]
+pub fn host_pattern_for_tests(text: &str) -> HostPattern {
+    build::host_pattern(text).unwrap_or(HostPattern::Any)
+}

@@ -1,0 +1,638 @@
+//! The request path: route a client request to a cluster, pick a backend, send the
+//! request over a pooled connection, retry where that is safe, and stream the response
+//! back. WebSocket upgrades become a byte tunnel.
+//!
+//! Retry rules (the only place they live):
+//! - a connection that was never established may be retried on another backend,
+//!   whatever the method (nothing reached the backend);
+//! - a request hyper hands back unsent (the pooled connection closed under it) is
+//!   retried likewise;
+//! - a GET/HEAD/OPTIONS without a body that fails before response headers is retried
+//!   once on another backend;
+//! - anything else is never sent twice. All retries are bounded by the cluster's
+//!   `retries` and its retry budget.
+//!
+//! Every failure becomes a [`ProxyError`] and is answered by `ProxyError::into_response`.
+//! Nothing here may panic on client or backend input.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{self, Body, BoxError, Limited};
+use crate::cluster::{Backend, Cluster, InFlight};
+use crate::config::{Balance, Limits, Strategy};
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::headers;
+use crate::router::{self, Router};
+use crate::upstream::{self, Purpose, Sender};
+
+/// What the request path reads for every request: routes and clusters. Published as one
+/// snapshot (`ArcSwap`) so a reload swaps it whole.
+pub struct Runtime {
+    /// Route table.
+    pub router: Router,
+    /// Clusters, indexed by the router.
+    pub clusters: Vec<Arc<Cluster>>,
+    /// Emit one access-log line per request.
+    pub access_log: bool,
+}
+
+impl Runtime {
+    /// A cluster by name.
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.iter().find(|c| c.cfg.name == name)
+    }
+}
+
+/// Facts about the client connection a request arrived on.
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// Client address.
+    pub client: SocketAddr,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// The listener's limits.
+    pub limits: Arc<Limits>,
+    /// Keeps shutdown waiting while a WebSocket tunnel from this connection is open.
+    pub drain: crate::server::DrainGuard,
+}
+
+/// Handles one client request. Never fails: errors become HTTP answers.
+pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut log = AccessLog::default();
+    let resp = match proxy(&rt, &info, req, &mut log).await {
+        Ok(r) => r,
+        Err((e, cluster)) => {
+            tracing::debug!(error = %e, "request failed");
+            log.error = Some(e.reason());
+            e.into_response(cluster.as_deref())
+        }
+    };
+    if rt.access_log {
+        tracing::info!(
+            target: "keyway::access",
+            client = %info.client,
+            method = %method,
+            host = %log.host,
+            path = %path,
+            status = resp.status().as_u16(),
+            cluster = %log.cluster,
+            backend = %log.backend,
+            attempts = log.attempts,
+            error = log.error.unwrap_or(""),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+    resp
+}
+
+#[derive(Default)]
+struct AccessLog {
+    host: String,
+    cluster: String,
+    backend: String,
+    attempts: u32,
+    error: Option<&'static str>,
+}
+
+type Failure = (ProxyError, Option<String>);
+
+async fn proxy(
+    rt: &Runtime,
+    info: &ConnInfo,
+    mut req: Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<Response<Body>, Failure> {
+    let host = request_host(&req).ok_or_else(|| {
+        (
+            ProxyError::new(
+                ErrorKind::BadRequest,
+                Side::Downstream,
+                false,
+                "the request names no host (send a Host header)",
+            ),
+            None,
+        )
+    })?;
+    log.host.clone_from(&host);
+    let Some(ci) = rt.router.route(router::strip_port(&host), req.uri().path()) else {
+        return Err((
+            ProxyError::new(
+                ErrorKind::NoRoute,
+                Side::Downstream,
+                false,
+                format!("no route for host `{host}` and path `{}`", req.uri().path()),
+            ),
+            None,
+        ));
+    };
+    let cluster = &rt.clusters[ci];
+    log.cluster.clone_from(&cluster.cfg.name);
+    let fail = |e: ProxyError| (e, Some(cluster.cfg.name.clone()));
+    let _request = cluster.start_request();
+
+    // Body limit: refuse early on a declared length, count bytes on a streamed one.
+    let limit = info.limits.max_request_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(fail(too_large(limit)));
+    }
+
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let pinned = cluster.cfg.sticky.as_ref().and_then(|s| {
+        headers::cookie(req.headers(), &s.cookie).and_then(|t| cluster.backend_by_token(t))
+    });
+
+    let via = if req.version() == Version::HTTP_2 {
+        "2 keyway"
+    } else {
+        "1.1 keyway"
+    };
+    let (mut parts, incoming) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    headers::add_forwarded(&mut parts.headers, info.client.ip(), info.tls, &host, via);
+
+    let tripped = Arc::new(AtomicBool::new(false));
+    let empty_body = incoming.is_end_stream();
+    let body = if empty_body {
+        body::empty()
+    } else {
+        Limited::new(incoming, limit, tripped.clone()).boxed()
+    };
+    // Only bodiless safe requests can be rebuilt for a retry after they were sent.
+    let replayable = empty_body
+        && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+        && cluster.cfg.retries > 0;
+    let template = replayable.then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
+
+    let mut pending = Some(Request::from_parts(parts, body));
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retries_left = cluster.cfg.retries;
+    let mut safe_retry_used = false;
+    let purpose = if upgrade {
+        Purpose::Upgrade
+    } else {
+        Purpose::Request
+    };
+
+    loop {
+        // 1. A connection: the pinned backend first, then the cluster's strategy.
+        let (idx, sender) = match pick_and_connect(cluster, pinned, &mut tried, purpose).await {
+            Ok(x) => x,
+            Err(e) => {
+                if e.retryable && !remaining_candidates(cluster, &tried) {
+                    return Err(fail(no_backend_left(cluster, e)));
+                }
+                if e.retryable && retries_left > 0 && cluster.try_retry() {
+                    retries_left -= 1;
+                    continue;
+                }
+                return Err(fail(e));
+            }
+        };
+        let backend = cluster.backends[idx].clone();
+        tried.push(idx);
+        log.attempts += 1;
+        log.backend.clone_from(&backend.cfg.id);
+
+        // 2. Send, bounded by protocol_timeout for the response head.
+        let Some(mut req) = pending.take() else {
+            return Err(fail(ProxyError::new(
+                ErrorKind::UpstreamProtocol,
+                Side::Internal,
+                false,
+                "request was consumed by an earlier attempt",
+            )));
+        };
+        let inflight = backend.start_request();
+        prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
+        let result = tokio::time::timeout(cluster.cfg.protocol_timeout, send(sender, req)).await;
+        let failure = match result {
+            Ok(Ok((resp, h1))) => {
+                return Ok(respond(
+                    cluster,
+                    &backend,
+                    pinned,
+                    idx,
+                    info,
+                    resp,
+                    h1,
+                    inflight,
+                    on_client_upgrade,
+                ));
+            }
+            Ok(Err((e, unsent))) => {
+                backend.record_error(&e.detail);
+                if let Some(r) = unsent {
+                    // hyper never wrote it: safe to send elsewhere, whatever the method.
+                    pending = Some(r);
+                }
+                e
+            }
+            Err(_) => {
+                let e = ProxyError::new(
+                    ErrorKind::ProtocolTimeout,
+                    Side::Upstream,
+                    false,
+                    format!(
+                        "backend `{}` sent no response headers within {:?}",
+                        backend.cfg.id, cluster.cfg.protocol_timeout
+                    ),
+                );
+                backend.record_error(&e.detail);
+                e
+            }
+        };
+        drop(inflight);
+        if tripped.load(Ordering::Relaxed) {
+            return Err(fail(too_large(limit)));
+        }
+        // 3. Retry where the rules allow it.
+        if pending.is_none() {
+            match (&template, safe_retry_used) {
+                (Some((m, u, h)), false) => {
+                    safe_retry_used = true;
+                    let mut r = Request::new(body::empty());
+                    *r.method_mut() = m.clone();
+                    *r.uri_mut() = u.clone();
+                    *r.headers_mut() = h.clone();
+                    pending = Some(r);
+                }
+                _ => return Err(fail(failure)),
+            }
+        }
+        if retries_left == 0 || !remaining_candidates(cluster, &tried) || !cluster.try_retry() {
+            return Err(fail(failure));
+        }
+        retries_left -= 1;
+    }
+}
+
+fn too_large(limit: u64) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::BodyTooLarge,
+        Side::Downstream,
+        false,
+        format!("request body is larger than {limit} bytes"),
+    )
+}
+
+fn no_backend_left(cluster: &Cluster, last: ProxyError) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::NoBackendAvailable,
+        Side::Upstream,
+        false,
+        format!(
+            "no backend of cluster `{}` could be reached (last error: {})",
+            cluster.cfg.name, last.detail
+        ),
+    )
+}
+
+fn remaining_candidates(cluster: &Cluster, tried: &[usize]) -> bool {
+    cluster.backends.len() > tried.len()
+}
+
+/// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_owned());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_owned)
+}
+
+/// Chooses a backend and gets a connection to it. Failed backends are added to `tried`.
+async fn pick_and_connect(
+    cluster: &Cluster,
+    pinned: Option<usize>,
+    tried: &mut Vec<usize>,
+    purpose: Purpose,
+) -> Result<(usize, Sender), ProxyError> {
+    let cfg = &cluster.cfg;
+    if let Some(p) = pinned.filter(|p| !tried.contains(p)) {
+        match upstream::checkout(&cluster.backends[p], purpose, cfg.connect_timeout).await {
+            Ok(s) => return Ok((p, s)),
+            // The pinned backend is down: fall through to normal selection; the response
+            // will re-pin the client. This costs no retry: the pin was a preference.
+            Err(_) => tried.push(p),
+        }
+    }
+    match cfg.strategy {
+        Strategy::Balanced => {
+            let Some(i) = cluster
+                .balancer
+                .pick(&cluster.backends, |i| !tried.contains(&i))
+            else {
+                return Err(ProxyError::new(
+                    ErrorKind::NoBackendAvailable,
+                    Side::Internal,
+                    false,
+                    format!(
+                        "every backend of cluster `{}` failed for this request",
+                        cfg.name
+                    ),
+                ));
+            };
+            match upstream::checkout(&cluster.backends[i], purpose, cfg.connect_timeout).await {
+                Ok(s) => Ok((i, s)),
+                Err(e) => {
+                    tried.push(i);
+                    Err(e)
+                }
+            }
+        }
+        Strategy::Ordered => {
+            let mut order: Vec<usize> = cluster
+                .by_priority
+                .iter()
+                .copied()
+                .filter(|i| !tried.contains(i))
+                .collect();
+            if cfg.balance == Balance::Random {
+                shuffle_within_priority(cluster, &mut order);
+            }
+            if order.is_empty() {
+                return Err(ProxyError::new(
+                    ErrorKind::NoBackendAvailable,
+                    Side::Internal,
+                    false,
+                    format!(
+                        "every backend of cluster `{}` failed for this request",
+                        cfg.name
+                    ),
+                ));
+            }
+            match upstream::staggered_connect(
+                &cluster.backends,
+                &order,
+                cfg.connect_stagger,
+                cfg.connect_timeout,
+                purpose,
+            )
+            .await
+            {
+                Ok((i, sender, _failed)) => Ok((i, sender)),
+                Err(failures) => {
+                    tried.extend(order);
+                    let last = failures
+                        .into_iter()
+                        .last()
+                        .map(|e| e.detail)
+                        .unwrap_or_default();
+                    Err(ProxyError::new(
+                        ErrorKind::NoBackendAvailable,
+                        Side::Upstream,
+                        false,
+                        format!(
+                            "no backend of cluster `{}` answered (last error: {last})",
+                            cfg.name
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// `randomizelogservers`: shuffle backends of equal priority, keep tiers in order.
+fn shuffle_within_priority(cluster: &Cluster, order: &mut [usize]) {
+    let mut start = 0;
+    while start < order.len() {
+        let p = cluster.backends[order[start]].cfg.priority;
+        let end = order[start..]
+            .iter()
+            .position(|&i| cluster.backends[i].cfg.priority != p)
+            .map_or(order.len(), |n| start + n);
+        fastrand::shuffle(&mut order[start..end]);
+        start = end;
+    }
+}
+
+/// Rewrites URI, version and Host for the connection's HTTP version.
+fn prepare_upstream(req: &mut Request<Body>, sender: &Sender, host: &str, tls: bool) {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    match sender {
+        Sender::H1(_) => {
+            *req.version_mut() = Version::HTTP_11;
+            if req.uri().authority().is_some() {
+                if let Ok(u) = pq.parse::<Uri>() {
+                    *req.uri_mut() = u;
+                }
+            }
+            if !req.headers().contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+        }
+        Sender::H2(_) => {
+            *req.version_mut() = Version::HTTP_2;
+            if let Ok(u) = Uri::builder()
+                .scheme(if tls { "https" } else { "http" })
+                .authority(host)
+                .path_and_query(pq)
+                .build()
+            {
+                *req.uri_mut() = u;
+            }
+            req.headers_mut().remove(header::HOST);
+        }
+    }
+}
+
+type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
+type SendFailure = (ProxyError, Option<Request<Body>>);
+
+async fn send(sender: Sender, req: Request<Body>) -> Result<Sent, SendFailure> {
+    let broken = |e: &hyper::Error| {
+        ProxyError::new(
+            ErrorKind::UpstreamProtocol,
+            Side::Upstream,
+            false,
+            format!("backend failed before answering: {e}"),
+        )
+    };
+    match sender {
+        Sender::H1(mut s) => match s.try_send_request(req).await {
+            Ok(resp) => Ok((resp, Some(s))),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let err = e.into_error();
+                Err((broken(&err), unsent))
+            }
+        },
+        Sender::H2(mut s) => match s.try_send_request(req).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let err = e.into_error();
+                Err((broken(&err), unsent))
+            }
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    cluster: &Cluster,
+    backend: &Arc<Backend>,
+    pinned: Option<usize>,
+    idx: usize,
+    info: &ConnInfo,
+    mut resp: Response<Incoming>,
+    h1: Option<http1::SendRequest<Body>>,
+    inflight: InFlight,
+    on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    let status = resp.status();
+    backend.record_response(status.as_u16());
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let on_backend_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
+    let (mut parts, incoming) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, switching);
+    headers::append_via(&mut parts.headers, "1.1 keyway");
+    if let Some(s) = &cluster.cfg.sticky {
+        if pinned != Some(idx) {
+            if let Some(v) =
+                headers::affinity_cookie(&s.cookie, &backend.sticky_token, s.max_age, info.tls)
+            {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+        }
+    }
+
+    if let (Some(client), Some(server)) = (on_client_upgrade, on_backend_upgrade) {
+        tunnel(
+            client,
+            server,
+            inflight,
+            info.drain.clone(),
+            backend.cfg.id.clone(),
+        );
+        return Response::from_parts(parts, body::empty());
+    }
+
+    let body = if incoming.is_end_stream() {
+        if let Some(s) = h1 {
+            backend.pool.put_h1(s);
+        }
+        drop(inflight);
+        body::empty()
+    } else {
+        UpstreamBody {
+            inner: incoming,
+            conn: h1.map(|s| (backend.clone(), s)),
+            _inflight: inflight,
+        }
+        .boxed()
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Joins the client and backend ends of an upgraded connection and copies bytes both ways.
+fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    inflight: InFlight,
+    drain: crate::server::DrainGuard,
+    backend: String,
+) {
+    tokio::spawn(async move {
+        let _inflight = inflight;
+        let _drain = drain;
+        match tokio::try_join!(client, server) {
+            Ok((c, s)) => {
+                let mut c = TokioIo::new(c);
+                let mut s = TokioIo::new(s);
+                match tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                    Ok((up, down)) => tracing::debug!(%backend, up, down, "tunnel closed"),
+                    Err(e) => tracing::debug!(%backend, error = %e, "tunnel ended"),
+                }
+            }
+            Err(e) => tracing::debug!(%backend, error = %e, "upgrade failed"),
+        }
+    });
+}
+
+pin_project_lite::pin_project! {
+    /// A backend's response body on its way to the client. When it ends, the HTTP/1.1
+    /// connection returns to the pool; dropping it early discards the connection.
+    struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        conn: Option<(Arc<Backend>, http1::SendRequest<Body>)>,
+        _inflight: InFlight,
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let done = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) => {
+                this.conn.take();
+                false
+            }
+            Poll::Pending => false,
+        };
+        if done {
+            if let Some((backend, sender)) = this.conn.take() {
+                backend.pool.put_h1(sender);
+            }
+        }
+        polled.map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

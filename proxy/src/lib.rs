@@ -1,0 +1,23 @@
+//! keyway: an L7 proxy for privileged-access-management server farms.
+//!
+//! The engine lives here; `main.rs` only parses the command line. Read
+//! `docs/architecture.md` for the request path and the module map.
+#![deny(missing_docs)]
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod router;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,431 @@
+//! Assembles a running keyway from a [`Config`]: binds listeners, builds the runtime
+//! snapshot, serves client connections (plain or TLS, HTTP/1.1 and HTTP/2), enforces
+//! header-read and idle timeouts, and drains on shutdown.
+//!
+//! Everything the request path reads is published through one `ArcSwap<Runtime>`, so a
+//! later reload builds a new runtime and swaps it in without touching live connections.
+//! This module owns sockets and tasks; it makes no routing decision itself.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::cluster::Cluster;
+use crate::config::{Config, ListenerConfig};
+use crate::forward::{self, ConnInfo, Runtime};
+use crate::router::Router;
+use crate::{admin, telemetry, tls};
+
+/// Why keyway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener address could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using it?)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Runtime state could not be built from the config.
+    #[error("{0}")]
+    Build(String),
+}
+
+/// Builds the request path's snapshot from a config.
+pub fn build_runtime(config: &Config) -> Result<Runtime, String> {
+    telemetry::metrics_handle();
+    let clusters: Vec<Arc<Cluster>> = config
+        .clusters
+        .iter()
+        .map(|c| Cluster::new(c.clone()).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    let router = Router::new(&config.routes, |name| {
+        clusters.iter().position(|c| c.cfg.name == name)
+    });
+    Ok(Runtime {
+        router,
+        clusters,
+        access_log: config.proxy.access_log,
+    })
+}
+
+// === drain ===
+
+/// Held by every client connection and tunnel; shutdown waits until all are dropped.
+#[derive(Clone)]
+pub struct DrainGuard(#[allow(dead_code)] mpsc::Sender<()>);
+
+// === Server ===
+
+/// A running keyway instance.
+pub struct Server {
+    listen_addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    shutdown: watch::Sender<bool>,
+    drain_tx: Option<mpsc::Sender<()>>,
+    drain_rx: mpsc::Receiver<()>,
+    drain_timeout: Duration,
+}
+
+impl Server {
+    /// Binds every listener and the admin server, then starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let runtime = Arc::new(ArcSwap::from_pointee(
+            build_runtime(&config).map_err(StartError::Build)?,
+        ));
+        let (shutdown, _) = watch::channel(false);
+        let (drain_tx, drain_rx) = mpsc::channel(1);
+
+        let mut listen_addrs = Vec::new();
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let sock = TcpListener::bind(l.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: l.listen,
+                    source,
+                })?;
+            listen_addrs.push(sock.local_addr().unwrap_or(l.listen));
+            bound.push((sock, l.clone()));
+        }
+        let admin_addr = match &config.admin {
+            Some(a) => {
+                let sock =
+                    TcpListener::bind(a.listen)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: a.listen,
+                            source,
+                        })?;
+                let addr = sock.local_addr().unwrap_or(a.listen);
+                tokio::spawn(admin::serve(sock, runtime.clone(), shutdown.subscribe()));
+                Some(addr)
+            }
+            None => None,
+        };
+        for ((sock, cfg), addr) in bound.into_iter().zip(&listen_addrs) {
+            tracing::info!(listen = %addr, tls = !cfg.tls.is_empty(), "listening");
+            tokio::spawn(accept_loop(
+                sock,
+                cfg,
+                runtime.clone(),
+                shutdown.subscribe(),
+                drain_tx.clone(),
+            ));
+        }
+        Ok(Server {
+            listen_addrs,
+            admin_addr,
+            runtime,
+            shutdown,
+            drain_tx: Some(drain_tx),
+            drain_rx,
+            drain_timeout: config.proxy.drain_timeout,
+        })
+    }
+
+    /// Bound addresses of the listeners, in config order (ports resolved when `:0`).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen_addrs
+    }
+
+    /// Bound address of the admin server, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The live runtime snapshot.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to the drain timeout, then
+    /// returns. Returns `true` if everything drained in time.
+    pub async fn shutdown(mut self) -> bool {
+        let _ = self.shutdown.send(true);
+        self.drain_tx.take();
+        let drained = tokio::time::timeout(self.drain_timeout, self.drain_rx.recv())
+            .await
+            .is_ok();
+        if drained {
+            tracing::info!("all connections drained");
+        } else {
+            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing remaining connections");
+        }
+        drained
+    }
+}
+
+async fn accept_loop(
+    sock: TcpListener,
+    cfg: ListenerConfig,
+    runtime: Arc<ArcSwap<Runtime>>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: mpsc::Sender<()>,
+) {
+    let tls = tls::server_config(&cfg.tls).map(tokio_rustls::TlsAcceptor::from);
+    let limits = Arc::new(cfg.limits.clone());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.limits.header_read_timeout)
+        .max_buf_size(cfg.limits.max_request_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(cfg.limits.max_request_header_bytes).unwrap_or(u32::MAX),
+        )
+        .keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let label = cfg.listen.to_string();
+    let open = metrics::gauge!("keyway_downstream_connections", "listener" => label);
+    loop {
+        let (stream, client) = tokio::select! {
+            r = sock.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            builder: builder.clone(),
+            tls: tls.clone(),
+            runtime: runtime.clone(),
+            info: ConnInfo {
+                client,
+                tls: tls.is_some(),
+                limits: limits.clone(),
+                drain: DrainGuard(drain.clone()),
+            },
+            shutdown: shutdown.clone(),
+            open: open.clone(),
+        };
+        tokio::spawn(conn.serve(stream));
+    }
+    tracing::info!(listen = %cfg.listen, "stopped accepting");
+}
+
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    info: ConnInfo,
+    shutdown: watch::Receiver<bool>,
+    open: metrics::Gauge,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        self.open.increment(1.0);
+        let activity = Arc::new(Activity::new());
+        let io = Tracked {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        match self.tls.clone() {
+            None => self.serve_io(io, activity).await,
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(self.info.limits.header_read_timeout, acceptor.accept(io))
+                        .await;
+                match handshake {
+                    Ok(Ok(tls)) => self.serve_io(tls, activity).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(client = %self.info.client, error = %e, "TLS handshake failed");
+                        self.open.decrement(1.0);
+                    }
+                    Err(_) => {
+                        tracing::debug!(client = %self.info.client, "TLS handshake timed out");
+                        self.open.decrement(1.0);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve_io<IO>(self, io: IO, activity: Arc<Activity>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            builder,
+            runtime,
+            info,
+            mut shutdown,
+            open,
+            ..
+        } = self;
+        let idle_timeout = info.limits.idle_timeout;
+        let svc_activity = activity.clone();
+        let service = service_fn(move |req| {
+            let rt = runtime.load_full();
+            let info = info.clone();
+            let guard = RequestGuard::new(svc_activity.clone());
+            async move {
+                let resp = forward::handle(rt, info, req).await;
+                drop(guard);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            let idle_deadline = activity.idle_deadline(idle_timeout);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    break;
+                }
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep_until(idle_deadline.into()), if !draining => {
+                    if activity.is_idle(idle_timeout) {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+        open.decrement(1.0);
+    }
+}
+
+// === activity tracking for idle timeouts ===
+
+/// Last I/O time and requests in flight on one client connection.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicU32,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self, timeout: Duration) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
+    }
+
+    fn is_idle(&self, timeout: Duration) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0 && Instant::now() >= self.idle_deadline(timeout)
+    }
+}
+
+struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    fn new(a: Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(a)
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A socket that records when bytes last moved.
+    struct Tracked<S> {
+        #[pin]
+        inner: S,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Tracked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
