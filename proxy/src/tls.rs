@@ -39,7 +39,7 @@ impl SniResolver {
                 }
             }
         }
-        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Some(Self {
             exact,
             wildcard,

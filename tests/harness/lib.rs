@@ -1,1 +1,659 @@
+//! Test harness for keyway's integration tests: real servers on ephemeral loopback
+//! ports, a proxy started from a config string, and clients for HTTP/1.1, HTTP/2 and
+//! TLS. Readiness is by construction (sockets are bound before anything connects), so
+//! tests need no sleeps to wait for start-up.
+//!
+//! ```ignore
+//! let a = TestBackend::start("a").await;
+//! let proxy = Proxy::start(&format!(r#"... address = "{}" ..."#, a.addr)).await;
+//! let r = get(proxy.addr, "pvwa.corp.test", "/").await;
+//! ```
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+
+pub use keyway;
+
+/// How a test backend behaves right now. Tests change it while traffic flows.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Answer 200 with a JSON description of the request.
+    Normal,
+    /// Wait this long before sending response headers.
+    Delay(Duration),
+    /// Read the request, never answer (connection stays open).
+    Hang,
+    /// Answer with this status.
+    Status(u16),
+}
+
+/// One request as a backend saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// HTTP version, e.g. "HTTP/1.1".
+    pub version: String,
+    /// Headers (lower-case names; repeated headers joined with ", ").
+    pub headers: BTreeMap<String, String>,
+    /// Body length in bytes.
+    pub body_len: usize,
+}
+
+struct BackendState {
+    name: String,
+    mode: Mutex<Mode>,
+    seen: Mutex<Vec<Seen>>,
+    connections: AtomicUsize,
+    tls_handshake_delay: Mutex<Duration>,
+}
+
+/// A real HTTP server on a loopback port.
+#[derive(Clone)]
+pub struct TestBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<BackendState>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+/// Options for [`TestBackend::start_with`].
+#[derive(Default)]
+pub struct BackendOptions {
+    /// Serve TLS with this certificate (ALPN h2 + http/1.1).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Delay before the TLS handshake starts (simulates a slow or distant server).
+    pub tls_handshake_delay: Duration,
+}
+
+impl TestBackend {
+    /// A plain HTTP backend (HTTP/1.1 and HTTP/2 prior knowledge) named `name`.
+    pub async fn start(name: &str) -> Self {
+        Self::start_with(name, BackendOptions::default()).await
+    }
+
+    /// A backend with options (TLS, slow handshakes).
+    pub async fn start_with(name: &str, opts: BackendOptions) -> Self {
+        let sock = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = sock.local_addr().expect("addr");
+        let state = Arc::new(BackendState {
+            name: name.to_string(),
+            mode: Mutex::new(Mode::Normal),
+            seen: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
+            tls_handshake_delay: Mutex::new(opts.tls_handshake_delay),
+        });
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let acceptor = opts.tls.map(tokio_rustls::TlsAcceptor::from);
+        let (st, stp) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = sock.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stp.notified() => return,
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                let acceptor = acceptor.clone();
+                let stp = stp.clone();
+                tokio::spawn(async move {
+                    let serve = async {
+                        match acceptor {
+                            None => serve_conn(TokioIo::new(stream), st).await,
+                            Some(a) => {
+                                let delay = *st.tls_handshake_delay.lock().unwrap();
+                                tokio::time::sleep(delay).await;
+                                if let Ok(tls) = a.accept(stream).await {
+                                    serve_conn(TokioIo::new(tls), st).await;
+                                }
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stp.notified() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, state, stop }
+    }
+
+    /// The name it reports in its answers.
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Changes how the backend answers from now on.
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Number of requests seen.
+    pub fn hits(&self) -> usize {
+        self.state.seen.lock().unwrap().len()
+    }
+
+    /// Number of TCP connections accepted.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening and closes every open connection (the port then refuses).
+    pub fn stop(&self) {
+        self.stop.notify_waiters();
+    }
+}
+
+async fn serve_conn<IO>(io: TokioIo<IO>, st: Arc<BackendState>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(answer(st, req).await) }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(io, svc)
+        .await;
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn text(status: u16, s: String) -> Response<TestBody> {
+    let mut r = Response::new(Full::new(Bytes::from(s)).boxed());
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    r
+}
+
+async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<TestBody> {
+    // WebSocket: echo every message back, prefixed with the backend's name.
+    if req.headers().contains_key("sec-websocket-key") {
+        let key = req.headers()["sec-websocket-key"].as_bytes().to_vec();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let name = st.name.clone();
+        tokio::spawn(async move {
+            if let Ok(up) = on_upgrade.await {
+                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(up),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                let (mut tx, mut rx) = ws.split();
+                while let Some(Ok(msg)) = rx.next().await {
+                    if msg.is_text() {
+                        let reply = format!("{name}:{}", msg.to_text().unwrap_or(""));
+                        if tx.send(reply.into()).await.is_err() {
+                            break;
+                        }
+                    } else if msg.is_close() {
+                        break;
+                    }
+                }
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        r.headers_mut()
+            .insert("sec-websocket-accept", accept.parse().unwrap());
+        return r;
+    }
+
+    let mut headers = BTreeMap::new();
+    for (k, v) in req.headers() {
+        let v = v.to_str().unwrap_or("").to_string();
+        headers
+            .entry(k.as_str().to_string())
+            .and_modify(|e: &mut String| {
+                e.push_str(", ");
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let version = format!("{:?}", req.version());
+    let body_len = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().len(),
+        Err(_) => return text(400, "bad body".into()),
+    };
+    let seen = Seen {
+        method,
+        path,
+        version,
+        headers,
+        body_len,
+    };
+    st.seen.lock().unwrap().push(seen.clone());
+    let mode = st.mode.lock().unwrap().clone();
+    match mode {
+        Mode::Normal => {}
+        Mode::Delay(d) => tokio::time::sleep(d).await,
+        Mode::Hang => std::future::pending::<()>().await,
+        Mode::Status(s) => return text(s, format!("{} says {s}", st.name)),
+    }
+    let doc = serde_json::json!({
+        "backend": st.name,
+        "method": seen.method,
+        "path": seen.path,
+        "version": seen.version,
+        "headers": seen.headers,
+        "body_len": seen.body_len,
+    });
+    let mut r = text(200, doc.to_string());
+    r.headers_mut()
+        .insert("x-backend", st.name.parse().unwrap());
+    r.headers_mut()
+        .insert("connection", "keep-alive".parse().unwrap());
+    r.headers_mut().insert("x-hop", "secret".parse().unwrap());
+    r
+}
+
+/// An address on which nothing listens (connections are refused).
+pub async fn refused_addr() -> SocketAddr {
+    let sock = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    drop(sock);
+    addr
+}
+
+/// A TCP server that accepts connections, reads the request, and closes the connection
+/// without answering: the backend failure where the request did reach the backend.
+pub struct DroppingBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+}
+
+impl DroppingBackend {
+    /// Starts it.
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let sock = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = sock.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let r = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = sock.accept().await {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut got = Vec::new();
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            return; // drop the socket: no response
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, requests }
+    }
+
+    /// Requests whose head was fully received.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+// === the proxy under test ===
+
+/// A keyway instance started from a config string.
+pub struct Proxy {
+    /// First listener's address.
+    pub addr: SocketAddr,
+    /// Every listener's address.
+    pub addrs: Vec<SocketAddr>,
+    /// Admin address, if configured.
+    pub admin: Option<SocketAddr>,
+    server: Option<keyway::Server>,
+}
+
+impl Proxy {
+    /// Parses, validates and starts `config` (relative paths resolve against the test's
+    /// temp dir). Panics with the config errors if it is invalid.
+    pub async fn start(config: &str) -> Self {
+        let cfg = keyway::Config::from_str_with_base(config, "test.toml", &temp_dir())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let server = keyway::Server::start(cfg).await.expect("start keyway");
+        Self {
+            addr: server.listen_addrs()[0],
+            addrs: server.listen_addrs().to_vec(),
+            admin: server.admin_addr(),
+            server: Some(server),
+        }
+    }
+
+    /// The running server.
+    pub fn server(&self) -> &keyway::Server {
+        self.server.as_ref().expect("running")
+    }
+
+    /// Graceful shutdown; `true` when everything drained in time.
+    pub async fn shutdown(mut self) -> bool {
+        match self.server.take() {
+            Some(s) => s.shutdown().await,
+            None => true,
+        }
+    }
+}
+
+// === clients ===
+
+/// A response with its body read.
+#[derive(Debug)]
+pub struct Got {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body text.
+    pub body: String,
+}
+
+impl Got {
+    /// The body as JSON (panics with the body if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The `backend` field of a test backend's answer.
+    pub fn backend(&self) -> String {
+        self.json()["backend"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// Sends one HTTP/1.1 request on a fresh connection and reads the whole response.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    try_send(addr, req).await.expect("request failed")
+}
+
+/// Like [`send`] but returns transport errors.
+pub async fn try_send(addr: SocketAddr, req: Request<Full<Bytes>>) -> anyhow::Result<Got> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await?;
+    read(resp).await
+}
+
+/// Reads a response fully.
+pub async fn read(resp: Response<Incoming>) -> anyhow::Result<Got> {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Builds a request for `host` and `path`.
+pub fn request(method: &str, host: &str, path: &str, body: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid request")
+}
+
+/// GET over HTTP/1.1.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
+    send(addr, request("GET", host, path, "")).await
+}
+
+/// Sends requests over one HTTP/2 (prior knowledge) connection.
+pub async fn h2_get(addr: SocketAddr, host: &str, path: &str) -> Got {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(format!("http://{host}{path}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    read(tx.send_request(req).await.expect("h2 request"))
+        .await
+        .expect("read")
+}
+
+// === TLS ===
+
+/// A private CA and certificates it issued, written to PEM files.
+pub struct TestPki {
+    /// CA certificate (PEM path), for `upstream_ca` and clients.
+    pub ca_pem: PathBuf,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+    dir: PathBuf,
+}
+
+/// A leaf certificate.
+pub struct Leaf {
+    /// Certificate PEM path.
+    pub cert_pem: PathBuf,
+    /// Key PEM path.
+    pub key_pem: PathBuf,
+    /// DER of the certificate, to compare with what a server presented.
+    pub der: CertificateDer<'static>,
+    /// rustls server config serving this certificate (for test backends).
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl TestPki {
+    /// A new CA in a fresh temp dir.
+    pub fn new() -> Self {
+        let dir = unique_dir("pki");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "keyway test CA");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let ca_cert = params.self_signed(&ca_key).expect("ca");
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, ca_cert.pem()).expect("write ca");
+        Self {
+            ca_pem,
+            ca_cert,
+            ca_key,
+            dir,
+        }
+    }
+
+    /// Issues a certificate for `names` and writes it next to the CA.
+    pub fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.ca_cert, &self.ca_key)
+            .expect("sign");
+        let cert_pem = self.dir.join(format!("{file}.pem"));
+        let key_pem = self.dir.join(format!("{file}.key"));
+        std::fs::write(&cert_pem, cert.pem()).expect("write");
+        std::fs::write(&key_pem, key.serialize_pem()).expect("write");
+        let der = cert.der().clone();
+        let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key_der)
+        .expect("server config");
+        sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Leaf {
+            cert_pem,
+            key_pem,
+            der,
+            server_config: Arc::new(sc),
+        }
+    }
+
+    /// A client config trusting this CA, offering `alpn`.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_cert.der().clone()).expect("root");
+        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(c)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A TLS connection to keyway, with what the handshake negotiated.
+pub struct TlsConn {
+    /// The TLS stream.
+    pub stream: tokio_rustls::client::TlsStream<TcpStream>,
+    /// Negotiated ALPN protocol.
+    pub alpn: Option<Vec<u8>>,
+    /// The certificate the server presented (leaf).
+    pub peer_cert: Option<CertificateDer<'static>>,
+}
+
+/// Connects with TLS to `addr`, sending SNI `sni`.
+pub async fn tls_connect(addr: SocketAddr, sni: &str, cfg: Arc<rustls::ClientConfig>) -> TlsConn {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(sni.to_string()).expect("sni");
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (_, session) = stream.get_ref();
+    let alpn = session.alpn_protocol().map(|p| p.to_vec());
+    let peer_cert = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    TlsConn {
+        stream,
+        alpn,
+        peer_cert,
+    }
+}
+
+/// GET over an established TLS connection, using HTTP/2 if ALPN chose it.
+pub async fn tls_get(conn: TlsConn, host: &str, path: &str) -> Got {
+    let io = TokioIo::new(conn.stream);
+    if conn.alpn.as_deref() == Some(b"h2") {
+        let (mut tx, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .expect("h2");
+        tokio::spawn(c);
+        let req = Request::builder()
+            .uri(format!("https://{host}{path}"))
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        read(tx.send_request(req).await.expect("send"))
+            .await
+            .expect("read")
+    } else {
+        let (mut tx, c) = hyper::client::conn::http1::handshake(io).await.expect("h1");
+        tokio::spawn(c);
+        read(
+            tx.send_request(request("GET", host, path, ""))
+                .await
+                .expect("send"),
+        )
+        .await
+        .expect("read")
+    }
+}
+
+// === admin ===
+
+/// GETs an admin path and returns the body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
+    get(admin, "admin", path).await.body
+}
+
+/// Value of a Prometheus sample (`name{labels}`) in a `/metrics` page; 0 when absent.
+pub fn metric(page: &str, name_and_labels: &str) -> f64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+// === files ===
+
+/// This process's temp dir for configs and certificates.
+pub fn temp_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keyway-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// A fresh, unique directory under [`temp_dir`].
+pub fn unique_dir(prefix: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = temp_dir().join(format!("{prefix}-{}", N.fetch_add(1, Ordering::SeqCst)));
+    std::fs::create_dir_all(&d).expect("dir");
+    d
+}
+
+/// The repository's `config/` folder.
+pub fn repo_config_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("config")
+}

@@ -1,0 +1,286 @@
+//! What keyway forwards: headers (hop-by-hop removed, X-Forwarded-*, Via), streaming
+//! bodies, size limits, HTTP/2 on both sides, WebSocket, routing and 404.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, StreamBody};
+use hyper_util::rt::TokioIo;
+use keyway_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn simple(backend: &TestBackend, listener_extra: &str, backend_extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+listen = "127.0.0.1:0"
+{listener_extra}
+[[route]]
+host = "pvwa.corp.test"
+cluster = "pvwa"
+[cluster.pvwa]
+backends = [{{ id = "a", address = "{}" {backend_extra} }}]
+"#,
+        backend.addr
+    )
+}
+
+#[tokio::test]
+async fn forwarded_headers_and_hop_by_hop() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, "", "")).await;
+    let mut req = request("GET", "pvwa.corp.test", "/PasswordVault/?q=1", "");
+    let h = req.headers_mut();
+    h.insert("x-forwarded-for", "10.9.9.9".parse().unwrap());
+    h.insert("connection", "keep-alive, x-private".parse().unwrap());
+    h.insert("x-private", "drop me".parse().unwrap());
+    h.insert("proxy-authorization", "Basic eA==".parse().unwrap());
+    h.insert("x-app", "kept".parse().unwrap());
+    let r = send(proxy.addr, req).await;
+    assert_eq!(r.status, 200);
+    let seen = &a.seen()[0];
+    assert_eq!(seen.path, "/PasswordVault/?q=1");
+    assert_eq!(seen.headers["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], "pvwa.corp.test");
+    assert_eq!(seen.headers["host"], "pvwa.corp.test");
+    assert_eq!(seen.headers["via"], "1.1 keyway");
+    assert_eq!(seen.headers["x-app"], "kept");
+    for gone in ["x-private", "proxy-authorization"] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} must not be forwarded"
+        );
+    }
+    // Response side: backend's Connection header is not passed on, Via is added.
+    assert_eq!(r.headers["via"], "1.1 keyway");
+    assert_eq!(r.headers["x-backend"], "a");
+}
+
+#[tokio::test]
+async fn unknown_host_is_404_with_problem_body() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, "", "")).await;
+    let r = get(proxy.addr, "other.corp.test", "/").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(r.body.contains("other.corp.test"), "{}", r.body);
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
+async fn path_prefix_routes_to_its_cluster() {
+    let web = TestBackend::start("web").await;
+    let api = TestBackend::start("api").await;
+    let cfg = format!(
+        r#"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+host = "*.corp.test"
+cluster = "web"
+[[route]]
+host = "*.corp.test"
+path = "/PasswordVault/api"
+cluster = "api"
+[cluster.web]
+backends = [{{ id = "w", address = "{}" }}]
+[cluster.api]
+backends = [{{ id = "a", address = "{}" }}]
+"#,
+        web.addr, api.addr
+    );
+    let proxy = Proxy::start(&cfg).await;
+    assert_eq!(
+        get(proxy.addr, "pvwa.corp.test", "/PasswordVault/api/Accounts")
+            .await
+            .backend(),
+        "api"
+    );
+    assert_eq!(
+        get(proxy.addr, "pvwa.corp.test", "/PasswordVault/v10/")
+            .await
+            .backend(),
+        "web"
+    );
+    assert_eq!(get(proxy.addr, "corp.test", "/").await.status, 404);
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    // The request body is sent in chunks with pauses; the backend's answer (its byte
+    // count) proves every chunk passed; a 1 MiB response streams back intact.
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, "", "")).await;
+    let chunks = futures_util::stream::iter(0..8).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![
+            b'a' + i as u8;
+            64 * 1024
+        ])))
+    });
+    let req = http::Request::builder()
+        .method("PUT")
+        .uri("/upload")
+        .header("host", "pvwa.corp.test")
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["body_len"], 8 * 64 * 1024);
+    assert_eq!(
+        a.seen()[0]
+            .headers
+            .get("transfer-encoding")
+            .map(String::as_str),
+        Some("chunked")
+    );
+}
+
+#[tokio::test]
+async fn request_body_limit_answers_413() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, "max_request_body_bytes = 1000", "")).await;
+    // Declared length over the limit: refused before anything reaches the backend.
+    let r = send(
+        proxy.addr,
+        request("POST", "pvwa.corp.test", "/", &"x".repeat(2000)),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(a.hits(), 0);
+    // Under the limit: passes.
+    let r = send(
+        proxy.addr,
+        request("POST", "pvwa.corp.test", "/", &"x".repeat(900)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    // Chunked (no length) over the limit: cut off mid-stream, answered 413.
+    let chunks = futures_util::stream::iter(0..4)
+        .map(|_| Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![b'z'; 600]))));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/")
+        .header("host", "pvwa.corp.test")
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_refused() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, "max_request_header_bytes = 8192", "")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let big = "y".repeat(20_000);
+    let head = format!("GET / HTTP/1.1\r\nhost: pvwa.corp.test\r\nx-big: {big}\r\n\r\n");
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 431"), "got: {text:.80}");
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
+async fn garbage_on_the_wire_gets_400_and_no_crash() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, r#"header_read_timeout = "500ms""#, "")).await;
+    let junk: [&[u8]; 5] = [
+        b"\x16\x03\x01\x00\xff garbage\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /\xff\xfe HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"\r\n\r\n\r\n",         // a valid prefix: closed by header_read_timeout
+        b"GET / HTTP/1.1\r\nho", // a slow-loris head: likewise
+    ];
+    for j in junk {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = s.write_all(j).await;
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "keyway must close the connection for {j:?}");
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            buf.is_empty() || text.starts_with("HTTP/1.1 4"),
+            "{j:?} got {text:.60}"
+        );
+    }
+    // Still serving.
+    assert_eq!(get(proxy.addr, "pvwa.corp.test", "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn h2_downstream_and_h2_upstream() {
+    let a = TestBackend::start("a").await;
+    // Downstream h2 (prior knowledge) to an HTTP/1.1 backend.
+    let proxy = Proxy::start(&simple(&a, "", "")).await;
+    let r = h2_get(proxy.addr, "pvwa.corp.test", "/h2").await;
+    assert_eq!(r.status, 200);
+    let seen = &a.seen()[0];
+    assert_eq!(seen.version, "HTTP/1.1");
+    assert_eq!(seen.headers["host"], "pvwa.corp.test");
+    assert_eq!(seen.headers["via"], "2 keyway");
+
+    // Upstream h2c when the backend is configured for HTTP/2.
+    let b = TestBackend::start("b").await;
+    let proxy = Proxy::start(&simple(&b, "", r#", protocol = "http2""#)).await;
+    for _ in 0..3 {
+        let r = get(proxy.addr, "pvwa.corp.test", "/up").await;
+        assert_eq!(r.status, 200);
+    }
+    let seen = b.seen();
+    assert!(seen.iter().all(|s| s.version == "HTTP/2.0"), "{seen:?}");
+    assert_eq!(
+        b.connections(),
+        1,
+        "one multiplexed h2 connection is reused"
+    );
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, "", "")).await;
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "pvwa.corp.test", "/").await.status, 200);
+    }
+    assert_eq!(
+        a.connections(),
+        1,
+        "sequential requests reuse one keep-alive connection"
+    );
+}
+
+#[tokio::test]
+async fn websocket_passes_through() {
+    let a = TestBackend::start("psm-1").await;
+    let proxy = Proxy::start(&simple(&a, "", "")).await;
+    let (mut ws, resp) = tokio_tungstenite::client_async(
+        "ws://pvwa.corp.test/gateway",
+        tokio::net::TcpStream::connect(proxy.addr).await.unwrap(),
+    )
+    .await
+    .expect("websocket handshake through keyway");
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(format!("frame {i}").into()).await.unwrap();
+        let m = ws.next().await.unwrap().unwrap();
+        assert_eq!(m.to_text().unwrap(), format!("psm-1:frame {i}"));
+    }
+    ws.close(None).await.unwrap();
+}

@@ -1,0 +1,114 @@
+//! Operating keyway: `/metrics` counters move, `/status` and `/healthz` answer, graceful
+//! drain finishes in-flight requests, idle client connections are closed.
+
+use std::time::Duration;
+
+use keyway_tests::*;
+use tokio::io::AsyncReadExt;
+
+fn config(backend: &TestBackend, extra: &str) -> String {
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[proxy]
+drain_timeout = "5s"
+{extra}
+[[listener]]
+listen = "127.0.0.1:0"
+idle_timeout = "300ms"
+[[route]]
+cluster = "ops-{port}"
+[cluster.ops-{port}]
+retries = 1
+backends = [{{ id = "up", address = "{addr}" }}, {{ id = "down", address = "{dead}" }}]
+"#,
+        port = backend.addr.port(),
+        addr = backend.addr,
+        dead = "127.0.0.1:1",
+    )
+}
+
+#[tokio::test]
+async fn metrics_status_and_healthz() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&config(&a, "")).await;
+    let admin = proxy.admin.unwrap();
+    let cluster = format!("ops-{}", a.addr.port());
+
+    assert_eq!(admin_get(admin, "/healthz").await, "ok\n");
+    let before = admin_get(admin, "/metrics").await;
+    for _ in 0..10 {
+        assert_eq!(get(proxy.addr, "h", "/").await.status, 200);
+    }
+    let after = admin_get(admin, "/metrics").await;
+    let key = format!(
+        "keyway_upstream_responses_total{{cluster=\"{cluster}\",backend=\"up\",class=\"2xx\"}}"
+    );
+    assert_eq!(
+        metric(&after, &key) - metric(&before, &key),
+        10.0,
+        "{after}"
+    );
+    let req_key = format!("keyway_requests_total{{cluster=\"{cluster}\"}}");
+    assert_eq!(metric(&after, &req_key), 10.0);
+    // Round-robin sends some requests to the dead backend first: connect errors and
+    // retries are counted.
+    let ce =
+        format!("keyway_upstream_connect_errors_total{{cluster=\"{cluster}\",backend=\"down\"}}");
+    assert!(metric(&after, &ce) >= 1.0, "{after}");
+    let rt = format!("keyway_retries_total{{cluster=\"{cluster}\"}}");
+    assert!(metric(&after, &rt) >= 1.0);
+    assert!(
+        after.contains("keyway_request_duration_seconds_bucket"),
+        "latency histogram exported"
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+    let c = &status["clusters"][0];
+    assert_eq!(c["name"], cluster);
+    assert_eq!(c["backends"][0]["id"], "up");
+    assert_eq!(c["backends"][0]["requests"], 10);
+    assert!(c["backends"][1]["last_error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("down"));
+}
+
+#[tokio::test]
+async fn graceful_drain_finishes_in_flight_requests() {
+    let a = TestBackend::start("a").await;
+    a.set_mode(Mode::Delay(Duration::from_millis(800)));
+    let proxy = Proxy::start(&config(&a, "")).await;
+    let addr = proxy.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "h", "/slow").await });
+    // Wait until the backend has the request: then it is truly in flight.
+    while a.hits() == 0 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drained = tokio::spawn(proxy.shutdown());
+    let r = in_flight.await.unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the in-flight request completes during drain"
+    );
+    assert!(drained.await.unwrap(), "drain finished before its timeout");
+    // After shutdown, the listener no longer accepts.
+    assert!(try_send(addr, request("GET", "h", "/", "")).await.is_err());
+}
+
+#[tokio::test]
+async fn idle_client_connections_are_closed() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&config(&a, "")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    // idle_timeout is 300 ms; the server must close well within 5 s.
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("idle connection closed by keyway")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
