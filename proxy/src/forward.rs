@@ -73,8 +73,10 @@ pub struct ConnInfo {
 /// Handles one client request. Never fails: errors become HTTP answers.
 pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // Only what the access log needs is copied, and only when it is on.
+    let logged = rt
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let mut log = AccessLog::default();
     let resp = match proxy(&rt, &info, req, &mut log).await {
         Ok(r) => r,
@@ -84,16 +86,20 @@ pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) ->
             e.into_response(cluster.as_deref())
         }
     };
-    if rt.access_log {
+    if let Some((method, path)) = logged {
+        let cluster = log.cluster.map(|c| &rt.clusters[c]);
         tracing::info!(
             target: "keyway::access",
             client = %info.client,
             method = %method,
-            host = %log.host,
+            host = log.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
             path = %path,
             status = resp.status().as_u16(),
-            cluster = %log.cluster,
-            backend = %log.backend,
+            cluster = cluster.map(|c| c.cfg.name.as_str()).unwrap_or(""),
+            backend = cluster
+                .zip(log.backend)
+                .map(|(c, b)| c.backends[b].cfg.id.as_str())
+                .unwrap_or(""),
             attempts = log.attempts,
             error = log.error.unwrap_or(""),
             ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -102,11 +108,12 @@ pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) ->
     resp
 }
 
+/// What the access log records about a request: indices and cheap clones, no strings.
 #[derive(Default)]
 struct AccessLog {
-    host: String,
-    cluster: String,
-    backend: String,
+    host: Option<HeaderValue>,
+    cluster: Option<usize>,
+    backend: Option<usize>,
     attempts: u32,
     error: Option<&'static str>,
 }
@@ -130,20 +137,27 @@ async fn proxy(
             None,
         )
     })?;
-    log.host.clone_from(&host);
-    let Some(ci) = rt.router.route(router::strip_port(&host), req.uri().path()) else {
+    log.host = Some(host.clone());
+    let host_str = host.to_str().unwrap_or("");
+    let Some(ci) = rt
+        .router
+        .route(router::strip_port(host_str), req.uri().path())
+    else {
         return Err((
             ProxyError::new(
                 ErrorKind::NoRoute,
                 Side::Downstream,
                 false,
-                format!("no route for host `{host}` and path `{}`", req.uri().path()),
+                format!(
+                    "no route for host `{host_str}` and path `{}`",
+                    req.uri().path()
+                ),
             ),
             None,
         ));
     };
     let cluster = &rt.clusters[ci];
-    log.cluster.clone_from(&cluster.cfg.name);
+    log.cluster = Some(ci);
     let fail = |e: ProxyError| (e, Some(cluster.cfg.name.clone()));
     let _request = cluster.start_request();
 
@@ -221,7 +235,7 @@ async fn proxy(
         let backend = cluster.backends[idx].clone();
         tried.push(idx);
         log.attempts += 1;
-        log.backend.clone_from(&backend.cfg.id);
+        log.backend = Some(idx);
 
         // 2. Send, bounded by protocol_timeout for the response head.
         let Some(mut req) = pending.take() else {
@@ -322,15 +336,15 @@ fn remaining_candidates(cluster: &Cluster, tried: &[usize]) -> bool {
 }
 
 /// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
+/// A `HeaderValue` clone shares the header's bytes, so the common case copies nothing.
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_owned());
+        return HeaderValue::from_str(a.as_str()).ok();
     }
     req.headers()
         .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .filter(|h| !h.is_empty())
-        .map(str::to_owned)
+        .filter(|h| !h.is_empty() && h.to_str().is_ok())
+        .cloned()
 }
 
 /// Chooses a backend and gets a connection to it. Failed backends are added to `tried`.
@@ -440,33 +454,32 @@ fn shuffle_within_priority(cluster: &Cluster, order: &mut [usize]) {
     }
 }
 
-/// Rewrites URI, version and Host for the connection's HTTP version.
-fn prepare_upstream(req: &mut Request<Body>, sender: &Sender, host: &str, tls: bool) {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+/// Rewrites URI, version and Host for the connection's HTTP version. An HTTP/1.1
+/// request in origin form (the common case) passes untouched.
+fn prepare_upstream(req: &mut Request<Body>, sender: &Sender, host: &HeaderValue, tls: bool) {
     match sender {
         Sender::H1(_) => {
             *req.version_mut() = Version::HTTP_11;
             if req.uri().authority().is_some() {
-                if let Ok(u) = pq.parse::<Uri>() {
+                let pq = req.uri().path_and_query().cloned();
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query =
+                    Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+                if let Ok(u) = Uri::from_parts(parts) {
                     *req.uri_mut() = u;
                 }
             }
             if !req.headers().contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(host) {
-                    req.headers_mut().insert(header::HOST, v);
-                }
+                req.headers_mut().insert(header::HOST, host.clone());
             }
         }
         Sender::H2(_) => {
             *req.version_mut() = Version::HTTP_2;
+            let pq = req.uri().path_and_query().cloned();
             if let Ok(u) = Uri::builder()
                 .scheme(if tls { "https" } else { "http" })
-                .authority(host)
-                .path_and_query(pq)
+                .authority(host.as_bytes())
+                .path_and_query(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")))
                 .build()
             {
                 *req.uri_mut() = u;

@@ -62,7 +62,7 @@ pub fn add_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
     tls: bool,
-    host: &str,
+    host: &HeaderValue,
     via: &'static str,
 ) {
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -81,9 +81,7 @@ pub fn add_forwarded(
         XFP.clone(),
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert(XFH.clone(), v);
-    }
+    headers.insert(XFH.clone(), host.clone());
     append_via(headers, via);
 }
 
@@ -164,7 +162,7 @@ mod tests {
             &mut h,
             "127.0.0.1".parse().unwrap(),
             true,
-            "pvwa.corp.test",
+            &HeaderValue::from_static("pvwa.corp.test"),
             "1.1 keyway",
         );
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
