@@ -16,6 +16,7 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 RATE=${RATE:-4000}
 LAT_CONNS=${LAT_CONNS:-32}
+ROUNDS=${ROUNDS:-3}
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need haproxy || ! need nginx; then
@@ -57,21 +58,36 @@ taskset -c $proxy_core nginx -p "$tmp" -c "$tmp/nginx.conf" 2>"$tmp/nginx.stderr
 taskset -c $proxy_core haproxy -f bench/haproxy.cfg -db >"$tmp/haproxy.log" 2>&1 & pids+=($!)
 wait_port 18081; wait_port 18082; wait_port 18083
 
+# Rounds alternate between targets so a noisy neighbour hurts all of them alike; the
+# median of the rounds is reported.
+declare -A all_rps all_p50 all_p99
+targets="direct:18080 keyway:18081 haproxy:18083 nginx:18082"
+for round in $(seq 1 "$ROUNDS"); do
+  for target in $targets; do
+    name=${target%%:*}; port=${target##*:}
+    url="http://127.0.0.1:$port/"
+    taskset -c $front wrk -t1 -c"$CONNS" -d2s -H 'Host: bench' "$url" >/dev/null
+    out=$(taskset -c $front wrk -t1 -c"$CONNS" -d"${DURATION}s" -H 'Host: bench' "$url")
+    r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    errs=$(awk '/Non-2xx|Socket errors/' <<<"$out")
+    [ -n "$errs" ] && echo "bench: $name: $errs" >&2
+    lat=$(taskset -c $front "$bin/loadgen" --addr "127.0.0.1:$port" --rate "$RATE" --seconds "$DURATION" --connections "$LAT_CONNS")
+    all_rps[$name]+="$r "
+    all_p50[$name]+="$(sed -E 's/.*"p50_us":([0-9]+).*/\1/' <<<"$lat") "
+    all_p99[$name]+="$(sed -E 's/.*"p99_us":([0-9]+).*/\1/' <<<"$lat") "
+    lerr=$(sed -E 's/.*"errors":([0-9]+).*/\1/' <<<"$lat")
+    [ "$lerr" != 0 ] && echo "bench: $name: $lerr errors in the latency run" >&2
+    echo "bench: round $round: $name $r req/s, $lat" >&2
+  done
+done
+
+median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 declare -A rps p50 p99
-for target in direct:18080 keyway:18081 haproxy:18083 nginx:18082; do
-  name=${target%%:*}; port=${target##*:}
-  url="http://127.0.0.1:$port/"
-  taskset -c $front wrk -t1 -c"$CONNS" -d2s -H 'Host: bench' "$url" >/dev/null
-  out=$(taskset -c $front wrk -t1 -c"$CONNS" -d"${DURATION}s" -H 'Host: bench' "$url")
-  rps[$name]=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  errs=$(awk '/Non-2xx|Socket errors/' <<<"$out")
-  [ -n "$errs" ] && echo "bench: $name: $errs" >&2
-  lat=$(taskset -c $front "$bin/loadgen" --addr "127.0.0.1:$port" --rate "$RATE" --seconds "$DURATION" --connections "$LAT_CONNS")
-  p50[$name]=$(sed -E 's/.*"p50_us":([0-9]+).*/\1/' <<<"$lat")
-  p99[$name]=$(sed -E 's/.*"p99_us":([0-9]+).*/\1/' <<<"$lat")
-  lerr=$(sed -E 's/.*"errors":([0-9]+).*/\1/' <<<"$lat")
-  [ "$lerr" != 0 ] && echo "bench: $name: $lerr errors in the latency run" >&2
-  echo "bench: $name done (${rps[$name]} req/s)" >&2
+for target in $targets; do
+  name=${target%%:*}
+  rps[$name]=$(median "${all_rps[$name]}")
+  p50[$name]=$(median "${all_p50[$name]}")
+  p99[$name]=$(median "${all_p99[$name]}")
 done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -79,7 +95,7 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%d", a - b }'; }
 
 mkdir -p bench/results
 {
-  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')); wrk -c$CONNS ${DURATION}s; open-loop latency at $RATE req/s over $LAT_CONNS connections."
+  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')); wrk -c$CONNS ${DURATION}s; open-loop latency at $RATE req/s over $LAT_CONNS connections; median of $ROUNDS alternating rounds."
   echo
   echo "| target | req/s (wrk) | p50 µs | p99 µs | added p50 µs | added p99 µs |"
   echo "|---|---:|---:|---:|---:|---:|"
