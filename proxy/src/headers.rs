@@ -4,6 +4,7 @@
 //! Only this module edits forwarded headers. It runs once per request and once per
 //! response; it must not allocate more than the headers it adds.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -24,24 +25,45 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// too unless `keep_upgrade` (a WebSocket handshake keeps `Connection: upgrade` and
 /// `Upgrade`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Headers the client listed in Connection are per-connection as well.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        headers.remove(n);
+    // One pass over the names records which hop-by-hop headers are present, so only
+    // those are removed: hashing all eight names for lookups costs more than the scan.
+    let mut present = [false; 8];
+    let mut upgrade = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == header::UPGRADE {
+            upgrade = true;
+        }
     }
-    for h in &HOP_BY_HOP {
+    // `present[0]` is Connection: headers it names are per-connection as well. The
+    // tokens seen on nearly every request need no lookup: `keep-alive` is removed below
+    // anyway and `close` names no header.
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("upgrade")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(h);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if upgrade {
         headers.remove(header::UPGRADE);
     }
 }
@@ -69,12 +91,18 @@ pub fn add_forwarded(
     static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-    let ip = client.to_string();
-    let xff = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // X-Forwarded-For: previous value, ", ", client address, built in one buffer.
+    let prev = headers
+        .get(&XFF)
+        .map(HeaderValue::as_bytes)
+        .filter(|p| !p.is_empty());
+    let mut buf = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
+    if let Some(p) = prev {
+        buf.extend_from_slice(p);
+        buf.extend_from_slice(b", ");
+    }
+    let _ = write!(buf, "{client}");
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
         headers.insert(XFF.clone(), v);
     }
     headers.insert(
@@ -180,5 +208,40 @@ mod tests {
         );
         assert_eq!(cookie(&h, "keyway_affinity"), Some("abc"));
         assert_eq!(cookie(&h, "c"), None);
+    }
+}
+
+/// Adversarial input: header helpers never panic on arbitrary bytes.
+#[cfg(test)]
+mod adversarial {
+    use super::*;
+
+    #[test]
+    fn random_header_values_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..5000 {
+            let bytes: Vec<u8> = (0..rng.usize(0..80)).map(|_| rng.u8(..)).collect();
+            let mut h = HeaderMap::new();
+            for name in [header::COOKIE, header::CONNECTION, header::UPGRADE] {
+                if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                    h.append(name, v);
+                }
+            }
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                h.insert("x-forwarded-for", v);
+            }
+            let _ = cookie(&h, "keyway_affinity");
+            let _ = is_upgrade_request(&h);
+            strip_hop_by_hop(&mut h, rng.bool());
+            add_forwarded(
+                &mut h,
+                "::1".parse().unwrap(),
+                true,
+                &HeaderValue::from_static("h"),
+                "1.1 keyway",
+            );
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = crate::router::strip_port(&text);
+        }
     }
 }

@@ -919,3 +919,49 @@ backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls =
         assert_eq!(cfg.clusters[0].strategy, Strategy::Ordered);
     }
 }
+
+/// Adversarial input: mutated configs must produce a config or errors, never a panic.
+#[cfg(test)]
+mod adversarial {
+    use super::*;
+
+    const SEED: &str = include_str!("../../../config/demo.toml");
+
+    #[test]
+    fn mutated_configs_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(0x6b65_7977_6179);
+        let alphabet: Vec<char> = "[]{}=\",.:#*\n 0123456789abcxyz_-\u{00e9}\u{1F511}"
+            .chars()
+            .collect();
+        for _ in 0..1500 {
+            let mut chars: Vec<char> = SEED.chars().collect();
+            for _ in 0..rng.usize(1..8) {
+                let i = rng.usize(..chars.len().max(1));
+                match rng.u8(..3) {
+                    0 if !chars.is_empty() => {
+                        chars.remove(i.min(chars.len() - 1));
+                    }
+                    1 => chars.insert(i.min(chars.len()), alphabet[rng.usize(..alphabet.len())]),
+                    _ if !chars.is_empty() => {
+                        let j = i.min(chars.len() - 1);
+                        chars[j] = alphabet[rng.usize(..alphabet.len())];
+                    }
+                    _ => {}
+                }
+            }
+            let text: String = chars.into_iter().collect();
+            let _ = build(&text, Path::new("."));
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..2000 {
+            let bytes: Vec<u8> = (0..rng.usize(0..200)).map(|_| rng.u8(..)).collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = build(&text, Path::new("."));
+            let _ = host_pattern(&text);
+        }
+    }
+}
