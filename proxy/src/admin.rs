@@ -90,7 +90,8 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
             let backends: Vec<_> = c
                 .backends
                 .iter()
-                .map(|b| {
+                .enumerate()
+                .map(|(i, b)| {
                     let last_error = b.last_error().map(|(at, msg)| {
                         serde_json::json!({
                             "at_unix_ms": at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -108,6 +109,12 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                         "connect_errors": b.connect_errors(),
                         "pool_idle": b.pool.has_idle(),
                         "last_error": last_error,
+                        "role": match (c.cfg.strategy, b.cfg.role) {
+                            (crate::config::Strategy::PrimaryReplica, crate::config::Role::Primary) => Some("primary"),
+                            (crate::config::Strategy::PrimaryReplica, crate::config::Role::Replica) => Some("replica"),
+                            _ => None,
+                        },
+                        "health": c.health.status_json(i),
                     })
                 })
                 .collect();
@@ -116,6 +123,8 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                 "strategy": c.cfg.strategy.as_str(),
                 "balance": c.cfg.balance.as_str(),
                 "in_flight": c.backends.iter().map(|b| u64::from(b.in_flight())).sum::<u64>(),
+                "primary": c.primary.map(|p| c.backends[p].cfg.id.clone()),
+                "active_checks": c.health.active().is_some(),
                 "backends": backends,
             })
         })

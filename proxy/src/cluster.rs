@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use crate::balance::{Balancer, Candidate};
-use crate::config::{BackendConfig, ClusterConfig, RetryBudget};
+use crate::classify::Classifier;
+use crate::config::{BackendConfig, ClusterConfig, RetryBudget, Role};
+use crate::health::ClusterHealth;
 use crate::upstream::{self, Pool};
 
 /// One backend at run time.
@@ -27,6 +29,9 @@ pub struct Backend {
     pub pool: Pool,
     /// TLS settings for this backend, if it uses TLS.
     pub tls: Option<upstream::BackendTls>,
+    /// Position in the cluster's backend list.
+    pub index: usize,
+    health: Arc<ClusterHealth>,
     in_flight: AtomicU32,
     requests: AtomicU64,
     connect_errors: AtomicU64,
@@ -50,7 +55,12 @@ impl Candidate for Arc<Backend> {
 }
 
 impl Backend {
-    fn new(cluster: &ClusterConfig, cfg: BackendConfig) -> Result<Self, String> {
+    fn new(
+        cluster: &ClusterConfig,
+        cfg: BackendConfig,
+        index: usize,
+        health: Arc<ClusterHealth>,
+    ) -> Result<Self, String> {
         let labels = [
             ("cluster", cluster.name.clone()),
             ("backend", cfg.id.clone()),
@@ -72,6 +82,8 @@ impl Backend {
             sticky_token: sticky_token(&cluster.name, &cfg.id),
             pool: Pool::new(cluster.pool),
             tls,
+            index,
+            health,
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
@@ -125,11 +137,18 @@ impl Backend {
         self.metrics.responses[idx].increment(1);
     }
 
-    /// Records a failed connection attempt.
+    /// Records a failed connection attempt (a passive health signal too).
     pub fn record_connect_error(&self, detail: &str) {
         self.connect_errors.fetch_add(1, Ordering::Relaxed);
         self.metrics.connect_errors.increment(1);
         self.record_error(detail);
+        self.health.report(self.index, false);
+    }
+
+    /// Reports how an exchange with this backend ended, for passive ejection: `false` for
+    /// a broken exchange, a timeout or a 5xx answer.
+    pub fn report_outcome(&self, ok: bool) {
+        self.health.report(self.index, ok);
     }
 
     /// Records the latest error seen on this backend (for `/status`).
@@ -172,6 +191,13 @@ pub struct Cluster {
     pub by_priority: Vec<usize>,
     /// Chooses among candidates.
     pub balancer: Balancer,
+    /// Backend health (active checks, passive ejection).
+    pub health: Arc<ClusterHealth>,
+    /// Read/write classification (`primary-replica`).
+    pub classifier: Classifier,
+    /// Index of the primary (`primary-replica`).
+    pub primary: Option<usize>,
+    ryw_key: ring::hmac::Key,
     budget: Budget,
     metrics: ClusterMetrics,
 }
@@ -180,17 +206,21 @@ struct ClusterMetrics {
     requests: Counter,
     retries: Counter,
     retries_denied: Counter,
+    writes_refused: Counter,
     in_flight: Gauge,
     duration: Histogram,
 }
 
 impl Cluster {
-    /// Builds runtime state for a cluster. Fails only if TLS settings cannot be built.
-    pub fn new(cfg: ClusterConfig) -> Result<Self, String> {
+    /// Builds runtime state for a cluster. `secret` signs its cookies. Fails only if TLS
+    /// settings cannot be built.
+    pub fn new(cfg: ClusterConfig, secret: &[u8]) -> Result<Self, String> {
+        let health = Arc::new(ClusterHealth::new(&cfg));
         let backends = cfg
             .backends
             .iter()
-            .map(|b| Backend::new(&cfg, b.clone()).map(Arc::new))
+            .enumerate()
+            .map(|(i, b)| Backend::new(&cfg, b.clone(), i, health.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let mut by_priority: Vec<usize> = (0..backends.len()).collect();
         by_priority.sort_by_key(|&i| backends[i].cfg.priority);
@@ -198,11 +228,16 @@ impl Cluster {
         let labels = [("cluster", cfg.name.clone())];
         Ok(Self {
             balancer: Balancer::new(cfg.balance, &weights),
+            health,
+            classifier: Classifier::new(&cfg.split.read_routes, &cfg.split.write_routes),
+            primary: backends.iter().position(|b| b.cfg.role == Role::Primary),
+            ryw_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
             budget: Budget::new(cfg.retry_budget),
             metrics: ClusterMetrics {
                 requests: counter!("keyway_requests_total", &labels),
                 retries: counter!("keyway_retries_total", &labels),
                 retries_denied: counter!("keyway_retries_denied_total", &labels),
+                writes_refused: counter!("keyway_writes_refused_total", &labels),
                 in_flight: gauge!("keyway_requests_in_flight", &labels),
                 duration: histogram!("keyway_request_duration_seconds", &labels),
             },
@@ -228,6 +263,46 @@ impl Cluster {
         }
     }
 
+    /// Counts a write refused because the cluster has no healthy primary.
+    pub fn count_write_refused(&self) {
+        self.metrics.writes_refused.increment(1);
+    }
+
+    /// Name of this cluster's read-your-writes cookie.
+    pub fn ryw_cookie_name(&self) -> String {
+        format!("keyway_ryw_{}", self.cfg.name)
+    }
+
+    /// A signed read-your-writes token valid until `until_ms` (Unix milliseconds).
+    pub fn ryw_token(&self, until_ms: u64) -> String {
+        let tag = ring::hmac::sign(
+            &self.ryw_key,
+            ryw_message(&self.cfg.name, until_ms).as_bytes(),
+        );
+        format!("{until_ms}.{}", hex(tag.as_ref()))
+    }
+
+    /// Whether `token` is a read-your-writes token this cluster signed and still valid at
+    /// `now_ms`. Forged, altered, expired or malformed tokens are simply not valid.
+    pub fn ryw_valid(&self, token: &str, now_ms: u64) -> bool {
+        let Some((until, tag)) = token.split_once('.') else {
+            return false;
+        };
+        let Ok(until_ms) = until.parse::<u64>() else {
+            return false;
+        };
+        if until_ms <= now_ms || tag.len() != 64 {
+            return false;
+        }
+        let Some(tag) = unhex(tag) else { return false };
+        ring::hmac::verify(
+            &self.ryw_key,
+            ryw_message(&self.cfg.name, until_ms).as_bytes(),
+            &tag,
+        )
+        .is_ok()
+    }
+
     /// Asks the retry budget for one retry; counts the retry or the refusal.
     pub fn try_retry(&self) -> bool {
         if self.budget.withdraw() {
@@ -238,6 +313,24 @@ impl Cluster {
             false
         }
     }
+}
+
+fn ryw_message(cluster: &str, until_ms: u64) -> String {
+    format!("keyway-ryw\0{cluster}\0{until_ms}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }
 
 /// An in-flight request on a cluster; records its duration when dropped.

@@ -32,10 +32,12 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, BoxError, Limited};
+use crate::classify::Kind;
 use crate::cluster::{Backend, Cluster, InFlight};
-use crate::config::{Balance, Limits, Strategy};
+use crate::config::{Balance, Limits, ReadsOnPrimary, Role, Strategy};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers;
+use crate::health::HealthView;
 use crate::router::{self, Router};
 use crate::upstream::{self, Purpose, Sender};
 
@@ -175,9 +177,24 @@ async fn proxy(
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let pinned = cluster.cfg.sticky.as_ref().and_then(|s| {
-        headers::cookie(req.headers(), &s.cookie).and_then(|t| cluster.backend_by_token(t))
-    });
+    // Which backends may take this request: health, then (primary-replica) role and lag.
+    let kind = (cluster.cfg.strategy == Strategy::PrimaryReplica)
+        .then(|| cluster.classifier.classify(req.method(), req.uri().path()));
+    let ryw_fresh = kind == Some(Kind::Read)
+        && cluster.cfg.split.read_your_writes.is_some()
+        && headers::cookie(req.headers(), &cluster.ryw_cookie_name())
+            .is_some_and(|t| cluster.ryw_valid(t, unix_ms()));
+    let eligible = Eligible::new(cluster, kind, ryw_fresh).map_err(fail)?;
+
+    // A sticky cookie is a preference among eligible backends; a write never follows it.
+    let pinned = cluster
+        .cfg
+        .sticky
+        .as_ref()
+        .and_then(|s| {
+            headers::cookie(req.headers(), &s.cookie).and_then(|t| cluster.backend_by_token(t))
+        })
+        .filter(|&p| eligible.allows(p));
 
     let via = if req.version() == Version::HTTP_2 {
         "2 keyway"
@@ -219,19 +236,20 @@ async fn proxy(
 
     loop {
         // 1. A connection: the pinned backend first, then the cluster's strategy.
-        let (idx, sender) = match pick_and_connect(cluster, pinned, &mut tried, purpose).await {
-            Ok(x) => x,
-            Err(e) => {
-                if e.retryable && !remaining_candidates(cluster, &tried) {
-                    return Err(fail(no_backend_left(cluster, e)));
+        let (idx, sender) =
+            match pick_and_connect(cluster, pinned, &mut tried, purpose, &eligible).await {
+                Ok(x) => x,
+                Err(e) => {
+                    if e.retryable && !eligible.remaining(cluster, &tried) {
+                        return Err(fail(no_backend_left(cluster, e)));
+                    }
+                    if e.retryable && retries_left > 0 && cluster.try_retry() {
+                        retries_left -= 1;
+                        continue;
+                    }
+                    return Err(fail(e));
                 }
-                if e.retryable && retries_left > 0 && cluster.try_retry() {
-                    retries_left -= 1;
-                    continue;
-                }
-                return Err(fail(e));
-            }
-        };
+            };
         let backend = cluster.backends[idx].clone();
         tried.push(idx);
         log.attempts += 1;
@@ -251,20 +269,19 @@ async fn proxy(
         let result = tokio::time::timeout(cluster.cfg.protocol_timeout, send(sender, req)).await;
         let failure = match result {
             Ok(Ok((resp, h1))) => {
-                return Ok(respond(
-                    cluster,
-                    &backend,
+                let answer = Answer {
                     pinned,
                     idx,
-                    info,
-                    resp,
+                    kind,
                     h1,
                     inflight,
                     on_client_upgrade,
-                ));
+                };
+                return Ok(respond(cluster, &backend, info, resp, answer));
             }
             Ok(Err((e, unsent))) => {
                 backend.record_error(&e.detail);
+                backend.report_outcome(false);
                 if let Some(r) = unsent {
                     // hyper never wrote it: safe to send elsewhere, whatever the method.
                     pending = Some(r);
@@ -282,6 +299,7 @@ async fn proxy(
                     ),
                 );
                 backend.record_error(&e.detail);
+                backend.report_outcome(false);
                 e
             }
         };
@@ -303,7 +321,7 @@ async fn proxy(
                 _ => return Err(fail(failure)),
             }
         }
-        if retries_left == 0 || !remaining_candidates(cluster, &tried) || !cluster.try_retry() {
+        if retries_left == 0 || !eligible.remaining(cluster, &tried) || !cluster.try_retry() {
             return Err(fail(failure));
         }
         retries_left -= 1;
@@ -331,8 +349,134 @@ fn no_backend_left(cluster: &Cluster, last: ProxyError) -> ProxyError {
     )
 }
 
-fn remaining_candidates(cluster: &Cluster, tried: &[usize]) -> bool {
-    cluster.backends.len() > tried.len()
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// === eligibility ===
+
+/// Which backends one request may use, decided once from one health snapshot. This is
+/// where invariant 1 lives: a write's only eligible backend is the primary, and only
+/// when the snapshot says it is healthy; otherwise the write is refused with 503.
+struct Eligible {
+    view: Arc<HealthView>,
+    now: Option<Instant>,
+    mode: Mode,
+    max_lag_ms: Option<u64>,
+}
+
+enum Mode {
+    /// balanced/ordered: healthy backends; all of them when none is healthy (panic).
+    Any { panic: bool },
+    /// The primary only.
+    Primary(usize),
+    /// Healthy replicas within max_lag (if `replicas`), and the primary if given.
+    Reads {
+        replicas: bool,
+        primary: Option<usize>,
+    },
+}
+
+impl Eligible {
+    fn new(cluster: &Cluster, kind: Option<Kind>, ryw_fresh: bool) -> Result<Self, ProxyError> {
+        let view = cluster.health.view_full();
+        let now = view.any_ejected().then(Instant::now);
+        let max_lag_ms = cluster.cfg.split.max_lag.map(|d| d.as_millis() as u64);
+        let n = cluster.backends.len();
+        let usable = |i: usize| view.usable(i, now);
+        let mode = match (kind, cluster.primary) {
+            (None, _) => Mode::Any {
+                panic: !(0..n).any(usable),
+            },
+            (Some(Kind::Write), Some(p)) if usable(p) => Mode::Primary(p),
+            (Some(Kind::Write), _) => {
+                cluster.count_write_refused();
+                return Err(ProxyError::new(
+                    ErrorKind::NoBackendAvailable,
+                    Side::Upstream,
+                    false,
+                    format!(
+                        "cluster `{}` is read-only right now: its primary is not healthy, so writes are refused; reads keep working",
+                        cluster.cfg.name
+                    ),
+                ));
+            }
+            (Some(Kind::Read), Some(p)) if ryw_fresh && usable(p) => Mode::Primary(p),
+            (Some(Kind::Read), primary) => {
+                let lag_ok = |i: usize| {
+                    max_lag_ms.is_none_or(|max| view.backends[i].lag_ms.is_none_or(|l| l <= max))
+                };
+                let replicas = (0..n).any(|i| {
+                    cluster.backends[i].cfg.role == Role::Replica && usable(i) && lag_ok(i)
+                });
+                let primary = primary.filter(|&p| {
+                    usable(p)
+                        && match cluster.cfg.split.reads_on_primary {
+                            ReadsOnPrimary::Always => true,
+                            ReadsOnPrimary::Fallback => !replicas,
+                            ReadsOnPrimary::Never => false,
+                        }
+                });
+                if !replicas && primary.is_none() {
+                    return Err(ProxyError::new(
+                        ErrorKind::NoBackendAvailable,
+                        Side::Upstream,
+                        false,
+                        format!(
+                            "no backend of cluster `{}` can serve reads: no healthy replica within max_lag{}",
+                            cluster.cfg.name,
+                            match cluster.cfg.split.reads_on_primary {
+                                ReadsOnPrimary::Never => " and reads_on_primary = \"never\"",
+                                _ => " and no healthy primary",
+                            }
+                        ),
+                    ));
+                }
+                Mode::Reads { replicas, primary }
+            }
+        };
+        if let Mode::Any { panic: true } = mode {
+            tracing::debug!(cluster = %cluster.cfg.name, "no healthy backend: routing to all (panic)");
+        }
+        Ok(Self {
+            view,
+            now,
+            mode,
+            max_lag_ms,
+        })
+    }
+
+    fn allows(&self, i: usize) -> bool {
+        match self.mode {
+            Mode::Any { panic } => panic || self.view.usable(i, self.now),
+            Mode::Primary(p) => i == p,
+            Mode::Reads { replicas, primary } => {
+                Some(i) == primary
+                    || (replicas
+                        && Some(i) != primary
+                        && self.is_replica(i)
+                        && self.view.usable(i, self.now)
+                        && self.max_lag_ms.is_none_or(|max| {
+                            self.view.backends[i].lag_ms.is_none_or(|l| l <= max)
+                        }))
+            }
+        }
+    }
+
+    fn is_replica(&self, i: usize) -> bool {
+        self.view
+            .backends
+            .get(i)
+            .is_some_and(|b| b.role == Role::Replica)
+    }
+
+    /// Whether an eligible backend remains that this request has not tried.
+    fn remaining(&self, cluster: &Cluster, tried: &[usize]) -> bool {
+        (0..cluster.backends.len()).any(|i| !tried.contains(&i) && self.allows(i))
+    }
 }
 
 /// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
@@ -353,6 +497,7 @@ async fn pick_and_connect(
     pinned: Option<usize>,
     tried: &mut Vec<usize>,
     purpose: Purpose,
+    eligible: &Eligible,
 ) -> Result<(usize, Sender), ProxyError> {
     let cfg = &cluster.cfg;
     if let Some(p) = pinned.filter(|p| !tried.contains(p)) {
@@ -364,11 +509,10 @@ async fn pick_and_connect(
         }
     }
     match cfg.strategy {
-        Strategy::Balanced => {
-            let Some(i) = cluster
-                .balancer
-                .pick(&cluster.backends, |i| !tried.contains(&i))
-            else {
+        Strategy::Balanced | Strategy::PrimaryReplica => {
+            let Some(i) = cluster.balancer.pick(&cluster.backends, |i| {
+                !tried.contains(&i) && eligible.allows(i)
+            }) else {
                 return Err(ProxyError::new(
                     ErrorKind::NoBackendAvailable,
                     Side::Internal,
@@ -392,7 +536,7 @@ async fn pick_and_connect(
                 .by_priority
                 .iter()
                 .copied()
-                .filter(|i| !tried.contains(i))
+                .filter(|&i| !tried.contains(&i) && eligible.allows(i))
                 .collect();
             if cfg.balance == Balance::Random {
                 shuffle_within_priority(cluster, &mut order);
@@ -521,30 +665,66 @@ async fn send(sender: Sender, req: Request<Body>) -> Result<Sent, SendFailure> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn respond(
-    cluster: &Cluster,
-    backend: &Arc<Backend>,
+/// What `respond` needs besides the response.
+struct Answer {
     pinned: Option<usize>,
     idx: usize,
-    info: &ConnInfo,
-    mut resp: Response<Incoming>,
+    kind: Option<Kind>,
     h1: Option<http1::SendRequest<Body>>,
     inflight: InFlight,
     on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+fn respond(
+    cluster: &Cluster,
+    backend: &Arc<Backend>,
+    info: &ConnInfo,
+    mut resp: Response<Incoming>,
+    answer: Answer,
 ) -> Response<Body> {
+    let Answer {
+        pinned,
+        idx,
+        kind,
+        h1,
+        inflight,
+        on_client_upgrade,
+    } = answer;
     let status = resp.status();
     backend.record_response(status.as_u16());
+    backend.report_outcome(status.as_u16() < 500);
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let on_backend_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, incoming) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switching);
     headers::append_via(&mut parts.headers, "1.1 keyway");
-    if let Some(s) = &cluster.cfg.sticky {
+    // Writes do not re-pin: the client's read session stays on its replica.
+    if let Some(s) = cluster
+        .cfg
+        .sticky
+        .as_ref()
+        .filter(|_| kind != Some(Kind::Write))
+    {
         if pinned != Some(idx) {
             if let Some(v) =
                 headers::affinity_cookie(&s.cookie, &backend.sticky_token, s.max_age, info.tls)
             {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+        }
+    }
+
+    // Read-your-writes: after a successful write, this client's reads go to the primary.
+    if let (Some(Kind::Write), Some(window)) = (kind, cluster.cfg.split.read_your_writes) {
+        if status.as_u16() < 400 {
+            let token = cluster.ryw_token(unix_ms() + window.as_millis() as u64);
+            let cookie = format!(
+                "{}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+                cluster.ryw_cookie_name(),
+                window.as_secs().max(1),
+                if info.tls { "; Secure" } else { "" }
+            );
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
                 parts.headers.append(header::SET_COOKIE, v);
             }
         }

@@ -7,12 +7,14 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod classify;
 pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod health;
 pub mod router;
 pub mod server;
 pub mod telemetry;

@@ -47,10 +47,14 @@ pub enum StartError {
 /// Builds the request path's snapshot from a config.
 pub fn build_runtime(config: &Config) -> Result<Runtime, String> {
     telemetry::metrics_handle();
+    let secret: &[u8] = match &config.proxy.secret {
+        Some(s) => s,
+        None => process_secret(),
+    };
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()
-        .map(|c| Cluster::new(c.clone()).map(Arc::new))
+        .map(|c| Cluster::new(c.clone(), secret).map(Arc::new))
         .collect::<Result<_, _>>()?;
     let router = Router::new(&config.routes, |name| {
         clusters.iter().position(|c| c.cfg.name == name)
@@ -59,6 +63,21 @@ pub fn build_runtime(config: &Config) -> Result<Runtime, String> {
         router,
         clusters,
         access_log: config.proxy.access_log,
+    })
+}
+
+/// A random key for this process, used when the config names no `secret_file`.
+fn process_secret() -> &'static [u8] {
+    static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        let mut key = [0u8; 32];
+        // The OS generator failing leaves a weaker but still unpredictable-per-start key.
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).is_err() {
+            for b in &mut key {
+                *b = fastrand::u8(..);
+            }
+        }
+        key
     })
 }
 
@@ -101,6 +120,9 @@ impl Server {
                 })?;
             listen_addrs.push(sock.local_addr().unwrap_or(l.listen));
             bound.push((sock, l.clone()));
+        }
+        for c in &runtime.load().clusters {
+            crate::health::spawn_probers(c, shutdown.subscribe());
         }
         let admin_addr = match &config.admin {
             Some(a) => {

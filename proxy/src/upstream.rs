@@ -37,7 +37,8 @@ pub enum Sender {
 pub enum Purpose {
     /// Ordinary requests: pooled, HTTP/1.1 or HTTP/2.
     Request,
-    /// An HTTP/1.1 Upgrade (WebSocket): a fresh HTTP/1.1 connection, never pooled.
+    /// A dedicated HTTP/1.1 connection, never pooled: Upgrade (WebSocket) requests and
+    /// health probes.
     Upgrade,
 }
 
@@ -348,4 +349,115 @@ pub async fn staggered_connect(
             _ = tokio::time::sleep_until(deadline), if next < order.len() => {}
         }
     }
+}
+
+// === health probes ===
+
+/// Largest health-response body read (to find a JSON lag field).
+const MAX_PROBE_BODY: usize = 64 * 1024;
+
+/// Runs one active check against `backend`, bounded by the check's timeout.
+pub async fn probe(
+    backend: &Arc<Backend>,
+    cfg: &crate::config::HealthConfig,
+) -> crate::health::Probe {
+    use crate::config::CheckKind;
+    let started = Instant::now();
+    let result = tokio::time::timeout(cfg.timeout, async {
+        match &cfg.kind {
+            CheckKind::Tcp => TcpStream::connect(backend.cfg.address)
+                .await
+                .map(|_| (None, None))
+                .map_err(|e| format!("connect: {e}")),
+            CheckKind::Http { path, expect } => {
+                http_probe(backend, path, *expect, cfg.lag.as_ref()).await
+            }
+        }
+    })
+    .await;
+    let (ok, status, lag_ms, error) = match result {
+        Ok(Ok((status, lag))) => (true, status, lag, None),
+        Ok(Err(e)) => (false, None, None, Some(e)),
+        Err(_) => (
+            false,
+            None,
+            None,
+            Some(format!("no answer within {:?}", cfg.timeout)),
+        ),
+    };
+    // A failed HTTP probe still reports the status it got.
+    let (status, error) = match (&error, status) {
+        (Some(e), None) => (
+            e.strip_prefix("status ").and_then(|s| s.parse().ok()),
+            Some(e.clone()),
+        ),
+        _ => (status, error),
+    };
+    crate::health::Probe {
+        at: Instant::now(),
+        at_wall: std::time::SystemTime::now(),
+        ok,
+        status,
+        latency: started.elapsed(),
+        error,
+        lag_ms,
+    }
+}
+
+async fn http_probe(
+    backend: &Arc<Backend>,
+    path: &str,
+    expect: u16,
+    lag: Option<&crate::config::LagSource>,
+) -> Result<(Option<u16>, Option<u64>), String> {
+    use http_body_util::BodyExt;
+    let sender = connect(backend, Purpose::Upgrade)
+        .await
+        .map_err(|e| e.detail)?;
+    let Sender::H1(mut sender) = sender else {
+        return Err("probe connection is not HTTP/1.1".into());
+    };
+    let host = if backend.tls.is_some() {
+        backend.cfg.sni.clone()
+    } else {
+        backend.cfg.address.to_string()
+    };
+    let req = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .header(http::header::USER_AGENT, "keyway-health")
+        .header(http::header::CONNECTION, "close")
+        .body(crate::body::empty())
+        .map_err(|e| format!("bad probe request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    if status != expect {
+        return Err(format!("status {status}"));
+    }
+    let lag_ms = match lag {
+        None => None,
+        Some(crate::config::LagSource::Header(name)) => resp
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(|v| v as u64),
+        Some(crate::config::LagSource::JsonField(field)) => {
+            let limited = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY);
+            let body = limited
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get(field).and_then(serde_json::Value::as_f64))
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .map(|v| v as u64)
+        }
+    };
+    Ok((Some(status), lag_ms))
 }

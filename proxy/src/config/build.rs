@@ -123,7 +123,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
     match segs.as_slice() {
         [] => &["admin", "proxy", "listener", "route", "cluster"],
         [Some("admin")] => &["listen"],
-        [Some("proxy")] => &["workers", "drain_timeout", "access_log"],
+        [Some("proxy")] => &["workers", "drain_timeout", "access_log", "secret_file"],
         [Some("listener"), None] => &[
             "listen",
             "tls",
@@ -145,13 +145,38 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "retry_budget",
             "upstream_ca",
             "pool",
+            "health",
+            "outlier",
+            "read_routes",
+            "write_routes",
+            "reads_on_primary",
+            "max_lag",
+            "read_your_writes",
             "backends",
         ],
+        [Some("cluster"), Some(_), Some("health")] => &[
+            "kind",
+            "path",
+            "interval",
+            "timeout",
+            "expect",
+            "rise",
+            "fall",
+            "policy",
+            "failures",
+            "window",
+            "initial",
+            "lag_header",
+            "lag_json",
+        ],
+        [Some("cluster"), Some(_), Some("outlier")] => {
+            &["consecutive_failures", "base_ejection", "max_ejection"]
+        }
         [Some("cluster"), Some(_), Some("sticky")] => &["cookie", "max_age"],
         [Some("cluster"), Some(_), Some("retry_budget")] => &["ratio", "min_per_second"],
         [Some("cluster"), Some(_), Some("pool")] => &["max_idle", "idle_timeout"],
         [Some("cluster"), Some(_), Some("backends"), None] => &[
-            "id", "address", "weight", "priority", "tls", "sni", "protocol",
+            "id", "address", "weight", "priority", "tls", "sni", "protocol", "role",
         ],
         _ => &[],
     }
@@ -212,6 +237,30 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
             errs,
         ),
         access_log: fp.and_then(|p| p.access_log).unwrap_or(false),
+        secret: fp.and_then(|p| p.secret_file.as_deref()).and_then(|f| {
+            let path = root.key("proxy").key("secret_file");
+            let file = resolve(base, f);
+            read_file_checked(&file, &path, errs)?;
+            match std::fs::read(&file) {
+                Ok(bytes) if bytes.len() >= 16 => Some(bytes),
+                Ok(_) => {
+                    errs.push(
+                        &path,
+                        format!("{} holds fewer than 16 bytes", file.display()),
+                        "fill it with random bytes: head -c 32 /dev/urandom > FILE",
+                    );
+                    None
+                }
+                Err(e) => {
+                    errs.push(
+                        &path,
+                        format!("cannot read {}: {e}", file.display()),
+                        "check the path and permissions",
+                    );
+                    None
+                }
+            }
+        }),
     };
 
     if file.listeners.is_empty() {
@@ -481,11 +530,12 @@ fn cluster(
     let strategy = match c.strategy.as_deref().unwrap_or("balanced") {
         "balanced" => Strategy::Balanced,
         "ordered" => Strategy::Ordered,
+        "primary-replica" => Strategy::PrimaryReplica,
         other => {
             errs.push(
                 &path.key("strategy"),
                 format!("unknown strategy `{other}`"),
-                "use \"balanced\" or \"ordered\"",
+                "use \"balanced\", \"ordered\" or \"primary-replica\"",
             );
             Strategy::Balanced
         }
@@ -604,10 +654,47 @@ fn cluster(
                 "name the backend, e.g. id = \"vault-a\"",
             );
         }
-        if let Some(backend) = backend(b, &bp, c.upstream_ca.is_some(), errs) {
+        if let Some(backend) = backend(b, &bp, strategy, errs) {
             backends.push(backend);
         }
     }
+    if strategy == Strategy::PrimaryReplica {
+        let primaries = c
+            .backends
+            .iter()
+            .filter(|b| b.role.as_deref() == Some("primary"))
+            .count();
+        if primaries != 1 {
+            errs.push(
+                &path.key("backends"),
+                format!("a primary-replica cluster needs exactly one backend with role = \"primary\"; `{name}` has {primaries}"),
+                "mark the one server that takes writes with role = \"primary\" and the read-only ones with role = \"replica\"",
+            );
+        }
+    }
+    let split = split(c, path, strategy, errs);
+    let health = c
+        .health
+        .as_ref()
+        .map(|h| health(h, &path.key("health"), errs));
+    let outlier = c.outlier.as_ref().map_or_else(OutlierConfig::default, |o| {
+        let op = path.key("outlier");
+        OutlierConfig {
+            consecutive_failures: o.consecutive_failures.unwrap_or(DEFAULT_OUTLIER_FAILURES),
+            base_ejection: nonzero_duration(
+                o.base_ejection.as_deref(),
+                &op.key("base_ejection"),
+                DEFAULT_BASE_EJECTION,
+                errs,
+            ),
+            max_ejection: nonzero_duration(
+                o.max_ejection.as_deref(),
+                &op.key("max_ejection"),
+                DEFAULT_MAX_EJECTION,
+                errs,
+            ),
+        }
+    });
 
     Some(ClusterConfig {
         name: name.to_string(),
@@ -641,16 +728,253 @@ fn cluster(
         },
         upstream_ca,
         pool,
+        health,
+        outlier,
+        split,
         backends,
     })
+}
+
+fn split(
+    c: &FileCluster,
+    path: &KeyPath,
+    strategy: Strategy,
+    errs: &mut Errors<'_>,
+) -> SplitConfig {
+    let pr = strategy == Strategy::PrimaryReplica;
+    let only_pr = |key: &str, set: bool, errs: &mut Errors<'_>| {
+        if set && !pr {
+            errs.push(
+                &path.key(key),
+                format!("{key} only applies to strategy = \"primary-replica\""),
+                "set strategy = \"primary-replica\" or remove it",
+            );
+        }
+    };
+    only_pr("read_routes", c.read_routes.is_some(), errs);
+    only_pr("write_routes", c.write_routes.is_some(), errs);
+    only_pr("reads_on_primary", c.reads_on_primary.is_some(), errs);
+    only_pr("max_lag", c.max_lag.is_some(), errs);
+    only_pr("read_your_writes", c.read_your_writes.is_some(), errs);
+    let patterns = |key: &str,
+                    list: &Option<Vec<String>>,
+                    errs: &mut Errors<'_>|
+     -> Vec<RoutePattern> {
+        let mut out = Vec::new();
+        for (i, text) in list.iter().flatten().enumerate() {
+            match route_pattern(text) {
+                Ok(p) => out.push(p),
+                Err(why) => errs.push(
+                    &path.key(key).index(i),
+                    format!("`{text}` is not a route pattern: {why}"),
+                    "write METHOD and a path glob, e.g. \"POST /PasswordVault/api/Accounts/*/Password/Retrieve\" (`*` = one path segment, `**` = the rest, method `*` = any)",
+                ),
+            }
+        }
+        out
+    };
+    let reads_on_primary = match c.reads_on_primary.as_deref().unwrap_or("fallback") {
+        "fallback" => ReadsOnPrimary::Fallback,
+        "always" => ReadsOnPrimary::Always,
+        "never" => ReadsOnPrimary::Never,
+        other => {
+            errs.push(
+                &path.key("reads_on_primary"),
+                format!("unknown value `{other}`"),
+                "use \"fallback\" (primary reads only when no replica can), \"always\" or \"never\"",
+            );
+            ReadsOnPrimary::Fallback
+        }
+    };
+    let opt_duration = |key: &str, v: &Option<String>, errs: &mut Errors<'_>| {
+        v.as_deref().and_then(|t| match parse_duration(t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                errs.push(&path.key(key), e, "or remove it");
+                None
+            }
+        })
+    };
+    SplitConfig {
+        read_routes: patterns("read_routes", &c.read_routes, errs),
+        write_routes: patterns("write_routes", &c.write_routes, errs),
+        reads_on_primary,
+        max_lag: opt_duration("max_lag", &c.max_lag, errs),
+        read_your_writes: opt_duration("read_your_writes", &c.read_your_writes, errs),
+    }
+}
+
+/// Parses `"POST /PasswordVault/api/Accounts/*/Password/Retrieve"`.
+fn route_pattern(text: &str) -> Result<RoutePattern, &'static str> {
+    let (method, path) = text
+        .trim()
+        .split_once(' ')
+        .ok_or("no space between method and path")?;
+    let path = path.trim();
+    if !path.starts_with('/') {
+        return Err("the path must start with `/`");
+    }
+    if path.contains(char::is_whitespace) {
+        return Err("the path contains white space");
+    }
+    let method = match method {
+        "*" => None,
+        m => Some(
+            http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| "not an HTTP method")?,
+        ),
+    };
+    Ok(RoutePattern {
+        method,
+        path: path.to_string(),
+    })
+}
+
+fn health(h: &FileHealth, path: &KeyPath, errs: &mut Errors<'_>) -> HealthConfig {
+    let kind = match h.kind.as_deref().unwrap_or("http") {
+        "http" => {
+            let p = h.path.clone().unwrap_or_else(|| "/".into());
+            if !p.starts_with('/') {
+                errs.push(
+                    &path.key("path"),
+                    format!("`{p}` does not start with `/`"),
+                    format!("write \"/{p}\""),
+                );
+            }
+            CheckKind::Http {
+                path: p,
+                expect: h.expect.unwrap_or(200),
+            }
+        }
+        "tcp" => CheckKind::Tcp,
+        other => {
+            errs.push(
+                &path.key("kind"),
+                format!("unknown check kind `{other}`"),
+                "use \"http\" or \"tcp\"",
+            );
+            CheckKind::Tcp
+        }
+    };
+    let at_least_one = |key: &str, v: Option<u32>, default: u32, errs: &mut Errors<'_>| {
+        let n = v.unwrap_or(default);
+        if n == 0 {
+            errs.push(
+                &path.key(key),
+                format!("{key} = 0 would never change state"),
+                "use 1 or more",
+            );
+            return default;
+        }
+        n
+    };
+    let policy = match h.policy.as_deref().unwrap_or("rise-fall") {
+        "rise-fall" => HealthPolicyKind::RiseFall {
+            rise: at_least_one("rise", h.rise, DEFAULT_RISE, errs),
+            fall: at_least_one("fall", h.fall, DEFAULT_FALL, errs),
+        },
+        "failed-checks" => HealthPolicyKind::FailedChecks {
+            failures: at_least_one("failures", h.failures, DEFAULT_FAILED_CHECKS, errs),
+            window: nonzero_duration(
+                h.window.as_deref(),
+                &path.key("window"),
+                DEFAULT_FAILED_CHECKS_WINDOW,
+                errs,
+            ),
+        },
+        other => {
+            errs.push(
+                &path.key("policy"),
+                format!("unknown health policy `{other}`"),
+                "use \"rise-fall\" (rise/fall) or \"failed-checks\" (failures/window)",
+            );
+            HealthPolicyKind::RiseFall {
+                rise: DEFAULT_RISE,
+                fall: DEFAULT_FALL,
+            }
+        }
+    };
+    let initially_healthy = match h.initial.as_deref().unwrap_or("unknown") {
+        "unknown" => false,
+        "healthy" => true,
+        other => {
+            errs.push(
+                &path.key("initial"),
+                format!("unknown initial state `{other}`"),
+                "use \"unknown\" (route nothing until a probe passes) or \"healthy\" (trust the list)",
+            );
+            false
+        }
+    };
+    let lag = match (&h.lag_header, &h.lag_json) {
+        (Some(_), Some(_)) => {
+            errs.push(
+                &path.key("lag_json"),
+                "both lag_header and lag_json are set",
+                "keep the one your backends report",
+            );
+            None
+        }
+        (Some(name), None) => match http::HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => Some(LagSource::Header(n)),
+            Err(_) => {
+                errs.push(
+                    &path.key("lag_header"),
+                    format!("`{name}` is not a header name"),
+                    "e.g. \"X-Replication-Lag-Ms\"",
+                );
+                None
+            }
+        },
+        (None, Some(field)) => Some(LagSource::JsonField(field.clone())),
+        (None, None) => None,
+    };
+    HealthConfig {
+        kind,
+        interval: nonzero_duration(
+            h.interval.as_deref(),
+            &path.key("interval"),
+            DEFAULT_HEALTH_INTERVAL,
+            errs,
+        ),
+        timeout: nonzero_duration(
+            h.timeout.as_deref(),
+            &path.key("timeout"),
+            DEFAULT_HEALTH_TIMEOUT,
+            errs,
+        ),
+        policy,
+        initially_healthy,
+        lag,
+    }
 }
 
 fn backend(
     b: &FileBackend,
     path: &KeyPath,
-    _has_ca: bool,
+    strategy: Strategy,
     errs: &mut Errors<'_>,
 ) -> Option<BackendConfig> {
+    let role = match (b.role.as_deref(), strategy) {
+        (None, _) | (Some("replica"), Strategy::PrimaryReplica) => Role::Replica,
+        (Some("primary"), Strategy::PrimaryReplica) => Role::Primary,
+        (Some(_), Strategy::Balanced | Strategy::Ordered) => {
+            errs.push(
+                &path.key("role"),
+                "role only applies to strategy = \"primary-replica\"",
+                "set strategy = \"primary-replica\" on the cluster or remove role",
+            );
+            Role::Replica
+        }
+        (Some(other), _) => {
+            errs.push(
+                &path.key("role"),
+                format!("unknown role `{other}`"),
+                "use \"primary\" or \"replica\"",
+            );
+            Role::Replica
+        }
+    };
     let address = socket_addr(&b.address, &path.key("address"), errs);
     let weight = b.weight.unwrap_or(1);
     if weight == 0 || weight > 10_000 {
@@ -695,6 +1019,7 @@ fn backend(
         tls,
         sni,
         protocol,
+        role,
     })
 }
 

@@ -36,6 +36,7 @@ pub struct FileProxy {
     pub workers: Option<usize>,
     pub drain_timeout: Option<String>,
     pub access_log: Option<bool>,
+    pub secret_file: Option<String>,
 }
 
 /// `[[listener]]`
@@ -79,8 +80,41 @@ pub struct FileCluster {
     pub retry_budget: Option<FileRetryBudget>,
     pub upstream_ca: Option<String>,
     pub pool: Option<FilePool>,
+    pub health: Option<FileHealth>,
+    pub outlier: Option<FileOutlier>,
+    pub read_routes: Option<Vec<String>>,
+    pub write_routes: Option<Vec<String>>,
+    pub reads_on_primary: Option<String>,
+    pub max_lag: Option<String>,
+    pub read_your_writes: Option<String>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,
+}
+
+/// `health = { ... }`: active checks.
+#[derive(Debug, Deserialize)]
+pub struct FileHealth {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub expect: Option<u16>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub policy: Option<String>,
+    pub failures: Option<u32>,
+    pub window: Option<String>,
+    pub initial: Option<String>,
+    pub lag_header: Option<String>,
+    pub lag_json: Option<String>,
+}
+
+/// `outlier = { ... }`: passive ejection from live traffic.
+#[derive(Debug, Deserialize)]
+pub struct FileOutlier {
+    pub consecutive_failures: Option<u32>,
+    pub base_ejection: Option<String>,
+    pub max_ejection: Option<String>,
 }
 
 /// `sticky = { cookie = "...", max_age = "..." }`
@@ -114,4 +148,5 @@ pub struct FileBackend {
     pub tls: Option<bool>,
     pub sni: Option<String>,
     pub protocol: Option<String>,
+    pub role: Option<String>,
 }

@@ -54,6 +54,24 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The affinity cookie's name when `sticky = {}` names none.
 pub const DEFAULT_STICKY_COOKIE: &str = "keyway_affinity";
+/// Active health checks: time between probes of one backend.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Active health checks: time one probe may take.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+/// rise-fall: consecutive passes that make a backend healthy.
+pub const DEFAULT_RISE: u32 = 2;
+/// rise-fall: consecutive failures that make a backend unhealthy.
+pub const DEFAULT_FALL: u32 = 3;
+/// failed-checks: failures within the window that make a backend unhealthy (CyberArk PADR).
+pub const DEFAULT_FAILED_CHECKS: u32 = 5;
+/// failed-checks: the window (CyberArk PADR: 5 failed checks in 5 minutes).
+pub const DEFAULT_FAILED_CHECKS_WINDOW: Duration = Duration::from_secs(300);
+/// Passive ejection: consecutive connect failures or 5xx answers that eject a backend.
+pub const DEFAULT_OUTLIER_FAILURES: u32 = 5;
+/// Passive ejection: the first ejection's length; each repeat doubles it.
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(10);
+/// Passive ejection: the longest ejection.
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Smallest request-head limit hyper can enforce.
 pub const MIN_MAX_REQUEST_HEADER_BYTES: usize = 8192;
 
@@ -90,6 +108,9 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// Emit one `keyway::access` log line per request.
     pub access_log: bool,
+    /// Key that signs keyway's cookies (read-your-writes). `None`: a random key per
+    /// process, so such cookies do not survive a restart or cross instances.
+    pub secret: Option<Vec<u8>>,
 }
 
 /// `[[listener]]`
@@ -176,6 +197,133 @@ pub enum Strategy {
     Balanced,
     /// Lowest priority first; the next is added after `connect_stagger`.
     Ordered,
+    /// Writes to the one primary, reads balanced over read-only replicas.
+    PrimaryReplica,
+}
+
+/// A backend's role in a `primary-replica` cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Takes writes (and reads, per `reads_on_primary`).
+    Primary,
+    /// Read-only.
+    Replica,
+}
+
+/// Whether the primary also serves reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadsOnPrimary {
+    /// Only when no replica can serve.
+    Fallback,
+    /// Always a read candidate, balanced with the replicas.
+    Always,
+    /// Never: reads fail when no replica can serve.
+    Never,
+}
+
+/// How active checks probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// HTTP GET of a path, over the backend's own TLS setting.
+    Http {
+        /// Path to request.
+        path: String,
+        /// Expected status.
+        expect: u16,
+    },
+    /// A TCP connect.
+    Tcp,
+}
+
+/// Which health policy turns probe history into a state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthPolicyKind {
+    /// HAProxy-style: `rise` passes in a row → healthy, `fall` failures in a row → unhealthy.
+    RiseFall {
+        /// Passes in a row.
+        rise: u32,
+        /// Failures in a row.
+        fall: u32,
+    },
+    /// CyberArk PADR-style: `failures` failed checks within `window` → unhealthy.
+    FailedChecks {
+        /// Failures that count.
+        failures: u32,
+        /// Window they must fall in.
+        window: Duration,
+    },
+}
+
+/// How replication lag is read from a health response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LagSource {
+    /// A response header holding milliseconds.
+    Header(http::HeaderName),
+    /// A top-level numeric JSON field of the body, in milliseconds.
+    JsonField(String),
+}
+
+/// `health = { ... }`
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Probe kind.
+    pub kind: CheckKind,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Probe history → state.
+    pub policy: HealthPolicyKind,
+    /// State before the first probe: `true` = healthy (trust the list), `false` = unknown
+    /// (route nothing to it until a probe passes).
+    pub initially_healthy: bool,
+    /// Where lag is read from, if anywhere.
+    pub lag: Option<LagSource>,
+}
+
+/// `outlier = { ... }`
+#[derive(Clone, Copy, Debug)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject; 0 disables passive ejection.
+    pub consecutive_failures: u32,
+    /// First ejection's length.
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: DEFAULT_OUTLIER_FAILURES,
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+        }
+    }
+}
+
+/// One `read_routes`/`write_routes` entry: a method and a path glob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutePattern {
+    /// Method, or `None` for `*` (any).
+    pub method: Option<http::Method>,
+    /// Path glob: `*` matches within one segment, `**` matches the rest.
+    pub path: String,
+}
+
+/// Read/write split of a `primary-replica` cluster.
+#[derive(Clone, Debug)]
+pub struct SplitConfig {
+    /// Requests that are reads although their method says write.
+    pub read_routes: Vec<RoutePattern>,
+    /// Requests that are writes although their method says read.
+    pub write_routes: Vec<RoutePattern>,
+    /// Whether the primary serves reads.
+    pub reads_on_primary: ReadsOnPrimary,
+    /// Replicas reporting more lag than this serve no reads.
+    pub max_lag: Option<Duration>,
+    /// After a client's write, its reads go to the primary for this long.
+    pub read_your_writes: Option<Duration>,
 }
 
 /// Load-balancing algorithm within a set of equal candidates.
@@ -197,6 +345,7 @@ impl Strategy {
         match self {
             Strategy::Balanced => "balanced",
             Strategy::Ordered => "ordered",
+            Strategy::PrimaryReplica => "primary-replica",
         }
     }
 }
@@ -276,6 +425,12 @@ pub struct ClusterConfig {
     pub upstream_ca: Option<Vec<CertificateDer<'static>>>,
     /// Connection pool settings.
     pub pool: PoolConfig,
+    /// Active health checks, if configured.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection from live traffic.
+    pub outlier: OutlierConfig,
+    /// Read/write split (`primary-replica` clusters).
+    pub split: SplitConfig,
     /// Backends in file order.
     pub backends: Vec<BackendConfig>,
 }
@@ -297,6 +452,8 @@ pub struct BackendConfig {
     pub sni: String,
     /// HTTP version towards this backend.
     pub protocol: UpstreamProtocol,
+    /// Role in a `primary-replica` cluster (`Replica` elsewhere).
+    pub role: Role,
 }
 
 // === errors ===

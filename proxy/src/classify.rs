@@ -1,0 +1,209 @@
+//! Read or write: the one function that classifies a request for a `primary-replica`
+//! cluster (the seam the WebAssembly classifier will plug into).
+//!
+//! GET, HEAD and OPTIONS are reads; every other method is a write; `write_routes` then
+//! `read_routes` override that (a write route wins when both match, the safe side).
+//! Patterns are compiled once; matching walks the path without allocating.
+
+use http::Method;
+
+use crate::config::RoutePattern;
+
+/// What a request does to the data behind a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// May be served by a read-only replica.
+    Read,
+    /// Must reach the primary.
+    Write,
+}
+
+/// Compiled `read_routes` and `write_routes`.
+#[derive(Clone, Debug, Default)]
+pub struct Classifier {
+    reads: Vec<Compiled>,
+    writes: Vec<Compiled>,
+}
+
+#[derive(Clone, Debug)]
+struct Compiled {
+    method: Option<Method>,
+    segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    /// Literal text, possibly with `*` wildcards inside one segment.
+    Glob(String),
+    /// `**`: any remaining segments (zero or more).
+    Rest,
+}
+
+impl Classifier {
+    /// Compiles the patterns.
+    pub fn new(reads: &[RoutePattern], writes: &[RoutePattern]) -> Self {
+        let compile = |p: &RoutePattern| Compiled {
+            method: p.method.clone(),
+            segments: p
+                .path
+                .trim_start_matches('/')
+                .split('/')
+                .map(|s| {
+                    if s == "**" {
+                        Segment::Rest
+                    } else {
+                        Segment::Glob(s.to_string())
+                    }
+                })
+                .collect(),
+        };
+        Self {
+            reads: reads.iter().map(compile).collect(),
+            writes: writes.iter().map(compile).collect(),
+        }
+    }
+
+    /// Classifies a request by method and path (query excluded).
+    pub fn classify(&self, method: &Method, path: &str) -> Kind {
+        if self.writes.iter().any(|c| c.matches(method, path)) {
+            return Kind::Write;
+        }
+        if self.reads.iter().any(|c| c.matches(method, path)) {
+            return Kind::Read;
+        }
+        match *method {
+            Method::GET | Method::HEAD | Method::OPTIONS => Kind::Read,
+            _ => Kind::Write,
+        }
+    }
+}
+
+impl Compiled {
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        let mut parts = path.trim_start_matches('/').split('/');
+        for seg in &self.segments {
+            match seg {
+                Segment::Rest => return true,
+                Segment::Glob(g) => match parts.next() {
+                    Some(p) if glob(g.as_bytes(), p.as_bytes()) => {}
+                    _ => return false,
+                },
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// `*` matches any run of characters within one segment; matching is case-sensitive, as
+/// URL paths are.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some(p);
+            mark = t;
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some(s) = star {
+            p = s + 1;
+            mark += 1;
+            t = mark;
+        } else {
+            return false;
+        }
+    }
+    while p < pattern.len() && pattern[p] == b'*' {
+        p += 1;
+    }
+    p == pattern.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pat(m: &str, p: &str) -> RoutePattern {
+        RoutePattern {
+            method: (m != "*").then(|| Method::from_bytes(m.as_bytes()).unwrap()),
+            path: p.into(),
+        }
+    }
+
+    #[test]
+    fn methods_by_default() {
+        let c = Classifier::default();
+        assert_eq!(c.classify(&Method::GET, "/x"), Kind::Read);
+        assert_eq!(c.classify(&Method::HEAD, "/x"), Kind::Read);
+        assert_eq!(c.classify(&Method::OPTIONS, "/x"), Kind::Read);
+        for m in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+            assert_eq!(c.classify(&m, "/x"), Kind::Write);
+        }
+        assert_eq!(
+            c.classify(&Method::from_bytes(b"PROPFIND").unwrap(), "/x"),
+            Kind::Write
+        );
+    }
+
+    #[test]
+    fn read_and_write_routes() {
+        let c = Classifier::new(
+            &[
+                pat("POST", "/PasswordVault/api/Accounts/*/Password/Retrieve"),
+                pat("POST", "/api/sessions/**"),
+            ],
+            &[
+                pat("GET", "/PasswordVault/api/Accounts/*/Password/Retrieve"),
+                pat("*", "/admin/**"),
+            ],
+        );
+        assert_eq!(
+            c.classify(
+                &Method::POST,
+                "/PasswordVault/api/Accounts/12_3/Password/Retrieve"
+            ),
+            Kind::Read
+        );
+        assert_eq!(
+            c.classify(
+                &Method::POST,
+                "/PasswordVault/api/Accounts/12/Password/Change"
+            ),
+            Kind::Write
+        );
+        assert_eq!(
+            c.classify(
+                &Method::POST,
+                "/PasswordVault/api/Accounts/1/2/Password/Retrieve"
+            ),
+            Kind::Write
+        );
+        assert_eq!(
+            c.classify(&Method::POST, "/api/sessions/a/b/launch"),
+            Kind::Read
+        );
+        // A write route wins over the method's default.
+        assert_eq!(
+            c.classify(
+                &Method::GET,
+                "/PasswordVault/api/Accounts/9/Password/Retrieve"
+            ),
+            Kind::Write
+        );
+        assert_eq!(c.classify(&Method::GET, "/admin/users"), Kind::Write);
+        assert_eq!(c.classify(&Method::GET, "/other"), Kind::Read);
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob(b"a*c", b"abbbc"));
+        assert!(glob(b"*", b""));
+        assert!(!glob(b"a*c", b"abd"));
+        assert!(glob(b"*.json", b"x.json"));
+    }
+}

@@ -1,0 +1,694 @@
+//! Backend health: active probes, passive outlier ejection, and the snapshot the request
+//! path reads.
+//!
+//! A backend's state is one function of its probe history — the [`HealthPolicy`] seam
+//! (native `rise-fall` and `failed-checks` today; WebAssembly policies plug in here).
+//! Passive signals from live traffic (connect failures, 5xx) eject a backend for a
+//! backoff that doubles with each repeat; it returns through an active check (or when the
+//! ejection ends, if no active checks run). The last usable backend of a role is never
+//! ejected: the cluster is then in *panic mode* for that role — it keeps routing there,
+//! logs it and exports `keyway_panic_mode`.
+//!
+//! Writers (probe tasks, the passive path on a threshold) take a mutex and publish a new
+//! [`HealthView`] through `ArcSwap`; the request path only loads the view, lock-free.
+//! Nothing here routes requests.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use metrics::{counter, gauge, Counter, Gauge};
+
+use crate::config::{ClusterConfig, HealthConfig, HealthPolicyKind, OutlierConfig, Role};
+
+/// A backend's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed yet (`initial = "unknown"`): receives nothing.
+    Unknown,
+    /// Receives traffic.
+    Healthy,
+    /// Receives nothing.
+    Unhealthy,
+}
+
+impl Health {
+    /// Lower-case name for logs, metrics and `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// One probe result.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// When it finished.
+    pub at: Instant,
+    /// Wall-clock time, for `/status`.
+    pub at_wall: SystemTime,
+    /// Whether it passed.
+    pub ok: bool,
+    /// HTTP status, for HTTP probes that got one.
+    pub status: Option<u16>,
+    /// How long it took.
+    pub latency: Duration,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Replication lag the backend reported, in milliseconds.
+    pub lag_ms: Option<u64>,
+}
+
+/// Turns probe history into a state. Must be cheap and must not panic.
+pub trait HealthPolicy: Send + Sync {
+    /// The new state and a reason, given the current state and the history (oldest first;
+    /// the last element is the probe that just finished).
+    fn evaluate(
+        &self,
+        current: Health,
+        history: &VecDeque<Probe>,
+        now: Instant,
+    ) -> (Health, String);
+}
+
+/// HAProxy's rise/fall.
+pub struct RiseFall {
+    /// Passes in a row to become healthy.
+    pub rise: u32,
+    /// Failures in a row to become unhealthy.
+    pub fall: u32,
+}
+
+impl HealthPolicy for RiseFall {
+    fn evaluate(
+        &self,
+        current: Health,
+        history: &VecDeque<Probe>,
+        _now: Instant,
+    ) -> (Health, String) {
+        let Some(last) = history.back() else {
+            return (current, "no probe yet".into());
+        };
+        let streak = history.iter().rev().take_while(|p| p.ok == last.ok).count() as u32;
+        match (current, last.ok) {
+            // The first probe decides an unknown backend either way.
+            (Health::Unknown, true) => (Health::Healthy, "first probe passed".into()),
+            (Health::Unknown, false) => (
+                Health::Unhealthy,
+                format!("first probe failed: {}", why(last)),
+            ),
+            (Health::Healthy, false) if streak >= self.fall => (
+                Health::Unhealthy,
+                format!(
+                    "{streak} probes failed in a row (fall = {}): {}",
+                    self.fall,
+                    why(last)
+                ),
+            ),
+            (Health::Unhealthy, true) if streak >= self.rise => (
+                Health::Healthy,
+                format!("{streak} probes passed in a row (rise = {})", self.rise),
+            ),
+            (state, _) => (state, String::new()),
+        }
+    }
+}
+
+/// CyberArk PADR's "N failed checks": unhealthy once `failures` probes failed within
+/// `window`; healthy again when the last probe passed and fewer than `failures` failures
+/// remain in the window.
+pub struct FailedChecks {
+    /// Failures that count.
+    pub failures: u32,
+    /// Window they must fall in.
+    pub window: Duration,
+}
+
+impl HealthPolicy for FailedChecks {
+    fn evaluate(
+        &self,
+        current: Health,
+        history: &VecDeque<Probe>,
+        now: Instant,
+    ) -> (Health, String) {
+        let Some(last) = history.back() else {
+            return (current, "no probe yet".into());
+        };
+        let failed = history
+            .iter()
+            .filter(|p| !p.ok && now.duration_since(p.at) <= self.window)
+            .count() as u32;
+        if failed >= self.failures {
+            (
+                Health::Unhealthy,
+                format!(
+                    "{failed} failed checks within {} (limit {}): {}",
+                    humantime::format_duration(self.window),
+                    self.failures,
+                    why(last)
+                ),
+            )
+        } else if last.ok {
+            (
+                Health::Healthy,
+                format!("{failed} failed checks within the window"),
+            )
+        } else if current == Health::Unknown {
+            (
+                Health::Unhealthy,
+                format!("first probe failed: {}", why(last)),
+            )
+        } else {
+            (current, String::new())
+        }
+    }
+}
+
+fn why(p: &Probe) -> String {
+    match (&p.error, p.status) {
+        (Some(e), _) => e.clone(),
+        (None, Some(s)) => format!("status {s}"),
+        (None, None) => "failed".into(),
+    }
+}
+
+/// The native policy for a config.
+pub fn native_policy(kind: HealthPolicyKind) -> Box<dyn HealthPolicy> {
+    match kind {
+        HealthPolicyKind::RiseFall { rise, fall } => Box::new(RiseFall { rise, fall }),
+        HealthPolicyKind::FailedChecks { failures, window } => {
+            Box::new(FailedChecks { failures, window })
+        }
+    }
+}
+
+// === the published view ===
+
+/// What the request path knows about one backend.
+#[derive(Clone, Debug)]
+pub struct BackendView {
+    /// Health by active checks (always `Healthy` without them).
+    pub health: Health,
+    /// Passively ejected until then.
+    pub ejected_until: Option<Instant>,
+    /// Last reported replication lag.
+    pub lag_ms: Option<u64>,
+    /// The backend's role (from config).
+    pub role: Role,
+}
+
+/// One cluster's health, as published.
+#[derive(Clone, Debug)]
+pub struct HealthView {
+    /// Per backend, in config order.
+    pub backends: Vec<BackendView>,
+    /// Whether an expired ejection ends by itself (no active checks) or needs a probe.
+    ejection_needs_probe: bool,
+    any_ejected: bool,
+}
+
+impl HealthView {
+    /// Whether backend `i` may receive traffic now. `now` is needed only when
+    /// [`Self::any_ejected`]; without it an ejected backend counts as still ejected.
+    pub fn usable(&self, i: usize, now: Option<Instant>) -> bool {
+        let Some(b) = self.backends.get(i) else {
+            return false;
+        };
+        if b.health != Health::Healthy {
+            return false;
+        }
+        match (b.ejected_until, now) {
+            (None, _) => true,
+            (Some(_), _) if self.ejection_needs_probe => false,
+            (Some(until), Some(now)) => now >= until,
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Whether any backend is ejected (the request path then reads the clock).
+    pub fn any_ejected(&self) -> bool {
+        self.any_ejected
+    }
+}
+
+// === ClusterHealth ===
+
+struct Record {
+    health: Health,
+    reason: String,
+    since: SystemTime,
+    history: VecDeque<Probe>,
+    lag_ms: Option<u64>,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    last_ejection: Option<Instant>,
+    kept_in_panic: bool,
+}
+
+struct BackendMetrics {
+    healthy: Gauge,
+    to_healthy: Counter,
+    to_unhealthy: Counter,
+    ejections: Counter,
+}
+
+/// Health of one cluster's backends.
+pub struct ClusterHealth {
+    cluster: String,
+    ids: Vec<String>,
+    roles: Vec<Role>,
+    active: Option<HealthConfig>,
+    outlier: OutlierConfig,
+    policy: Box<dyn HealthPolicy>,
+    view: ArcSwap<HealthView>,
+    records: Mutex<Vec<Record>>,
+    consecutive: Vec<AtomicU32>,
+    metrics: Vec<BackendMetrics>,
+    panic_primary: Gauge,
+    panic_replica: Gauge,
+}
+
+/// Probe results kept per backend (for policies and `/status`).
+const HISTORY: usize = 64;
+
+impl ClusterHealth {
+    /// Initial health for a cluster: `Healthy` without active checks, else per `initial`.
+    pub fn new(cfg: &ClusterConfig) -> Self {
+        let initial = match &cfg.health {
+            None => Health::Healthy,
+            Some(h) if h.initially_healthy => Health::Healthy,
+            Some(_) => Health::Unknown,
+        };
+        let records: Vec<Record> = cfg
+            .backends
+            .iter()
+            .map(|_| Record {
+                health: initial,
+                reason: match initial {
+                    Health::Unknown => "waiting for the first probe".into(),
+                    _ => "initial state".into(),
+                },
+                since: SystemTime::now(),
+                history: VecDeque::with_capacity(HISTORY),
+                lag_ms: None,
+                ejections: 0,
+                ejected_until: None,
+                last_ejection: None,
+                kept_in_panic: false,
+            })
+            .collect();
+        let metrics = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                let l = [("cluster", cfg.name.clone()), ("backend", b.id.clone())];
+                let to = |s: &'static str| {
+                    let mut v = l.to_vec();
+                    v.push(("to", s.to_string()));
+                    counter!("keyway_backend_health_transitions_total", &v)
+                };
+                BackendMetrics {
+                    healthy: gauge!("keyway_backend_healthy", &l),
+                    to_healthy: to("healthy"),
+                    to_unhealthy: to("unhealthy"),
+                    ejections: counter!("keyway_backend_ejections_total", &l),
+                }
+            })
+            .collect();
+        let panic = |role: &'static str| gauge!("keyway_panic_mode", "cluster" => cfg.name.clone(), "role" => role);
+        let h = Self {
+            cluster: cfg.name.clone(),
+            ids: cfg.backends.iter().map(|b| b.id.clone()).collect(),
+            roles: cfg.backends.iter().map(|b| b.role).collect(),
+            active: cfg.health.clone(),
+            outlier: cfg.outlier,
+            policy: cfg
+                .health
+                .as_ref()
+                .map(|h| native_policy(h.policy))
+                .unwrap_or_else(|| native_policy(HealthPolicyKind::RiseFall { rise: 1, fall: 1 })),
+            view: ArcSwap::from_pointee(HealthView {
+                backends: Vec::new(),
+                ejection_needs_probe: false,
+                any_ejected: false,
+            }),
+            consecutive: cfg.backends.iter().map(|_| AtomicU32::new(0)).collect(),
+            metrics,
+            panic_primary: panic("primary"),
+            panic_replica: panic("replica"),
+            records: Mutex::new(records),
+        };
+        if let Ok(records) = h.records.lock() {
+            h.publish(&records);
+        }
+        h
+    }
+
+    /// The current view (lock-free).
+    pub fn view(&self) -> arc_swap::Guard<Arc<HealthView>> {
+        self.view.load()
+    }
+
+    /// The current view as an owned `Arc`, to hold across awaits.
+    pub fn view_full(&self) -> Arc<HealthView> {
+        self.view.load_full()
+    }
+
+    /// Active-check settings, if any.
+    pub fn active(&self) -> Option<&HealthConfig> {
+        self.active.as_ref()
+    }
+
+    fn publish(&self, records: &[Record]) {
+        let backends: Vec<BackendView> = records
+            .iter()
+            .zip(&self.roles)
+            .map(|(r, role)| BackendView {
+                health: r.health,
+                ejected_until: r.ejected_until,
+                lag_ms: r.lag_ms,
+                role: *role,
+            })
+            .collect();
+        for (r, m) in records.iter().zip(&self.metrics) {
+            m.healthy.set(
+                if r.health == Health::Healthy && r.ejected_until.is_none() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+        }
+        let panic = |role| {
+            records
+                .iter()
+                .zip(&self.roles)
+                .any(|(r, ro)| *ro == role && r.kept_in_panic)
+        };
+        self.panic_primary
+            .set(if panic(Role::Primary) { 1.0 } else { 0.0 });
+        self.panic_replica
+            .set(if panic(Role::Replica) { 1.0 } else { 0.0 });
+        self.view.store(Arc::new(HealthView {
+            any_ejected: backends.iter().any(|b| b.ejected_until.is_some()),
+            backends,
+            ejection_needs_probe: self.active.is_some(),
+        }));
+    }
+
+    fn transition(&self, i: usize, r: &mut Record, to: Health, reason: String) {
+        let from = r.health;
+        r.health = to;
+        r.since = SystemTime::now();
+        r.reason = reason;
+        match to {
+            Health::Healthy => self.metrics[i].to_healthy.increment(1),
+            Health::Unhealthy => self.metrics[i].to_unhealthy.increment(1),
+            Health::Unknown => {}
+        }
+        tracing::info!(
+            cluster = %self.cluster,
+            backend = %self.ids[i],
+            from = from.as_str(),
+            to = to.as_str(),
+            reason = %r.reason,
+            "backend health changed"
+        );
+    }
+
+    /// Records an active probe of backend `i` and re-evaluates it.
+    pub fn record_probe(&self, i: usize, probe: Probe) {
+        let Ok(mut records) = self.records.lock() else {
+            return;
+        };
+        let Some(r) = records.get_mut(i) else { return };
+        let now = probe.at;
+        let ok = probe.ok;
+        if probe.lag_ms.is_some() || !ok {
+            r.lag_ms = probe.lag_ms;
+        }
+        if r.history.len() == HISTORY {
+            r.history.pop_front();
+        }
+        r.history.push_back(probe);
+        let (to, reason) = self.policy.evaluate(r.health, &r.history, now);
+        let mut changed = false;
+        if to != r.health {
+            self.transition(i, r, to, reason);
+            changed = true;
+        }
+        // An ejected backend returns through a passing probe once its ejection is over.
+        if let Some(until) = r.ejected_until {
+            if ok && now >= until {
+                r.ejected_until = None;
+                r.reason = "ejection over and a probe passed".into();
+                self.consecutive[i].store(0, Ordering::Relaxed);
+                tracing::info!(cluster = %self.cluster, backend = %self.ids[i], "backend returns after ejection");
+                changed = true;
+            }
+        }
+        // Lag is part of the view: publish every probe that reports it.
+        if changed || r.lag_ms.is_some() {
+            self.publish(&records);
+        }
+    }
+
+    /// Reports the outcome of a live request to backend `i`: `false` for a connect
+    /// failure, a broken exchange, a timeout or a 5xx answer.
+    pub fn report(&self, i: usize, ok: bool) {
+        let Some(c) = self.consecutive.get(i) else {
+            return;
+        };
+        if ok {
+            if c.load(Ordering::Relaxed) != 0 {
+                c.store(0, Ordering::Relaxed);
+                if let Ok(mut records) = self.records.lock() {
+                    if let Some(r) = records.get_mut(i).filter(|r| r.kept_in_panic) {
+                        r.kept_in_panic = false;
+                        self.publish(&records);
+                    }
+                }
+            }
+            return;
+        }
+        let n = c.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit = self.outlier.consecutive_failures;
+        if limit == 0 || n < limit {
+            return;
+        }
+        let Ok(mut records) = self.records.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if records[i].ejected_until.is_some_and(|u| u > now) {
+            return;
+        }
+        // The last usable backend of its role stays: panic mode.
+        let role = self.roles[i];
+        let others = records
+            .iter()
+            .enumerate()
+            .filter(|(j, r)| {
+                *j != i
+                    && self.roles[*j] == role
+                    && r.health == Health::Healthy
+                    && r.ejected_until
+                        .is_none_or(|u| self.active.is_none() && u <= now)
+            })
+            .count();
+        if others == 0 {
+            if !records[i].kept_in_panic {
+                records[i].kept_in_panic = true;
+                tracing::warn!(
+                    cluster = %self.cluster,
+                    backend = %self.ids[i],
+                    failures = n,
+                    "panic mode: not ejecting the last usable backend of its role; still routing to it"
+                );
+                self.publish(&records);
+            }
+            return;
+        }
+        let r = &mut records[i];
+        if r.last_ejection
+            .is_some_and(|t| now.duration_since(t) > self.outlier.max_ejection * 2)
+        {
+            r.ejections = 0;
+        }
+        r.ejections += 1;
+        let factor = 1u32 << (r.ejections - 1).min(16);
+        let length = self
+            .outlier
+            .base_ejection
+            .saturating_mul(factor)
+            .min(self.outlier.max_ejection);
+        r.ejected_until = Some(now + length);
+        r.last_ejection = Some(now);
+        r.kept_in_panic = false;
+        r.reason = format!(
+            "ejected for {} after {n} consecutive failures",
+            humantime::format_duration(length)
+        );
+        c.store(0, Ordering::Relaxed);
+        self.metrics[i].ejections.increment(1);
+        tracing::warn!(cluster = %self.cluster, backend = %self.ids[i], ejection = ?length, failures = n, "backend ejected");
+        self.publish(&records);
+    }
+
+    /// `/status` details for backend `i`.
+    pub fn status_json(&self, i: usize) -> serde_json::Value {
+        let Ok(records) = self.records.lock() else {
+            return serde_json::Value::Null;
+        };
+        let Some(r) = records.get(i) else {
+            return serde_json::Value::Null;
+        };
+        let now = Instant::now();
+        let ms = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        };
+        let checks: Vec<_> = r
+            .history
+            .iter()
+            .rev()
+            .take(5)
+            .map(|p| {
+                serde_json::json!({
+                    "at_unix_ms": ms(p.at_wall),
+                    "ok": p.ok,
+                    "status": p.status,
+                    "latency_us": p.latency.as_micros() as u64,
+                    "error": p.error,
+                    "lag_ms": p.lag_ms,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "health": r.health.as_str(),
+            "reason": r.reason,
+            "since_unix_ms": ms(r.since),
+            "ejected_for_ms": r.ejected_until.map(|u| u.saturating_duration_since(now).as_millis() as u64),
+            "ejections": r.ejections,
+            "panic": r.kept_in_panic,
+            "lag_ms": r.lag_ms,
+            "last_checks": checks,
+        })
+    }
+}
+
+/// Runs active checks for every backend of `cluster` until it is dropped or shutdown.
+pub fn spawn_probers(
+    cluster: &Arc<crate::cluster::Cluster>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(cfg) = cluster.health.active().cloned() else {
+        return;
+    };
+    for i in 0..cluster.backends.len() {
+        let weak: Weak<crate::cluster::Cluster> = Arc::downgrade(cluster);
+        let cfg = cfg.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            // Spread first probes over the interval so a large farm is not probed in bursts.
+            let jitter = cfg.interval.mul_f64(fastrand::f64() * 0.1);
+            let mut next = tokio::time::Instant::now() + jitter;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(cluster) = weak.upgrade() else {
+                    return;
+                };
+                let backend = cluster.backends[i].clone();
+                let probe = crate::upstream::probe(&backend, &cfg).await;
+                cluster.health.record_probe(i, probe);
+                drop(cluster);
+                next += cfg.interval;
+                let now = tokio::time::Instant::now();
+                if next < now {
+                    next = now;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probes(results: &[bool]) -> VecDeque<Probe> {
+        let now = Instant::now();
+        results
+            .iter()
+            .map(|&ok| Probe {
+                at: now,
+                at_wall: SystemTime::now(),
+                ok,
+                status: Some(if ok { 200 } else { 500 }),
+                latency: Duration::from_millis(1),
+                error: None,
+                lag_ms: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rise_fall() {
+        let p = RiseFall { rise: 2, fall: 3 };
+        let now = Instant::now();
+        assert_eq!(
+            p.evaluate(Health::Unknown, &probes(&[true]), now).0,
+            Health::Healthy
+        );
+        assert_eq!(
+            p.evaluate(Health::Healthy, &probes(&[true, false, false]), now)
+                .0,
+            Health::Healthy
+        );
+        assert_eq!(
+            p.evaluate(Health::Healthy, &probes(&[false, false, false]), now)
+                .0,
+            Health::Unhealthy
+        );
+        assert_eq!(
+            p.evaluate(Health::Unhealthy, &probes(&[false, true]), now)
+                .0,
+            Health::Unhealthy
+        );
+        assert_eq!(
+            p.evaluate(Health::Unhealthy, &probes(&[false, true, true]), now)
+                .0,
+            Health::Healthy
+        );
+    }
+
+    #[test]
+    fn failed_checks_counts_within_the_window() {
+        let p = FailedChecks {
+            failures: 5,
+            window: Duration::from_secs(300),
+        };
+        let now = Instant::now();
+        let four = probes(&[false, true, false, false, true, false]);
+        assert_eq!(p.evaluate(Health::Healthy, &four, now).0, Health::Healthy);
+        let five = probes(&[false, true, false, false, false, false]);
+        let (h, why) = p.evaluate(Health::Healthy, &five, now);
+        assert_eq!(h, Health::Unhealthy);
+        assert!(why.contains("5 failed checks"), "{why}");
+        // Old failures age out of the window.
+        let mut old = probes(&[false, false, false, false, false, true]);
+        for p in old.iter_mut().take(5) {
+            p.at = now - Duration::from_secs(600);
+        }
+        assert_eq!(p.evaluate(Health::Unhealthy, &old, now).0, Health::Healthy);
+    }
+}
