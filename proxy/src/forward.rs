@@ -369,8 +369,8 @@ struct Eligible {
 }
 
 enum Mode {
-    /// balanced/ordered: healthy backends; all of them when none is healthy (panic).
-    Any { panic: bool },
+    /// balanced/ordered: healthy, non-ejected backends.
+    Healthy,
     /// The primary only.
     Primary(usize),
     /// Healthy replicas within max_lag (if `replicas`), and the primary if given.
@@ -388,9 +388,22 @@ impl Eligible {
         let n = cluster.backends.len();
         let usable = |i: usize| view.usable(i, now);
         let mode = match (kind, cluster.primary) {
-            (None, _) => Mode::Any {
-                panic: !(0..n).any(usable),
-            },
+            (None, _) => {
+                if !(0..n).any(usable) {
+                    let detail = if (0..n).any(|i| view.checked(i)) {
+                        "has no healthy backend"
+                    } else {
+                        "has no backend that passed a health check yet"
+                    };
+                    return Err(ProxyError::new(
+                        ErrorKind::NoBackendAvailable,
+                        Side::Upstream,
+                        false,
+                        format!("cluster `{}` {detail}", cluster.cfg.name),
+                    ));
+                }
+                Mode::Healthy
+            }
             (Some(Kind::Write), Some(p)) if usable(p) => Mode::Primary(p),
             (Some(Kind::Write), _) => {
                 cluster.count_write_refused();
@@ -438,9 +451,6 @@ impl Eligible {
                 Mode::Reads { replicas, primary }
             }
         };
-        if let Mode::Any { panic: true } = mode {
-            tracing::debug!(cluster = %cluster.cfg.name, "no healthy backend: routing to all (panic)");
-        }
         Ok(Self {
             view,
             now,
@@ -451,7 +461,7 @@ impl Eligible {
 
     fn allows(&self, i: usize) -> bool {
         match self.mode {
-            Mode::Any { panic } => panic || self.view.usable(i, self.now),
+            Mode::Healthy => self.view.usable(i, self.now),
             Mode::Primary(p) => i == p,
             Mode::Reads { replicas, primary } => {
                 Some(i) == primary

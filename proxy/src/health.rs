@@ -230,6 +230,13 @@ impl HealthView {
         }
     }
 
+    /// Whether backend `i` has a state from a probe or from trust (not `Unknown`).
+    pub fn checked(&self, i: usize) -> bool {
+        self.backends
+            .get(i)
+            .is_some_and(|b| b.health != Health::Unknown)
+    }
+
     /// Whether any backend is ejected (the request path then reads the clock).
     pub fn any_ejected(&self) -> bool {
         self.any_ejected
@@ -639,6 +646,57 @@ mod tests {
                 lag_ms: None,
             })
             .collect()
+    }
+
+    fn cluster(health: &str) -> ClusterConfig {
+        let text = format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.c]\n{health}\nbackends = [{{ id = \"a\", address = \"127.0.0.1:1\" }}, {{ id = \"b\", address = \"127.0.0.1:2\" }}]\n"
+        );
+        crate::Config::from_str_with_base(&text, "t", std::path::Path::new("."))
+            .unwrap()
+            .clusters
+            .remove(0)
+    }
+
+    #[test]
+    fn initial_state_follows_config() {
+        let none = ClusterHealth::new(&cluster(""));
+        assert!(none.view().usable(0, None), "no active checks: healthy");
+        let unknown = ClusterHealth::new(&cluster("health = { path = \"/h\" }"));
+        assert!(
+            !unknown.view().usable(0, None),
+            "default initial = unknown routes nothing"
+        );
+        assert!(!unknown.view().checked(0));
+        let trusted = ClusterHealth::new(&cluster(
+            "health = { path = \"/h\", initial = \"healthy\" }",
+        ));
+        assert!(trusted.view().usable(1, None));
+    }
+
+    #[test]
+    fn passive_ejection_spares_the_last_usable_backend() {
+        let h = ClusterHealth::new(&cluster(
+            "outlier = { consecutive_failures = 2, base_ejection = \"1h\" }",
+        ));
+        for _ in 0..2 {
+            h.report(0, false);
+        }
+        assert!(!h.view().usable(0, Some(Instant::now())), "a ejected");
+        for _ in 0..5 {
+            h.report(1, false);
+        }
+        assert!(
+            h.view().usable(1, Some(Instant::now())),
+            "b is the last usable: kept"
+        );
+        assert_eq!(h.status_json(1)["panic"], true);
+        h.report(1, true);
+        assert_eq!(
+            h.status_json(1)["panic"],
+            false,
+            "a success ends panic for b"
+        );
     }
 
     #[test]

@@ -60,19 +60,27 @@ pub struct Seen {
 
 struct BackendState {
     name: String,
+    health_status: std::sync::atomic::AtomicU16,
+    lag_ms: std::sync::atomic::AtomicU64,
+    health_checks: AtomicUsize,
     mode: Mutex<Mode>,
     seen: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
     tls_handshake_delay: Mutex<Duration>,
+    /// The running server's stop signal; replaced on restart, shared by every handle.
+    stop: Mutex<Arc<tokio::sync::watch::Sender<bool>>>,
 }
 
-/// A real HTTP server on a loopback port.
+/// A real HTTP server on a loopback port. `GET /health` answers with the status set by
+/// [`TestBackend::set_health`] and reports [`TestBackend::set_lag`] in
+/// `X-Replication-Lag-Ms` and as JSON `{"lag_ms": N}`; health checks are not recorded
+/// as requests.
 #[derive(Clone)]
 pub struct TestBackend {
     /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<BackendState>,
-    stop: Arc<tokio::sync::Notify>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Options for [`TestBackend::start_with`].
@@ -95,22 +103,41 @@ impl TestBackend {
         let sock = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
-        let addr = sock.local_addr().expect("addr");
         let state = Arc::new(BackendState {
             name: name.to_string(),
+            health_status: std::sync::atomic::AtomicU16::new(200),
+            lag_ms: std::sync::atomic::AtomicU64::new(0),
+            health_checks: AtomicUsize::new(0),
             mode: Mutex::new(Mode::Normal),
             seen: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             tls_handshake_delay: Mutex::new(opts.tls_handshake_delay),
+            stop: Mutex::new(Arc::new(tokio::sync::watch::channel(false).0)),
         });
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let acceptor = opts.tls.map(tokio_rustls::TlsAcceptor::from);
-        let (st, stp) = (state.clone(), stop.clone());
+        Self::serve(sock, state, opts.tls)
+    }
+
+    /// Listens again on the same port after [`TestBackend::stop`], keeping its state.
+    pub async fn restart(&self) -> Self {
+        let sock = TcpListener::bind(self.addr).await.expect("rebind backend");
+        Self::serve(sock, self.state.clone(), self.tls.clone())
+    }
+
+    fn serve(
+        sock: TcpListener,
+        state: Arc<BackendState>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        let addr = sock.local_addr().expect("addr");
+        let stop = Arc::new(tokio::sync::watch::channel(false).0);
+        *state.stop.lock().unwrap() = stop.clone();
+        let acceptor = tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let (st, stp) = (state.clone(), stop.subscribe());
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     r = sock.accept() => match r { Ok(x) => x, Err(_) => continue },
-                    _ = stp.notified() => return,
+                    _ = stopped(stp.clone()) => return,
                 };
                 st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
@@ -131,12 +158,27 @@ impl TestBackend {
                     };
                     tokio::select! {
                         _ = serve => {}
-                        _ = stp.notified() => {}
+                        _ = stopped(stp) => {}
                     }
                 });
             }
         });
-        Self { addr, state, stop }
+        Self { addr, state, tls }
+    }
+
+    /// Status `GET /health` answers with from now on.
+    pub fn set_health(&self, status: u16) {
+        self.state.health_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Replication lag `GET /health` reports from now on.
+    pub fn set_lag(&self, ms: u64) {
+        self.state.lag_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Health checks received.
+    pub fn health_checks(&self) -> usize {
+        self.state.health_checks.load(Ordering::SeqCst)
     }
 
     /// The name it reports in its answers.
@@ -166,8 +208,13 @@ impl TestBackend {
 
     /// Stops listening and closes every open connection (the port then refuses).
     pub fn stop(&self) {
-        self.stop.notify_waiters();
+        self.state.stop.lock().unwrap().send_replace(true);
     }
+}
+
+/// Resolves once `stop` has been set (at once if it already is).
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 async fn serve_conn<IO>(io: TokioIo<IO>, st: Arc<BackendState>)
@@ -227,6 +274,16 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
             .insert("connection", "upgrade".parse().unwrap());
         r.headers_mut()
             .insert("sec-websocket-accept", accept.parse().unwrap());
+        return r;
+    }
+
+    if req.uri().path() == "/health" {
+        st.health_checks.fetch_add(1, Ordering::SeqCst);
+        let status = st.health_status.load(Ordering::SeqCst);
+        let lag = st.lag_ms.load(Ordering::SeqCst);
+        let mut r = text(status, format!("{{\"lag_ms\": {lag}}}"));
+        r.headers_mut()
+            .insert("x-replication-lag-ms", lag.to_string().parse().unwrap());
         return r;
     }
 
@@ -618,6 +675,39 @@ pub async fn tls_get(conn: TlsConn, host: &str, path: &str) -> Got {
 }
 
 // === admin ===
+
+/// Polls `cond` every 20 ms until it holds, failing after `within`. For waiting on
+/// asynchronous state (health transitions) that has no event to await.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `/status` document's entry for one backend.
+pub async fn backend_status(admin: SocketAddr, cluster: &str, backend: &str) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/status").await).expect("status JSON");
+    status["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == cluster))
+        .and_then(|c| c["backends"].as_array())
+        .and_then(|bs| bs.iter().find(|b| b["id"] == backend))
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
 
 /// GETs an admin path and returns the body.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
