@@ -227,3 +227,18 @@ async fn the_last_usable_backend_is_never_ejected_panic_mode() {
     assert_eq!(get(p.addr, "h", "/").await.status, 200);
     assert_eq!(state(&p, "a").await["panic"], false);
 }
+
+#[tokio::test]
+async fn lag_can_come_from_a_json_field() {
+    let (a, _b, p) = two(
+        r#"health = { path = "/health", interval = "50ms", lag_json = "lag_ms" }"#,
+        "",
+    )
+    .await;
+    a.set_lag(1234);
+    eventually(Duration::from_secs(10), "lag from JSON", || async {
+        state(&p, "a").await["lag_ms"] == 1234
+    })
+    .await;
+    assert_eq!(state(&p, "a").await["last_checks"][0]["lag_ms"], 1234);
+}

@@ -139,6 +139,8 @@ fn print_demo_help(config: &Config, server: &Server) {
         println!("  curl -s http://{a}/metrics     # Prometheus metrics");
     }
     println!("\nSticky sessions: add -c /tmp/kw.jar -b /tmp/kw.jar to the psm curl and repeat it.");
+    println!("Read/write split: compare `curl -s -X POST -H 'Host: pam360.demo.test' http://{addr}/api/x` (primary)");
+    println!("  with a GET to the same host (a read-only server).");
     println!("Press Ctrl-C to stop.\n");
 }
 

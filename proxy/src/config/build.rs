@@ -1290,3 +1290,49 @@ mod adversarial {
         }
     }
 }
+
+#[cfg(test)]
+mod roles_config {
+    use super::*;
+
+    fn errs(cluster: &str) -> Vec<ConfigError> {
+        let text = format!("[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.c]\n{cluster}\n");
+        build(&text, Path::new(".")).expect_err("rejected")
+    }
+
+    #[test]
+    fn primary_replica_needs_exactly_one_primary() {
+        let e = errs("strategy = \"primary-replica\"\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", role = \"replica\" }]");
+        assert!(
+            e.iter().any(|e| e
+                .message
+                .contains("exactly one backend with role = \"primary\"")),
+            "{e:?}"
+        );
+        let e = errs("strategy = \"primary-replica\"\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", role = \"primary\" }, { id = \"b\", address = \"127.0.0.1:2\", role = \"primary\" }]");
+        assert!(e.iter().any(|e| e.message.contains("has 2")), "{e:?}");
+    }
+
+    #[test]
+    fn role_and_split_keys_need_primary_replica() {
+        let e = errs("read_routes = [\"POST /x\"]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", role = \"primary\" }]");
+        assert!(
+            e.iter()
+                .any(|e| e.path.ends_with("read_routes") && e.message.contains("only applies")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|e| e.path.ends_with("role")), "{e:?}");
+    }
+
+    #[test]
+    fn bad_patterns_policies_and_lag_sources_are_reported() {
+        let e = errs(
+            "strategy = \"primary-replica\"\nread_routes = [\"POST\", \"GET nope\"]\nhealth = { policy = \"magic\", rise = 0, lag_header = \"bad header\" }\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", role = \"primary\" }]",
+        );
+        let has = |needle: &str| e.iter().any(|e| e.message.contains(needle));
+        assert!(has("no space between method and path"), "{e:?}");
+        assert!(has("must start with `/`"), "{e:?}");
+        assert!(has("unknown health policy `magic`"), "{e:?}");
+        assert!(has("is not a header name"), "{e:?}");
+    }
+}
