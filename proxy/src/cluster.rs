@@ -198,6 +198,7 @@ pub struct Cluster {
     /// Index of the primary (`primary-replica`).
     pub primary: Option<usize>,
     ryw_key: ring::hmac::Key,
+    ryw_cookie: String,
     budget: Budget,
     metrics: ClusterMetrics,
 }
@@ -232,6 +233,7 @@ impl Cluster {
             classifier: Classifier::new(&cfg.split.read_routes, &cfg.split.write_routes),
             primary: backends.iter().position(|b| b.cfg.role == Role::Primary),
             ryw_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+            ryw_cookie: format!("keyway_ryw_{}", cfg.name),
             budget: Budget::new(cfg.retry_budget),
             metrics: ClusterMetrics {
                 requests: counter!("keyway_requests_total", &labels),
@@ -269,8 +271,8 @@ impl Cluster {
     }
 
     /// Name of this cluster's read-your-writes cookie.
-    pub fn ryw_cookie_name(&self) -> String {
-        format!("keyway_ryw_{}", self.cfg.name)
+    pub fn ryw_cookie_name(&self) -> &str {
+        &self.ryw_cookie
     }
 
     /// A signed read-your-writes token valid until `until_ms` (Unix milliseconds).

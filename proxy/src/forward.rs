@@ -182,7 +182,7 @@ async fn proxy(
         .then(|| cluster.classifier.classify(req.method(), req.uri().path()));
     let ryw_fresh = kind == Some(Kind::Read)
         && cluster.cfg.split.read_your_writes.is_some()
-        && headers::cookie(req.headers(), &cluster.ryw_cookie_name())
+        && headers::cookie(req.headers(), cluster.ryw_cookie_name())
             .is_some_and(|t| cluster.ryw_valid(t, unix_ms()));
     let eligible = Eligible::new(cluster, kind, ryw_fresh).map_err(fail)?;
 
