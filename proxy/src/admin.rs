@@ -26,6 +26,7 @@ use crate::telemetry;
 pub async fn serve(
     sock: TcpListener,
     runtime: Arc<ArcSwap<Runtime>>,
+    reloader: Arc<crate::server::Reloader>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if let Ok(a) = sock.local_addr() {
@@ -40,10 +41,33 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let runtime = runtime.clone();
+        let reloader = reloader.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let rt = runtime.load_full();
-                async move { Ok::<_, Infallible>(route(&rt, req)) }
+                let reloader = reloader.clone();
+                async move {
+                    if req.method() == Method::POST && req.uri().path() == "/reload" {
+                        // Building a runtime reads files and parses certificates: off the
+                        // async workers.
+                        let result = tokio::task::spawn_blocking(move || reloader.reload())
+                            .await
+                            .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+                        return Ok::<_, Infallible>(match result {
+                            Ok(summary) => reply(
+                                StatusCode::OK,
+                                "text/plain",
+                                format!("reloaded: {summary}\n"),
+                            ),
+                            Err(e) => reply(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "text/plain",
+                                format!("reload refused, the running configuration stays:\n{e}\n"),
+                            ),
+                        });
+                    }
+                    Ok::<_, Infallible>(route(&rt, req))
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -68,7 +92,7 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Body> {
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /status or /healthz\n".into(),
+            "not found: try GET /metrics, /status, /healthz or POST /reload\n".into(),
         ),
     }
 }

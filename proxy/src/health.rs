@@ -428,6 +428,29 @@ impl ClusterHealth {
         );
     }
 
+    /// Takes over the state of backends that survive a reload: `pairs` maps this
+    /// cluster's backend index to the old cluster's. Their health, history, lag and
+    /// ejection carry over, so a reload opens no window where a healthy primary is
+    /// "unknown" and writes would be refused.
+    pub fn inherit(&self, old: &ClusterHealth, pairs: &[(usize, usize)]) {
+        let (Ok(mut new), Ok(old_records)) = (self.records.lock(), old.records.lock()) else {
+            return;
+        };
+        for &(n, o) in pairs {
+            if let (Some(dst), Some(src)) = (new.get_mut(n), old_records.get(o)) {
+                dst.health = src.health;
+                dst.reason.clone_from(&src.reason);
+                dst.since = src.since;
+                dst.history.clone_from(&src.history);
+                dst.lag_ms = src.lag_ms;
+                dst.ejections = src.ejections;
+                dst.ejected_until = src.ejected_until;
+                dst.last_ejection = src.last_ejection;
+            }
+        }
+        self.publish(&new);
+    }
+
     /// Records an active probe of backend `i` and re-evaluates it.
     pub fn record_probe(&self, i: usize, probe: Probe) {
         let Ok(mut records) = self.records.lock() else {

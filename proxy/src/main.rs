@@ -90,7 +90,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config, demo)) {
+    match rt.block_on(run(config, path, demo)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keyway: {e:#}");
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, demo: bool) -> anyhow::Result<()> {
+async fn run(config: Config, path: PathBuf, demo: bool) -> anyhow::Result<()> {
     if demo {
         let backends = keyway::demo::start_backends(&config)
             .await
@@ -109,6 +109,8 @@ async fn run(config: Config, demo: bool) -> anyhow::Result<()> {
         }
     }
     let server = Server::start(config.clone()).await?;
+    server.set_config_source(path);
+    spawn_reload_on_sighup(server.reloader());
     if demo {
         print_demo_help(&config, &server);
     }
@@ -142,6 +144,27 @@ fn print_demo_help(config: &Config, server: &Server) {
     println!("Read/write split: compare `curl -s -X POST -H 'Host: pam360.demo.test' http://{addr}/api/x` (primary)");
     println!("  with a GET to the same host (a read-only server).");
     println!("Press Ctrl-C to stop.\n");
+}
+
+/// SIGHUP re-reads the config file: build, validate, swap; a bad file changes nothing.
+fn spawn_reload_on_sighup(reloader: std::sync::Arc<keyway::server::Reloader>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!(
+                "cannot listen for SIGHUP; reload with POST /reload on the admin listener"
+            );
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let r = reloader.clone();
+            // The outcome is logged by the reloader itself.
+            let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = reloader;
 }
 
 async fn wait_for_signal() {

@@ -81,6 +81,107 @@ fn process_secret() -> &'static [u8] {
     })
 }
 
+// === reload ===
+
+/// Applies a new config to a running server: build, validate, swap. A config that fails
+/// any step leaves the running one untouched and reports every error.
+pub struct Reloader {
+    runtime: Arc<ArcSwap<Runtime>>,
+    listeners: Vec<Arc<ArcSwap<ListenerState>>>,
+    current: std::sync::Mutex<Config>,
+    source: std::sync::Mutex<Option<std::path::PathBuf>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Reloader {
+    /// Re-reads the config file the server was started from and applies it.
+    pub fn reload(&self) -> Result<String, String> {
+        let path = self
+            .source
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| {
+                "this keyway was not started from a config file; nothing to reload".to_string()
+            })?;
+        let result = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.apply(c));
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("keyway_config_reloads_total", "result" => outcome).increment(1);
+        match &result {
+            Ok(summary) => {
+                tracing::info!(file = %path.display(), %summary, "configuration reloaded")
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "configuration reload refused; the running configuration stays")
+            }
+        }
+        result
+    }
+
+    /// Applies an already validated config.
+    pub fn apply(&self, next: Config) -> Result<String, String> {
+        let mut current = self
+            .current
+            .lock()
+            .map_err(|_| "reload state poisoned".to_string())?;
+        let old_listen: Vec<SocketAddr> = current.listeners.iter().map(|l| l.listen).collect();
+        let new_listen: Vec<SocketAddr> = next.listeners.iter().map(|l| l.listen).collect();
+        if old_listen != new_listen {
+            return Err(format!(
+                "listener addresses changed ({old_listen:?} -> {new_listen:?}); restart keyway to apply them. Nothing was changed"
+            ));
+        }
+        let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen);
+        if admin(&current) != admin(&next) {
+            return Err(
+                "the [admin] address changed; restart keyway to apply it. Nothing was changed"
+                    .into(),
+            );
+        }
+        let runtime = build_runtime(&next)?;
+        let old = self.runtime.load_full();
+        for cluster in &runtime.clusters {
+            let Some(prev) = old.cluster(&cluster.cfg.name) else {
+                continue;
+            };
+            let pairs: Vec<(usize, usize)> = cluster
+                .backends
+                .iter()
+                .enumerate()
+                .filter_map(|(n, b)| {
+                    prev.backends
+                        .iter()
+                        .position(|p| p.cfg.id == b.cfg.id && p.cfg.address == b.cfg.address)
+                        .map(|o| (n, o))
+                })
+                .collect();
+            cluster.health.inherit(&prev.health, &pairs);
+        }
+        let summary = format!(
+            "{} route(s), {} cluster(s), {} backend(s)",
+            next.routes.len(),
+            runtime.clusters.len(),
+            runtime
+                .clusters
+                .iter()
+                .map(|c| c.backends.len())
+                .sum::<usize>()
+        );
+        let runtime = Arc::new(runtime);
+        for c in &runtime.clusters {
+            crate::health::spawn_probers(c, self.shutdown.clone());
+        }
+        self.runtime.store(runtime);
+        for (state, cfg) in self.listeners.iter().zip(&next.listeners) {
+            state.store(Arc::new(ListenerState::new(cfg)));
+        }
+        *current = next;
+        Ok(summary)
+    }
+}
+
 // === drain ===
 
 /// Held by every client connection and tunnel; shutdown waits until all are dropped.
@@ -94,6 +195,7 @@ pub struct Server {
     listen_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     runtime: Arc<ArcSwap<Runtime>>,
+    reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     drain_tx: Option<mpsc::Sender<()>>,
     drain_rx: mpsc::Receiver<()>,
@@ -124,6 +226,18 @@ impl Server {
         for c in &runtime.load().clusters {
             crate::health::spawn_probers(c, shutdown.subscribe());
         }
+        let listener_states: Vec<Arc<ArcSwap<ListenerState>>> = config
+            .listeners
+            .iter()
+            .map(|l| Arc::new(ArcSwap::from_pointee(ListenerState::new(l))))
+            .collect();
+        let reloader = Arc::new(Reloader {
+            runtime: runtime.clone(),
+            listeners: listener_states.clone(),
+            current: std::sync::Mutex::new(config.clone()),
+            source: std::sync::Mutex::new(None),
+            shutdown: shutdown.subscribe(),
+        });
         let admin_addr = match &config.admin {
             Some(a) => {
                 let sock =
@@ -134,16 +248,24 @@ impl Server {
                             source,
                         })?;
                 let addr = sock.local_addr().unwrap_or(a.listen);
-                tokio::spawn(admin::serve(sock, runtime.clone(), shutdown.subscribe()));
+                tokio::spawn(admin::serve(
+                    sock,
+                    runtime.clone(),
+                    reloader.clone(),
+                    shutdown.subscribe(),
+                ));
                 Some(addr)
             }
             None => None,
         };
-        for ((sock, cfg), addr) in bound.into_iter().zip(&listen_addrs) {
+        for (((sock, cfg), addr), state) in
+            bound.into_iter().zip(&listen_addrs).zip(listener_states)
+        {
             tracing::info!(listen = %addr, tls = !cfg.tls.is_empty(), "listening");
             tokio::spawn(accept_loop(
                 sock,
-                cfg,
+                addr.to_string(),
+                state,
                 runtime.clone(),
                 shutdown.subscribe(),
                 drain_tx.clone(),
@@ -153,6 +275,7 @@ impl Server {
             listen_addrs,
             admin_addr,
             runtime,
+            reloader,
             shutdown,
             drain_tx: Some(drain_tx),
             drain_rx,
@@ -168,6 +291,23 @@ impl Server {
     /// Bound address of the admin server, if configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Remembers the file this server's config came from, so reloads re-read it.
+    pub fn set_config_source(&self, path: std::path::PathBuf) {
+        if let Ok(mut s) = self.reloader.source.lock() {
+            *s = Some(path);
+        }
+    }
+
+    /// Re-reads the config file and applies it (see [`Reloader::reload`]).
+    pub fn reload(&self) -> Result<String, String> {
+        self.reloader.reload()
+    }
+
+    /// The reloader, for callers that outlive a borrow of the server (signal handlers).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     /// The live runtime snapshot.
@@ -192,15 +332,25 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    sock: TcpListener,
-    cfg: ListenerConfig,
-    runtime: Arc<ArcSwap<Runtime>>,
-    mut shutdown: watch::Receiver<bool>,
-    drain: mpsc::Sender<()>,
-) {
-    let tls = tls::server_config(&cfg.tls).map(tokio_rustls::TlsAcceptor::from);
-    let limits = Arc::new(cfg.limits.clone());
+/// What a reload may change on a running listener: certificates and limits. Read once
+/// per accepted connection; connections keep the settings they started with.
+struct ListenerState {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Arc<crate::config::Limits>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl ListenerState {
+    fn new(cfg: &ListenerConfig) -> Self {
+        Self {
+            tls: tls::server_config(&cfg.tls).map(tokio_rustls::TlsAcceptor::from),
+            limits: Arc::new(cfg.limits.clone()),
+            builder: Arc::new(http_builder(cfg)),
+        }
+    }
+}
+
+fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -214,9 +364,18 @@ async fn accept_loop(
             u32::try_from(cfg.limits.max_request_header_bytes).unwrap_or(u32::MAX),
         )
         .keep_alive_interval(Duration::from_secs(30));
-    let builder = Arc::new(builder);
-    let label = cfg.listen.to_string();
-    let open = metrics::gauge!("keyway_downstream_connections", "listener" => label);
+    builder
+}
+
+async fn accept_loop(
+    sock: TcpListener,
+    label: String,
+    state: Arc<ArcSwap<ListenerState>>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: mpsc::Sender<()>,
+) {
+    let open = metrics::gauge!("keyway_downstream_connections", "listener" => label.clone());
     loop {
         let (stream, client) = tokio::select! {
             r = sock.accept() => match r {
@@ -231,14 +390,15 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let current = state.load();
         let conn = Connection {
-            builder: builder.clone(),
-            tls: tls.clone(),
+            builder: current.builder.clone(),
+            tls: current.tls.clone(),
             runtime: runtime.clone(),
             info: ConnInfo {
                 client,
-                tls: tls.is_some(),
-                limits: limits.clone(),
+                tls: current.tls.is_some(),
+                limits: current.limits.clone(),
                 drain: DrainGuard(drain.clone()),
             },
             shutdown: shutdown.clone(),
@@ -246,7 +406,7 @@ async fn accept_loop(
         };
         tokio::spawn(conn.serve(stream));
     }
-    tracing::info!(listen = %cfg.listen, "stopped accepting");
+    tracing::info!(listen = %label, "stopped accepting");
 }
 
 struct Connection {

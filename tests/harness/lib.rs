@@ -421,6 +421,21 @@ impl Proxy {
         }
     }
 
+    /// Writes `config` to `file`, starts keyway from it and remembers the file, so
+    /// `POST /reload` (or [`keyway::Server::reload`]) re-reads it.
+    pub async fn start_file(file: &Path, config: &str) -> Self {
+        std::fs::write(file, config).expect("write config");
+        let cfg = keyway::Config::load(file).unwrap_or_else(|e| panic!("{e}"));
+        let server = keyway::Server::start(cfg).await.expect("start keyway");
+        server.set_config_source(file.to_path_buf());
+        Self {
+            addr: server.listen_addrs()[0],
+            addrs: server.listen_addrs().to_vec(),
+            admin: server.admin_addr(),
+            server: Some(server),
+        }
+    }
+
     /// The running server.
     pub fn server(&self) -> &keyway::Server {
         self.server.as_ref().expect("running")
