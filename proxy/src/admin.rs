@@ -97,6 +97,26 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// Plugins a cluster uses: name, file, hash, load time, calls and errors.
+fn plugins_json(cfg: &crate::config::ClusterConfig) -> serde_json::Value {
+    let mut out = Vec::new();
+    if let Some(h) = &cfg.split.classifier {
+        let mut v = h.plugin.meta.status_json();
+        v["kind"] = "classifier".into();
+        out.push(v);
+    }
+    if let Some(crate::config::HealthConfig {
+        policy: crate::config::HealthPolicyKind::Plugin { plugin, .. },
+        ..
+    }) = &cfg.health
+    {
+        let mut v = plugin.meta.status_json();
+        v["kind"] = "health".into();
+        out.push(v);
+    }
+    serde_json::Value::Array(out)
+}
+
 fn reply(status: StatusCode, ctype: &'static str, text: String) -> Response<Body> {
     let mut r = Response::new(body::full(text));
     *r.status_mut() = status;
@@ -148,6 +168,7 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                 "balance": c.cfg.balance.as_str(),
                 "in_flight": c.backends.iter().map(|b| u64::from(b.in_flight())).sum::<u64>(),
                 "primary": c.primary.map(|p| c.backends[p].cfg.id.clone()),
+                "plugins": plugins_json(&c.cfg),
                 "active_checks": c.health.active().is_some(),
                 "backends": backends,
             })

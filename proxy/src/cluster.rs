@@ -265,6 +265,23 @@ impl Cluster {
         }
     }
 
+    /// Classifies a request: the WebAssembly classifier when one is configured (its
+    /// failures answered by `on_error`), else the native method + route rules.
+    pub fn classify(&self, method: &http::Method, path: &str, host: &str) -> crate::classify::Kind {
+        use crate::plugin::OnError;
+        let Some(hook) = &self.cfg.split.classifier else {
+            return self.classifier.classify(method, path);
+        };
+        match hook.plugin.classify(method.as_str(), path, host) {
+            Ok(kind) => kind,
+            Err(_) => match hook.on_error {
+                OnError::Fallback => self.classifier.classify(method, path),
+                OnError::FailClosed => crate::classify::Kind::Write,
+                OnError::FailOpen => crate::classify::Kind::Read,
+            },
+        }
+    }
+
     /// Counts a write refused because the cluster has no healthy primary.
     pub fn count_write_refused(&self) {
         self.metrics.writes_refused.increment(1);

@@ -179,7 +179,7 @@ async fn proxy(
 
     // Which backends may take this request: health, then (primary-replica) role and lag.
     let kind = (cluster.cfg.strategy == Strategy::PrimaryReplica)
-        .then(|| cluster.classifier.classify(req.method(), req.uri().path()));
+        .then(|| cluster.classify(req.method(), req.uri().path(), host_str));
     let ryw_fresh = kind == Some(Kind::Read)
         && cluster.cfg.split.read_your_writes.is_some()
         && headers::cookie(req.headers(), cluster.ryw_cookie_name())

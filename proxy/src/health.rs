@@ -21,7 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use metrics::{counter, gauge, Counter, Gauge};
 
-use crate::config::{ClusterConfig, HealthConfig, HealthPolicyKind, OutlierConfig, Role};
+use crate::config::{
+    BackendConfig, ClusterConfig, HealthConfig, HealthPolicyKind, OutlierConfig, Role,
+};
 
 /// A backend's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,10 +72,16 @@ pub trait HealthPolicy: Send + Sync {
     /// the last element is the probe that just finished).
     fn evaluate(
         &self,
+        backend: &BackendConfig,
         current: Health,
         history: &VecDeque<Probe>,
         now: Instant,
     ) -> (Health, String);
+
+    /// Whether a call may take long (a plugin): then it runs off the async workers.
+    fn may_block(&self) -> bool {
+        false
+    }
 }
 
 /// HAProxy's rise/fall.
@@ -87,6 +95,7 @@ pub struct RiseFall {
 impl HealthPolicy for RiseFall {
     fn evaluate(
         &self,
+        _backend: &BackendConfig,
         current: Health,
         history: &VecDeque<Probe>,
         _now: Instant,
@@ -132,6 +141,7 @@ pub struct FailedChecks {
 impl HealthPolicy for FailedChecks {
     fn evaluate(
         &self,
+        _backend: &BackendConfig,
         current: Health,
         history: &VecDeque<Probe>,
         now: Instant,
@@ -177,13 +187,73 @@ fn why(p: &Probe) -> String {
     }
 }
 
-/// The native policy for a config.
-pub fn native_policy(kind: HealthPolicyKind) -> Box<dyn HealthPolicy> {
+/// The policy a config names: a native built-in or a plugin behind its `on_error` rule.
+pub fn policy_for(kind: &HealthPolicyKind) -> Box<dyn HealthPolicy> {
     match kind {
-        HealthPolicyKind::RiseFall { rise, fall } => Box::new(RiseFall { rise, fall }),
-        HealthPolicyKind::FailedChecks { failures, window } => {
-            Box::new(FailedChecks { failures, window })
+        HealthPolicyKind::RiseFall { rise, fall } => Box::new(RiseFall {
+            rise: *rise,
+            fall: *fall,
+        }),
+        HealthPolicyKind::FailedChecks { failures, window } => Box::new(FailedChecks {
+            failures: *failures,
+            window: *window,
+        }),
+        HealthPolicyKind::Plugin {
+            plugin,
+            on_error,
+            rise,
+            fall,
+        } => Box::new(PluginPolicy {
+            plugin: plugin.clone(),
+            on_error: *on_error,
+            fallback: RiseFall {
+                rise: *rise,
+                fall: *fall,
+            },
+            epoch: Instant::now(),
+        }),
+    }
+}
+
+/// A WebAssembly health policy; a failed call is answered by `on_error`.
+struct PluginPolicy {
+    plugin: Arc<crate::plugin::HealthPlugin>,
+    on_error: crate::plugin::OnError,
+    fallback: RiseFall,
+    epoch: Instant,
+}
+
+impl HealthPolicy for PluginPolicy {
+    fn evaluate(
+        &self,
+        b: &BackendConfig,
+        current: Health,
+        history: &VecDeque<Probe>,
+        now: Instant,
+    ) -> (Health, String) {
+        use crate::plugin::OnError;
+        let name = &self.plugin.meta.name;
+        match self.plugin.evaluate(b, current, history, self.epoch) {
+            Ok(v) => v,
+            Err(e) => match self.on_error {
+                OnError::Fallback => {
+                    let (h, why) = self.fallback.evaluate(b, current, history, now);
+                    (h, format!("plugin {name} {e}; built-in rise-fall: {why}"))
+                }
+                OnError::FailClosed => (
+                    Health::Unhealthy,
+                    format!("plugin {name} {e} (on_error = fail-closed)"),
+                ),
+                OnError::FailOpen => (
+                    Health::Healthy,
+                    format!("plugin {name} {e} (on_error = fail-open)"),
+                ),
+            },
         }
+    }
+
+    fn may_block(&self) -> bool {
+        true
     }
 }
 
@@ -272,6 +342,7 @@ pub struct ClusterHealth {
     active: Option<HealthConfig>,
     outlier: OutlierConfig,
     policy: Box<dyn HealthPolicy>,
+    backend_cfgs: Vec<BackendConfig>,
     view: ArcSwap<HealthView>,
     records: Mutex<Vec<Record>>,
     consecutive: Vec<AtomicU32>,
@@ -337,8 +408,9 @@ impl ClusterHealth {
             policy: cfg
                 .health
                 .as_ref()
-                .map(|h| native_policy(h.policy))
-                .unwrap_or_else(|| native_policy(HealthPolicyKind::RiseFall { rise: 1, fall: 1 })),
+                .map(|h| policy_for(&h.policy))
+                .unwrap_or_else(|| policy_for(&HealthPolicyKind::RiseFall { rise: 1, fall: 1 })),
+            backend_cfgs: cfg.backends.clone(),
             view: ArcSwap::from_pointee(HealthView {
                 backends: Vec::new(),
                 ejection_needs_probe: false,
@@ -364,6 +436,12 @@ impl ClusterHealth {
     /// The current view as an owned `Arc`, to hold across awaits.
     pub fn view_full(&self) -> Arc<HealthView> {
         self.view.load_full()
+    }
+
+    /// Whether evaluating a probe may block (a plugin policy): then probes are recorded
+    /// on the blocking pool.
+    pub fn policy_may_block(&self) -> bool {
+        self.policy.may_block()
     }
 
     /// Active-check settings, if any.
@@ -466,7 +544,9 @@ impl ClusterHealth {
             r.history.pop_front();
         }
         r.history.push_back(probe);
-        let (to, reason) = self.policy.evaluate(r.health, &r.history, now);
+        let (to, reason) = self
+            .policy
+            .evaluate(&self.backend_cfgs[i], r.health, &r.history, now);
         let mut changed = false;
         if to != r.health {
             self.transition(i, r, to, reason);
@@ -639,7 +719,14 @@ pub fn spawn_probers(
                 };
                 let backend = cluster.backends[i].clone();
                 let probe = crate::upstream::probe(&backend, &cfg).await;
-                cluster.health.record_probe(i, probe);
+                if cluster.health.policy_may_block() {
+                    // A plugin may run to its deadline: never on an async worker.
+                    let c = cluster.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || c.health.record_probe(i, probe)).await;
+                } else {
+                    cluster.health.record_probe(i, probe);
+                }
                 drop(cluster);
                 next += cfg.interval;
                 let now = tokio::time::Instant::now();
@@ -654,6 +741,10 @@ pub fn spawn_probers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bcfg() -> BackendConfig {
+        cluster("").backends.remove(0)
+    }
 
     fn probes(results: &[bool]) -> VecDeque<Probe> {
         let now = Instant::now();
@@ -727,27 +818,43 @@ mod tests {
         let p = RiseFall { rise: 2, fall: 3 };
         let now = Instant::now();
         assert_eq!(
-            p.evaluate(Health::Unknown, &probes(&[true]), now).0,
-            Health::Healthy
-        );
-        assert_eq!(
-            p.evaluate(Health::Healthy, &probes(&[true, false, false]), now)
+            p.evaluate(&bcfg(), Health::Unknown, &probes(&[true]), now)
                 .0,
             Health::Healthy
         );
         assert_eq!(
-            p.evaluate(Health::Healthy, &probes(&[false, false, false]), now)
+            p.evaluate(
+                &bcfg(),
+                Health::Healthy,
+                &probes(&[true, false, false]),
+                now
+            )
+            .0,
+            Health::Healthy
+        );
+        assert_eq!(
+            p.evaluate(
+                &bcfg(),
+                Health::Healthy,
+                &probes(&[false, false, false]),
+                now
+            )
+            .0,
+            Health::Unhealthy
+        );
+        assert_eq!(
+            p.evaluate(&bcfg(), Health::Unhealthy, &probes(&[false, true]), now)
                 .0,
             Health::Unhealthy
         );
         assert_eq!(
-            p.evaluate(Health::Unhealthy, &probes(&[false, true]), now)
-                .0,
-            Health::Unhealthy
-        );
-        assert_eq!(
-            p.evaluate(Health::Unhealthy, &probes(&[false, true, true]), now)
-                .0,
+            p.evaluate(
+                &bcfg(),
+                Health::Unhealthy,
+                &probes(&[false, true, true]),
+                now
+            )
+            .0,
             Health::Healthy
         );
     }
@@ -760,9 +867,12 @@ mod tests {
         };
         let now = Instant::now();
         let four = probes(&[false, true, false, false, true, false]);
-        assert_eq!(p.evaluate(Health::Healthy, &four, now).0, Health::Healthy);
+        assert_eq!(
+            p.evaluate(&bcfg(), Health::Healthy, &four, now).0,
+            Health::Healthy
+        );
         let five = probes(&[false, true, false, false, false, false]);
-        let (h, why) = p.evaluate(Health::Healthy, &five, now);
+        let (h, why) = p.evaluate(&bcfg(), Health::Healthy, &five, now);
         assert_eq!(h, Health::Unhealthy);
         assert!(why.contains("5 failed checks"), "{why}");
         // Old failures age out of the window.
@@ -770,6 +880,9 @@ mod tests {
         for p in old.iter_mut().take(5) {
             p.at = now - Duration::from_secs(600);
         }
-        assert_eq!(p.evaluate(Health::Unhealthy, &old, now).0, Health::Healthy);
+        assert_eq!(
+            p.evaluate(&bcfg(), Health::Unhealthy, &old, now).0,
+            Health::Healthy
+        );
     }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod health;
+pub mod plugin;
 pub mod router;
 pub mod server;
 pub mod telemetry;

@@ -756,6 +756,30 @@ pub fn unique_dir(prefix: &str) -> PathBuf {
     d
 }
 
+/// The path of a plugin built from `plugins/` (e.g. `"pam-classifier"`), building all
+/// plugins for wasm32-wasip2 once per test process (installing the target if needed).
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let dist = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::process::Command::new("bash")
+            .arg(root.join("plugins/build.sh"))
+            .output()
+            .map_err(|e| format!("cannot run plugins/build.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "plugins/build.sh failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(root.join("plugins/dist"))
+    });
+    match dist {
+        Ok(d) => d.join(format!("{name}.wasm")),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// The repository's `config/` folder.
 pub fn repo_config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

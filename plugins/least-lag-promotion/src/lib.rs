@@ -12,7 +12,10 @@ impl PromotionPolicy for LeastLag {
     fn configure(config: serde_json::Value) -> Result<Self, String> {
         let max_lag_ms = match config.get("max_lag_ms") {
             None => None,
-            Some(v) => Some(v.as_u64().ok_or("`max_lag_ms` must be a whole number of milliseconds")?),
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or("`max_lag_ms` must be a whole number of milliseconds")?,
+            ),
         };
         Ok(LeastLag { max_lag_ms })
     }

@@ -37,7 +37,11 @@ impl Pattern {
         }
         Ok(Pattern {
             method: method.to_ascii_uppercase(),
-            segments: path.trim_start_matches('/').split('/').map(str::to_string).collect(),
+            segments: path
+                .trim_start_matches('/')
+                .split('/')
+                .map(str::to_string)
+                .collect(),
         })
     }
 
@@ -62,18 +66,27 @@ struct Pam {
 
 impl Classifier for Pam {
     fn configure(config: serde_json::Value) -> Result<Self, String> {
-        let mut reads: Vec<Pattern> = BUILT_IN.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?;
+        let mut reads: Vec<Pattern> = BUILT_IN
+            .iter()
+            .map(|p| Pattern::parse(p))
+            .collect::<Result<_, _>>()?;
         if let Some(extra) = config.get("extra_reads") {
-            let list = extra.as_array().ok_or("`extra_reads` must be a list of strings")?;
+            let list = extra
+                .as_array()
+                .ok_or("`extra_reads` must be a list of strings")?;
             for v in list {
-                reads.push(Pattern::parse(v.as_str().ok_or("`extra_reads` must hold strings")?)?);
+                reads.push(Pattern::parse(
+                    v.as_str().ok_or("`extra_reads` must hold strings")?,
+                )?);
             }
         }
         Ok(Pam { reads })
     }
 
     fn classify(&self, method: &str, path: &str, _host: &str) -> Kind {
-        if matches!(method, "GET" | "HEAD" | "OPTIONS") || self.reads.iter().any(|p| p.matches(method, path)) {
+        if matches!(method, "GET" | "HEAD" | "OPTIONS")
+            || self.reads.iter().any(|p| p.matches(method, path))
+        {
             Kind::Read
         } else {
             Kind::Write

@@ -11,7 +11,11 @@ impl PromotionPolicy for Priority {
     fn configure(config: serde_json::Value) -> Result<Self, String> {
         let prefer = match config.get("prefer_location") {
             None => None,
-            Some(v) => Some(v.as_str().ok_or("`prefer_location` must be a string")?.to_string()),
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or("`prefer_location` must be a string")?
+                    .to_string(),
+            ),
         };
         Ok(Priority { prefer })
     }
@@ -20,10 +24,16 @@ impl PromotionPolicy for Priority {
         if primary.is_some_and(|p| p.health == Health::Healthy) {
             return Decision::Keep;
         }
-        let mut healthy: Vec<(usize, &Candidate)> =
-            candidates.iter().enumerate().filter(|(_, c)| c.health == Health::Healthy).collect();
+        let mut healthy: Vec<(usize, &Candidate)> = candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.health == Health::Healthy)
+            .collect();
         healthy.sort_by_key(|(i, c)| {
-            let preferred = self.prefer.as_deref().is_some_and(|l| c.backend.location == l);
+            let preferred = self
+                .prefer
+                .as_deref()
+                .is_some_and(|l| c.backend.location == l);
             (!preferred, c.backend.priority, *i)
         });
         match healthy.first() {

@@ -27,17 +27,25 @@ impl HealthPolicy for RiseFall {
 
     fn evaluate(&self, _b: &Backend, current: Health, history: &[Probe], _now: u64) -> Verdict {
         let Some(last) = history.last() else {
-            return Verdict { health: current, reason: String::new() };
+            return Verdict {
+                health: current,
+                reason: String::new(),
+            };
         };
         let streak = history.iter().rev().take_while(|p| p.ok == last.ok).count();
         let (health, reason) = match (last.ok, current) {
-            (true, Health::Unhealthy) if streak >= self.rise => {
-                (Health::Healthy, format!("{streak} checks passed in a row (rise = {})", self.rise))
-            }
-            (false, Health::Healthy | Health::Degraded) if streak >= self.fall => {
-                (Health::Unhealthy, format!("{streak} checks failed in a row (fall = {})", self.fall))
-            }
-            (false, Health::Healthy) => (Health::Degraded, format!("{streak} failed check(s), fall = {}", self.fall)),
+            (true, Health::Unhealthy) if streak >= self.rise => (
+                Health::Healthy,
+                format!("{streak} checks passed in a row (rise = {})", self.rise),
+            ),
+            (false, Health::Healthy | Health::Degraded) if streak >= self.fall => (
+                Health::Unhealthy,
+                format!("{streak} checks failed in a row (fall = {})", self.fall),
+            ),
+            (false, Health::Healthy) => (
+                Health::Degraded,
+                format!("{streak} failed check(s), fall = {}", self.fall),
+            ),
             (true, Health::Degraded) => (Health::Healthy, "check passed".into()),
             (_, h) => (h, String::new()),
         };

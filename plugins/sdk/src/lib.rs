@@ -45,7 +45,13 @@ pub mod health {
         /// Builds the policy from its configuration, or says what is wrong with it.
         fn configure(config: serde_json::Value) -> Result<Self, String>;
         /// Judges `backend` from `history` (oldest first, newest last).
-        fn evaluate(&self, backend: &Backend, current: Health, history: &[Probe], now_ms: u64) -> Verdict;
+        fn evaluate(
+            &self,
+            backend: &Backend,
+            current: Health,
+            history: &[Probe],
+            now_ms: u64,
+        ) -> Verdict;
     }
 }
 
@@ -68,7 +74,12 @@ pub mod promotion {
         /// Builds the policy from its configuration, or says what is wrong with it.
         fn configure(config: serde_json::Value) -> Result<Self, String>;
         /// Decides whether and whom to promote.
-        fn decide(&self, primary: Option<&Candidate>, candidates: &[Candidate], now_ms: u64) -> Decision;
+        fn decide(
+            &self,
+            primary: Option<&Candidate>,
+            candidates: &[Candidate],
+            now_ms: u64,
+        ) -> Decision;
     }
 }
 

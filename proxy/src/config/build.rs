@@ -63,6 +63,11 @@ pub(super) fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>>
     let mut unknown = Vec::new();
     let file: Result<FileConfig, _> =
         serde_ignored::deserialize(de, |p| unknown.push(KeyPath::from_ignored(&p)));
+    // Plugin `config` tables belong to the plugin: their keys are its business.
+    unknown.retain(|p| {
+        !p.0.iter()
+            .any(|s| *s == super::locate::Seg::Key("config".into()))
+    });
     for path in &unknown {
         let key = path.last_key().unwrap_or("?");
         let parent = KeyPath(path.0[..path.0.len().saturating_sub(1)].to_vec());
@@ -152,6 +157,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "reads_on_primary",
             "max_lag",
             "read_your_writes",
+            "classifier",
             "backends",
         ],
         [Some("cluster"), Some(_), Some("health")] => &[
@@ -168,7 +174,10 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "initial",
             "lag_header",
             "lag_json",
+            "config",
+            "on_error",
         ],
+        [Some("cluster"), Some(_), Some("classifier")] => &["policy", "config", "on_error"],
         [Some("cluster"), Some(_), Some("outlier")] => {
             &["consecutive_failures", "base_ejection", "max_ejection"]
         }
@@ -672,11 +681,34 @@ fn cluster(
             );
         }
     }
-    let split = split(c, path, strategy, errs);
+    let mut split = split(c, path, strategy, errs);
+    if let Some(cl) = &c.classifier {
+        let cp = path.key("classifier");
+        if strategy != Strategy::PrimaryReplica {
+            errs.push(
+                &cp,
+                "classifier only applies to strategy = \"primary-replica\"",
+                "set strategy = \"primary-replica\" or remove it",
+            );
+        }
+        let on_error = on_error(cl.on_error.as_deref(), &cp.key("on_error"), errs);
+        if !crate::plugin::is_plugin_path(&cl.policy) {
+            errs.push(
+                &cp.key("policy"),
+                format!("`{}` is not a plugin file", cl.policy),
+                "name a .wasm classifier plugin, e.g. \"plugins/pam-classifier.wasm\"",
+            );
+        } else {
+            match crate::plugin::ClassifierPlugin::load(&resolve(base, &cl.policy), &plugin_config_json(cl.config.as_ref())) {
+                Ok(plugin) => split.classifier = Some(ClassifierHook { plugin, on_error }),
+                Err(e) => errs.push(&cp.key("policy"), e, "fix the plugin or its `config`, or remove `classifier` to use read_routes/write_routes"),
+            }
+        }
+    }
     let health = c
         .health
         .as_ref()
-        .map(|h| health(h, &path.key("health"), errs));
+        .map(|h| health(h, &path.key("health"), base, errs));
     let outlier = c.outlier.as_ref().map_or_else(OutlierConfig::default, |o| {
         let op = path.key("outlier");
         OutlierConfig {
@@ -801,6 +833,7 @@ fn split(
         reads_on_primary,
         max_lag: opt_duration("max_lag", &c.max_lag, errs),
         read_your_writes: opt_duration("read_your_writes", &c.read_your_writes, errs),
+        classifier: None,
     }
 }
 
@@ -830,7 +863,25 @@ fn route_pattern(text: &str) -> Result<RoutePattern, &'static str> {
     })
 }
 
-fn health(h: &FileHealth, path: &KeyPath, errs: &mut Errors<'_>) -> HealthConfig {
+fn on_error(v: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> crate::plugin::OnError {
+    let text = v.unwrap_or("fallback");
+    crate::plugin::parse_on_error(text).unwrap_or_else(|| {
+        errs.push(
+            path,
+            format!("unknown on_error `{text}`"),
+            "use \"fallback\" (the native built-in), \"fail-closed\" (the safe answer) or \"fail-open\"",
+        );
+        crate::plugin::OnError::Fallback
+    })
+}
+
+fn plugin_config_json(table: Option<&toml::Table>) -> String {
+    table
+        .and_then(|t| serde_json::to_string(t).ok())
+        .unwrap_or_else(|| "{}".into())
+}
+
+fn health(h: &FileHealth, path: &KeyPath, base: &Path, errs: &mut Errors<'_>) -> HealthConfig {
     let kind = match h.kind.as_deref().unwrap_or("http") {
         "http" => {
             let p = h.path.clone().unwrap_or_else(|| "/".into());
@@ -869,6 +920,26 @@ fn health(h: &FileHealth, path: &KeyPath, errs: &mut Errors<'_>) -> HealthConfig
         n
     };
     let policy = match h.policy.as_deref().unwrap_or("rise-fall") {
+        wasm if crate::plugin::is_plugin_path(wasm) => {
+            let file = resolve(base, wasm);
+            let on_error = on_error(h.on_error.as_deref(), &path.key("on_error"), errs);
+            let (rise, fall) = (
+                at_least_one("rise", h.rise, DEFAULT_RISE, errs),
+                at_least_one("fall", h.fall, DEFAULT_FALL, errs),
+            );
+            match crate::plugin::HealthPlugin::load(&file, &plugin_config_json(h.config.as_ref())) {
+                Ok(plugin) => HealthPolicyKind::Plugin {
+                    plugin,
+                    on_error,
+                    rise,
+                    fall,
+                },
+                Err(e) => {
+                    errs.push(&path.key("policy"), e, "fix the plugin or its `config`, or use a built-in policy (\"rise-fall\", \"failed-checks\")");
+                    HealthPolicyKind::RiseFall { rise, fall }
+                }
+            }
+        }
         "rise-fall" => HealthPolicyKind::RiseFall {
             rise: at_least_one("rise", h.rise, DEFAULT_RISE, errs),
             fall: at_least_one("fall", h.fall, DEFAULT_FALL, errs),
@@ -886,7 +957,7 @@ fn health(h: &FileHealth, path: &KeyPath, errs: &mut Errors<'_>) -> HealthConfig
             errs.push(
                 &path.key("policy"),
                 format!("unknown health policy `{other}`"),
-                "use \"rise-fall\" (rise/fall) or \"failed-checks\" (failures/window)",
+                "use \"rise-fall\" (rise/fall), \"failed-checks\" (failures/window) or a plugin file ending in .wasm",
             );
             HealthPolicyKind::RiseFall {
                 rise: DEFAULT_RISE,

@@ -87,6 +87,7 @@ pub struct FileCluster {
     pub reads_on_primary: Option<String>,
     pub max_lag: Option<String>,
     pub read_your_writes: Option<String>,
+    pub classifier: Option<FileClassifier>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,
 }
@@ -107,6 +108,16 @@ pub struct FileHealth {
     pub initial: Option<String>,
     pub lag_header: Option<String>,
     pub lag_json: Option<String>,
+    pub config: Option<toml::Table>,
+    pub on_error: Option<String>,
+}
+
+/// `classifier = { policy = "x.wasm", config = { ... }, on_error = "..." }`
+#[derive(Debug, Deserialize)]
+pub struct FileClassifier {
+    pub policy: String,
+    pub config: Option<toml::Table>,
+    pub on_error: Option<String>,
 }
 
 /// `outlier = { ... }`: passive ejection from live traffic.

@@ -236,7 +236,7 @@ pub enum CheckKind {
 }
 
 /// Which health policy turns probe history into a state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum HealthPolicyKind {
     /// HAProxy-style: `rise` passes in a row → healthy, `fall` failures in a row → unhealthy.
     RiseFall {
@@ -252,6 +252,37 @@ pub enum HealthPolicyKind {
         /// Window they must fall in.
         window: Duration,
     },
+    /// A WebAssembly policy; `fallback` is the native rise-fall used when `on_error =
+    /// "fallback"`.
+    Plugin {
+        /// The loaded plugin.
+        plugin: Arc<crate::plugin::HealthPlugin>,
+        /// What a failed call means.
+        on_error: crate::plugin::OnError,
+        /// rise/fall of the native fallback.
+        rise: u32,
+        /// See `rise`.
+        fall: u32,
+    },
+}
+
+/// `classifier = { ... }`: a WebAssembly request classifier.
+#[derive(Clone)]
+pub struct ClassifierHook {
+    /// The loaded plugin.
+    pub plugin: Arc<crate::plugin::ClassifierPlugin>,
+    /// What a failed call means.
+    pub on_error: crate::plugin::OnError,
+}
+
+impl fmt::Debug for ClassifierHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ClassifierHook({}, {:?})",
+            self.plugin.meta.name, self.on_error
+        )
+    }
 }
 
 /// How replication lag is read from a health response.
@@ -324,6 +355,8 @@ pub struct SplitConfig {
     pub max_lag: Option<Duration>,
     /// After a client's write, its reads go to the primary for this long.
     pub read_your_writes: Option<Duration>,
+    /// A WebAssembly classifier consulted before the native rules.
+    pub classifier: Option<ClassifierHook>,
 }
 
 /// Load-balancing algorithm within a set of equal candidates.

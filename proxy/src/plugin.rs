@@ -1,0 +1,780 @@
+//! The WebAssembly plugin host: every wasmtime decision keyway makes lives here.
+//!
+//! - **Engine**: one per process, component model on, *epoch interruption* on. A ticker
+//!   thread advances the epoch every [`TICK`]; each call gets a deadline of a few ticks,
+//!   so a plugin that loops is interrupted (a trap), never waited for.
+//! - **Memory**: each store has a [`Limiter`] refusing growth past [`MEMORY_LIMIT`]; the
+//!   plugin's allocation then fails inside the guest and the call traps. The limiter
+//!   remembers that it refused, so the error is reported as `memory`.
+//! - **Capabilities**: plugins get WASI preview 2 with an *empty* context — no files, no
+//!   sockets, no environment, no arguments, no stdio — only so ordinary Rust `std` code
+//!   links. Clocks and randomness remain, which a policy cannot misuse.
+//! - **Compilation** happens once, when a plugin is loaded (config load or reload), never
+//!   on the request path. Loading also instantiates the plugin and runs its `configure`,
+//!   so a plugin that refuses its configuration is refused before it can be used.
+//! - **Instances**: the request classifier keeps one pre-configured instance per thread
+//!   and plugin, reused call after call; health and promotion policies instantiate per
+//!   call (they run once per probe). After any trap or interruption the instance is
+//!   discarded and a fresh one is made on the next call.
+//! - **Errors** never escape as panics: every failure is a [`PluginError`], counted in
+//!   `keyway_plugin_errors_total{plugin,kind}` and logged once per plugin and kind; the
+//!   caller then applies the cluster's `on_error` rule.
+//!
+//! The pooling allocator is not used yet: instantiation is off the request path except
+//! for a classifier's first call on each thread.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// Generated bindings for the three worlds of `wit/policy.wit`.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    /// `world health`.
+    pub mod health {
+        wasmtime::component::bindgen!({ world: "health", path: "../wit" });
+    }
+    /// `world promotion`.
+    pub mod promotion {
+        wasmtime::component::bindgen!({ world: "promotion", path: "../wit" });
+    }
+    /// `world classifier`.
+    pub mod classifier {
+        wasmtime::component::bindgen!({ world: "classifier", path: "../wit" });
+    }
+}
+
+use bindings::classifier::exports::keyway::policy::request_classifier::Kind as WasmKind;
+
+/// Epoch tick: the granularity of plugin deadlines.
+pub const TICK: Duration = Duration::from_millis(2);
+/// Memory one plugin instance may use.
+pub const MEMORY_LIMIT: usize = 64 << 20;
+/// Deadline of one classifier call (per request: must be short).
+pub const CLASSIFY_DEADLINE: Duration = Duration::from_millis(20);
+/// Deadline of one health or promotion call, instantiation and `configure` included.
+pub const POLICY_DEADLINE: Duration = Duration::from_millis(500);
+/// Largest plugin file accepted.
+const MAX_PLUGIN_BYTES: u64 = 64 << 20;
+/// Longest health reason accepted from a plugin.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+// === engine ===
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).unwrap_or_else(|e| {
+            // The configuration above is static; failing here is a build problem.
+            panic!("keyway's wasmtime configuration is invalid: {e}")
+        });
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("keyway-plugin-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                match ticker.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => return,
+                }
+            })
+            .ok();
+        engine
+    })
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() / TICK.as_micros()).max(1) as u64 + 1
+}
+
+// === store state ===
+
+/// Per-store state: an empty WASI context and the memory limiter.
+pub struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Refuses memory growth past the limit and remembers that it did.
+struct Limiter {
+    max: usize,
+    refused: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max {
+            self.refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+fn new_store(deadline: Duration) -> Store<PluginState> {
+    let mut store = Store::new(
+        engine(),
+        PluginState {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                max: MEMORY_LIMIT,
+                refused: false,
+            },
+        },
+    );
+    store.limiter(|s| &mut s.limiter);
+    store.set_epoch_deadline(ticks(deadline));
+    store.epoch_deadline_trap();
+    store
+}
+
+fn linker() -> Result<Linker<PluginState>, String> {
+    let mut linker = Linker::new(engine());
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        .map_err(|e| format!("cannot provide WASI: {e}"))?;
+    // No stdio for plugins. Getting a stdio stream traps instead: besides being a
+    // capability a policy does not need, WASI's synchronous stream code blocks on a
+    // runtime, which would panic on keyway's async workers (a panicking guest writes
+    // its message to stderr).
+    linker.allow_shadowing(true);
+    for (iface, func) in [
+        ("wasi:cli/stdin@0.2.12", "get-stdin"),
+        ("wasi:cli/stdout@0.2.12", "get-stdout"),
+        ("wasi:cli/stderr@0.2.12", "get-stderr"),
+    ] {
+        linker
+            .instance(iface)
+            .and_then(|mut i| {
+                i.func_new(func, |_store, _ty, _params, _results| {
+                    Err(wasmtime::format_err!("keyway plugins have no stdio"))
+                })
+            })
+            .map_err(|e| format!("cannot restrict {iface}: {e}"))?;
+    }
+    Ok(linker)
+}
+
+// === errors ===
+
+/// How a plugin call failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PluginError {
+    /// It ran past its deadline and was interrupted.
+    Timeout,
+    /// It tried to grow its memory past the limit.
+    Memory,
+    /// It trapped (a panic, an unreachable, a bad memory access...).
+    Trap(String),
+    /// It answered something keyway cannot use.
+    InvalidOutput(String),
+}
+
+impl PluginError {
+    /// The `kind` label of `keyway_plugin_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Timeout => "timeout",
+            PluginError::Memory => "memory",
+            PluginError::Trap(_) => "trap",
+            PluginError::InvalidOutput(_) => "invalid-output",
+        }
+    }
+
+    fn from_call(err: wasmtime::Error, store: &Store<PluginState>) -> Self {
+        if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            PluginError::Timeout
+        } else if store.data().limiter.refused {
+            PluginError::Memory
+        } else {
+            PluginError::Trap(format!("{err:#}"))
+        }
+    }
+}
+
+impl std::fmt::Display for PluginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginError::Timeout => write!(f, "interrupted at its deadline"),
+            PluginError::Memory => {
+                write!(f, "exceeded its memory limit of {} MiB", MEMORY_LIMIT >> 20)
+            }
+            PluginError::Trap(t) => write!(f, "trapped: {t}"),
+            PluginError::InvalidOutput(w) => write!(f, "returned an unusable answer: {w}"),
+        }
+    }
+}
+
+// === shared plugin facts ===
+
+/// What `/status` shows about a loaded plugin, and its error accounting.
+pub struct PluginMeta {
+    /// File name without extension.
+    pub name: String,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// First 16 hex digits of the file's SHA-256.
+    pub hash: String,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// The configuration it was given (JSON).
+    pub config: String,
+    id: u64,
+    calls: AtomicU64,
+    errors: AtomicU64,
+    logged: Mutex<Vec<&'static str>>,
+}
+
+impl PluginMeta {
+    /// Calls made.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Calls that failed.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn record_error(&self, e: &PluginError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keyway_plugin_errors_total", "plugin" => self.name.clone(), "kind" => e.kind()).increment(1);
+        let first = self
+            .logged
+            .lock()
+            .map(|mut l| {
+                let new = !l.contains(&e.kind());
+                if new {
+                    l.push(e.kind());
+                }
+                new
+            })
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(plugin = %self.name, kind = e.kind(), error = %e, "plugin call failed; on_error applies (further errors of this kind are only counted)");
+        }
+    }
+
+    /// `/status` view.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "path": self.path.display().to_string(),
+            "sha256": self.hash,
+            "loaded_at_unix_ms": self.loaded_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "calls": self.calls(),
+            "errors": self.errors(),
+        })
+    }
+}
+
+fn read_component(path: &Path, config: &str) -> Result<(Component, PluginMeta), String> {
+    static IDS: AtomicU64 = AtomicU64::new(1);
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    if size > MAX_PLUGIN_BYTES {
+        return Err(format!(
+            "{} is {size} bytes; plugins may be at most {MAX_PLUGIN_BYTES}",
+            path.display()
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let hash: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let component = Component::new(engine(), &bytes).map_err(|e| {
+        format!(
+            "{} is not a WebAssembly component keyway can load: {e:#} (build plugins with `cargo build --target wasm32-wasip2`)",
+            path.display()
+        )
+    })?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plugin".into());
+    Ok((
+        component,
+        PluginMeta {
+            name,
+            path: path.to_path_buf(),
+            hash,
+            loaded_at: SystemTime::now(),
+            config: config.to_string(),
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            logged: Mutex::new(Vec::new()),
+        },
+    ))
+}
+
+fn refused(meta: &PluginMeta, why: String) -> String {
+    format!(
+        "plugin {} refused its configuration: {why}",
+        meta.path.display()
+    )
+}
+
+// === health ===
+
+/// A loaded health-policy plugin.
+pub struct HealthPlugin {
+    /// Facts for `/status`.
+    pub meta: PluginMeta,
+    pre: bindings::health::HealthPre<PluginState>,
+}
+
+/// A plugin's health verdict, in the host's terms.
+pub type HealthVerdict = (crate::health::Health, String);
+
+impl HealthPlugin {
+    /// Compiles, links and configures the plugin at `path` with `config` (JSON).
+    pub fn load(path: &Path, config: &str) -> Result<Arc<Self>, String> {
+        let (component, meta) = read_component(path, config)?;
+        let pre = linker()?
+            .instantiate_pre(&component)
+            .and_then(bindings::health::HealthPre::new)
+            .map_err(|e| format!("{} is not a keyway health policy (world `health` of keyway:policy@0.1.0): {e:#}", path.display()))?;
+        let plugin = Arc::new(Self { meta, pre });
+        // Prove it configures before anyone relies on it.
+        plugin.instance().map_err(|e| match e {
+            Ok(why) => refused(&plugin.meta, why),
+            Err(e) => format!("plugin {} failed while configuring: {e}", path.display()),
+        })?;
+        Ok(plugin)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn instance(
+        &self,
+    ) -> Result<(Store<PluginState>, bindings::health::Health), Result<String, PluginError>> {
+        let mut store = new_store(POLICY_DEADLINE);
+        let inst = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| Err(PluginError::from_call(e, &store)))?;
+        match inst
+            .keyway_policy_health_policy()
+            .call_configure(&mut store, &self.meta.config)
+        {
+            Ok(Ok(())) => Ok((store, inst)),
+            Ok(Err(why)) => Err(Ok(why)),
+            Err(e) => Err(Err(PluginError::from_call(e, &store))),
+        }
+    }
+
+    /// Runs the policy for one backend.
+    pub fn evaluate(
+        &self,
+        backend: &crate::config::BackendConfig,
+        current: crate::health::Health,
+        history: &std::collections::VecDeque<crate::health::Probe>,
+        epoch: std::time::Instant,
+    ) -> Result<HealthVerdict, PluginError> {
+        use bindings::health::keyway::policy::types as t;
+        self.meta.calls.fetch_add(1, Ordering::Relaxed);
+        let result = (|| {
+            let (mut store, inst) = self.instance().map_err(|e| match e {
+                Ok(why) => PluginError::InvalidOutput(format!("configure refused: {why}")),
+                Err(e) => e,
+            })?;
+            let ms = |i: std::time::Instant| i.saturating_duration_since(epoch).as_millis() as u64;
+            let wasm_backend = t::Backend {
+                id: backend.id.clone(),
+                role: match backend.role {
+                    crate::config::Role::Primary => t::Role::Primary,
+                    crate::config::Role::Replica => t::Role::Replica,
+                },
+                priority: backend.priority,
+                location: String::new(),
+                weight: backend.weight,
+            };
+            let probes: Vec<t::Probe> = history
+                .iter()
+                .map(|p| t::Probe {
+                    at_ms: ms(p.at),
+                    ok: p.ok,
+                    status: p.status,
+                    latency_us: p.latency.as_micros().min(u128::from(u32::MAX)) as u32,
+                    error: p.error.clone(),
+                    lag_ms: p.lag_ms,
+                })
+                .collect();
+            let cur = match current {
+                crate::health::Health::Healthy => t::Health::Healthy,
+                crate::health::Health::Unknown | crate::health::Health::Unhealthy => {
+                    t::Health::Unhealthy
+                }
+            };
+            let verdict = inst
+                .keyway_policy_health_policy()
+                .call_evaluate(
+                    &mut store,
+                    &wasm_backend,
+                    cur,
+                    &probes,
+                    ms(std::time::Instant::now()),
+                )
+                .map_err(|e| PluginError::from_call(e, &store))?;
+            if verdict.reason.len() > MAX_REASON_BYTES {
+                return Err(PluginError::InvalidOutput(format!(
+                    "a reason of {} bytes (at most {MAX_REASON_BYTES})",
+                    verdict.reason.len()
+                )));
+            }
+            let health = match verdict.health {
+                t::Health::Healthy | t::Health::Degraded => crate::health::Health::Healthy,
+                t::Health::Unhealthy => crate::health::Health::Unhealthy,
+            };
+            Ok((health, verdict.reason))
+        })();
+        if let Err(e) = &result {
+            self.meta.record_error(e);
+        }
+        result
+    }
+}
+
+// === classifier ===
+
+/// A loaded request-classifier plugin.
+pub struct ClassifierPlugin {
+    /// Facts for `/status`.
+    pub meta: PluginMeta,
+    pre: bindings::classifier::ClassifierPre<PluginState>,
+    failures_in_a_row: std::sync::atomic::AtomicU32,
+    open_until: Mutex<Option<std::time::Instant>>,
+}
+
+/// Consecutive classifier failures that open the breaker...
+const BREAKER_FAILURES: u32 = 3;
+/// ...for this long: calls skip the plugin and `on_error` applies at once, so a plugin
+/// that loops costs requests its deadline a few times, not on every request.
+const BREAKER_OPEN: Duration = Duration::from_secs(5);
+
+type Cached = (Store<PluginState>, bindings::classifier::Classifier);
+
+thread_local! {
+    /// One configured instance per (thread, plugin): the per-request pool.
+    static CLASSIFIERS: RefCell<HashMap<u64, Cached>> = RefCell::new(HashMap::new());
+}
+
+impl ClassifierPlugin {
+    /// Compiles, links and configures the plugin at `path` with `config` (JSON).
+    pub fn load(path: &Path, config: &str) -> Result<Arc<Self>, String> {
+        let (component, meta) = read_component(path, config)?;
+        let pre = linker()?
+            .instantiate_pre(&component)
+            .and_then(bindings::classifier::ClassifierPre::new)
+            .map_err(|e| format!("{} is not a keyway request classifier (world `classifier` of keyway:policy@0.1.0): {e:#}", path.display()))?;
+        let plugin = Arc::new(Self {
+            meta,
+            pre,
+            failures_in_a_row: std::sync::atomic::AtomicU32::new(0),
+            open_until: Mutex::new(None),
+        });
+        plugin.instance().map_err(|e| match e {
+            Ok(why) => refused(&plugin.meta, why),
+            Err(e) => format!("plugin {} failed while configuring: {e}", path.display()),
+        })?;
+        Ok(plugin)
+    }
+
+    fn instance(&self) -> Result<Cached, Result<String, PluginError>> {
+        let mut store = new_store(POLICY_DEADLINE);
+        let inst = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| Err(PluginError::from_call(e, &store)))?;
+        match inst
+            .keyway_policy_request_classifier()
+            .call_configure(&mut store, &self.meta.config)
+        {
+            Ok(Ok(())) => Ok((store, inst)),
+            Ok(Err(why)) => Err(Ok(why)),
+            Err(e) => Err(Err(PluginError::from_call(e, &store))),
+        }
+    }
+
+    /// Classifies one request with this thread's instance (made on first use).
+    pub fn classify(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+    ) -> Result<crate::classify::Kind, PluginError> {
+        if self.failures_in_a_row.load(Ordering::Relaxed) >= BREAKER_FAILURES {
+            let now = std::time::Instant::now();
+            if let Ok(mut open) = self.open_until.lock() {
+                match *open {
+                    Some(until) if now < until => {
+                        return Err(PluginError::Trap(
+                            "skipped: the plugin failed repeatedly (breaker open)".into(),
+                        ))
+                    }
+                    // Half-open: this call tries the plugin again.
+                    _ => *open = Some(now + BREAKER_OPEN),
+                }
+            }
+        }
+        self.meta.calls.fetch_add(1, Ordering::Relaxed);
+        let result = CLASSIFIERS.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let (store, inst) = match cache.entry(self.meta.id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(self.instance().map_err(|e| match e {
+                        Ok(why) => PluginError::InvalidOutput(format!("configure refused: {why}")),
+                        Err(e) => e,
+                    })?)
+                }
+            };
+            store.set_epoch_deadline(ticks(CLASSIFY_DEADLINE));
+            match inst.keyway_policy_request_classifier().call_classify(
+                &mut *store,
+                method,
+                path,
+                host,
+            ) {
+                Ok(WasmKind::Read) => Ok(crate::classify::Kind::Read),
+                Ok(WasmKind::Write) => Ok(crate::classify::Kind::Write),
+                Err(e) => {
+                    let err = PluginError::from_call(e, store);
+                    // A trapped instance is never reused.
+                    cache.remove(&self.meta.id);
+                    Err(err)
+                }
+            }
+        });
+        match &result {
+            Ok(_) => {
+                self.failures_in_a_row.store(0, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.meta.record_error(e);
+                if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 == BREAKER_FAILURES {
+                    if let Ok(mut open) = self.open_until.lock() {
+                        *open = Some(std::time::Instant::now() + BREAKER_OPEN);
+                    }
+                }
+            }
+        }
+        result
+    }
+}
+
+// === promotion ===
+
+/// A loaded promotion-policy plugin.
+pub struct PromotionPlugin {
+    /// Facts for `/status`.
+    pub meta: PluginMeta,
+    pre: bindings::promotion::PromotionPre<PluginState>,
+}
+
+/// A candidate for promotion, in the host's terms.
+#[derive(Clone, Debug)]
+pub struct PromotionCandidate {
+    /// Backend id.
+    pub id: String,
+    /// Its priority.
+    pub priority: u32,
+    /// Its location label.
+    pub location: String,
+    /// Healthy or not.
+    pub healthy: bool,
+    /// Last reported lag.
+    pub lag_ms: Option<u64>,
+    /// Last passing check, ms since start (0: never).
+    pub last_ok_ms: u64,
+}
+
+/// A promotion decision, in the host's terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PromotionDecision {
+    /// Keep the current primary.
+    Keep,
+    /// Promote this backend id (checked to be a candidate).
+    Promote(String),
+    /// No acceptable candidate.
+    None,
+}
+
+impl PromotionPlugin {
+    /// Compiles, links and configures the plugin at `path` with `config` (JSON).
+    pub fn load(path: &Path, config: &str) -> Result<Arc<Self>, String> {
+        let (component, meta) = read_component(path, config)?;
+        let pre = linker()?
+            .instantiate_pre(&component)
+            .and_then(bindings::promotion::PromotionPre::new)
+            .map_err(|e| format!("{} is not a keyway promotion policy (world `promotion` of keyway:policy@0.1.0): {e:#}", path.display()))?;
+        let plugin = Arc::new(Self { meta, pre });
+        let mut store = new_store(POLICY_DEADLINE);
+        let inst = plugin
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| format!("{e:#}"))?;
+        match inst
+            .keyway_policy_promotion_policy()
+            .call_configure(&mut store, &plugin.meta.config)
+        {
+            Ok(Ok(())) => Ok(plugin),
+            Ok(Err(why)) => Err(refused(&plugin.meta, why)),
+            Err(e) => Err(format!(
+                "plugin {} failed while configuring: {e:#}",
+                path.display()
+            )),
+        }
+    }
+
+    /// Asks the policy for a decision. A `promote` naming no candidate is rejected.
+    pub fn decide(
+        &self,
+        primary: Option<&PromotionCandidate>,
+        candidates: &[PromotionCandidate],
+        now_ms: u64,
+    ) -> Result<PromotionDecision, PluginError> {
+        use bindings::promotion::exports::keyway::policy::promotion_policy as p;
+        use bindings::promotion::keyway::policy::types as t;
+        self.meta.calls.fetch_add(1, Ordering::Relaxed);
+        let convert = |c: &PromotionCandidate, role: t::Role| p::Candidate {
+            backend: t::Backend {
+                id: c.id.clone(),
+                role,
+                priority: c.priority,
+                location: c.location.clone(),
+                weight: 1,
+            },
+            health: if c.healthy {
+                t::Health::Healthy
+            } else {
+                t::Health::Unhealthy
+            },
+            lag_ms: c.lag_ms,
+            last_ok_ms: c.last_ok_ms,
+        };
+        let result = (|| {
+            let mut store = new_store(POLICY_DEADLINE);
+            let inst = self
+                .pre
+                .instantiate(&mut store)
+                .map_err(|e| PluginError::from_call(e, &store))?;
+            let api = inst.keyway_policy_promotion_policy();
+            match api.call_configure(&mut store, &self.meta.config) {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    return Err(PluginError::InvalidOutput(format!(
+                        "configure refused: {why}"
+                    )))
+                }
+                Err(e) => return Err(PluginError::from_call(e, &store)),
+            }
+            let prim = primary.map(|c| convert(c, t::Role::Primary));
+            let cands: Vec<p::Candidate> = candidates
+                .iter()
+                .map(|c| convert(c, t::Role::Replica))
+                .collect();
+            let d = api
+                .call_decide(&mut store, prim.as_ref(), &cands, now_ms)
+                .map_err(|e| PluginError::from_call(e, &store))?;
+            Ok(match d {
+                p::Decision::Keep => PromotionDecision::Keep,
+                p::Decision::None => PromotionDecision::None,
+                p::Decision::Promote(id) if candidates.iter().any(|c| c.id == id) => {
+                    PromotionDecision::Promote(id)
+                }
+                p::Decision::Promote(id) => {
+                    return Err(PluginError::InvalidOutput(format!(
+                        "promote(\"{id}\") names no candidate"
+                    )))
+                }
+            })
+        })();
+        if let Err(e) = &result {
+            self.meta.record_error(e);
+        }
+        result
+    }
+}
+
+/// Whether a config `policy` value names a plugin file rather than a built-in.
+pub fn is_plugin_path(policy: &str) -> bool {
+    policy.ends_with(".wasm")
+}
+
+/// `on_error`: what a failed plugin call means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    /// Use the native built-in of the same kind.
+    Fallback,
+    /// The safe answer: classifier → write; health → unhealthy; promotion → no promotion.
+    FailClosed,
+    /// The permissive answer: classifier → read; health → healthy.
+    FailOpen,
+}
+
+macro_rules! debug_by_name {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({}, {})", stringify!($t), self.meta.name, self.meta.hash)
+            }
+        }
+    )*};
+}
+debug_by_name!(HealthPlugin, ClassifierPlugin, PromotionPlugin);
+
+/// Parses an `on_error` value.
+pub fn parse_on_error(text: &str) -> Option<OnError> {
+    match text {
+        "fallback" => Some(OnError::Fallback),
+        "fail-closed" => Some(OnError::FailClosed),
+        "fail-open" => Some(OnError::FailOpen),
+        _ => None,
+    }
+}
+
+// Plugins are shared by every worker thread.
+const _: () = {
+    const fn check<T: Send + Sync>() {}
+    check::<HealthPlugin>();
+    check::<ClassifierPlugin>();
+    check::<PromotionPlugin>();
+};

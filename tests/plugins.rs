@@ -1,0 +1,486 @@
+//! WebAssembly policy plugins: the bundled ones behave as documented; plugins that loop,
+//! hog memory, trap, return nonsense or refuse their config are contained; classifier
+//! and health plugins work inside the proxy with every `on_error` rule; reload swaps them.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+use keyway::classify::Kind;
+use keyway::config::{BackendConfig, Role, UpstreamProtocol};
+use keyway::health::{Health, Probe};
+use keyway::plugin::{
+    ClassifierPlugin, HealthPlugin, PluginError, PromotionCandidate, PromotionDecision,
+    PromotionPlugin,
+};
+use keyway_tests::*;
+
+fn backend() -> BackendConfig {
+    BackendConfig {
+        id: "vault-a".into(),
+        address: "127.0.0.1:1".parse().unwrap(),
+        weight: 1,
+        priority: 0,
+        tls: false,
+        sni: "vault".into(),
+        protocol: UpstreamProtocol::Http1,
+        role: Role::Replica,
+    }
+}
+
+fn history(results: &[bool]) -> VecDeque<Probe> {
+    results
+        .iter()
+        .map(|&ok| Probe {
+            at: Instant::now(),
+            at_wall: SystemTime::now(),
+            ok,
+            status: Some(if ok { 200 } else { 500 }),
+            latency: Duration::from_millis(1),
+            error: None,
+            lag_ms: None,
+        })
+        .collect()
+}
+
+#[test]
+fn rise_fall_and_failed_checks_plugins() {
+    let rf = HealthPlugin::load(&plugin("rise-fall"), r#"{"rise": 2, "fall": 3}"#).unwrap();
+    let e = Instant::now();
+    let b = backend();
+    let eval = |cur, h: &[bool]| rf.evaluate(&b, cur, &history(h), e).unwrap().0;
+    assert_eq!(
+        eval(Health::Healthy, &[false, false, false]),
+        Health::Unhealthy
+    );
+    assert_eq!(
+        eval(Health::Healthy, &[true, false, false]),
+        Health::Healthy,
+        "degraded still routes"
+    );
+    assert_eq!(eval(Health::Unhealthy, &[false, true]), Health::Unhealthy);
+    assert_eq!(
+        eval(Health::Unhealthy, &[false, true, true]),
+        Health::Healthy
+    );
+
+    let fc = HealthPlugin::load(
+        &plugin("failed-checks"),
+        r#"{"failures": 3, "window": "5m"}"#,
+    )
+    .unwrap();
+    let (h, why) = fc
+        .evaluate(
+            &b,
+            Health::Healthy,
+            &history(&[false, true, false, false]),
+            e,
+        )
+        .unwrap();
+    assert_eq!(h, Health::Unhealthy);
+    assert!(why.contains("3 failed checks"), "{why}");
+    assert_eq!(
+        fc.evaluate(&b, Health::Healthy, &history(&[false, true, true]), e)
+            .unwrap()
+            .0,
+        Health::Healthy
+    );
+
+    let bad = HealthPlugin::load(&plugin("failed-checks"), r#"{"window": "soon"}"#).unwrap_err();
+    assert!(
+        bad.contains("refused its configuration") && bad.contains("soon"),
+        "{bad}"
+    );
+}
+
+fn cand(
+    id: &str,
+    priority: u32,
+    location: &str,
+    healthy: bool,
+    lag: Option<u64>,
+) -> PromotionCandidate {
+    PromotionCandidate {
+        id: id.into(),
+        priority,
+        location: location.into(),
+        healthy,
+        lag_ms: lag,
+        last_ok_ms: 1,
+    }
+}
+
+#[test]
+fn promotion_plugins_choose_as_documented() {
+    let cands = [
+        cand("ro-west", 2, "west", true, Some(50)),
+        cand("ro-east", 1, "east", true, Some(900)),
+        cand("ro-dead", 0, "east", false, Some(0)),
+    ];
+    let dead_primary = cand("primary", 0, "east", false, None);
+    let live_primary = cand("primary", 0, "east", true, None);
+
+    let prio = PromotionPlugin::load(&plugin("priority-promotion"), "{}").unwrap();
+    assert_eq!(
+        prio.decide(Some(&live_primary), &cands, 0).unwrap(),
+        PromotionDecision::Keep
+    );
+    assert_eq!(
+        prio.decide(Some(&dead_primary), &cands, 0).unwrap(),
+        PromotionDecision::Promote("ro-east".into()),
+        "first healthy by priority"
+    );
+    let west = PromotionPlugin::load(
+        &plugin("priority-promotion"),
+        r#"{"prefer_location": "west"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        west.decide(None, &cands, 0).unwrap(),
+        PromotionDecision::Promote("ro-west".into())
+    );
+    assert_eq!(
+        prio.decide(None, &cands[2..], 0).unwrap(),
+        PromotionDecision::None
+    );
+
+    let lag = PromotionPlugin::load(&plugin("least-lag-promotion"), "{}").unwrap();
+    assert_eq!(
+        lag.decide(Some(&dead_primary), &cands, 0).unwrap(),
+        PromotionDecision::Promote("ro-west".into())
+    );
+    let strict =
+        PromotionPlugin::load(&plugin("least-lag-promotion"), r#"{"max_lag_ms": 10}"#).unwrap();
+    assert_eq!(
+        strict.decide(None, &cands, 0).unwrap(),
+        PromotionDecision::None
+    );
+}
+
+#[test]
+fn pam_classifier_knows_the_read_only_calls() {
+    let c = ClassifierPlugin::load(
+        &plugin("pam-classifier"),
+        r#"{"extra_reads": ["POST /custom/*/peek"]}"#,
+    )
+    .unwrap();
+    let k = |m: &str, p: &str| c.classify(m, p, "pvwa.corp.test").unwrap();
+    assert_eq!(k("GET", "/PasswordVault/api/Accounts"), Kind::Read);
+    assert_eq!(
+        k("POST", "/PasswordVault/api/Accounts/12_3/Password/Retrieve"),
+        Kind::Read
+    );
+    assert_eq!(
+        k("POST", "/PasswordVault/api/Accounts/12_3/PSMConnect"),
+        Kind::Read
+    );
+    assert_eq!(
+        k("POST", "/restapi/json/v1/resources/4/accounts/9/password"),
+        Kind::Read
+    );
+    assert_eq!(k("POST", "/custom/7/peek"), Kind::Read);
+    assert_eq!(
+        k("POST", "/PasswordVault/api/Accounts/12_3/Password/Update"),
+        Kind::Write
+    );
+    assert_eq!(k("DELETE", "/PasswordVault/api/Accounts/12_3"), Kind::Write);
+    let err =
+        ClassifierPlugin::load(&plugin("pam-classifier"), r#"{"extra_reads": [5]}"#).unwrap_err();
+    assert!(err.contains("refused its configuration"), "{err}");
+}
+
+#[test]
+fn misbehaving_plugins_are_contained() {
+    let mk = |mode: &str| {
+        ClassifierPlugin::load(
+            &plugin("misbehave-classifier"),
+            &format!(r#"{{"mode": "{mode}"}}"#),
+        )
+        .unwrap()
+    };
+
+    let spin = mk("spin");
+    let t = Instant::now();
+    assert_eq!(spin.classify("GET", "/", "h"), Err(PluginError::Timeout));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "interrupted at its deadline: {:?}",
+        t.elapsed()
+    );
+
+    assert_eq!(
+        mk("hog").classify("GET", "/", "h"),
+        Err(PluginError::Memory)
+    );
+    assert!(matches!(
+        mk("trap").classify("GET", "/", "h"),
+        Err(PluginError::Trap(_))
+    ));
+
+    let refused = ClassifierPlugin::load(&plugin("misbehave-classifier"), r#"{"mode": "reject"}"#)
+        .unwrap_err();
+    assert!(refused.contains("refused on purpose"), "{refused}");
+
+    let nonsense =
+        HealthPlugin::load(&plugin("misbehave-health"), r#"{"mode": "nonsense"}"#).unwrap();
+    let r = nonsense.evaluate(
+        &backend(),
+        Health::Healthy,
+        &history(&[true]),
+        Instant::now(),
+    );
+    assert!(matches!(r, Err(PluginError::InvalidOutput(_))), "{r:?}");
+
+    // A good instance keeps answering after its neighbours failed, and a trapped one is
+    // replaced: the next call works again.
+    let ok = mk("ok");
+    for _ in 0..100 {
+        assert_eq!(ok.classify("POST", "/x", "h"), Ok(Kind::Write));
+    }
+    assert_eq!(ok.meta.errors(), 0);
+    assert_eq!(spin.meta.errors(), 1);
+
+    let not_a_plugin = unique_dir("bad-plugin").join("x.wasm");
+    std::fs::write(&not_a_plugin, b"\0asm garbage").unwrap();
+    let err = ClassifierPlugin::load(&not_a_plugin, "{}").unwrap_err();
+    assert!(err.contains("not a WebAssembly component"), "{err}");
+    let wrong_world = ClassifierPlugin::load(&plugin("rise-fall"), "{}").unwrap_err();
+    assert!(
+        wrong_world.contains("not a keyway request classifier"),
+        "{wrong_world}"
+    );
+}
+
+async fn farm(classifier: &str) -> (TestBackend, TestBackend, Proxy) {
+    let primary = TestBackend::start("primary").await;
+    let replica = TestBackend::start("replica").await;
+    let cfg = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "pam"
+[cluster.pam]
+strategy = "primary-replica"
+{classifier}
+backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
+"#,
+        primary.addr, replica.addr
+    );
+    (primary, replica, Proxy::start(&cfg).await)
+}
+
+fn classifier(plugin_name: &str, config: &str, on_error: &str) -> String {
+    format!(
+        r#"classifier = {{ policy = "{}", config = {config}, on_error = "{on_error}" }}"#,
+        plugin(plugin_name).display()
+    )
+}
+
+#[tokio::test]
+async fn classifier_plugin_routes_requests_in_the_proxy() {
+    let (_p, _r, proxy) = farm(&classifier("pam-classifier", "{}", "fallback")).await;
+    let call = |m: &'static str, path: &'static str| async move {
+        send(proxy.addr, request(m, "pvwa.corp.test", path, "{}"))
+            .await
+            .backend()
+    };
+    assert_eq!(
+        call("POST", "/PasswordVault/api/Accounts/1/Password/Retrieve").await,
+        "replica"
+    );
+    assert_eq!(
+        call("POST", "/PasswordVault/api/Accounts/1/Password/Update").await,
+        "primary"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin.unwrap(), "/status").await).unwrap();
+    let p = &status["clusters"][0]["plugins"][0];
+    assert_eq!(p["name"], "pam-classifier");
+    assert_eq!(p["kind"], "classifier");
+    assert!(p["calls"].as_u64().unwrap() >= 2);
+    assert_eq!(p["sha256"].as_str().unwrap().len(), 16);
+}
+
+#[tokio::test]
+async fn a_failing_classifier_never_stops_traffic_and_on_error_applies() {
+    // trap on every call; each on_error rule decides where a GET and a POST go.
+    for (on_error, get_to, post_to) in [
+        ("fallback", "replica", "primary"),
+        ("fail-closed", "primary", "primary"),
+        ("fail-open", "replica", "replica"),
+    ] {
+        let (_p, _r, proxy) = farm(&classifier(
+            "misbehave-classifier",
+            r#"{ mode = "trap" }"#,
+            on_error,
+        ))
+        .await;
+        for _ in 0..5 {
+            let g = send(proxy.addr, request("GET", "h", "/x", "")).await;
+            assert_eq!(
+                (g.status.as_u16(), g.backend()),
+                (200, get_to.to_string()),
+                "{on_error} GET"
+            );
+            let p = send(proxy.addr, request("POST", "h", "/x", "{}")).await;
+            assert_eq!(
+                (p.status.as_u16(), p.backend()),
+                (200, post_to.to_string()),
+                "{on_error} POST"
+            );
+        }
+        let m = admin_get(proxy.admin.unwrap(), "/metrics").await;
+        assert!(
+            metric(
+                &m,
+                r#"keyway_plugin_errors_total{plugin="misbehave-classifier",kind="trap"}"#
+            ) >= 1.0,
+            "{m}"
+        );
+    }
+
+    // A classifier that loops: interrupted each time, then bypassed by the breaker;
+    // every request still succeeds.
+    let (_p, _r, proxy) = farm(&classifier(
+        "misbehave-classifier",
+        r#"{ mode = "spin" }"#,
+        "fallback",
+    ))
+    .await;
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "h", "/x").await.status, 200);
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn health_plugin_judges_backends_with_on_error() {
+    let start = |policy: String| async move {
+        let a = TestBackend::start("a").await;
+        let cfg = format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "c"
+[cluster.c]
+health = {{ path = "/health", interval = "50ms", {policy} }}
+backends = [{{ id = "a", address = "{}" }}]
+"#,
+            a.addr
+        );
+        let p = Proxy::start(&cfg).await;
+        (a, p)
+    };
+    let wasm = plugin("misbehave-health");
+    let state = |p: &Proxy| {
+        let admin = p.admin.unwrap();
+        async move { backend_status(admin, "c", "a").await["health"]["health"].clone() }
+    };
+
+    // A working plugin drives health both ways.
+    let (a, p) = start(format!(
+        r#"policy = "{}", config = {{ mode = "ok" }}"#,
+        wasm.display()
+    ))
+    .await;
+    eventually(Duration::from_secs(10), "healthy", || async {
+        state(&p).await == "healthy"
+    })
+    .await;
+    a.set_health(500);
+    eventually(Duration::from_secs(10), "unhealthy", || async {
+        state(&p).await == "unhealthy"
+    })
+    .await;
+
+    // A trapping plugin: fail-closed marks backends unhealthy, fallback uses rise-fall.
+    let (_a, p) = start(format!(
+        r#"policy = "{}", config = {{ mode = "trap" }}, on_error = "fail-closed""#,
+        wasm.display()
+    ))
+    .await;
+    eventually(Duration::from_secs(10), "fail-closed", || async {
+        state(&p).await == "unhealthy"
+    })
+    .await;
+    assert_eq!(get(p.addr, "h", "/").await.status, 503);
+    let (_a, p) = start(format!(
+        r#"policy = "{}", config = {{ mode = "spin" }}, on_error = "fallback", rise = 1"#,
+        wasm.display()
+    ))
+    .await;
+    eventually(Duration::from_secs(10), "fallback healthy", || async {
+        state(&p).await == "healthy"
+    })
+    .await;
+    assert_eq!(
+        get(p.addr, "h", "/").await.status,
+        200,
+        "a looping health plugin never stops traffic"
+    );
+}
+
+#[test]
+fn plugin_problems_are_config_errors_with_lines() {
+    let text = format!(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.pam]\nstrategy = \"primary-replica\"\nclassifier = {{ policy = \"{}\", config = {{ mode = \"reject\" }} }}\nhealth = {{ policy = \"missing.wasm\" }}\nbackends = [{{ id = \"p\", address = \"127.0.0.1:1\", role = \"primary\" }}]\n",
+        plugin("misbehave-classifier").display()
+    );
+    let err = keyway::Config::from_str_with_base(&text, "p.toml", &temp_dir()).unwrap_err();
+    let find = |needle: &str| {
+        err.errors
+            .iter()
+            .find(|e| e.message.contains(needle))
+            .unwrap_or_else(|| panic!("{err}"))
+    };
+    assert_eq!(find("refused on purpose").line, Some(5));
+    assert_eq!(find("missing.wasm").line, Some(6));
+}
+
+#[tokio::test]
+async fn reload_swaps_the_classifier() {
+    let primary = TestBackend::start("primary").await;
+    let replica = TestBackend::start("replica").await;
+    let cfg = |answer: &str| {
+        format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "pam"
+[cluster.pam]
+strategy = "primary-replica"
+classifier = {{ policy = "{}", config = {{ mode = "ok", answer = "{answer}" }} }}
+backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
+"#,
+            plugin("misbehave-classifier").display(),
+            primary.addr,
+            replica.addr
+        )
+    };
+    let file = unique_dir("plugin-reload").join("k.toml");
+    let p = Proxy::start_file(&file, &cfg("write")).await;
+    assert_eq!(get(p.addr, "h", "/").await.backend(), "primary");
+    std::fs::write(&file, cfg("read")).unwrap();
+    let r = send(p.admin.unwrap(), request("POST", "admin", "/reload", "")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(get(p.addr, "h", "/").await.backend(), "replica");
+    // A version that refuses its config is rejected; the running one stays.
+    std::fs::write(
+        &file,
+        cfg("read").replace(r#"mode = "ok""#, r#"mode = "reject""#),
+    )
+    .unwrap();
+    let r = send(p.admin.unwrap(), request("POST", "admin", "/reload", "")).await;
+    assert_eq!(r.status, 422);
+    assert!(r.body.contains("refused on purpose"), "{}", r.body);
+    assert_eq!(get(p.addr, "h", "/").await.backend(), "replica");
+}
