@@ -35,6 +35,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run a policy plugin offline and print its decision.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Start demo backends on loopback and keyway in front of them.
     Demo {
         /// Demo config (its backend addresses become demo servers).
@@ -43,9 +48,65 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Test a health policy: `keyway plugin test P.wasm --config '{..}' --history probes.json`.
+    Test {
+        /// The plugin (.wasm component).
+        plugin: PathBuf,
+        /// Its configuration, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// JSON list of checks, oldest first: [{"ok": true, "status": 200, "at_ms": 0, "latency_us": 900, "lag_ms": 5}, ...].
+        #[arg(long)]
+        history: PathBuf,
+        /// State before the newest check: healthy, unhealthy or unknown.
+        #[arg(long, default_value = "healthy")]
+        current: String,
+    },
+    /// Test a request classifier: `keyway plugin classify P.wasm --config '{..}' POST /path [host]`.
+    Classify {
+        /// The plugin (.wasm component).
+        plugin: PathBuf,
+        /// Its configuration, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+        /// Request host.
+        #[arg(default_value = "localhost")]
+        host: String,
+    },
+    /// Test a promotion policy: `keyway plugin promote P.wasm --config '{..}' --candidates c.json`.
+    Promote {
+        /// The plugin (.wasm component).
+        plugin: PathBuf,
+        /// Its configuration, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// JSON: {"primary": {..} | null, "candidates": [{"id": "ro-1", "priority": 1, "location": "east", "healthy": true, "lag_ms": 20, "last_ok_ms": 1000}, ...]}.
+        #[arg(long)]
+        candidates: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     keyway::telemetry::init_logs(cli.log_json);
+    if let Command::Plugin { command } = &cli.command {
+        return match plugin_command(command) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keyway plugin: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let (path, demo) = match &cli.command {
         Command::Check { config } => {
             return match Config::load(config) {
@@ -66,6 +127,7 @@ fn main() -> ExitCode {
             };
         }
         Command::Run { config } => (config.clone(), false),
+        Command::Plugin { .. } => unreachable!("handled above"),
         Command::Demo { config } => (config.clone(), true),
     };
     let config = match Config::load(&path) {
@@ -144,6 +206,122 @@ fn print_demo_help(config: &Config, server: &Server) {
     println!("Read/write split: compare `curl -s -X POST -H 'Host: pam360.demo.test' http://{addr}/api/x` (primary)");
     println!("  with a GET to the same host (a read-only server).");
     println!("Press Ctrl-C to stop.\n");
+}
+
+/// Runs a plugin offline. Output is one JSON document.
+fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
+    use anyhow::anyhow;
+    use keyway::plugin::{
+        ClassifierPlugin, HealthPlugin, PromotionCandidate, PromotionDecision, PromotionPlugin,
+    };
+    use serde_json::{json, Value};
+    let read_json = |p: &PathBuf| -> anyhow::Result<Value> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
+    };
+    match cmd {
+        PluginCommand::Test {
+            plugin,
+            config,
+            history,
+            current,
+        } => {
+            let policy = HealthPlugin::load(plugin, config).map_err(|e| anyhow!(e))?;
+            let epoch = std::time::Instant::now();
+            let list = read_json(history)?;
+            let list = list
+                .as_array()
+                .ok_or_else(|| anyhow!("--history must hold a JSON list of checks"))?;
+            let probes: std::collections::VecDeque<keyway::health::Probe> = list
+                .iter()
+                .map(|p| keyway::health::Probe {
+                    at: epoch + std::time::Duration::from_millis(p["at_ms"].as_u64().unwrap_or(0)),
+                    at_wall: std::time::SystemTime::now(),
+                    ok: p["ok"].as_bool().unwrap_or(false),
+                    status: p["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
+                    latency: std::time::Duration::from_micros(
+                        p["latency_us"].as_u64().unwrap_or(0),
+                    ),
+                    error: p["error"].as_str().map(str::to_string),
+                    lag_ms: p["lag_ms"].as_u64(),
+                })
+                .collect();
+            let current = match current.as_str() {
+                "healthy" => keyway::health::Health::Healthy,
+                "unhealthy" => keyway::health::Health::Unhealthy,
+                "unknown" => keyway::health::Health::Unknown,
+                other => {
+                    return Err(anyhow!(
+                        "--current `{other}`: use healthy, unhealthy or unknown"
+                    ))
+                }
+            };
+            let backend = keyway::config::BackendConfig {
+                id: "backend".into(),
+                address: "127.0.0.1:1".parse()?,
+                weight: 1,
+                priority: 0,
+                tls: false,
+                sni: "backend".into(),
+                protocol: keyway::config::UpstreamProtocol::Http1,
+                role: keyway::config::Role::Replica,
+            };
+            let (health, reason) = policy
+                .evaluate(&backend, current, &probes, epoch)
+                .map_err(|e| anyhow!("the plugin {e}"))?;
+            Ok(json!({ "health": health.as_str(), "reason": reason }).to_string())
+        }
+        PluginCommand::Classify {
+            plugin,
+            config,
+            method,
+            path,
+            host,
+        } => {
+            let c = ClassifierPlugin::load(plugin, config).map_err(|e| anyhow!(e))?;
+            let kind = c
+                .classify(&method.to_ascii_uppercase(), path, host)
+                .map_err(|e| anyhow!("the plugin {e}"))?;
+            let kind = match kind {
+                keyway::classify::Kind::Read => "read",
+                keyway::classify::Kind::Write => "write",
+            };
+            Ok(json!({ "kind": kind }).to_string())
+        }
+        PluginCommand::Promote {
+            plugin,
+            config,
+            candidates,
+        } => {
+            let p = PromotionPlugin::load(plugin, config).map_err(|e| anyhow!(e))?;
+            let doc = read_json(candidates)?;
+            let cand = |v: &Value| PromotionCandidate {
+                id: v["id"].as_str().unwrap_or("").to_string(),
+                priority: v["priority"].as_u64().unwrap_or(0) as u32,
+                location: v["location"].as_str().unwrap_or("").to_string(),
+                healthy: v["healthy"].as_bool().unwrap_or(false),
+                lag_ms: v["lag_ms"].as_u64(),
+                last_ok_ms: v["last_ok_ms"].as_u64().unwrap_or(0),
+            };
+            let primary = doc.get("primary").filter(|v| !v.is_null()).map(cand);
+            let list: Vec<PromotionCandidate> = doc["candidates"]
+                .as_array()
+                .ok_or_else(|| anyhow!("--candidates must hold {{\"candidates\": [...]}}"))?
+                .iter()
+                .map(cand)
+                .collect();
+            let d = p
+                .decide(primary.as_ref(), &list, 0)
+                .map_err(|e| anyhow!("the plugin {e}"))?;
+            Ok(match d {
+                PromotionDecision::Keep => json!({ "decision": "keep" }),
+                PromotionDecision::None => json!({ "decision": "none" }),
+                PromotionDecision::Promote(id) => json!({ "decision": "promote", "backend": id }),
+            }
+            .to_string())
+        }
+    }
 }
 
 /// SIGHUP re-reads the config file: build, validate, swap; a bad file changes nothing.

@@ -99,3 +99,110 @@ fn run_serves_and_exits_cleanly_on_sigterm() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("drained")), "{rest:?}");
 }
+
+/// The bundled plugins, built once for this test binary.
+fn plugins_dist() -> std::path::PathBuf {
+    static DIST: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIST.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::process::Command::new("bash")
+            .arg(root.join("plugins/build.sh"))
+            .output()
+            .expect("run plugins/build.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join("plugins/dist")
+    })
+    .clone()
+}
+
+fn keyway(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyway"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_commands_run_policies_offline() {
+    let dist = plugins_dist();
+    let dir = std::env::temp_dir().join(format!("keyway-cli-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let history = dir.join("probes.json");
+    std::fs::write(
+        &history,
+        r#"[{"ok": true, "at_ms": 0}, {"ok": false, "status": 500, "at_ms": 1000}, {"ok": false, "status": 500, "at_ms": 2000}]"#,
+    )
+    .unwrap();
+    let p = |n: &str| dist.join(format!("{n}.wasm")).display().to_string();
+
+    let (code, out, err) = keyway(&[
+        "plugin",
+        "test",
+        &p("rise-fall"),
+        "--config",
+        r#"{"rise":1,"fall":2}"#,
+        "--history",
+        history.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["health"], "unhealthy", "{out}");
+
+    let (code, out, _) = keyway(&[
+        "plugin",
+        "classify",
+        &p("pam-classifier"),
+        "POST",
+        "/PasswordVault/api/Accounts/1/Password/Retrieve",
+    ]);
+    assert_eq!((code, out.trim()), (0, r#"{"kind":"read"}"#));
+
+    let cands = dir.join("c.json");
+    std::fs::write(
+        &cands,
+        r#"{"primary": null, "candidates": [{"id": "a", "priority": 1, "healthy": true, "lag_ms": 500}, {"id": "b", "priority": 2, "healthy": true, "lag_ms": 5}]}"#,
+    )
+    .unwrap();
+    let (code, out, _) = keyway(&[
+        "plugin",
+        "promote",
+        &p("least-lag-promotion"),
+        "--candidates",
+        cands.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains(r#""backend":"b""#), "{out}");
+
+    // A plugin that refuses its config, and one that loops: exit 2 with the reason.
+    let (code, _, err) = keyway(&[
+        "plugin",
+        "test",
+        &p("failed-checks"),
+        "--config",
+        r#"{"window":"soon"}"#,
+        "--history",
+        history.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("refused its configuration"), "{err}");
+    let (code, _, err) = keyway(&[
+        "plugin",
+        "classify",
+        &p("misbehave-classifier"),
+        "--config",
+        r#"{"mode":"spin"}"#,
+        "GET",
+        "/",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("interrupted at its deadline"), "{err}");
+}
