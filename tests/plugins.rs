@@ -484,3 +484,85 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
     assert!(r.body.contains("refused on purpose"), "{}", r.body);
     assert_eq!(get(p.addr, "h", "/").await.backend(), "replica");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_of_the_classifier_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let primary = TestBackend::start("primary").await;
+    let replica = TestBackend::start("replica").await;
+    let cfg = |answer: &str| {
+        format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "pam"
+[cluster.pam]
+strategy = "primary-replica"
+reads_on_primary = "never"
+classifier = {{ policy = "{}", config = {{ mode = "ok", answer = "{answer}" }} }}
+backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
+"#,
+            plugin("misbehave-classifier").display(),
+            primary.addr,
+            replica.addr
+        )
+    };
+    let file = unique_dir("plugin-swap").join("k.toml");
+    let p = Proxy::start_file(&file, &cfg("write")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (fails, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, fails, done, addr) = (stop.clone(), fails.clone(), done.clone(), p.addr);
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match try_send(addr, request("GET", "h", "/x", "")).await {
+                    Ok(r) if r.status == 200 => {}
+                    _ => {
+                        fails.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Each version answers consistently: after every swap, a fresh request lands where
+    // that version says a GET belongs.
+    for round in 0..6 {
+        let answer = if round % 2 == 0 { "read" } else { "write" };
+        std::fs::write(&file, cfg(answer)).unwrap();
+        let r = send(
+            p.admin.unwrap(),
+            request("POST", "admin", "/plugins/reload", ""),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let want = if answer == "read" {
+            "replica"
+        } else {
+            "primary"
+        };
+        for _ in 0..5 {
+            assert_eq!(
+                get(p.addr, "h", "/x").await.backend(),
+                want,
+                "version {answer}"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        fails.load(Ordering::Relaxed),
+        0,
+        "{} requests across six swaps",
+        done.load(Ordering::Relaxed)
+    );
+    assert!(done.load(Ordering::Relaxed) > 100);
+}

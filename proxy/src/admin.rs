@@ -47,7 +47,11 @@ pub async fn serve(
                 let rt = runtime.load_full();
                 let reloader = reloader.clone();
                 async move {
-                    if req.method() == Method::POST && req.uri().path() == "/reload" {
+                    // `/plugins/reload` is the same operation: plugins are part of the config, and
+                    // reloading them goes through the same build-validate-swap.
+                    if req.method() == Method::POST
+                        && matches!(req.uri().path(), "/reload" | "/plugins/reload")
+                    {
                         // Building a runtime reads files and parses certificates: off the
                         // async workers.
                         let result = tokio::task::spawn_blocking(move || reloader.reload())
