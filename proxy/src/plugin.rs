@@ -352,6 +352,109 @@ fn refused(meta: &PluginMeta, why: String) -> String {
     )
 }
 
+// === per-world glue ===
+
+/// What the generic loading code needs from each generated world.
+trait World: Sized {
+    /// The generated pre-instantiated form.
+    type Pre;
+    /// How errors name the expected world.
+    const EXPECTED: &'static str;
+    fn pre(linker: &Linker<PluginState>, component: &Component) -> wasmtime::Result<Self::Pre>;
+    fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<Self>;
+    fn configure(
+        &self,
+        store: &mut Store<PluginState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>>;
+}
+
+macro_rules! world {
+    ($ty:ty, $pre:ty, $accessor:ident, $expected:literal) => {
+        impl World for $ty {
+            type Pre = $pre;
+            const EXPECTED: &'static str = $expected;
+            fn pre(
+                linker: &Linker<PluginState>,
+                component: &Component,
+            ) -> wasmtime::Result<Self::Pre> {
+                linker.instantiate_pre(component).and_then(<$pre>::new)
+            }
+            fn instantiate(
+                pre: &Self::Pre,
+                store: &mut Store<PluginState>,
+            ) -> wasmtime::Result<Self> {
+                pre.instantiate(store)
+            }
+            fn configure(
+                &self,
+                store: &mut Store<PluginState>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
+                self.$accessor().call_configure(store, config)
+            }
+        }
+    };
+}
+
+world!(
+    bindings::health::Health,
+    bindings::health::HealthPre<PluginState>,
+    keyway_policy_health_policy,
+    "health policy (world `health` of keyway:policy@0.1.0)"
+);
+world!(
+    bindings::classifier::Classifier,
+    bindings::classifier::ClassifierPre<PluginState>,
+    keyway_policy_request_classifier,
+    "request classifier (world `classifier` of keyway:policy@0.1.0)"
+);
+world!(
+    bindings::promotion::Promotion,
+    bindings::promotion::PromotionPre<PluginState>,
+    keyway_policy_promotion_policy,
+    "promotion policy (world `promotion` of keyway:policy@0.1.0)"
+);
+
+/// A fresh, configured instance. `Err(Ok(why))`: the plugin refused its configuration.
+fn configured<W: World>(
+    pre: &W::Pre,
+    config: &str,
+) -> Result<(Store<PluginState>, W), Result<String, PluginError>> {
+    let mut store = new_store(POLICY_DEADLINE);
+    let inst =
+        W::instantiate(pre, &mut store).map_err(|e| Err(PluginError::from_call(e, &store)))?;
+    match inst.configure(&mut store, config) {
+        Ok(Ok(())) => Ok((store, inst)),
+        Ok(Err(why)) => Err(Ok(why)),
+        Err(e) => Err(Err(PluginError::from_call(e, &store))),
+    }
+}
+
+/// Like [`configured`], for calls: a refused configuration is an unusable answer.
+fn configured_for_call<W: World>(
+    pre: &W::Pre,
+    config: &str,
+) -> Result<(Store<PluginState>, W), PluginError> {
+    configured::<W>(pre, config).map_err(|e| match e {
+        Ok(why) => PluginError::InvalidOutput(format!("configure refused: {why}")),
+        Err(e) => e,
+    })
+}
+
+/// Compiles and links the plugin at `path`, then proves it configures with `config`
+/// before anyone relies on it.
+fn load_world<W: World>(path: &Path, config: &str) -> Result<(PluginMeta, W::Pre), String> {
+    let (component, meta) = read_component(path, config)?;
+    let pre = W::pre(&linker()?, &component)
+        .map_err(|e| format!("{} is not a keyway {}: {e:#}", path.display(), W::EXPECTED))?;
+    configured::<W>(&pre, config).map_err(|e| match e {
+        Ok(why) => refused(&meta, why),
+        Err(e) => format!("plugin {} failed while configuring: {e}", path.display()),
+    })?;
+    Ok((meta, pre))
+}
+
 // === health ===
 
 /// A loaded health-policy plugin.
@@ -367,37 +470,8 @@ pub type HealthVerdict = (crate::health::Health, String);
 impl HealthPlugin {
     /// Compiles, links and configures the plugin at `path` with `config` (JSON).
     pub fn load(path: &Path, config: &str) -> Result<Arc<Self>, String> {
-        let (component, meta) = read_component(path, config)?;
-        let pre = linker()?
-            .instantiate_pre(&component)
-            .and_then(bindings::health::HealthPre::new)
-            .map_err(|e| format!("{} is not a keyway health policy (world `health` of keyway:policy@0.1.0): {e:#}", path.display()))?;
-        let plugin = Arc::new(Self { meta, pre });
-        // Prove it configures before anyone relies on it.
-        plugin.instance().map_err(|e| match e {
-            Ok(why) => refused(&plugin.meta, why),
-            Err(e) => format!("plugin {} failed while configuring: {e}", path.display()),
-        })?;
-        Ok(plugin)
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn instance(
-        &self,
-    ) -> Result<(Store<PluginState>, bindings::health::Health), Result<String, PluginError>> {
-        let mut store = new_store(POLICY_DEADLINE);
-        let inst = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| Err(PluginError::from_call(e, &store)))?;
-        match inst
-            .keyway_policy_health_policy()
-            .call_configure(&mut store, &self.meta.config)
-        {
-            Ok(Ok(())) => Ok((store, inst)),
-            Ok(Err(why)) => Err(Ok(why)),
-            Err(e) => Err(Err(PluginError::from_call(e, &store))),
-        }
+        let (meta, pre) = load_world::<bindings::health::Health>(path, config)?;
+        Ok(Arc::new(Self { meta, pre }))
     }
 
     /// Runs the policy for one backend.
@@ -411,10 +485,8 @@ impl HealthPlugin {
         use bindings::health::keyway::policy::types as t;
         self.meta.calls.fetch_add(1, Ordering::Relaxed);
         let result = (|| {
-            let (mut store, inst) = self.instance().map_err(|e| match e {
-                Ok(why) => PluginError::InvalidOutput(format!("configure refused: {why}")),
-                Err(e) => e,
-            })?;
+            let (mut store, inst) =
+                configured_for_call::<bindings::health::Health>(&self.pre, &self.meta.config)?;
             let ms = |i: std::time::Instant| i.saturating_duration_since(epoch).as_millis() as u64;
             let wasm_backend = t::Backend {
                 id: backend.id.clone(),
@@ -499,38 +571,13 @@ thread_local! {
 impl ClassifierPlugin {
     /// Compiles, links and configures the plugin at `path` with `config` (JSON).
     pub fn load(path: &Path, config: &str) -> Result<Arc<Self>, String> {
-        let (component, meta) = read_component(path, config)?;
-        let pre = linker()?
-            .instantiate_pre(&component)
-            .and_then(bindings::classifier::ClassifierPre::new)
-            .map_err(|e| format!("{} is not a keyway request classifier (world `classifier` of keyway:policy@0.1.0): {e:#}", path.display()))?;
-        let plugin = Arc::new(Self {
+        let (meta, pre) = load_world::<bindings::classifier::Classifier>(path, config)?;
+        Ok(Arc::new(Self {
             meta,
             pre,
             failures_in_a_row: std::sync::atomic::AtomicU32::new(0),
             open_until: Mutex::new(None),
-        });
-        plugin.instance().map_err(|e| match e {
-            Ok(why) => refused(&plugin.meta, why),
-            Err(e) => format!("plugin {} failed while configuring: {e}", path.display()),
-        })?;
-        Ok(plugin)
-    }
-
-    fn instance(&self) -> Result<Cached, Result<String, PluginError>> {
-        let mut store = new_store(POLICY_DEADLINE);
-        let inst = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| Err(PluginError::from_call(e, &store)))?;
-        match inst
-            .keyway_policy_request_classifier()
-            .call_configure(&mut store, &self.meta.config)
-        {
-            Ok(Ok(())) => Ok((store, inst)),
-            Ok(Err(why)) => Err(Ok(why)),
-            Err(e) => Err(Err(PluginError::from_call(e, &store))),
-        }
+        }))
     }
 
     /// Classifies one request with this thread's instance (made on first use).
@@ -560,10 +607,10 @@ impl ClassifierPlugin {
             let (store, inst) = match cache.entry(self.meta.id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(self.instance().map_err(|e| match e {
-                        Ok(why) => PluginError::InvalidOutput(format!("configure refused: {why}")),
-                        Err(e) => e,
-                    })?)
+                    v.insert(configured_for_call::<bindings::classifier::Classifier>(
+                        &self.pre,
+                        &self.meta.config,
+                    )?)
                 }
             };
             store.set_epoch_deadline(ticks(CLASSIFY_DEADLINE));
@@ -640,28 +687,8 @@ pub enum PromotionDecision {
 impl PromotionPlugin {
     /// Compiles, links and configures the plugin at `path` with `config` (JSON).
     pub fn load(path: &Path, config: &str) -> Result<Arc<Self>, String> {
-        let (component, meta) = read_component(path, config)?;
-        let pre = linker()?
-            .instantiate_pre(&component)
-            .and_then(bindings::promotion::PromotionPre::new)
-            .map_err(|e| format!("{} is not a keyway promotion policy (world `promotion` of keyway:policy@0.1.0): {e:#}", path.display()))?;
-        let plugin = Arc::new(Self { meta, pre });
-        let mut store = new_store(POLICY_DEADLINE);
-        let inst = plugin
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| format!("{e:#}"))?;
-        match inst
-            .keyway_policy_promotion_policy()
-            .call_configure(&mut store, &plugin.meta.config)
-        {
-            Ok(Ok(())) => Ok(plugin),
-            Ok(Err(why)) => Err(refused(&plugin.meta, why)),
-            Err(e) => Err(format!(
-                "plugin {} failed while configuring: {e:#}",
-                path.display()
-            )),
-        }
+        let (meta, pre) = load_world::<bindings::promotion::Promotion>(path, config)?;
+        Ok(Arc::new(Self { meta, pre }))
     }
 
     /// Asks the policy for a decision. A `promote` naming no candidate is rejected.
@@ -691,21 +718,11 @@ impl PromotionPlugin {
             last_ok_ms: c.last_ok_ms,
         };
         let result = (|| {
-            let mut store = new_store(POLICY_DEADLINE);
-            let inst = self
-                .pre
-                .instantiate(&mut store)
-                .map_err(|e| PluginError::from_call(e, &store))?;
+            let (mut store, inst) = configured_for_call::<bindings::promotion::Promotion>(
+                &self.pre,
+                &self.meta.config,
+            )?;
             let api = inst.keyway_policy_promotion_policy();
-            match api.call_configure(&mut store, &self.meta.config) {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => {
-                    return Err(PluginError::InvalidOutput(format!(
-                        "configure refused: {why}"
-                    )))
-                }
-                Err(e) => return Err(PluginError::from_call(e, &store)),
-            }
             let prim = primary.map(|c| convert(c, t::Role::Primary));
             let cands: Vec<p::Candidate> = candidates
                 .iter()
