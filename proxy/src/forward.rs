@@ -205,12 +205,12 @@ async fn proxy(
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     headers::add_forwarded(&mut parts.headers, info.client.ip(), info.tls, &host, via);
 
-    let tripped = Arc::new(AtomicBool::new(false));
+    // The limit flag is only needed (and allocated) when there is a body to count.
     let empty_body = incoming.is_end_stream();
-    let body = if empty_body {
-        body::empty()
-    } else {
-        Limited::new(incoming, limit, tripped.clone()).boxed()
+    let tripped = (!empty_body).then(|| Arc::new(AtomicBool::new(false)));
+    let body = match &tripped {
+        None => body::empty(),
+        Some(flag) => Limited::new(incoming, limit, flag.clone()).boxed(),
     };
     // Only bodiless safe requests can be rebuilt for a retry after they were sent.
     let replayable = empty_body
@@ -304,7 +304,7 @@ async fn proxy(
             }
         };
         drop(inflight);
-        if tripped.load(Ordering::Relaxed) {
+        if tripped.as_ref().is_some_and(|t| t.load(Ordering::Relaxed)) {
             return Err(fail(too_large(limit)));
         }
         // 3. Retry where the rules allow it.
