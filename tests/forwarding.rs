@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, StreamBody};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use keyway_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -120,18 +119,7 @@ async fn bodies_stream_both_ways() {
             64 * 1024
         ])))
     });
-    let req = http::Request::builder()
-        .method("PUT")
-        .uri("/upload")
-        .header("host", "pvwa.corp.test")
-        .body(StreamBody::new(chunks))
-        .unwrap();
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let resp = tx.send_request(req).await.unwrap();
+    let resp = send_streaming(proxy.addr, "PUT", "pvwa.corp.test", "/upload", chunks).await;
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(doc["body_len"], 8 * 64 * 1024);
@@ -167,18 +155,7 @@ async fn request_body_limit_answers_413() {
     // Chunked (no length) over the limit: cut off mid-stream, answered 413.
     let chunks = futures_util::stream::iter(0..4)
         .map(|_| Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![b'z'; 600]))));
-    let req = http::Request::builder()
-        .method("POST")
-        .uri("/")
-        .header("host", "pvwa.corp.test")
-        .body(StreamBody::new(chunks))
-        .unwrap();
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let resp = tx.send_request(req).await.unwrap();
+    let resp = send_streaming(proxy.addr, "POST", "pvwa.corp.test", "/", chunks).await;
     assert_eq!(resp.status(), 413);
 }
 

@@ -75,22 +75,8 @@ async fn slow_first_backend_gets_company_after_the_stagger() {
     let leaf = pki.leaf("vault", &["vault.corp.test"]);
     // `a` accepts TCP at once but its TLS handshake only starts after 3 s: its connection
     // is not up within the 200 ms stagger, so `b` is started in parallel and wins.
-    let a = TestBackend::start_with(
-        "a",
-        BackendOptions {
-            tls: Some(leaf.server_config.clone()),
-            tls_handshake_delay: Duration::from_secs(3),
-        },
-    )
-    .await;
-    let b = TestBackend::start_with(
-        "b",
-        BackendOptions {
-            tls: Some(leaf.server_config.clone()),
-            tls_handshake_delay: Duration::ZERO,
-        },
-    )
-    .await;
+    let a = TestBackend::start_tls("a", &leaf, Duration::from_secs(3)).await;
+    let b = TestBackend::start_tls("b", &leaf, Duration::ZERO).await;
     let extra = format!(
         "connect_stagger = \"200ms\"\nconnect_timeout = \"10s\"\nupstream_ca = \"{}\"",
         pki.ca_pem.display()
@@ -121,22 +107,8 @@ async fn the_first_connection_up_wins_even_after_others_join() {
     let leaf = pki.leaf("vault", &["vault.corp.test"]);
     // a: up after 400 ms; b: up after 3 s. With a 100 ms stagger both are racing, and a,
     // which completes first, wins.
-    let a = TestBackend::start_with(
-        "a",
-        BackendOptions {
-            tls: Some(leaf.server_config.clone()),
-            tls_handshake_delay: Duration::from_millis(400),
-        },
-    )
-    .await;
-    let b = TestBackend::start_with(
-        "b",
-        BackendOptions {
-            tls: Some(leaf.server_config.clone()),
-            tls_handshake_delay: Duration::from_secs(3),
-        },
-    )
-    .await;
+    let a = TestBackend::start_tls("a", &leaf, Duration::from_millis(400)).await;
+    let b = TestBackend::start_tls("b", &leaf, Duration::from_secs(3)).await;
     let extra = format!(
         "connect_stagger = \"100ms\"\nconnect_timeout = \"10s\"\nupstream_ca = \"{}\"",
         pki.ca_pem.display()

@@ -1,6 +1,8 @@
 //! TLS: SNI picks the certificate, ALPN offers h2, backends verified against
 //! `upstream_ca`, and WebSocket through TLS.
 
+use std::time::Duration;
+
 use futures_util::{SinkExt, StreamExt};
 use keyway_tests::*;
 
@@ -18,14 +20,7 @@ async fn setup(backend_tls: bool) -> Setup {
     let psm = pki.leaf("psm", &["psm.corp.test", "*.psm.corp.test"]);
     let upstream = pki.leaf("backend", &["backend.corp.test"]);
     let backend = if backend_tls {
-        TestBackend::start_with(
-            "secure",
-            BackendOptions {
-                tls: Some(upstream.server_config.clone()),
-                ..Default::default()
-            },
-        )
-        .await
+        TestBackend::start_tls("secure", &upstream, Duration::ZERO).await
     } else {
         TestBackend::start("plain").await
     };
@@ -131,14 +126,7 @@ async fn tls_backend_with_untrusted_certificate_fails_closed() {
     let pki = TestPki::new();
     let other = TestPki::new();
     let leaf = other.leaf("rogue", &["backend.corp.test"]);
-    let rogue = TestBackend::start_with(
-        "rogue",
-        BackendOptions {
-            tls: Some(leaf.server_config.clone()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let rogue = TestBackend::start_tls("rogue", &leaf, Duration::ZERO).await;
     let cfg = format!(
         r#"
 [[listener]]

@@ -117,6 +117,19 @@ impl TestBackend {
         Self::serve(sock, state, opts.tls)
     }
 
+    /// A TLS backend serving `leaf`, whose handshakes start only after `delay` (a slow
+    /// or distant server).
+    pub async fn start_tls(name: &str, leaf: &Leaf, delay: Duration) -> Self {
+        Self::start_with(
+            name,
+            BackendOptions {
+                tls: Some(leaf.server_config.clone()),
+                tls_handshake_delay: delay,
+            },
+        )
+        .await
+    }
+
     /// Listens again on the same port after [`TestBackend::stop`], keeping its state.
     pub async fn restart(&self) -> Self {
         let sock = TcpListener::bind(self.addr).await.expect("rebind backend");
@@ -498,6 +511,35 @@ pub async fn read(resp: Response<Incoming>) -> anyhow::Result<Got> {
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
+}
+
+/// Sends a request whose body is `chunks`, streamed as they come, on a fresh HTTP/1.1
+/// connection; returns the response with its body unread.
+pub async fn send_streaming<S>(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    chunks: S,
+) -> Response<Incoming>
+where
+    S: futures_util::Stream<Item = Result<hyper::body::Frame<Bytes>, std::io::Error>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(http_body_util::StreamBody::new(chunks))
+        .expect("valid request");
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    tx.send_request(req).await.expect("send")
 }
 
 /// Builds a request for `host` and `path`.
