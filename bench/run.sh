@@ -49,19 +49,25 @@ cores=$(nproc)
 front=0
 proxy_core=$((cores > 1 ? 1 : 0))
 
+bash plugins/build.sh >/dev/null
 taskset -c $front "$bin/bench-backend" 127.0.0.1:18080 2>/dev/null & pids+=($!)
-wait_port 18080
+taskset -c $front "$bin/bench-backend" 127.0.0.1:18090 2>/dev/null & pids+=($!)
+wait_port 18080; wait_port 18090
 taskset -c $proxy_core "$bin/keyway" run --config bench/keyway.toml >"$tmp/keyway.log" 2>&1 & pids+=($!)
+# The classifier plugin's cost: the same primary-replica cluster with the native
+# classifier (keyway-pr) and with pam-classifier.wasm (keyway-cls).
+taskset -c $proxy_core "$bin/keyway" run --config bench/keyway-pr.toml >"$tmp/keyway-pr.log" 2>&1 & pids+=($!)
+taskset -c $proxy_core "$bin/keyway" run --config bench/keyway-cls.toml >"$tmp/keyway-cls.log" 2>&1 & pids+=($!)
 sed "s|@TMP@|$tmp|g" bench/nginx.conf.in >"$tmp/nginx.conf"
 mkdir -p "$tmp/body" "$tmp/proxy"
 taskset -c $proxy_core nginx -p "$tmp" -c "$tmp/nginx.conf" 2>"$tmp/nginx.stderr" & pids+=($!)
 taskset -c $proxy_core haproxy -f bench/haproxy.cfg -db >"$tmp/haproxy.log" 2>&1 & pids+=($!)
-wait_port 18081; wait_port 18082; wait_port 18083
+wait_port 18081; wait_port 18082; wait_port 18083; wait_port 18084; wait_port 18085
 
 # Rounds alternate between targets so a noisy neighbour hurts all of them alike; the
 # median of the rounds is reported.
 declare -A all_rps all_p50 all_p99
-targets="direct:18080 keyway:18081 haproxy:18083 nginx:18082"
+targets=${TARGETS:-"direct:18080 keyway:18081 haproxy:18083 nginx:18082 keyway-pr:18084 keyway-cls:18085"}
 for round in $(seq 1 "$ROUNDS"); do
   for target in $targets; do
     name=${target%%:*}; port=${target##*:}
@@ -99,10 +105,13 @@ mkdir -p bench/results
   echo
   echo "| target | req/s (wrk) | p50 µs | p99 µs | added p50 µs | added p99 µs |"
   echo "|---|---:|---:|---:|---:|---:|"
-  for n in direct keyway haproxy nginx; do
+  for target in $targets; do
+    n=${target%%:*}
     if [ "$n" = direct ]; then a50="-"; a99="-"; else a50=$(added "${p50[$n]}" "${p50[direct]}"); a99=$(added "${p99[$n]}" "${p99[direct]}"); fi
     echo "| $n | ${rps[$n]} | ${p50[$n]} | ${p99[$n]} | $a50 | $a99 |"
   done
   echo
-  echo "keyway/HAProxy throughput: $(ratio "${rps[keyway]}" "${rps[haproxy]}"); keyway/nginx: $(ratio "${rps[keyway]}" "${rps[nginx]}")"
+  [ -n "${rps[haproxy]:-}" ] && echo "keyway/HAProxy throughput: $(ratio "${rps[keyway]}" "${rps[haproxy]}"); keyway/nginx: $(ratio "${rps[keyway]}" "${rps[nginx]}")"
+  [ -n "${rps[keyway-cls]:-}" ] && echo "classifier plugin on/off (keyway-cls/keyway-pr) throughput: $(ratio "${rps[keyway-cls]}" "${rps[keyway-pr]}")"
+  true
 } | tee bench/results/latest.md

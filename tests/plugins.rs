@@ -24,6 +24,7 @@ fn backend() -> BackendConfig {
         sni: "vault".into(),
         protocol: UpstreamProtocol::Http1,
         role: Role::Replica,
+        location: String::new(),
     }
 }
 
@@ -565,4 +566,154 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
         done.load(Ordering::Relaxed)
     );
     assert!(done.load(Ordering::Relaxed) > 100);
+}
+
+/// Replaces `to` with `from` the way deploy tools do: write a temporary file, rename it.
+fn replace_file(to: &std::path::Path, bytes: &[u8]) {
+    let tmp = to.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+fn plugin_hash(status: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(status).unwrap();
+    v["clusters"][0]["plugins"][0]["sha256"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_file_changed_on_disk_is_reloaded_and_a_broken_one_refused() {
+    let primary = TestBackend::start("primary").await;
+    let replica = TestBackend::start("replica").await;
+    let dir = unique_dir("plugin-watch");
+    let wasm = dir.join("classifier.wasm");
+    std::fs::copy(plugin("misbehave-classifier"), &wasm).unwrap();
+    let cfg = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "pam"
+[cluster.pam]
+strategy = "primary-replica"
+reads_on_primary = "never"
+classifier = {{ policy = "classifier.wasm", config = {{ mode = "ok", answer = "write" }} }}
+backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
+"#,
+        primary.addr, replica.addr
+    );
+    let p = Proxy::start_file(&dir.join("k.toml"), &cfg).await;
+    let admin = p.admin.unwrap();
+    // This version calls every request a write.
+    assert_eq!(get(p.addr, "h", "/x").await.backend(), "primary");
+    let first = plugin_hash(&admin_get(admin, "/status").await);
+    assert!(!first.is_empty());
+
+    // A broken file is refused: the running version keeps answering.
+    replace_file(&wasm, b"\0asm this is not a component");
+    eventually(Duration::from_secs(10), "the broken plugin to be refused", || async {
+        let s: serde_json::Value = serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+        s["last_reload"]["result"] == "error"
+            && s["last_reload"]["detail"].as_str().unwrap_or_default().contains("classifier.wasm")
+    })
+    .await;
+    assert_eq!(plugin_hash(&admin_get(admin, "/status").await), first);
+    assert_eq!(get(p.addr, "h", "/x").await.backend(), "primary");
+
+    // A good new version is loaded without any call: pam-classifier calls a GET a read.
+    replace_file(&wasm, &std::fs::read(plugin("pam-classifier")).unwrap());
+    eventually(Duration::from_secs(10), "the new plugin to be swapped in", || async {
+        get(p.addr, "h", "/x").await.backend() == "replica"
+    })
+    .await;
+    assert_ne!(plugin_hash(&admin_get(admin, "/status").await), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_of_the_health_policy_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    // Two versions of the policy: one judges both backends by their checks, the other
+    // always calls `b` down.
+    let cfg = |down: &str| {
+        format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "c"
+[cluster.c]
+health = {{ path = "/health", interval = "50ms", policy = "{}", config = {{ mode = "ok", down = [{down}] }} }}
+backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
+"#,
+            plugin("misbehave-health").display(),
+            a.addr,
+            b.addr
+        )
+    };
+    let file = unique_dir("health-swap").join("k.toml");
+    let p = Proxy::start_file(&file, &cfg("")).await;
+    let admin = p.admin.unwrap();
+    let state = |id: &'static str| async move {
+        backend_status(admin, "c", id).await["health"]["health"].clone()
+    };
+    eventually(Duration::from_secs(10), "both healthy", || async {
+        state("a").await == "healthy" && state("b").await == "healthy"
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (fails, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, fails, done, addr) = (stop.clone(), fails.clone(), done.clone(), p.addr);
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match try_send(addr, request("GET", "h", "/x", "")).await {
+                    Ok(r) if r.status == 200 => {}
+                    _ => {
+                        fails.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for round in 0..6 {
+        let b_down = round % 2 == 0;
+        std::fs::write(&file, cfg(if b_down { "\"b\"" } else { "" })).unwrap();
+        let r = send(admin, request("POST", "admin", "/plugins/reload", "")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let want = if b_down { "unhealthy" } else { "healthy" };
+        eventually(Duration::from_secs(10), "the new version's verdict", || async {
+            state("b").await == want
+        })
+        .await;
+        // Once the verdict is published, routing follows it.
+        let mut seen_b = 0;
+        for _ in 0..10 {
+            if get(p.addr, "h", "/x").await.backend() == "b" {
+                seen_b += 1;
+            }
+        }
+        if b_down {
+            assert_eq!(seen_b, 0, "round {round}: b is down in this version");
+        } else {
+            assert!(seen_b > 0, "round {round}: b is healthy in this version");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let done = done.load(Ordering::Relaxed);
+    assert_eq!(fails.load(Ordering::Relaxed), 0, "{done} requests across six swaps");
+    assert!(done > 100, "{done}");
 }

@@ -54,6 +54,7 @@ fn bench(c: &mut Criterion) {
         sni: "vault".into(),
         protocol: UpstreamProtocol::Http1,
         role: Role::Replica,
+        location: String::new(),
     };
     let history: VecDeque<Probe> = (0..64)
         .map(|i| Probe {

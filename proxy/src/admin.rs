@@ -70,7 +70,12 @@ pub async fn serve(
                             ),
                         });
                     }
-                    Ok::<_, Infallible>(route(&rt, req))
+                    if req.method() == Method::POST {
+                        if let Some(resp) = topology_call(&reloader, req.uri().path()).await {
+                            return Ok(resp);
+                        }
+                    }
+                    Ok::<_, Infallible>(route(&rt, &reloader, req))
                 }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
@@ -80,7 +85,35 @@ pub async fn serve(
     }
 }
 
-fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Body> {
+/// `POST /clusters/NAME/failback` and `POST /clusters/NAME/promote/BACKEND`.
+async fn topology_call(reloader: &crate::server::Reloader, path: &str) -> Option<Response<Body>> {
+    let rest = path.strip_prefix("/clusters/")?;
+    let (cluster, action) = rest.split_once('/')?;
+    let failover = reloader.failover();
+    let result = match action.split_once('/') {
+        None if action == "failback" => failover.fail_back(cluster).await,
+        Some(("promote", backend)) if !backend.is_empty() && !backend.contains('/') => {
+            failover
+                .switchover(cluster, backend, &format!("manual promotion of {backend}"), "manual")
+                .await
+        }
+        _ => return None,
+    };
+    Some(match result {
+        Ok(t) => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&t).unwrap_or_default(),
+        ),
+        Err(e) => reply(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::CONFLICT),
+            "text/plain",
+            format!("{}\n", e.message),
+        ),
+    })
+}
+
+fn route(rt: &Runtime, reloader: &crate::server::Reloader, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,
@@ -90,35 +123,32 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/status") => reply(
             StatusCode::OK,
             "application/json",
-            status_json(rt).to_string(),
+            {
+                let mut s = status_json(rt);
+                s["last_reload"] = reloader.last_json();
+                s["coordination"] = reloader.failover().status_json();
+                s.to_string()
+            },
         ),
         (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try GET /metrics, /status, /healthz or POST /reload\n".into(),
+            "not found: try GET /metrics, /status, /healthz, POST /reload, POST /clusters/NAME/promote/BACKEND or POST /clusters/NAME/failback\n".into(),
         ),
     }
 }
 
 /// Plugins a cluster uses: name, file, hash, load time, calls and errors.
 fn plugins_json(cfg: &crate::config::ClusterConfig) -> serde_json::Value {
-    let mut out = Vec::new();
-    if let Some(h) = &cfg.split.classifier {
-        let mut v = h.plugin.meta.status_json();
-        v["kind"] = "classifier".into();
-        out.push(v);
-    }
-    if let Some(crate::config::HealthConfig {
-        policy: crate::config::HealthPolicyKind::Plugin { plugin, .. },
-        ..
-    }) = &cfg.health
-    {
-        let mut v = plugin.meta.status_json();
-        v["kind"] = "health".into();
-        out.push(v);
-    }
-    serde_json::Value::Array(out)
+    cfg.plugins()
+        .into_iter()
+        .map(|(kind, meta)| {
+            let mut v = meta.status_json();
+            v["kind"] = kind.into();
+            v
+        })
+        .collect()
 }
 
 fn reply(status: StatusCode, ctype: &'static str, text: String) -> Response<Body> {
@@ -135,6 +165,7 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
         .clusters
         .iter()
         .map(|c| {
+            let view = c.health.view_full();
             let backends: Vec<_> = c
                 .backends
                 .iter()
@@ -157,9 +188,10 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                         "connect_errors": b.connect_errors(),
                         "pool_idle": b.pool.has_idle(),
                         "last_error": last_error,
-                        "role": match (c.cfg.strategy, b.cfg.role) {
-                            (crate::config::Strategy::PrimaryReplica, crate::config::Role::Primary) => Some("primary"),
-                            (crate::config::Strategy::PrimaryReplica, crate::config::Role::Replica) => Some("replica"),
+                        "role": match (c.cfg.strategy, view.backends.get(i).map(|v| (v.role, v.fenced))) {
+                            (crate::config::Strategy::PrimaryReplica, Some((_, true))) => Some("fenced"),
+                            (crate::config::Strategy::PrimaryReplica, Some((crate::config::Role::Primary, _))) => Some("primary"),
+                            (crate::config::Strategy::PrimaryReplica, _) => Some("replica"),
                             _ => None,
                         },
                         "health": c.health.status_json(i),
@@ -171,7 +203,8 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                 "strategy": c.cfg.strategy.as_str(),
                 "balance": c.cfg.balance.as_str(),
                 "in_flight": c.backends.iter().map(|b| u64::from(b.in_flight())).sum::<u64>(),
-                "primary": c.primary.map(|p| c.backends[p].cfg.id.clone()),
+                "primary": view.primary.map(|p| c.backends[p].cfg.id.clone()),
+                "epoch": view.epoch,
                 "plugins": plugins_json(&c.cfg),
                 "active_checks": c.health.active().is_some(),
                 "backends": backends,

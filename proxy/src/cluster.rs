@@ -15,7 +15,7 @@ use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use crate::balance::{Balancer, Candidate};
 use crate::classify::Classifier;
-use crate::config::{BackendConfig, ClusterConfig, RetryBudget, Role};
+use crate::config::{BackendConfig, ClusterConfig, RetryBudget};
 use crate::health::ClusterHealth;
 use crate::upstream::{self, Pool};
 
@@ -195,8 +195,6 @@ pub struct Cluster {
     pub health: Arc<ClusterHealth>,
     /// Read/write classification (`primary-replica`).
     pub classifier: Classifier,
-    /// Index of the primary (`primary-replica`).
-    pub primary: Option<usize>,
     ryw_key: ring::hmac::Key,
     ryw_cookie: String,
     budget: Budget,
@@ -231,7 +229,6 @@ impl Cluster {
             balancer: Balancer::new(cfg.balance, &weights),
             health,
             classifier: Classifier::new(&cfg.split.read_routes, &cfg.split.write_routes),
-            primary: backends.iter().position(|b| b.cfg.role == Role::Primary),
             ryw_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
             ryw_cookie: format!("keyway_ryw_{}", cfg.name),
             budget: Budget::new(cfg.retry_budget),

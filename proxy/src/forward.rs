@@ -204,6 +204,19 @@ async fn proxy(
     let (mut parts, incoming) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     headers::add_forwarded(&mut parts.headers, info.client.ip(), info.tls, &host, via);
+    // A write carries the topology epoch that routed it: a fencing token the backend (or
+    // its audit trail) can check. Clients cannot supply their own.
+    match kind {
+        Some(Kind::Write) => {
+            parts
+                .headers
+                .insert(EPOCH_HEADER, HeaderValue::from(eligible.view.epoch));
+        }
+        Some(Kind::Read) => {
+            parts.headers.remove(EPOCH_HEADER);
+        }
+        None => {}
+    }
 
     // The limit flag is only needed (and allocated) when there is a body to count.
     let empty_body = incoming.is_end_stream();
@@ -358,6 +371,9 @@ fn unix_ms() -> u64 {
 
 // === eligibility ===
 
+/// Request header naming the topology epoch a write was routed in.
+pub const EPOCH_HEADER: header::HeaderName = header::HeaderName::from_static("keyway-epoch");
+
 /// Which backends one request may use, decided once from one health snapshot. This is
 /// where invariant 1 lives: a write's only eligible backend is the primary, and only
 /// when the snapshot says it is healthy; otherwise the write is refused with 503.
@@ -387,7 +403,7 @@ impl Eligible {
         let max_lag_ms = cluster.cfg.split.max_lag.map(|d| d.as_millis() as u64);
         let n = cluster.backends.len();
         let usable = |i: usize| view.usable(i, now);
-        let mode = match (kind, cluster.primary) {
+        let mode = match (kind, view.primary) {
             (None, _) => {
                 if !(0..n).any(usable) {
                     let detail = if (0..n).any(|i| view.checked(i)) {
@@ -423,7 +439,7 @@ impl Eligible {
                     max_lag_ms.is_none_or(|max| view.backends[i].lag_ms.is_none_or(|l| l <= max))
                 };
                 let replicas = (0..n).any(|i| {
-                    cluster.backends[i].cfg.role == Role::Replica && usable(i) && lag_ok(i)
+                    view.backends[i].role == Role::Replica && usable(i) && lag_ok(i)
                 });
                 let primary = primary.filter(|&p| {
                     usable(p)

@@ -14,7 +14,7 @@
 //! Nothing here routes requests.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -268,8 +268,10 @@ pub struct BackendView {
     pub ejected_until: Option<Instant>,
     /// Last reported replication lag.
     pub lag_ms: Option<u64>,
-    /// The backend's role (from config).
+    /// The backend's role now (promotions change it).
     pub role: Role,
+    /// A demoted primary: no traffic until an explicit failback or promotion.
+    pub fenced: bool,
 }
 
 /// One cluster's health, as published.
@@ -277,6 +279,11 @@ pub struct BackendView {
 pub struct HealthView {
     /// Per backend, in config order.
     pub backends: Vec<BackendView>,
+    /// The backend that takes writes (`primary-replica`), if any: none while a
+    /// switchover drains or after a promotion found no candidate.
+    pub primary: Option<usize>,
+    /// The topology epoch this view belongs to (0 for clusters without one).
+    pub epoch: u64,
     /// Whether an expired ejection ends by itself (no active checks) or needs a probe.
     ejection_needs_probe: bool,
     any_ejected: bool,
@@ -289,7 +296,7 @@ impl HealthView {
         let Some(b) = self.backends.get(i) else {
             return false;
         };
-        if b.health != Health::Healthy {
+        if b.health != Health::Healthy || b.fenced {
             return false;
         }
         match (b.ejected_until, now) {
@@ -325,6 +332,8 @@ struct Record {
     ejected_until: Option<Instant>,
     last_ejection: Option<Instant>,
     kept_in_panic: bool,
+    role: Role,
+    fenced: bool,
 }
 
 struct BackendMetrics {
@@ -338,7 +347,7 @@ struct BackendMetrics {
 pub struct ClusterHealth {
     cluster: String,
     ids: Vec<String>,
-    roles: Vec<Role>,
+    epoch: AtomicU64,
     active: Option<HealthConfig>,
     outlier: OutlierConfig,
     policy: Box<dyn HealthPolicy>,
@@ -365,7 +374,9 @@ impl ClusterHealth {
         let records: Vec<Record> = cfg
             .backends
             .iter()
-            .map(|_| Record {
+            .map(|b| Record {
+                role: b.role,
+                fenced: false,
                 health: initial,
                 reason: match initial {
                     Health::Unknown => "waiting for the first probe".into(),
@@ -402,7 +413,7 @@ impl ClusterHealth {
         let h = Self {
             cluster: cfg.name.clone(),
             ids: cfg.backends.iter().map(|b| b.id.clone()).collect(),
-            roles: cfg.backends.iter().map(|b| b.role).collect(),
+            epoch: AtomicU64::new(0),
             active: cfg.health.clone(),
             outlier: cfg.outlier,
             policy: cfg
@@ -413,6 +424,8 @@ impl ClusterHealth {
             backend_cfgs: cfg.backends.clone(),
             view: ArcSwap::from_pointee(HealthView {
                 backends: Vec::new(),
+                primary: None,
+                epoch: 0,
                 ejection_needs_probe: false,
                 any_ejected: false,
             }),
@@ -452,12 +465,12 @@ impl ClusterHealth {
     fn publish(&self, records: &[Record]) {
         let backends: Vec<BackendView> = records
             .iter()
-            .zip(&self.roles)
-            .map(|(r, role)| BackendView {
+            .map(|r| BackendView {
                 health: r.health,
                 ejected_until: r.ejected_until,
                 lag_ms: r.lag_ms,
-                role: *role,
+                role: r.role,
+                fenced: r.fenced,
             })
             .collect();
         for (r, m) in records.iter().zip(&self.metrics) {
@@ -470,10 +483,7 @@ impl ClusterHealth {
             );
         }
         let panic = |role| {
-            records
-                .iter()
-                .zip(&self.roles)
-                .any(|(r, ro)| *ro == role && r.kept_in_panic)
+            records.iter().any(|r| r.role == role && r.kept_in_panic)
         };
         self.panic_primary
             .set(if panic(Role::Primary) { 1.0 } else { 0.0 });
@@ -481,6 +491,8 @@ impl ClusterHealth {
             .set(if panic(Role::Replica) { 1.0 } else { 0.0 });
         self.view.store(Arc::new(HealthView {
             any_ejected: backends.iter().any(|b| b.ejected_until.is_some()),
+            primary: backends.iter().position(|b| b.role == Role::Primary),
+            epoch: self.epoch.load(Ordering::Relaxed),
             backends,
             ejection_needs_probe: self.active.is_some(),
         }));
@@ -504,6 +516,29 @@ impl ClusterHealth {
             reason = %r.reason,
             "backend health changed"
         );
+    }
+
+    /// Applies a topology: `primary` takes writes, `fenced` backends take nothing, every
+    /// other backend is a replica. Published at once to the request path.
+    pub fn set_topology(&self, epoch: u64, primary: Option<usize>, fenced: &[usize]) {
+        let Ok(mut records) = self.records.lock() else {
+            return;
+        };
+        for (i, r) in records.iter_mut().enumerate() {
+            r.role = if Some(i) == primary {
+                Role::Primary
+            } else {
+                Role::Replica
+            };
+            r.fenced = fenced.contains(&i) && Some(i) != primary;
+        }
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.publish(&records);
+    }
+
+    /// Since when backend `i` has had its current health (for failback stability).
+    pub fn since(&self, i: usize) -> Option<SystemTime> {
+        self.records.lock().ok()?.get(i).map(|r| r.since)
     }
 
     /// Takes over the state of backends that survive a reload: `pairs` maps this
@@ -599,13 +634,14 @@ impl ClusterHealth {
             return;
         }
         // The last usable backend of its role stays: panic mode.
-        let role = self.roles[i];
+        let role = records[i].role;
         let others = records
             .iter()
             .enumerate()
             .filter(|(j, r)| {
                 *j != i
-                    && self.roles[*j] == role
+                    && r.role == role
+                    && !r.fenced
                     && r.health == Health::Healthy
                     && r.ejected_until
                         .is_none_or(|u| self.active.is_none() && u <= now)
@@ -687,6 +723,7 @@ impl ClusterHealth {
             "ejected_for_ms": r.ejected_until.map(|u| u.saturating_duration_since(now).as_millis() as u64),
             "ejections": r.ejections,
             "panic": r.kept_in_panic,
+            "fenced": r.fenced,
             "lag_ms": r.lag_ms,
             "last_checks": checks,
         })

@@ -12,6 +12,8 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod etcd;
+pub mod failover;
 pub mod forward;
 pub mod headers;
 pub mod health;
@@ -21,6 +23,7 @@ pub mod server;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use config::Config;
 pub use server::Server;

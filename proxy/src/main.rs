@@ -40,10 +40,35 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Back up or restore the promotion decisions (epoch, primary, fenced backends).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Start demo backends on loopback and keyway in front of them.
     Demo {
         /// Demo config (its backend addresses become demo servers).
         #[arg(long, short, default_value = "config/demo.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print every cluster's stored decisions as JSON (from the state file or etcd).
+    Export {
+        /// Path to the TOML config (says where the state lives).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Restore decisions from an export, checked against the config. Epochs never go
+    /// back: an older backup is restored with a newer epoch. With a state file, run it
+    /// while keyway is stopped; with etcd, running instances apply it at once.
+    Import {
+        /// The exported JSON.
+        file: PathBuf,
+        /// Path to the TOML config.
+        #[arg(long, short)]
         config: PathBuf,
     },
 }
@@ -107,6 +132,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::State { command } = &cli.command {
+        return match state_command(command) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keyway state: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let (path, demo) = match &cli.command {
         Command::Check { config } => {
             return match Config::load(config) {
@@ -127,16 +164,21 @@ fn main() -> ExitCode {
             };
         }
         Command::Run { config } => (config.clone(), false),
-        Command::Plugin { .. } => unreachable!("handled above"),
+        Command::Plugin { .. } | Command::State { .. } => unreachable!("handled above"),
         Command::Demo { config } => (config.clone(), true),
     };
-    let config = match Config::load(&path) {
+    let mut config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprint!("{e}");
             return ExitCode::from(2);
         }
     };
+    if demo && matches!(config.state, keyway::config::StateConfig::File(_)) {
+        // Each demo starts from the configured primaries, without touching the repo.
+        let file = std::env::temp_dir().join(format!("keyway-demo-state-{}.json", std::process::id()));
+        config.state = keyway::config::StateConfig::File(file);
+    }
     let mut rt = if config.proxy.workers == Some(1) {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -180,6 +222,37 @@ async fn run(config: Config, path: PathBuf, demo: bool) -> anyhow::Result<()> {
     tracing::info!("shutting down: draining in-flight requests");
     server.shutdown().await;
     Ok(())
+}
+
+fn state_command(command: &StateCommand) -> anyhow::Result<String> {
+    let config_path = match command {
+        StateCommand::Export { config } | StateCommand::Import { config, .. } => config,
+    };
+    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let failover = keyway::failover::Failover::open(&config)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        match command {
+            StateCommand::Export { .. } => {
+                let doc = failover.export().await.map_err(|e| anyhow::anyhow!(e))?;
+                Ok(serde_json::to_string_pretty(&doc)?)
+            }
+            StateCommand::Import { file, .. } => {
+                let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+                let doc = keyway::failover::parse_state(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                let report = failover
+                    .import(&config, doc)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("nothing imported: {e}"))?;
+                Ok(format!("imported:\n  {}", report.join("\n  ")))
+            }
+        }
+    })
 }
 
 fn print_demo_help(config: &Config, server: &Server) {
@@ -266,6 +339,7 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
                 sni: "backend".into(),
                 protocol: keyway::config::UpstreamProtocol::Http1,
                 role: keyway::config::Role::Replica,
+                location: String::new(),
             };
             let (health, reason) = policy
                 .evaluate(&backend, current, &probes, epoch)

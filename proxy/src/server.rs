@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig};
+use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
 use crate::router::Router;
 use crate::{admin, telemetry, tls};
@@ -42,10 +43,13 @@ pub enum StartError {
     /// Runtime state could not be built from the config.
     #[error("{0}")]
     Build(String),
+    /// The stored promotion decisions could not be read.
+    #[error("{0}")]
+    State(String),
 }
 
 /// Builds the request path's snapshot from a config.
-pub fn build_runtime(config: &Config) -> Result<Runtime, String> {
+pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, String> {
     telemetry::metrics_handle();
     let secret: &[u8] = match &config.proxy.secret {
         Some(s) => s,
@@ -54,7 +58,12 @@ pub fn build_runtime(config: &Config) -> Result<Runtime, String> {
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()
-        .map(|c| Cluster::new(c.clone(), secret).map(Arc::new))
+        .map(|c| {
+            let cluster = Cluster::new(c.clone(), secret)?;
+            // The stored topology, before the cluster serves a request.
+            failover.apply_to(&cluster);
+            Ok::<_, String>(Arc::new(cluster))
+        })
         .collect::<Result<_, _>>()?;
     let router = Router::new(&config.routes, |name| {
         clusters.iter().position(|c| c.cfg.name == name)
@@ -91,9 +100,25 @@ pub struct Reloader {
     current: std::sync::Mutex<Config>,
     source: std::sync::Mutex<Option<std::path::PathBuf>>,
     shutdown: watch::Receiver<bool>,
+    last: std::sync::Mutex<Option<serde_json::Value>>,
+    failover: Arc<Failover>,
 }
 
 impl Reloader {
+    /// Promotion, fencing and failback (shared with the admin API).
+    pub fn failover(&self) -> &Arc<Failover> {
+        &self.failover
+    }
+
+    /// The outcome of the last reload (for `/status`), `null` before the first.
+    pub fn last_json(&self) -> serde_json::Value {
+        self.last
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
     /// Re-reads the config file the server was started from and applies it.
     pub fn reload(&self) -> Result<String, String> {
         let path = self
@@ -108,6 +133,16 @@ impl Reloader {
             .map_err(|e| e.to_string())
             .and_then(|c| self.apply(c));
         let outcome = if result.is_ok() { "ok" } else { "error" };
+        if let Ok(mut last) = self.last.lock() {
+            let unix = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            *last = Some(serde_json::json!({
+                "unix_time": unix,
+                "result": outcome,
+                "detail": match &result { Ok(s) => s, Err(e) => e },
+            }));
+        }
         metrics::counter!("keyway_config_reloads_total", "result" => outcome).increment(1);
         match &result {
             Ok(summary) => {
@@ -118,6 +153,21 @@ impl Reloader {
             }
         }
         result
+    }
+
+    /// The plugin files the running configuration loaded.
+    pub fn plugin_files(&self) -> Vec<std::path::PathBuf> {
+        let Ok(current) = self.current.lock() else {
+            return Vec::new();
+        };
+        let mut files: Vec<std::path::PathBuf> = current
+            .clusters
+            .iter()
+            .flat_map(|c| c.plugins().into_iter().map(|(_, m)| m.path.clone()))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
     }
 
     /// Applies an already validated config.
@@ -140,7 +190,8 @@ impl Reloader {
                     .into(),
             );
         }
-        let runtime = build_runtime(&next)?;
+        self.failover.prepare(&next)?;
+        let runtime = build_runtime(&next, &self.failover)?;
         let old = self.runtime.load_full();
         for cluster in &runtime.clusters {
             let Some(prev) = old.cluster(&cluster.cfg.name) else {
@@ -173,7 +224,8 @@ impl Reloader {
         for c in &runtime.clusters {
             crate::health::spawn_probers(c, self.shutdown.clone());
         }
-        self.runtime.store(runtime);
+        self.runtime.store(runtime.clone());
+        self.failover.after_swap(&runtime, &self.shutdown);
         for (state, cfg) in self.listeners.iter().zip(&next.listeners) {
             state.store(Arc::new(ListenerState::new(cfg)));
         }
@@ -200,13 +252,20 @@ pub struct Server {
     drain_tx: Option<mpsc::Sender<()>>,
     drain_rx: mpsc::Receiver<()>,
     drain_timeout: Duration,
+    plugin_watcher: std::sync::Mutex<Option<crate::watch::PluginWatcher>>,
 }
+
+/// How long plugin files must be quiet after a change before keyway reloads.
+const PLUGIN_WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
 impl Server {
     /// Binds every listener and the admin server, then starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        let failover = Failover::open(&config)
+            .await
+            .map_err(StartError::State)?;
         let runtime = Arc::new(ArcSwap::from_pointee(
-            build_runtime(&config).map_err(StartError::Build)?,
+            build_runtime(&config, &failover).map_err(StartError::Build)?,
         ));
         let (shutdown, _) = watch::channel(false);
         let (drain_tx, drain_rx) = mpsc::channel(1);
@@ -226,6 +285,7 @@ impl Server {
         for c in &runtime.load().clusters {
             crate::health::spawn_probers(c, shutdown.subscribe());
         }
+        failover.start(runtime.clone(), shutdown.subscribe());
         let listener_states: Vec<Arc<ArcSwap<ListenerState>>> = config
             .listeners
             .iter()
@@ -237,6 +297,8 @@ impl Server {
             current: std::sync::Mutex::new(config.clone()),
             source: std::sync::Mutex::new(None),
             shutdown: shutdown.subscribe(),
+            last: std::sync::Mutex::new(None),
+            failover: failover.clone(),
         });
         let admin_addr = match &config.admin {
             Some(a) => {
@@ -272,6 +334,7 @@ impl Server {
             ));
         }
         Ok(Server {
+            plugin_watcher: std::sync::Mutex::new(None),
             listen_addrs,
             admin_addr,
             runtime,
@@ -294,9 +357,25 @@ impl Server {
     }
 
     /// Remembers the file this server's config came from, so reloads re-read it.
+    /// Also starts the plugin-file watcher, unless `[proxy] watch_plugins = false`.
     pub fn set_config_source(&self, path: std::path::PathBuf) {
         if let Ok(mut s) = self.reloader.source.lock() {
             *s = Some(path);
+        }
+        let watch = self
+            .reloader
+            .current
+            .lock()
+            .is_ok_and(|c| c.proxy.watch_plugins);
+        if watch {
+            match crate::watch::watch_plugins(self.reloader.clone(), PLUGIN_WATCH_DEBOUNCE) {
+                Ok(w) => {
+                    if let Ok(mut slot) = self.plugin_watcher.lock() {
+                        *slot = Some(w);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "plugin files are not watched; reload with SIGHUP or POST /plugins/reload"),
+            }
         }
     }
 
@@ -308,6 +387,11 @@ impl Server {
     /// The reloader, for callers that outlive a borrow of the server (signal handlers).
     pub fn reloader(&self) -> Arc<Reloader> {
         self.reloader.clone()
+    }
+
+    /// Promotion, fencing and failback.
+    pub fn failover(&self) -> Arc<Failover> {
+        self.reloader.failover.clone()
     }
 
     /// The live runtime snapshot.

@@ -63,6 +63,8 @@ struct BackendState {
     health_status: std::sync::atomic::AtomicU16,
     lag_ms: std::sync::atomic::AtomicU64,
     health_checks: AtomicUsize,
+    hook_status: std::sync::atomic::AtomicU16,
+    hooks: Mutex<Vec<String>>,
     mode: Mutex<Mode>,
     seen: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
@@ -108,6 +110,8 @@ impl TestBackend {
             health_status: std::sync::atomic::AtomicU16::new(200),
             lag_ms: std::sync::atomic::AtomicU64::new(0),
             health_checks: AtomicUsize::new(0),
+            hook_status: std::sync::atomic::AtomicU16::new(200),
+            hooks: Mutex::new(Vec::new()),
             mode: Mutex::new(Mode::Normal),
             seen: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
@@ -187,6 +191,30 @@ impl TestBackend {
     /// Replication lag `GET /health` reports from now on.
     pub fn set_lag(&self, ms: u64) {
         self.state.lag_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Status `POST /admin/*` (promotion hooks) answers with from now on.
+    pub fn set_hook_status(&self, status: u16) {
+        self.state.hook_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Paths of the `/admin/*` hook calls received, in order.
+    pub fn hooks(&self) -> Vec<String> {
+        self.state.hooks.lock().unwrap().clone()
+    }
+
+    /// The `keyway-epoch` of every write (non-GET/HEAD request) seen, in order.
+    pub fn write_epochs(&self) -> Vec<u64> {
+        self.seen()
+            .iter()
+            .filter(|s| s.method != "GET" && s.method != "HEAD")
+            .map(|s| {
+                s.headers
+                    .get("keyway-epoch")
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(u64::MAX)
+            })
+            .collect()
     }
 
     /// Health checks received.
@@ -288,6 +316,11 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
         r.headers_mut()
             .insert("sec-websocket-accept", accept.parse().unwrap());
         return r;
+    }
+
+    if req.uri().path().starts_with("/admin/") {
+        st.hooks.lock().unwrap().push(req.uri().path().to_string());
+        return text(st.hook_status.load(Ordering::SeqCst), String::new());
     }
 
     if req.uri().path() == "/health" {
@@ -423,7 +456,8 @@ impl Proxy {
     /// Parses, validates and starts `config` (relative paths resolve against the test's
     /// temp dir). Panics with the config errors if it is invalid.
     pub async fn start(config: &str) -> Self {
-        let cfg = keyway::Config::from_str_with_base(config, "test.toml", &temp_dir())
+        // A directory of its own: the default state file lives beside the config.
+        let cfg = keyway::Config::from_str_with_base(config, "test.toml", &unique_dir("proxy"))
             .unwrap_or_else(|e| panic!("{e}"));
         let server = keyway::Server::start(cfg).await.expect("start keyway");
         Self {
@@ -827,4 +861,137 @@ pub fn repo_config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("config")
+}
+
+// === etcd ===
+
+/// A real etcd server on loopback ports with a temporary data directory, stopped (and
+/// its data removed) when dropped.
+pub struct Etcd {
+    /// Client address (`http://` + this).
+    pub addr: SocketAddr,
+    peer: SocketAddr,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+/// The `etcd` binary: on PATH, or installed from Debian's `etcd-server` when running as
+/// root on a machine that has apt (what `.ci/run` does, too).
+fn etcd_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let found = BIN.get_or_init(|| {
+        let which = || {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|p| p.join("etcd"))
+                    .find(|p| p.is_file())
+            })
+        };
+        if let Some(p) = which() {
+            return Ok(p);
+        }
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"));
+        if root {
+            let _ = std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "etcd-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            if let Some(p) = which() {
+                return Ok(p);
+            }
+            let _ = std::process::Command::new("apt-get").args(["update", "-qq"]).status();
+            let _ = std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "etcd-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+        }
+        which().ok_or_else(|| {
+            "these tests need etcd: install it (Debian: apt-get install etcd-server) or put `etcd` on PATH".to_string()
+        })
+    });
+    found.clone().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub async fn start() -> Self {
+        let dir = unique_dir("etcd");
+        let (addr, peer) = (free_port(), free_port());
+        let mut me = Self {
+            addr,
+            peer,
+            dir,
+            child: None,
+        };
+        me.spawn().await;
+        me
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("etcd.log")).expect("log");
+        let child = std::process::Command::new(etcd_binary())
+            .args([
+                "--name",
+                "test",
+                "--data-dir",
+                &self.dir.join("data").display().to_string(),
+                "--listen-client-urls",
+                &format!("http://{}", self.addr),
+                "--advertise-client-urls",
+                &format!("http://{}", self.addr),
+                "--listen-peer-urls",
+                &format!("http://{}", self.peer),
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", self.peer),
+                "--initial-cluster",
+                &format!("test=http://{}", self.peer),
+            ])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let addr = self.addr;
+        eventually(Duration::from_secs(20), "etcd to answer", || async move {
+            match try_send(addr, request("POST", "etcd", "/v3/kv/range", r#"{"key":"AA=="}"#)).await {
+                Ok(r) => r.status == 200,
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+
+    /// Stops etcd (kill), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// `http://ADDR`, for `[coordination] etcd = [...]`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

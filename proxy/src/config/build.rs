@@ -126,9 +126,11 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
         })
         .collect();
     match segs.as_slice() {
-        [] => &["admin", "proxy", "listener", "route", "cluster"],
+        [] => &["admin", "proxy", "listener", "route", "cluster", "state", "coordination"],
+        [Some("state")] => &["file"],
+        [Some("coordination")] => &["etcd", "prefix", "lease_ttl", "instance", "timeout"],
         [Some("admin")] => &["listen"],
-        [Some("proxy")] => &["workers", "drain_timeout", "access_log", "secret_file"],
+        [Some("proxy")] => &["workers", "drain_timeout", "access_log", "secret_file", "watch_plugins"],
         [Some("listener"), None] => &[
             "listen",
             "tls",
@@ -158,8 +160,25 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "max_lag",
             "read_your_writes",
             "classifier",
+            "promotion",
+            "failback",
             "backends",
         ],
+        [Some("cluster"), Some(_), Some("promotion")] => &[
+            "policy",
+            "config",
+            "on_error",
+            "auto",
+            "hold",
+            "require_hook_ok",
+            "on_promote",
+            "on_repoint",
+            "drain",
+        ],
+        [Some("cluster"), Some(_), Some("promotion"), Some("on_promote" | "on_repoint")] => {
+            &["url", "timeout"]
+        }
+        [Some("cluster"), Some(_), Some("failback")] => &["after"],
         [Some("cluster"), Some(_), Some("health")] => &[
             "kind",
             "path",
@@ -185,7 +204,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
         [Some("cluster"), Some(_), Some("retry_budget")] => &["ratio", "min_per_second"],
         [Some("cluster"), Some(_), Some("pool")] => &["max_idle", "idle_timeout"],
         [Some("cluster"), Some(_), Some("backends"), None] => &[
-            "id", "address", "weight", "priority", "tls", "sni", "protocol", "role",
+            "id", "address", "weight", "priority", "tls", "sni", "protocol", "role", "location",
         ],
         _ => &[],
     }
@@ -246,6 +265,7 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
             errs,
         ),
         access_log: fp.and_then(|p| p.access_log).unwrap_or(false),
+        watch_plugins: fp.and_then(|p| p.watch_plugins).unwrap_or(true),
         secret: fp.and_then(|p| p.secret_file.as_deref()).and_then(|f| {
             let path = root.key("proxy").key("secret_file");
             let file = resolve(base, f);
@@ -311,13 +331,84 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         }
     }
 
+    let state = match &file.coordination {
+        Some(c) => {
+            let cp = root.key("coordination");
+            if file.state.as_ref().is_some_and(|s| s.file.is_some()) {
+                errs.push(
+                    &root.key("state").key("file"),
+                    "[state] file and [coordination] both say where decisions live",
+                    "keep [coordination] for several instances sharing etcd, or [state] for one instance",
+                );
+            }
+            if c.etcd.is_empty() {
+                errs.push(&cp.key("etcd"), "no etcd endpoint given", "list them: etcd = [\"http://127.0.0.1:2379\"]");
+            }
+            let endpoints = c
+                .etcd
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| etcd_endpoint(e, &cp.key("etcd").index(i), errs))
+                .collect();
+            let prefix = c.prefix.clone().unwrap_or_else(|| "/keyway".into());
+            if !prefix.starts_with('/') || prefix.ends_with('/') {
+                errs.push(&cp.key("prefix"), format!("prefix `{prefix}` must start with / and not end with one"), "use e.g. \"/keyway\"");
+            }
+            let lease_ttl = nonzero_duration(c.lease_ttl.as_deref(), &cp.key("lease_ttl"), DEFAULT_LEASE_TTL, errs);
+            if lease_ttl < Duration::from_secs(1) {
+                errs.push(&cp.key("lease_ttl"), "etcd leases are granted in whole seconds", "use 1s or more");
+            }
+            StateConfig::Etcd(EtcdConfig {
+                endpoints,
+                prefix,
+                lease_ttl: lease_ttl.max(Duration::from_secs(1)),
+                instance: c.instance.clone().unwrap_or_else(default_instance_name),
+                timeout: nonzero_duration(c.timeout.as_deref(), &cp.key("timeout"), DEFAULT_ETCD_TIMEOUT, errs),
+            })
+        }
+        None => StateConfig::File(resolve(
+            base,
+            file.state
+                .as_ref()
+                .and_then(|s| s.file.as_deref())
+                .unwrap_or(DEFAULT_STATE_FILE),
+        )),
+    };
+
     Config {
         admin,
         proxy,
         listeners,
         routes,
         clusters,
+        state,
     }
+}
+
+/// `http://host:port` (or `host:port`) of an etcd client endpoint.
+fn etcd_endpoint(text: &str, path: &KeyPath, errs: &mut Errors<'_>) -> Option<SocketAddr> {
+    if text.starts_with("https://") {
+        errs.push(path, "etcd over TLS is not supported yet", "use a plain http:// endpoint on a trusted network, or a local etcd gateway");
+        return None;
+    }
+    let hostport = text.strip_prefix("http://").unwrap_or(text).trim_end_matches('/');
+    match hostport.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+        Some(a) => Some(a),
+        None => {
+            errs.push(path, format!("`{text}` is not a reachable host:port"), "write it like \"http://127.0.0.1:2379\"");
+            None
+        }
+    }
+}
+
+/// `hostname-pid`: unique per process on one machine, readable in etcd and logs.
+fn default_instance_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keyway".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn listener(
@@ -760,10 +851,112 @@ fn cluster(
         },
         upstream_ca,
         pool,
+        promotion: c
+            .promotion
+            .as_ref()
+            .and_then(|p| promotion(p, &path.key("promotion"), strategy, health.as_ref(), base, errs)),
+        failback_after: c.failback.as_ref().and_then(|f| {
+            let fp = path.key("failback");
+            if strategy != Strategy::PrimaryReplica {
+                errs.push(&fp, "failback only applies to strategy = \"primary-replica\"", "remove it");
+            }
+            if health.is_none() {
+                errs.push(&fp, "automatic failback needs active health checks to see the old primary recover", "add health = { path = \"/health\" } to the cluster, or remove failback and fail back with POST /clusters/NAME/failback");
+            }
+            Some(nonzero_duration(Some(&f.after), &fp.key("after"), Duration::from_secs(600), errs))
+        }),
         health,
         outlier,
         split,
         backends,
+    })
+}
+
+fn promotion(
+    p: &FilePromotion,
+    path: &KeyPath,
+    strategy: Strategy,
+    health: Option<&HealthConfig>,
+    base: &Path,
+    errs: &mut Errors<'_>,
+) -> Option<PromotionConfig> {
+    if strategy != Strategy::PrimaryReplica {
+        errs.push(
+            path,
+            "promotion only applies to strategy = \"primary-replica\"",
+            "set strategy = \"primary-replica\" or remove promotion",
+        );
+        return None;
+    }
+    let auto = p.auto.unwrap_or(true);
+    if auto && health.is_none() {
+        errs.push(
+            path,
+            "automatic promotion needs active health checks to see the primary die",
+            "add health = { path = \"/health\", interval = \"1s\" } to the cluster, or set auto = false",
+        );
+    }
+    let on_error = on_error(p.on_error.as_deref(), &path.key("on_error"), errs);
+    let cfg = p.config.as_ref();
+    let policy = match p.policy.as_deref().unwrap_or("priority-promotion") {
+        "priority-promotion" => PromotionPolicyKind::Priority {
+            prefer_location: cfg
+                .and_then(|c| c.get("prefer_location"))
+                .and_then(|v| v.as_str())
+                .map(String::from),
+        },
+        "least-lag-promotion" => PromotionPolicyKind::LeastLag {
+            max_lag_ms: cfg
+                .and_then(|c| c.get("max_lag_ms"))
+                .and_then(|v| v.as_integer())
+                .and_then(|v| u64::try_from(v).ok()),
+        },
+        file if crate::plugin::is_plugin_path(file) => {
+            match crate::plugin::PromotionPlugin::load(&resolve(base, file), &plugin_config_json(cfg)) {
+                Ok(plugin) => PromotionPolicyKind::Plugin { plugin, on_error },
+                Err(e) => {
+                    errs.push(&path.key("policy"), e, "fix the plugin or its `config`, or use policy = \"priority-promotion\"");
+                    return None;
+                }
+            }
+        }
+        other => {
+            errs.push(
+                &path.key("policy"),
+                format!("unknown promotion policy `{other}`"),
+                "use \"priority-promotion\", \"least-lag-promotion\" or a .wasm promotion plugin",
+            );
+            return None;
+        }
+    };
+    let hook = |h: &Option<FileHook>, key: &str, errs: &mut Errors<'_>| {
+        h.as_ref().and_then(|h| {
+            let hp = path.key(key);
+            let timeout = nonzero_duration(h.timeout.as_deref(), &hp.key("timeout"), DEFAULT_HOOK_TIMEOUT, errs);
+            let probe = h.url.replace("{address}", "127.0.0.1:1").replace("{id}", "x").replace("{cluster}", "x").replace("{epoch}", "1");
+            match probe.parse::<http::Uri>() {
+                Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Some(HookConfig { url: h.url.clone(), timeout }),
+                _ => {
+                    errs.push(
+                        &hp.key("url"),
+                        format!("`{}` is not an http:// URL", h.url),
+                        "write it like \"http://{address}/admin/promote\" ({address}, {id}, {cluster} and {epoch} are filled in)",
+                    );
+                    None
+                }
+            }
+        })
+    };
+    let on_promote = hook(&p.on_promote, "on_promote", errs);
+    let on_repoint = hook(&p.on_repoint, "on_repoint", errs);
+    Some(PromotionConfig {
+        policy,
+        auto,
+        hold: duration(p.hold.as_deref(), &path.key("hold"), DEFAULT_PROMOTION_HOLD, errs),
+        require_hook_ok: p.require_hook_ok.unwrap_or(true),
+        on_promote,
+        on_repoint,
+        drain: duration(p.drain.as_deref(), &path.key("drain"), DEFAULT_SWITCHOVER_DRAIN, errs),
     })
 }
 
@@ -1091,6 +1284,7 @@ fn backend(
         sni,
         protocol,
         role,
+        location: b.location.clone().unwrap_or_default(),
     })
 }
 

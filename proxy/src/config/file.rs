@@ -22,6 +22,51 @@ pub struct FileConfig {
     pub routes: Vec<FileRoute>,
     #[serde(default, rename = "cluster")]
     pub clusters: BTreeMap<String, FileCluster>,
+    pub state: Option<FileState>,
+    pub coordination: Option<FileCoordination>,
+}
+
+/// `[state]`: where a single instance keeps its promotion decisions.
+#[derive(Debug, Deserialize)]
+pub struct FileState {
+    pub file: Option<String>,
+}
+
+/// `[coordination]`: several instances agree through etcd.
+#[derive(Debug, Deserialize)]
+pub struct FileCoordination {
+    pub etcd: Vec<String>,
+    pub prefix: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub instance: Option<String>,
+    pub timeout: Option<String>,
+}
+
+/// `promotion = { ... }`
+#[derive(Debug, Deserialize)]
+pub struct FilePromotion {
+    pub policy: Option<String>,
+    pub config: Option<toml::Table>,
+    pub on_error: Option<String>,
+    pub auto: Option<bool>,
+    pub hold: Option<String>,
+    pub require_hook_ok: Option<bool>,
+    pub on_promote: Option<FileHook>,
+    pub on_repoint: Option<FileHook>,
+    pub drain: Option<String>,
+}
+
+/// `on_promote = { url = "...", timeout = "5s" }`
+#[derive(Debug, Deserialize)]
+pub struct FileHook {
+    pub url: String,
+    pub timeout: Option<String>,
+}
+
+/// `failback = { after = "10m" }`
+#[derive(Debug, Deserialize)]
+pub struct FileFailback {
+    pub after: String,
 }
 
 /// `[admin]`
@@ -37,6 +82,7 @@ pub struct FileProxy {
     pub drain_timeout: Option<String>,
     pub access_log: Option<bool>,
     pub secret_file: Option<String>,
+    pub watch_plugins: Option<bool>,
 }
 
 /// `[[listener]]`
@@ -88,6 +134,8 @@ pub struct FileCluster {
     pub max_lag: Option<String>,
     pub read_your_writes: Option<String>,
     pub classifier: Option<FileClassifier>,
+    pub promotion: Option<FilePromotion>,
+    pub failback: Option<FileFailback>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,
 }
@@ -160,4 +208,5 @@ pub struct FileBackend {
     pub sni: Option<String>,
     pub protocol: Option<String>,
     pub role: Option<String>,
+    pub location: Option<String>,
 }

@@ -27,6 +27,18 @@ pub use build::parse_duration;
 
 /// Time allowed to establish a TCP (and TLS) connection to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default deadline of a promotion hook call.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time the primary must stay unhealthy before a promotion.
+pub const DEFAULT_PROMOTION_HOLD: Duration = Duration::from_secs(10);
+/// Default wait for in-flight requests to the old primary in a planned switchover.
+pub const DEFAULT_SWITCHOVER_DRAIN: Duration = Duration::from_secs(5);
+/// Default lease of the etcd promotion leader.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+/// Default deadline of one etcd request.
+pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default state file of a single instance, relative to the config file.
+pub const DEFAULT_STATE_FILE: &str = "keyway-state.json";
 /// BeyondTrust's `masterdelay` default: how long the first backend of an ordered
 /// cluster has before the next one is tried in parallel.
 pub const DEFAULT_CONNECT_STAGGER: Duration = Duration::from_millis(500);
@@ -90,6 +102,85 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Clusters by name.
     pub clusters: Vec<ClusterConfig>,
+    /// Where promotion decisions (epoch, primary, fenced backends) are kept.
+    pub state: StateConfig,
+}
+
+/// Where promotion decisions live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateConfig {
+    /// A single instance: a local file, written atomically before a decision takes effect.
+    File(PathBuf),
+    /// Several instances: etcd (`[coordination]`).
+    Etcd(EtcdConfig),
+}
+
+/// `[coordination]`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// etcd client endpoints (plain HTTP; the v3 JSON gateway every etcd serves).
+    pub endpoints: Vec<SocketAddr>,
+    /// Key prefix, e.g. `/keyway`.
+    pub prefix: String,
+    /// Lease of the promotion leader: a dead leader is replaced after about this long.
+    pub lease_ttl: Duration,
+    /// This instance's name in the election.
+    pub instance: String,
+    /// Deadline for one etcd request.
+    pub timeout: Duration,
+}
+
+/// `promotion = { ... }`
+#[derive(Clone, Debug)]
+pub struct PromotionConfig {
+    /// Who chooses the new primary.
+    pub policy: PromotionPolicyKind,
+    /// Promote by itself (`false`: only report that a promotion is needed).
+    pub auto: bool,
+    /// How long the primary must stay unhealthy before a promotion.
+    pub hold: Duration,
+    /// A failing `on_promote` hook keeps writes off the candidate.
+    pub require_hook_ok: bool,
+    /// Called on the new primary before it takes writes.
+    pub on_promote: Option<HookConfig>,
+    /// Called on every other backend after a promotion.
+    pub on_repoint: Option<HookConfig>,
+    /// Planned switchovers wait up to this long for in-flight requests to the old
+    /// primary to finish.
+    pub drain: Duration,
+}
+
+/// A promotion policy.
+#[derive(Clone, Debug)]
+pub enum PromotionPolicyKind {
+    /// Native `priority-promotion`: first healthy candidate by priority, preferring a
+    /// location.
+    Priority {
+        /// Candidates at this location come first.
+        prefer_location: Option<String>,
+    },
+    /// Native `least-lag-promotion`.
+    LeastLag {
+        /// Candidates further behind (or reporting no lag) are never promoted.
+        max_lag_ms: Option<u64>,
+    },
+    /// A WebAssembly promotion policy.
+    Plugin {
+        /// The loaded plugin.
+        plugin: Arc<crate::plugin::PromotionPlugin>,
+        /// What a failed call means (fail-closed: no promotion; otherwise the native
+        /// priority-promotion decides).
+        on_error: crate::plugin::OnError,
+    },
+}
+
+/// An HTTP call keyway makes to a backend when the topology changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookConfig {
+    /// `http://` URL; `{address}`, `{id}`, `{cluster}` and `{epoch}` are filled in.
+    pub url: String,
+    /// Deadline for the whole call.
+    pub timeout: Duration,
 }
 
 /// `[admin]`
@@ -111,6 +202,8 @@ pub struct ProxySettings {
     /// Key that signs keyway's cookies (read-your-writes). `None`: a random key per
     /// process, so such cookies do not survive a restart or cross instances.
     pub secret: Option<Vec<u8>>,
+    /// Reload the configuration when a plugin file changes on disk.
+    pub watch_plugins: bool,
 }
 
 /// `[[listener]]`
@@ -464,6 +557,10 @@ pub struct ClusterConfig {
     pub outlier: OutlierConfig,
     /// Read/write split (`primary-replica` clusters).
     pub split: SplitConfig,
+    /// Automatic promotion (`primary-replica`); `None`: promotions are manual only.
+    pub promotion: Option<PromotionConfig>,
+    /// Fail back to the configured primary once it has been healthy this long.
+    pub failback_after: Option<Duration>,
     /// Backends in file order.
     pub backends: Vec<BackendConfig>,
 }
@@ -485,8 +582,11 @@ pub struct BackendConfig {
     pub sni: String,
     /// HTTP version towards this backend.
     pub protocol: UpstreamProtocol,
-    /// Role in a `primary-replica` cluster (`Replica` elsewhere).
+    /// Role in a `primary-replica` cluster (`Replica` elsewhere): the role it starts
+    /// with; promotions change who is primary at run time (see `failover`).
     pub role: Role,
+    /// A site label (`location = "east"`) that promotion policies may prefer.
+    pub location: String,
 }
 
 // === errors ===
@@ -540,6 +640,32 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+impl ClusterConfig {
+    /// The plugins this cluster uses, each with its kind (`classifier`, `health`,
+    /// `promotion`).
+    pub fn plugins(&self) -> Vec<(&'static str, &crate::plugin::PluginMeta)> {
+        let mut out = Vec::new();
+        if let Some(h) = &self.split.classifier {
+            out.push(("classifier", &h.plugin.meta));
+        }
+        if let Some(HealthConfig {
+            policy: HealthPolicyKind::Plugin { plugin, .. },
+            ..
+        }) = &self.health
+        {
+            out.push(("health", &plugin.meta));
+        }
+        if let Some(PromotionConfig {
+            policy: PromotionPolicyKind::Plugin { plugin, .. },
+            ..
+        }) = &self.promotion
+        {
+            out.push(("promotion", &plugin.meta));
+        }
+        out
+    }
+}
 
 impl Config {
     /// Read, parse and validate a config file. Relative paths inside it (certificates,

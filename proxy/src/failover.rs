@@ -1,0 +1,1538 @@
+//! Promotion, fencing and failback for `primary-replica` clusters, and where those
+//! decisions are kept.
+//!
+//! A cluster's **topology** is its current primary, the backends fenced off after a
+//! demotion, and an **epoch** that grows with every decision. The request path sees it
+//! through the cluster's health view (`HealthView::primary`, `BackendView::fenced`), so
+//! one atomic load gives a request both health and topology.
+//!
+//! Rules (DESIGN.md §2, invariants):
+//! - A decision is made durable *before* it takes effect: written atomically to the
+//!   state file (single instance) or committed to etcd by a compare-and-swap on the
+//!   revision this instance last saw (several instances). An instance that cannot make a
+//!   decision durable does not act on it.
+//! - Only a decider promotes automatically: a single instance always is; with etcd,
+//!   only the holder of the leader lease, and its transaction also checks that it still
+//!   holds it. When etcd is unreachable nobody promotes; every instance keeps the last
+//!   primary it knew.
+//! - A demoted primary is fenced: no traffic, whatever its health, until an explicit
+//!   failback or promotion names it.
+//! - A planned switchover (manual promotion, failback) first commits an epoch with no
+//!   primary, waits for the old primary's in-flight requests, then commits the new one;
+//!   so two primaries never take writes in one epoch.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::cluster::Cluster;
+use crate::config::{
+    ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role, StateConfig,
+    Strategy,
+};
+use crate::etcd;
+use crate::forward::Runtime;
+use crate::health::{Health, HealthView};
+use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
+
+/// Decisions kept per cluster for `/status`.
+const HISTORY: usize = 64;
+
+/// How often a controller looks at its cluster.
+const TICK: Duration = Duration::from_millis(100);
+
+// === the topology ===
+
+/// One cluster's decisions, as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    /// Grows with every decision; 0 means "as configured, nothing decided yet".
+    pub epoch: u64,
+    /// The backend id that takes writes; `None` while a switchover drains.
+    pub primary: Option<String>,
+    /// Demoted primaries: no traffic until a failback or promotion names them.
+    #[serde(default)]
+    pub fenced: Vec<String>,
+    /// Why this epoch began.
+    #[serde(default)]
+    pub reason: String,
+    /// When (Unix milliseconds).
+    #[serde(default)]
+    pub unix_ms: u64,
+}
+
+impl Topology {
+    /// The topology a config starts with.
+    fn initial(cfg: &ClusterConfig) -> Self {
+        Self {
+            epoch: 0,
+            primary: cfg
+                .backends
+                .iter()
+                .find(|b| b.role == Role::Primary)
+                .map(|b| b.id.clone()),
+            fenced: Vec::new(),
+            reason: "as configured".into(),
+            unix_ms: 0,
+        }
+    }
+
+    /// Checks that every backend it names exists in `cfg`.
+    pub fn validate(&self, cfg: &ClusterConfig) -> Result<(), String> {
+        let known = |id: &str| cfg.backends.iter().any(|b| b.id == id);
+        if cfg.strategy != Strategy::PrimaryReplica {
+            return Err(format!(
+                "cluster `{}` is not primary-replica, so it has no primary to record",
+                cfg.name
+            ));
+        }
+        if let Some(p) = &self.primary {
+            if !known(p) {
+                return Err(format!(
+                    "cluster `{}`: the recorded primary `{p}` is not a backend in the configuration",
+                    cfg.name
+                ));
+            }
+        }
+        if let Some(f) = self.fenced.iter().find(|f| !known(f)) {
+            return Err(format!(
+                "cluster `{}`: the fenced backend `{f}` is not a backend in the configuration",
+                cfg.name
+            ));
+        }
+        Ok(())
+    }
+
+    fn next(&self, primary: Option<String>, fenced: Vec<String>, reason: String) -> Self {
+        Self {
+            epoch: self.epoch + 1,
+            primary,
+            fenced,
+            reason,
+            unix_ms: unix_ms(),
+        }
+    }
+}
+
+/// The whole state: every cluster's topology. This is the state file's format and what
+/// `keyway state export` prints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDoc {
+    /// Format version (1).
+    pub version: u32,
+    /// By cluster name.
+    pub clusters: BTreeMap<String, Topology>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+// === stores ===
+
+/// A topology and the store's token for it (its revision), used to compare-and-swap.
+#[derive(Clone, Debug)]
+struct Known {
+    topology: Topology,
+    revision: i64,
+}
+
+enum Commit {
+    Done(i64),
+    /// Someone else decided first: the store's current value.
+    Lost(Option<Known>),
+}
+
+/// The state file of a single instance.
+pub struct FileStore {
+    path: PathBuf,
+    doc: Mutex<StateDoc>,
+}
+
+impl FileStore {
+    /// Opens the state file. Missing: empty state. Unreadable or corrupt: an error that
+    /// stops start-up (a silent reset could resurrect a fenced primary).
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let doc = match std::fs::read(path) {
+            Ok(bytes) => parse_state(&bytes).map_err(|e| {
+                format!(
+                    "the state file {} is corrupt ({e}). keyway will not start without its promotion decisions: restore it with `keyway state import BACKUP`, or move it away to start from the configured primaries (this forgets every promotion and fence)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateDoc {
+                version: 1,
+                clusters: BTreeMap::new(),
+            },
+            Err(e) => {
+                return Err(format!(
+                    "cannot read the state file {}: {e}. Fix its permissions or set [state] file to a readable path",
+                    path.display()
+                ))
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            doc: Mutex::new(doc),
+        })
+    }
+
+    #[cfg(test)]
+    fn get(&self, cluster: &str) -> Option<Topology> {
+        self.doc.lock().ok()?.clusters.get(cluster).cloned()
+    }
+
+    /// Writes `next` for `cluster` if its epoch is still `expected`.
+    fn commit(&self, cluster: &str, expected: u64, next: &Topology) -> Result<Commit, String> {
+        let mut doc = self
+            .doc
+            .lock()
+            .map_err(|_| "state lock poisoned".to_string())?;
+        let current = doc.clusters.get(cluster).map_or(0, |t| t.epoch);
+        if current != expected {
+            return Ok(Commit::Lost(doc.clusters.get(cluster).map(|t| Known {
+                topology: t.clone(),
+                revision: t.epoch as i64,
+            })));
+        }
+        let mut updated = doc.clone();
+        updated.clusters.insert(cluster.to_string(), next.clone());
+        write_atomically(&self.path, &updated)?;
+        *doc = updated;
+        Ok(Commit::Done(next.epoch as i64))
+    }
+
+    /// The whole document.
+    pub fn doc(&self) -> StateDoc {
+        self.doc.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the whole document (import).
+    pub fn replace(&self, doc: StateDoc) -> Result<(), String> {
+        write_atomically(&self.path, &doc)?;
+        if let Ok(mut d) = self.doc.lock() {
+            *d = doc;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a state document, checking its version.
+pub fn parse_state(bytes: &[u8]) -> Result<StateDoc, String> {
+    let doc: StateDoc = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if doc.version != 1 {
+        return Err(format!(
+            "format version {} is not one this keyway reads (1)",
+            doc.version
+        ));
+    }
+    Ok(doc)
+}
+
+/// Temp file in the same directory, fsync, rename over, fsync the directory: after a
+/// crash the file holds either the old or the new state, never a mix.
+fn write_atomically(path: &Path, doc: &StateDoc) -> Result<(), String> {
+    use std::io::Write;
+    let fail = |what: &str, e: std::io::Error| {
+        format!(
+            "cannot {what} the state file {}: {e}; the decision was not made",
+            path.display()
+        )
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .map_or("keyway-state".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let text = serde_json::to_vec_pretty(doc).map_err(|e| e.to_string())?;
+    let mut f = std::fs::File::create(&tmp).map_err(|e| fail("create a temporary file for", e))?;
+    f.write_all(&text)
+        .and_then(|()| f.write_all(b"\n"))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| fail("write", e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| fail("replace", e))?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// etcd: shared by several instances.
+pub struct EtcdStore {
+    client: etcd::Client,
+    cfg: EtcdConfig,
+    status: Mutex<EtcdStatus>,
+}
+
+#[derive(Default)]
+struct EtcdStatus {
+    connected: bool,
+    last_error: Option<String>,
+    /// The lease this instance campaigns with, and until when it is surely valid.
+    lease: Option<(i64, Instant)>,
+    leader: Option<String>,
+}
+
+impl EtcdStore {
+    fn key(&self, cluster: &str) -> String {
+        format!("{}/clusters/{cluster}/topology", self.cfg.prefix)
+    }
+
+    fn leader_key(&self) -> String {
+        format!("{}/leader", self.cfg.prefix)
+    }
+
+    fn note<T>(&self, r: &Result<T, String>) {
+        if let Ok(mut s) = self.status.lock() {
+            match r {
+                Ok(_) => {
+                    if !s.connected {
+                        tracing::info!("etcd reachable");
+                    }
+                    s.connected = true;
+                }
+                Err(e) => {
+                    if s.connected {
+                        tracing::warn!(error = %e, "etcd unreachable: keeping the last known primaries; no promotions until it is back");
+                    }
+                    s.connected = false;
+                    s.last_error = Some(e.clone());
+                }
+            }
+        }
+        metrics::gauge!("keyway_coordination_connected")
+            .set(if r.is_ok() { 1.0 } else { 0.0 });
+    }
+
+    /// Whether this instance holds the leader lease (and it has not run out).
+    fn is_leader(&self) -> bool {
+        self.status.lock().is_ok_and(|s| {
+            s.connected
+                && s.leader.as_deref() == Some(self.cfg.instance.as_str())
+                && s.lease.is_some_and(|(_, until)| Instant::now() < until)
+        })
+    }
+}
+
+/// Where decisions live.
+pub enum Store {
+    /// One instance.
+    File(Arc<FileStore>),
+    /// Several instances.
+    Etcd(EtcdStore),
+}
+
+impl Store {
+    /// Opens the store a config names. A corrupt state file is an error; an unreachable
+    /// etcd is not (the instance starts with the configured primaries, never promotes
+    /// until etcd answers, and adopts etcd's decisions as soon as it does).
+    pub fn open(cfg: &StateConfig) -> Result<Self, String> {
+        Ok(match cfg {
+            StateConfig::File(path) => Store::File(Arc::new(FileStore::open(path)?)),
+            StateConfig::Etcd(e) => Store::Etcd(EtcdStore {
+                client: etcd::Client::new(e.endpoints.clone(), e.timeout),
+                cfg: e.clone(),
+                status: Mutex::new(EtcdStatus::default()),
+            }),
+        })
+    }
+
+    /// Reads every cluster's stored topology.
+    pub async fn load_all(&self) -> Result<HashMap<String, (Topology, i64)>, String> {
+        match self {
+            Store::File(f) => Ok(f
+                .doc()
+                .clusters
+                .into_iter()
+                .map(|(k, t)| {
+                    let rev = t.epoch as i64;
+                    (k, (t, rev))
+                })
+                .collect()),
+            Store::Etcd(e) => {
+                let prefix = format!("{}/clusters/", e.cfg.prefix);
+                let r = e.client.get_prefix(&prefix).await;
+                e.note(&r);
+                let (kvs, _) = r?;
+                let mut out = HashMap::new();
+                for kv in kvs {
+                    let Some(name) = kv
+                        .key
+                        .strip_prefix(&prefix)
+                        .and_then(|k| k.strip_suffix("/topology"))
+                    else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<Topology>(&kv.value) {
+                        Ok(t) => {
+                            out.insert(name.to_string(), (t, kv.mod_revision));
+                        }
+                        Err(err) => tracing::error!(key = %kv.key, error = %err, "unreadable topology in etcd; ignoring it"),
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    async fn commit(
+        &self,
+        cluster: &str,
+        seen: &Known,
+        next: &Topology,
+        as_leader: bool,
+    ) -> Result<Commit, String> {
+        match self {
+            Store::File(f) => {
+                let (f, cluster, expected, next) =
+                    (f.clone(), cluster.to_string(), seen.topology.epoch, next.clone());
+                // Small, but it fsyncs: off the async workers.
+                tokio::task::spawn_blocking(move || f.commit(&cluster, expected, &next))
+                    .await
+                    .map_err(|e| format!("state write task failed: {e}"))?
+            }
+            Store::Etcd(e) => {
+                let value = serde_json::to_vec(next).map_err(|e| e.to_string())?;
+                let leader_key = e.leader_key();
+                let guard = as_leader.then_some((leader_key.as_str(), e.cfg.instance.as_str()));
+                let r = e
+                    .client
+                    .swap(&e.key(cluster), seen.revision, &value, guard)
+                    .await;
+                e.note(&r);
+                Ok(match r? {
+                    etcd::Swap::Done(rev) => Commit::Done(rev),
+                    etcd::Swap::Lost(kv) => Commit::Lost(kv.and_then(|kv| {
+                        serde_json::from_slice::<Topology>(&kv.value)
+                            .ok()
+                            .map(|t| Known {
+                                topology: t,
+                                revision: kv.mod_revision,
+                            })
+                    })),
+                })
+            }
+        }
+    }
+
+    /// Whether this instance may promote on its own now.
+    fn may_decide(&self) -> bool {
+        match self {
+            Store::File(_) => true,
+            Store::Etcd(e) => e.is_leader(),
+        }
+    }
+
+    fn is_etcd(&self) -> bool {
+        matches!(self, Store::Etcd(_))
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        match self {
+            Store::File(f) => serde_json::json!({
+                "kind": "file",
+                "file": f.path.display().to_string(),
+                "decides": true,
+            }),
+            Store::Etcd(e) => {
+                let s = e.status.lock();
+                let (connected, last_error, leader) = s.as_ref().map_or((false, None, None), |s| {
+                    (s.connected, s.last_error.clone(), s.leader.clone())
+                });
+                serde_json::json!({
+                    "kind": "etcd",
+                    "endpoints": e.cfg.endpoints.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "prefix": e.cfg.prefix,
+                    "instance": e.cfg.instance,
+                    "connected": connected,
+                    "leader": leader,
+                    "decides": e.is_leader(),
+                    "last_error": last_error,
+                })
+            }
+        }
+    }
+}
+
+// === the failover manager ===
+
+/// Per-cluster state kept across reloads.
+struct Cell {
+    known: Known,
+    /// The last decisions this instance saw, oldest first (for `/status`).
+    history: std::collections::VecDeque<Topology>,
+    /// Serializes decisions about this cluster (controller, admin calls).
+    lock: Arc<tokio::sync::Mutex<()>>,
+    promotion_needed: bool,
+}
+
+/// Promotion, fencing and failback for every `primary-replica` cluster of one instance.
+pub struct Failover {
+    store: Store,
+    cells: Mutex<HashMap<String, Cell>>,
+    controllers: Mutex<HashSet<String>>,
+    runtime: Mutex<Option<Arc<ArcSwap<Runtime>>>>,
+}
+
+/// Why an admin request could not switch the primary.
+#[derive(Debug)]
+pub struct Refused {
+    /// HTTP status for the admin API.
+    pub status: u16,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+fn refused(status: u16, message: impl Into<String>) -> Refused {
+    Refused {
+        status,
+        message: message.into(),
+    }
+}
+
+impl Failover {
+    /// Opens the store and loads every cluster's topology, checked against `config`.
+    pub async fn open(config: &Config) -> Result<Arc<Self>, String> {
+        let store = Store::open(&config.state)?;
+        let stored = match store.load_all().await {
+            Ok(s) => s,
+            Err(e) if store.is_etcd() => {
+                tracing::warn!(error = %e, "etcd unreachable at start: routing to the configured primaries until it answers; no promotions meanwhile");
+                HashMap::new()
+            }
+            Err(e) => return Err(e),
+        };
+        let me = Arc::new(Self {
+            store,
+            cells: Mutex::new(HashMap::new()),
+            controllers: Mutex::new(HashSet::new()),
+            runtime: Mutex::new(None),
+        });
+        me.adopt_config(config, &stored)?;
+        Ok(me)
+    }
+
+    /// Makes sure every primary-replica cluster of `config` has a topology and that the
+    /// stored ones name only backends the config has. Nothing changes on error.
+    pub fn check_config(&self, config: &Config) -> Result<(), String> {
+        let cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
+        for c in config
+            .clusters
+            .iter()
+            .filter(|c| c.strategy == Strategy::PrimaryReplica)
+        {
+            if let Some(cell) = cells.get(&c.name) {
+                cell.known.topology.validate(c).map_err(|e| {
+                    format!("{e}; keep that backend in the configuration, or promote another one first (POST /clusters/{}/promote/ID)", c.name)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt_config(
+        &self,
+        config: &Config,
+        stored: &HashMap<String, (Topology, i64)>,
+    ) -> Result<(), String> {
+        let mut cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
+        for c in config
+            .clusters
+            .iter()
+            .filter(|c| c.strategy == Strategy::PrimaryReplica)
+        {
+            if cells.contains_key(&c.name) {
+                continue;
+            }
+            let known = match stored.get(&c.name) {
+                Some((t, rev)) => {
+                    t.validate(c).map_err(|e| {
+                        format!("{e}. The stored decisions do not match the configuration: restore the backend, or fix the state with `keyway state import`")
+                    })?;
+                    Known {
+                        topology: t.clone(),
+                        revision: *rev,
+                    }
+                }
+                None => Known {
+                    topology: Topology::initial(c),
+                    revision: 0,
+                },
+            };
+            cells.insert(
+                c.name.clone(),
+                Cell {
+                    known,
+                    history: std::collections::VecDeque::new(),
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                    promotion_needed: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The topology a cluster has now.
+    pub fn topology(&self, cluster: &str) -> Option<Topology> {
+        self.cells
+            .lock()
+            .ok()?
+            .get(cluster)
+            .map(|c| c.known.topology.clone())
+    }
+
+    fn known(&self, cluster: &str) -> Option<Known> {
+        self.cells.lock().ok()?.get(cluster).map(|c| c.known.clone())
+    }
+
+    fn lock_of(&self, cluster: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        self.cells.lock().ok()?.get(cluster).map(|c| c.lock.clone())
+    }
+
+    /// Applies the cluster's topology to a freshly built cluster (before it serves).
+    pub fn apply_to(&self, cluster: &Cluster) {
+        if cluster.cfg.strategy != Strategy::PrimaryReplica {
+            return;
+        }
+        if let Some(t) = self.topology(&cluster.cfg.name) {
+            apply(cluster, &t);
+        }
+    }
+
+    /// Records a newer topology (from a commit or from etcd) and applies it to the
+    /// running cluster. Older epochs are ignored.
+    fn adopt(&self, cluster: &str, known: Known) -> bool {
+        {
+            let Ok(mut cells) = self.cells.lock() else {
+                return false;
+            };
+            let Some(cell) = cells.get_mut(cluster) else {
+                return false;
+            };
+            if known.topology.epoch < cell.known.topology.epoch
+                || (known.topology == cell.known.topology && known.revision == cell.known.revision)
+            {
+                return false;
+            }
+            cell.known = known.clone();
+            if cell.history.back().map(|t| t.epoch) != Some(known.topology.epoch) {
+                if cell.history.len() == HISTORY {
+                    cell.history.pop_front();
+                }
+                cell.history.push_back(known.topology.clone());
+            }
+        }
+        let rt = self.runtime.lock().ok().and_then(|r| r.clone());
+        if let Some(rt) = rt {
+            let rt = rt.load_full();
+            if let Some(c) = rt.cluster(cluster) {
+                if let Err(e) = known.topology.validate(&c.cfg) {
+                    tracing::error!(cluster, error = %e, "a decision names a backend this instance does not have; its configuration differs from the other instances'");
+                    return false;
+                }
+                apply(c, &known.topology);
+            }
+        }
+        metrics::gauge!("keyway_topology_epoch", "cluster" => cluster.to_string())
+            .set(known.topology.epoch as f64);
+        tracing::info!(
+            cluster,
+            epoch = known.topology.epoch,
+            primary = known.topology.primary.as_deref().unwrap_or("(none)"),
+            fenced = ?known.topology.fenced,
+            reason = %known.topology.reason,
+            "topology changed"
+        );
+        true
+    }
+
+    /// Re-applies every topology to a runtime that was just swapped in (a decision may
+    /// have landed while it was being built).
+    pub fn reapply(&self, rt: &Runtime) {
+        for c in &rt.clusters {
+            self.apply_to(c);
+        }
+    }
+
+    /// Starts the per-cluster controllers and, with etcd, the election and the watch.
+    pub fn start(
+        self: &Arc<Self>,
+        runtime: Arc<ArcSwap<Runtime>>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        if let Ok(mut r) = self.runtime.lock() {
+            *r = Some(runtime.clone());
+        }
+        for c in &runtime.load().clusters {
+            metrics::gauge!("keyway_topology_epoch", "cluster" => c.cfg.name.clone()).set(
+                self.topology(&c.cfg.name).map_or(0.0, |t| t.epoch as f64),
+            );
+        }
+        self.ensure_controllers(&shutdown);
+        if let Store::Etcd(_) = &self.store {
+            tokio::spawn(self.clone().campaign(shutdown.clone()));
+            tokio::spawn(self.clone().watch_etcd(shutdown));
+        }
+    }
+
+    /// Before a reload builds its runtime: checks the new config against the stored
+    /// decisions and gives new primary-replica clusters a topology.
+    pub fn prepare(&self, config: &Config) -> Result<(), String> {
+        self.check_config(config)?;
+        self.adopt_config(config, &HashMap::new())
+    }
+
+    /// After a reload swapped its runtime in: re-applies decisions made meanwhile and
+    /// starts controllers for new clusters.
+    pub fn after_swap(self: &Arc<Self>, rt: &Runtime, shutdown: &watch::Receiver<bool>) {
+        self.reapply(rt);
+        self.ensure_controllers(shutdown);
+    }
+
+    fn ensure_controllers(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
+        let Some(rt) = self.runtime.lock().ok().and_then(|r| r.clone()) else {
+            return;
+        };
+        let names: Vec<String> = rt
+            .load()
+            .clusters
+            .iter()
+            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
+            .map(|c| c.cfg.name.clone())
+            .collect();
+        let Ok(mut running) = self.controllers.lock() else {
+            return;
+        };
+        for name in names {
+            if running.insert(name.clone()) {
+                tokio::spawn(self.clone().control(name, shutdown.clone()));
+            }
+        }
+    }
+
+    /// `/status`: the store and every cluster's topology.
+    pub fn status_json(&self) -> serde_json::Value {
+        let mut v = self.store.status_json();
+        if let Ok(cells) = self.cells.lock() {
+            let clusters: serde_json::Map<String, serde_json::Value> = cells
+                .iter()
+                .map(|(name, c)| {
+                    let mut t = serde_json::to_value(&c.known.topology).unwrap_or_default();
+                    t["promotion_needed"] = c.promotion_needed.into();
+                    t["history"] = serde_json::to_value(&c.history).unwrap_or_default();
+                    (name.clone(), t)
+                })
+                .collect();
+            v["clusters"] = clusters.into();
+        }
+        v
+    }
+
+    fn set_needed(&self, cluster: &str, needed: bool) -> bool {
+        let was = self
+            .cells
+            .lock()
+            .ok()
+            .and_then(|mut c| {
+                c.get_mut(cluster)
+                    .map(|c| std::mem::replace(&mut c.promotion_needed, needed))
+            })
+            .unwrap_or(false);
+        metrics::gauge!("keyway_promotion_needed", "cluster" => cluster.to_string())
+            .set(if needed { 1.0 } else { 0.0 });
+        was != needed
+    }
+
+    // --- the controller ---
+
+    async fn control(self: Arc<Self>, name: String, mut shutdown: watch::Receiver<bool>) {
+        let mut down_since: Option<Instant> = None;
+        let mut hook_failed: HashMap<String, Instant> = HashMap::new();
+        let mut said_no_candidate = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => return,
+            }
+            let Some(rt) = self.runtime.lock().ok().and_then(|r| r.clone()) else {
+                continue;
+            };
+            let rt = rt.load_full();
+            let Some(c) = rt.cluster(&name).filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
+            else {
+                if let Ok(mut r) = self.controllers.lock() {
+                    r.remove(&name);
+                }
+                return;
+            };
+            let Some(known) = self.known(&name) else { continue };
+            let view = c.health.view_full();
+            let primary = known
+                .topology
+                .primary
+                .as_ref()
+                .and_then(|id| index(c, id));
+            let down = primary.is_none_or(|p| view.backends[p].health == Health::Unhealthy);
+            if !down {
+                down_since = None;
+                said_no_candidate = false;
+                if self.set_needed(&name, false) {
+                    tracing::info!(cluster = %name, "the primary is healthy again; no promotion needed");
+                }
+                self.maybe_fail_back(c, &view, &known).await;
+                continue;
+            }
+            let since = *down_since.get_or_insert_with(Instant::now);
+            let hold = c.cfg.promotion.as_ref().map_or(Duration::ZERO, |p| p.hold);
+            if primary.is_some() && since.elapsed() < hold {
+                continue;
+            }
+            if self.set_needed(&name, true) {
+                tracing::warn!(
+                    cluster = %name,
+                    primary = known.topology.primary.as_deref().unwrap_or("(none)"),
+                    auto = c.cfg.promotion.as_ref().is_some_and(|p| p.auto),
+                    "promotion needed: the cluster has no healthy primary, writes are refused"
+                );
+            }
+            let Some(p) = c.cfg.promotion.as_ref().filter(|p| p.auto) else {
+                continue;
+            };
+            if !self.store.may_decide() {
+                continue;
+            }
+            let Some(lock) = self.lock_of(&name) else { continue };
+            let Ok(_guard) = lock.try_lock() else {
+                continue; // an admin switchover is running
+            };
+            // Re-read under the lock: a decision may just have landed.
+            let Some(known) = self.known(&name) else { continue };
+            hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
+            let Some(target) = choose(c, &view, &known.topology, &hook_failed) else {
+                if !said_no_candidate {
+                    said_no_candidate = true;
+                    tracing::warn!(cluster = %name, "promotion needed but the policy found no candidate; writes stay refused");
+                }
+                continue;
+            };
+            said_no_candidate = false;
+            let target_id = c.backends[target].cfg.id.clone();
+            let mut fenced = known.topology.fenced.clone();
+            if let Some(old) = &known.topology.primary {
+                if !fenced.contains(old) {
+                    fenced.push(old.clone());
+                }
+            }
+            fenced.retain(|f| *f != target_id);
+            let reason = format!(
+                "{} unhealthy for {:?}; promoted {target_id}",
+                known.topology.primary.as_deref().unwrap_or("no primary"),
+                since.elapsed().min(Duration::from_secs(86_400))
+            );
+            match self
+                .decide(c, &known, Some(target), fenced, reason, "failover", true)
+                .await
+            {
+                Ok(_) => {
+                    down_since = None;
+                }
+                Err(e) => {
+                    if e.status == 502 {
+                        hook_failed.insert(target_id, Instant::now());
+                    }
+                    tracing::warn!(cluster = %name, error = %e.message, "promotion not made");
+                }
+            }
+        }
+    }
+
+    async fn maybe_fail_back(&self, c: &Arc<Cluster>, view: &HealthView, known: &Known) {
+        let Some(after) = c.cfg.failback_after else {
+            return;
+        };
+        let Some(home) = c.cfg.backends.iter().position(|b| b.role == Role::Primary) else {
+            return;
+        };
+        if view.primary == Some(home)
+            || view.backends[home].health != Health::Healthy
+            || !self.store.may_decide()
+        {
+            return;
+        }
+        let stable = c
+            .health
+            .since(home)
+            .and_then(|s| s.elapsed().ok())
+            .is_some_and(|d| d >= after);
+        if !stable || known.topology.primary.is_none() {
+            return;
+        }
+        let id = c.backends[home].cfg.id.clone();
+        match self
+            .switchover(&c.cfg.name, &id, &format!("failback: {id} healthy for {after:?}"), "failback")
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(cluster = %c.cfg.name, error = %e.message, "automatic failback not made"),
+        }
+    }
+
+    /// Commits a new topology: the promote hook first (when it names a new primary),
+    /// then the durable write, then the local apply, then the repoint hooks.
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &self,
+        c: &Arc<Cluster>,
+        seen: &Known,
+        primary: Option<usize>,
+        fenced: Vec<String>,
+        reason: String,
+        kind: &'static str,
+        as_leader: bool,
+    ) -> Result<Topology, Refused> {
+        let name = c.cfg.name.as_str();
+        let primary_id = primary.map(|p| c.backends[p].cfg.id.clone());
+        let next = seen.topology.next(primary_id.clone(), fenced, reason);
+        let promotion = c.cfg.promotion.as_ref();
+        if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_promote.as_ref())) {
+            if let Err(e) = call_hook(hook, "on_promote", c, p, next.epoch).await {
+                if promotion.is_some_and(|p| p.require_hook_ok) {
+                    return Err(refused(
+                        502,
+                        format!("the on_promote hook of {} failed ({e}); writes stay off it (require_hook_ok = true)", c.backends[p].cfg.id),
+                    ));
+                }
+                tracing::warn!(cluster = name, error = %e, "on_promote hook failed; promoting anyway (require_hook_ok = false)");
+            }
+        }
+        match self.store.commit(name, seen, &next, as_leader).await {
+            Ok(Commit::Done(revision)) => {
+                self.adopt(
+                    name,
+                    Known {
+                        topology: next.clone(),
+                        revision,
+                    },
+                );
+                if primary.is_some() {
+                    metrics::counter!("keyway_promotions_total", "cluster" => name.to_string(), "kind" => kind).increment(1);
+                }
+            }
+            Ok(Commit::Lost(current)) => {
+                if let Some(cur) = current {
+                    self.adopt(name, cur);
+                }
+                return Err(refused(
+                    409,
+                    "another decision was made first (the epoch moved); nothing changed",
+                ));
+            }
+            Err(e) => {
+                return Err(refused(
+                    503,
+                    format!("the decision could not be made durable ({e}); nothing changed"),
+                ))
+            }
+        }
+        if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_repoint.as_ref())) {
+            for (i, b) in c.backends.iter().enumerate() {
+                if i == p || next.fenced.contains(&b.cfg.id) {
+                    continue;
+                }
+                let (hook, c, epoch) = (hook.clone(), c.clone(), next.epoch);
+                tokio::spawn(async move {
+                    let _ = call_hook(&hook, "on_repoint", &c, i, epoch).await;
+                });
+            }
+        }
+        Ok(next)
+    }
+
+    /// A planned switchover to `target` (manual promotion or failback): an epoch
+    /// without a primary while in-flight requests to the old one finish, then the new
+    /// primary in the next epoch. The old primary becomes a replica (not fenced).
+    pub async fn switchover(
+        &self,
+        cluster: &str,
+        target: &str,
+        reason: &str,
+        kind: &'static str,
+    ) -> Result<Topology, Refused> {
+        let rt = self
+            .runtime
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .ok_or_else(|| refused(503, "keyway is starting"))?
+            .load_full();
+        let c = rt
+            .cluster(cluster)
+            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
+            .ok_or_else(|| refused(404, format!("no primary-replica cluster `{cluster}`")))?
+            .clone();
+        let t = index(&c, target).ok_or_else(|| {
+            refused(
+                404,
+                format!("cluster `{cluster}` has no backend `{target}`"),
+            )
+        })?;
+        let lock = self
+            .lock_of(cluster)
+            .ok_or_else(|| refused(404, format!("no topology for `{cluster}`")))?;
+        let _guard = tokio::time::timeout(Duration::from_secs(30), lock.lock())
+            .await
+            .map_err(|_| refused(409, "another switchover of this cluster is still running"))?;
+        let mut known = self
+            .known(cluster)
+            .ok_or_else(|| refused(404, format!("no topology for `{cluster}`")))?;
+        if known.topology.primary.as_deref() == Some(target) {
+            return Err(refused(
+                409,
+                format!("`{target}` is already the primary of `{cluster}` (epoch {})", known.topology.epoch),
+            ));
+        }
+        let view = c.health.view_full();
+        if c.health.active().is_some() && view.backends[t].health != Health::Healthy {
+            return Err(refused(
+                409,
+                format!(
+                    "`{target}` is not healthy ({}); wait until its checks pass",
+                    view.backends[t].health.as_str()
+                ),
+            ));
+        }
+        let drain = c
+            .cfg
+            .promotion
+            .as_ref()
+            .map_or(crate::config::DEFAULT_SWITCHOVER_DRAIN, |p| p.drain);
+        let mut fenced = known.topology.fenced.clone();
+        fenced.retain(|f| f != target);
+        if let Some(old) = known.topology.primary.clone() {
+            // 1. No primary: writes get 503 everywhere while the old one drains.
+            let next = self
+                .decide(
+                    &c,
+                    &known,
+                    None,
+                    known.topology.fenced.clone(),
+                    format!("{reason}: draining writes from {old}"),
+                    kind,
+                    false,
+                )
+                .await?;
+            let deadline = Instant::now() + drain;
+            // Other instances apply the drain epoch through their watch.
+            if self.store.is_etcd() {
+                tokio::time::sleep(drain.min(Duration::from_secs(1))).await;
+            }
+            if let Some(o) = index(&c, &old) {
+                while c.backends[o].in_flight() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            known = self.known(cluster).filter(|k| k.topology == next).ok_or_else(|| {
+                refused(409, "another decision was made during the switchover; check /status")
+            })?;
+            // 2. The new primary (its hook first); on refusal the old one returns.
+            match self
+                .decide(&c, &known, Some(t), fenced, reason.to_string(), kind, false)
+                .await
+            {
+                Ok(t) => Ok(t),
+                Err(e) if e.status == 502 => {
+                    let back = index(&c, &old);
+                    let _ = self
+                        .decide(
+                            &c,
+                            &known,
+                            back,
+                            known.topology.fenced.clone(),
+                            format!("switchover to {target} refused by its hook; {old} stays primary"),
+                            kind,
+                            false,
+                        )
+                        .await;
+                    Err(e)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            self.decide(&c, &known, Some(t), fenced, reason.to_string(), kind, false)
+                .await
+        }
+    }
+
+    /// Fails back to the configured primary.
+    pub async fn fail_back(&self, cluster: &str) -> Result<Topology, Refused> {
+        let rt = self
+            .runtime
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .ok_or_else(|| refused(503, "keyway is starting"))?
+            .load_full();
+        let c = rt
+            .cluster(cluster)
+            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
+            .ok_or_else(|| refused(404, format!("no primary-replica cluster `{cluster}`")))?;
+        let home = c
+            .cfg
+            .backends
+            .iter()
+            .find(|b| b.role == Role::Primary)
+            .map(|b| b.id.clone())
+            .ok_or_else(|| refused(409, "the configuration names no primary"))?;
+        self.switchover(cluster, &home, &format!("failback to {home}"), "failback")
+            .await
+    }
+
+    // --- etcd: election and watch ---
+
+    async fn campaign(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Store::Etcd(e) = &self.store else { return };
+        let ttl = e.cfg.lease_ttl.as_secs().max(1);
+        let period = Duration::from_millis((ttl * 1000 / 3).max(300));
+        let mut lease: Option<i64> = None;
+        loop {
+            let step = async {
+                let id = match lease {
+                    Some(id) => {
+                        let r = e.client.keep_alive(id).await;
+                        e.note(&r);
+                        if r? {
+                            id
+                        } else {
+                            e.client.grant(ttl).await?
+                        }
+                    }
+                    None => {
+                        let r = e.client.grant(ttl).await;
+                        e.note(&r);
+                        r?
+                    }
+                };
+                // The lease is surely valid for ttl from before this call.
+                let valid_until = Instant::now() + Duration::from_secs(ttl) - period;
+                let holder = e.client.campaign(&e.leader_key(), &e.cfg.instance, id).await?;
+                Ok::<_, String>((id, valid_until, holder))
+            };
+            match step.await {
+                Ok((id, until, holder)) => {
+                    lease = Some(id);
+                    if let Ok(mut s) = e.status.lock() {
+                        let was = s.leader.as_deref() == Some(e.cfg.instance.as_str());
+                        let now = holder == e.cfg.instance;
+                        if was != now {
+                            tracing::info!(instance = %e.cfg.instance, leader = %holder, "promotion leader changed");
+                        }
+                        s.lease = Some((id, until));
+                        s.leader = Some(holder.clone());
+                        metrics::gauge!("keyway_coordination_leader").set(if now { 1.0 } else { 0.0 });
+                    }
+                }
+                Err(err) => {
+                    e.note::<()>(&Err(err));
+                    if let Ok(mut s) = e.status.lock() {
+                        // Leadership is only as good as a lease we can refresh.
+                        s.leader = None;
+                    }
+                    metrics::gauge!("keyway_coordination_leader").set(0.0);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.changed() => {
+                    if let Some(id) = lease {
+                        let _ = e.client.revoke(id).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn watch_etcd(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Store::Etcd(e) = &self.store else { return };
+        let prefix = format!("{}/clusters/", e.cfg.prefix);
+        loop {
+            // Read everything, then watch from the next revision: no change is missed
+            // between the two.
+            let from = match e.client.get_prefix(&prefix).await {
+                Ok((kvs, rev)) => {
+                    e.note::<()>(&Ok(()));
+                    for kv in kvs {
+                        self.on_etcd_put(&prefix, kv);
+                    }
+                    Some(rev + 1)
+                }
+                Err(err) => {
+                    e.note::<()>(&Err(err));
+                    None
+                }
+            };
+            if let Some(from) = from {
+                let this = self.clone();
+                let prefix2 = prefix.clone();
+                let watch = e.client.watch(&prefix, from, move |ev| {
+                    if let etcd::WatchEvent::Put(kv) = ev {
+                        this.on_etcd_put(&prefix2, kv);
+                    }
+                });
+                tokio::select! {
+                    r = watch => {
+                        if let Err(err) = r {
+                            e.note::<()>(&Err(err));
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    fn on_etcd_put(&self, prefix: &str, kv: etcd::Kv) {
+        let Some(name) = kv
+            .key
+            .strip_prefix(prefix)
+            .and_then(|k| k.strip_suffix("/topology"))
+        else {
+            return;
+        };
+        match serde_json::from_slice::<Topology>(&kv.value) {
+            Ok(t) => {
+                self.adopt(
+                    name,
+                    Known {
+                        topology: t,
+                        revision: kv.mod_revision,
+                    },
+                );
+            }
+            Err(err) => tracing::error!(key = %kv.key, error = %err, "unreadable topology in etcd; ignoring it"),
+        }
+    }
+
+    // --- export / import ---
+
+    /// Every stored decision.
+    pub async fn export(&self) -> Result<StateDoc, String> {
+        let all = self.store.load_all().await?;
+        Ok(StateDoc {
+            version: 1,
+            clusters: all.into_iter().map(|(k, (t, _))| (k, t)).collect(),
+        })
+    }
+
+    /// Restores decisions, validated against `config`. An imported epoch never moves a
+    /// cluster backwards: it becomes at least the stored epoch + 1.
+    pub async fn import(&self, config: &Config, doc: StateDoc) -> Result<Vec<String>, String> {
+        for (name, t) in &doc.clusters {
+            let c = config
+                .clusters
+                .iter()
+                .find(|c| c.name == *name)
+                .ok_or_else(|| format!("the backup names cluster `{name}`, which the configuration does not have"))?;
+            t.validate(c)?;
+        }
+        let current = self.store.load_all().await?;
+        let mut report = Vec::new();
+        let mut merged: BTreeMap<String, (Topology, i64)> = BTreeMap::new();
+        for (name, mut t) in doc.clusters {
+            let (cur_epoch, rev) = current.get(&name).map_or((0, 0), |(t, r)| (t.epoch, *r));
+            if t.epoch <= cur_epoch {
+                report.push(format!("{name}: epoch {} raised to {} (epochs only grow)", t.epoch, cur_epoch + 1));
+                t.epoch = cur_epoch + 1;
+            }
+            t.reason = format!("imported: {}", t.reason);
+            t.unix_ms = unix_ms();
+            report.push(format!(
+                "{name}: epoch {}, primary {}, fenced {:?}",
+                t.epoch,
+                t.primary.as_deref().unwrap_or("(none)"),
+                t.fenced
+            ));
+            merged.insert(name, (t, rev));
+        }
+        match &self.store {
+            Store::File(f) => {
+                let mut d = f.doc();
+                d.version = 1;
+                for (name, (t, _)) in merged {
+                    d.clusters.insert(name, t);
+                }
+                f.replace(d)?;
+            }
+            Store::Etcd(e) => {
+                for (name, (t, rev)) in merged {
+                    let value = serde_json::to_vec(&t).map_err(|e| e.to_string())?;
+                    match e.client.swap(&e.key(&name), rev, &value, None).await? {
+                        etcd::Swap::Done(_) => {}
+                        etcd::Swap::Lost(_) => {
+                            return Err(format!("{name}: changed in etcd during the import; run it again"))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Applies a topology to one running cluster.
+fn apply(c: &Cluster, t: &Topology) {
+    let primary = t.primary.as_ref().and_then(|id| index(c, id));
+    let fenced: Vec<usize> = t.fenced.iter().filter_map(|id| index(c, id)).collect();
+    c.health.set_topology(t.epoch, primary, &fenced);
+}
+
+fn index(c: &Cluster, id: &str) -> Option<usize> {
+    c.backends.iter().position(|b| b.cfg.id == id)
+}
+
+/// Asks the promotion policy for a candidate: healthy, not fenced, not the primary,
+/// not one whose promote hook just failed.
+fn choose(
+    c: &Cluster,
+    view: &HealthView,
+    t: &Topology,
+    hook_failed: &HashMap<String, Instant>,
+) -> Option<usize> {
+    let candidates: Vec<PromotionCandidate> = c
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| {
+            Some(&b.cfg.id) != t.primary.as_ref()
+                && !t.fenced.contains(&b.cfg.id)
+                && !hook_failed.contains_key(&b.cfg.id)
+                && view.backends.get(*i).is_some()
+        })
+        .map(|(i, b)| {
+            let healthy = view.backends[i].health == Health::Healthy;
+            PromotionCandidate {
+                id: b.cfg.id.clone(),
+                priority: b.cfg.priority,
+                location: b.cfg.location.clone(),
+                healthy,
+                lag_ms: view.backends[i].lag_ms,
+                last_ok_ms: if healthy { 0 } else { u64::MAX },
+            }
+        })
+        .collect();
+    let policy = c.cfg.promotion.as_ref()?;
+    let decision = match &policy.policy {
+        PromotionPolicyKind::Priority { prefer_location } => {
+            native_priority(&candidates, prefer_location.as_deref())
+        }
+        PromotionPolicyKind::LeastLag { max_lag_ms } => native_least_lag(&candidates, *max_lag_ms),
+        PromotionPolicyKind::Plugin { plugin, on_error } => {
+            match plugin.decide(None, &candidates, unix_ms()) {
+                Ok(d) => d,
+                Err(e) => match on_error {
+                    OnError::FailClosed => {
+                        tracing::warn!(cluster = %c.cfg.name, error = %e, "promotion plugin failed; no promotion (on_error = fail-closed)");
+                        PromotionDecision::None
+                    }
+                    _ => native_priority(&candidates, None),
+                },
+            }
+        }
+    };
+    match decision {
+        PromotionDecision::Promote(id) => {
+            let chosen = candidates.iter().find(|c| c.id == id)?;
+            if !chosen.healthy {
+                tracing::warn!(cluster = %c.cfg.name, backend = %id, "the promotion policy chose an unhealthy backend; refused");
+                return None;
+            }
+            index(c, &id)
+        }
+        PromotionDecision::Keep | PromotionDecision::None => None,
+    }
+}
+
+/// Native `priority-promotion`: the first healthy candidate by priority (config order
+/// breaks ties), those at `prefer` first.
+pub fn native_priority(cands: &[PromotionCandidate], prefer: Option<&str>) -> PromotionDecision {
+    cands
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.healthy)
+        .min_by_key(|(i, c)| (prefer.is_some_and(|p| c.location != p), c.priority, *i))
+        .map_or(PromotionDecision::None, |(_, c)| {
+            PromotionDecision::Promote(c.id.clone())
+        })
+}
+
+/// Native `least-lag-promotion`: the healthy candidate with the least reported lag
+/// (none reported: last; then priority), never one beyond `max_lag_ms`.
+pub fn native_least_lag(cands: &[PromotionCandidate], max_lag_ms: Option<u64>) -> PromotionDecision {
+    cands
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.healthy)
+        .filter(|(_, c)| max_lag_ms.is_none_or(|m| c.lag_ms.is_some_and(|l| l <= m)))
+        .min_by_key(|(i, c)| (c.lag_ms.is_none(), c.lag_ms.unwrap_or(u64::MAX), c.priority, *i))
+        .map_or(PromotionDecision::None, |(_, c)| {
+            PromotionDecision::Promote(c.id.clone())
+        })
+}
+
+// === hooks ===
+
+/// Calls a hook on backend `i`: POST with a JSON body saying what changed. 2xx is
+/// success. Logged and counted either way.
+async fn call_hook(
+    hook: &HookConfig,
+    which: &'static str,
+    c: &Cluster,
+    i: usize,
+    epoch: u64,
+) -> Result<(), String> {
+    let b = &c.backends[i].cfg;
+    let url = hook
+        .url
+        .replace("{address}", &b.address.to_string())
+        .replace("{id}", &b.id)
+        .replace("{cluster}", &c.cfg.name)
+        .replace("{epoch}", &epoch.to_string());
+    let body = serde_json::json!({
+        "cluster": c.cfg.name,
+        "epoch": epoch,
+        "event": which,
+        "backend": b.id,
+        "address": b.address.to_string(),
+    });
+    let started = Instant::now();
+    let result = tokio::time::timeout(hook.timeout, post_json(&url, &body))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", hook.timeout)));
+    let took = started.elapsed();
+    let labels = [
+        ("cluster", c.cfg.name.clone()),
+        ("hook", which.to_string()),
+        ("result", if result.is_ok() { "ok" } else { "error" }.to_string()),
+    ];
+    metrics::counter!("keyway_hook_calls_total", &labels).increment(1);
+    metrics::histogram!("keyway_hook_duration_seconds", &labels[..2]).record(took.as_secs_f64());
+    match &result {
+        Ok(()) => tracing::info!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, "hook succeeded"),
+        Err(e) => tracing::warn!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, error = %e, "hook failed"),
+    }
+    result
+}
+
+async fn post_json(url: &str, body: &serde_json::Value) -> Result<(), String> {
+    use http_body_util::{BodyExt, Full};
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("no host in {url}"))?
+        .clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((authority.host(), port))
+        .await
+        .map_err(|e| format!("connect {authority}: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("answered {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: &str, priority: u32, loc: &str, healthy: bool, lag: Option<u64>) -> PromotionCandidate {
+        PromotionCandidate {
+            id: id.into(),
+            priority,
+            location: loc.into(),
+            healthy,
+            lag_ms: lag,
+            last_ok_ms: 0,
+        }
+    }
+
+    #[test]
+    fn native_policies_choose_as_documented() {
+        let c = [
+            cand("a", 2, "west", true, Some(5)),
+            cand("b", 1, "east", false, Some(0)),
+            cand("c", 1, "west", true, None),
+            cand("d", 3, "east", true, Some(50)),
+        ];
+        let p = |id: &str| PromotionDecision::Promote(id.into());
+        assert_eq!(native_priority(&c, None), p("c"));
+        assert_eq!(native_priority(&c, Some("east")), p("d"));
+        assert_eq!(native_least_lag(&c, None), p("a"));
+        assert_eq!(native_least_lag(&c, Some(1)), PromotionDecision::None);
+        assert_eq!(native_priority(&c[1..2], None), PromotionDecision::None);
+    }
+
+    #[test]
+    fn the_state_file_is_replaced_atomically_and_a_corrupt_one_refused() {
+        let dir = std::env::temp_dir().join(format!("keyway-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.json");
+        let _ = std::fs::remove_file(&path);
+        let f = FileStore::open(&path).unwrap();
+        let t = Topology {
+            epoch: 1,
+            primary: Some("b".into()),
+            fenced: vec!["a".into()],
+            reason: "test".into(),
+            unix_ms: 1,
+        };
+        assert!(matches!(f.commit("c", 0, &t).unwrap(), Commit::Done(1)));
+        // A stale writer loses.
+        assert!(matches!(f.commit("c", 0, &t).unwrap(), Commit::Lost(Some(_))));
+        let again = FileStore::open(&path).unwrap();
+        assert_eq!(again.get("c"), Some(t));
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::write(&path, b"{ not json").unwrap();
+        let err = FileStore::open(&path).err().unwrap();
+        assert!(err.contains("corrupt") && err.contains("keyway state import"), "{err}");
+        std::fs::write(&path, br#"{"version": 9, "clusters": {}}"#).unwrap();
+        assert!(FileStore::open(&path).is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! Several keyway instances agreeing on the primary through a real etcd: each instance
+//! is its own process (`keyway-instance`), so killing one is a real crash.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keyway_tests::*;
+
+/// One keyway process.
+struct Instance {
+    child: std::process::Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Instance {
+    fn start(config: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyway-instance"))
+            .arg(config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
+            .spawn()
+            .expect("start keyway-instance");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"listening"), "instance failed: {line}");
+        Self {
+            child,
+            addr: words[1].parse().unwrap(),
+            admin: words[3].parse().unwrap(),
+        }
+    }
+
+    /// SIGKILL: no lease revoked, nothing flushed.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn config(dir: &Path, n: usize, etcd: &Etcd, b: &[TestBackend; 4]) -> std::path::PathBuf {
+    let file = dir.join(format!("keyway-{n}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[coordination]
+etcd = ["{}"]
+prefix = "/keyway-test"
+lease_ttl = "2s"
+instance = "kw-{n}"
+timeout = "500ms"
+[[route]]
+cluster = "pam"
+[cluster.pam]
+strategy = "primary-replica"
+health = {{ path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }}
+promotion = {{ hold = "300ms" }}
+backends = [
+  {{ id = "primary", address = "{}", role = "primary" }},
+  {{ id = "r1", address = "{}", role = "replica", priority = 1 }},
+  {{ id = "r2", address = "{}", role = "replica", priority = 2 }},
+  {{ id = "r3", address = "{}", role = "replica", priority = 3 }},
+]
+"#,
+            etcd.url(),
+            b[0].addr,
+            b[1].addr,
+            b[2].addr,
+            b[3].addr
+        ),
+    )
+    .unwrap();
+    file
+}
+
+async fn coordination(admin: SocketAddr) -> serde_json::Value {
+    let s: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/status").await).expect("status JSON");
+    s["coordination"].clone()
+}
+
+async fn topology(admin: SocketAddr) -> (u64, String) {
+    let c = coordination(admin).await;
+    let t = &c["clusters"]["pam"];
+    (
+        t["epoch"].as_u64().unwrap_or(u64::MAX),
+        t["primary"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+async fn all_agree(instances: &[&Instance], want: (u64, &str), what: &str) {
+    eventually(Duration::from_secs(15), what, || async {
+        for i in instances {
+            if topology(i.admin).await != (want.0, want.1.to_string()) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+async fn leader(instances: &[&Instance]) -> Option<usize> {
+    for (n, i) in instances.iter().enumerate() {
+        if coordination(i.admin).await["decides"] == true {
+            return Some(n);
+        }
+    }
+    None
+}
+
+fn write() -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    request("POST", "pam", "/api/resources", "{}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_without_etcd() {
+    let mut etcd = Etcd::start().await;
+    let b = [
+        TestBackend::start("primary").await,
+        TestBackend::start("r1").await,
+        TestBackend::start("r2").await,
+        TestBackend::start("r3").await,
+    ];
+    let (p, r1, r2, r3) = (&b[0], &b[1], &b[2], &b[3]);
+    let dir = unique_dir("coordination");
+    let mut inst: Vec<Instance> = (0..3)
+        .map(|n| Instance::start(&config(&dir, n, &etcd, &b)))
+        .collect();
+    eventually(Duration::from_secs(15), "one leader", || async {
+        let all: Vec<&Instance> = inst.iter().collect();
+        leader(&all).await.is_some()
+    })
+    .await;
+    for i in &inst {
+        eventually(Duration::from_secs(10), "writes reach the primary", || async {
+            try_send(i.addr, write()).await.is_ok_and(|r| r.status == 200 && r.backend() == "primary")
+        })
+        .await;
+    }
+
+    // 1. The primary dies: every instance routes writes to the same new primary in the
+    // same epoch.
+    let killed = Instant::now();
+    p.stop();
+    let all: Vec<&Instance> = inst.iter().collect();
+    all_agree(&all, (1, "r1"), "all instances on r1 in epoch 1").await;
+    println!(
+        "three instances agreed on the promoted primary {} ms after the kill",
+        killed.elapsed().as_millis()
+    );
+    for i in &inst {
+        let r = send(i.addr, write()).await;
+        assert_eq!(r.backend(), "r1");
+    }
+    assert!(r1.write_epochs().iter().all(|&e| e == 1));
+
+    // 2. The leader crashes while the new primary dies: another instance takes the
+    // lease and promotes; the survivors agree.
+    let l = leader(&all).await.expect("a leader");
+    inst[l].kill();
+    r1.stop();
+    let survivors: Vec<&Instance> = inst
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != l)
+        .map(|(_, i)| i)
+        .collect();
+    all_agree(&survivors, (2, "r2"), "the survivors on r2 in epoch 2").await;
+    for i in &survivors {
+        assert_eq!(send(i.addr, write()).await.backend(), "r2");
+    }
+
+    // 3. etcd stops, then the primary dies: nobody promotes, everyone keeps the last
+    // primary it knew (writes refused, reads go on).
+    etcd.stop();
+    for i in &survivors {
+        eventually(Duration::from_secs(10), "etcd seen as unreachable", || async {
+            coordination(i.admin).await["connected"] == false
+        })
+        .await;
+    }
+    r2.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in &survivors {
+        assert_eq!(topology(i.admin).await, (2, "r2".into()), "no promotion without etcd");
+        let w = send(i.addr, write()).await;
+        assert_eq!(w.status, 503, "the known primary is down and nobody may promote");
+        assert_eq!(get(i.addr, "pam", "/api/read").await.status, 200, "reads go on");
+    }
+
+    // 4. etcd returns: they converge on one new primary (r3: the others are fenced).
+    etcd.restart().await;
+    all_agree(&survivors, (3, "r3"), "convergence on r3 in epoch 3 after etcd returns").await;
+    for i in &survivors {
+        assert_eq!(send(i.addr, write()).await.backend(), "r3");
+    }
+    assert!(r3.write_epochs().iter().all(|&e| e == 3));
+}
