@@ -149,9 +149,15 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     })
     .await;
     for i in &inst {
-        eventually(Duration::from_secs(10), "writes reach the primary", || async {
-            try_send(i.addr, write()).await.is_ok_and(|r| r.status == 200 && r.backend() == "primary")
-        })
+        eventually(
+            Duration::from_secs(10),
+            "writes reach the primary",
+            || async {
+                try_send(i.addr, write())
+                    .await
+                    .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
+            },
+        )
         .await;
     }
 
@@ -191,23 +197,41 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     // primary it knew (writes refused, reads go on).
     etcd.stop();
     for i in &survivors {
-        eventually(Duration::from_secs(10), "etcd seen as unreachable", || async {
-            coordination(i.admin).await["connected"] == false
-        })
+        eventually(
+            Duration::from_secs(10),
+            "etcd seen as unreachable",
+            || async { coordination(i.admin).await["connected"] == false },
+        )
         .await;
     }
     r2.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in &survivors {
-        assert_eq!(topology(i.admin).await, (2, "r2".into()), "no promotion without etcd");
+        assert_eq!(
+            topology(i.admin).await,
+            (2, "r2".into()),
+            "no promotion without etcd"
+        );
         let w = send(i.addr, write()).await;
-        assert_eq!(w.status, 503, "the known primary is down and nobody may promote");
-        assert_eq!(get(i.addr, "pam", "/api/read").await.status, 200, "reads go on");
+        assert_eq!(
+            w.status, 503,
+            "the known primary is down and nobody may promote"
+        );
+        assert_eq!(
+            get(i.addr, "pam", "/api/read").await.status,
+            200,
+            "reads go on"
+        );
     }
 
     // 4. etcd returns: they converge on one new primary (r3: the others are fenced).
     etcd.restart().await;
-    all_agree(&survivors, (3, "r3"), "convergence on r3 in epoch 3 after etcd returns").await;
+    all_agree(
+        &survivors,
+        (3, "r3"),
+        "convergence on r3 in epoch 3 after etcd returns",
+    )
+    .await;
     for i in &survivors {
         assert_eq!(send(i.addr, write()).await.backend(), "r3");
     }

@@ -12,10 +12,17 @@ fn farm(p: &TestBackend, r1: &TestBackend, r2: &TestBackend, promotion: &str) ->
     farm_with(p, r1, r2, HEALTH, promotion)
 }
 
-const HEALTH: &str = r#"health = { path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }"#;
+const HEALTH: &str =
+    r#"health = { path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }"#;
 const HEALTH_WITH_LAG: &str = r#"health = { path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2, lag_header = "x-replication-lag-ms" }"#;
 
-fn farm_with(p: &TestBackend, r1: &TestBackend, r2: &TestBackend, health: &str, promotion: &str) -> String {
+fn farm_with(
+    p: &TestBackend,
+    r1: &TestBackend,
+    r2: &TestBackend,
+    health: &str,
+    promotion: &str,
+) -> String {
     format!(
         r#"
 [admin]
@@ -59,7 +66,11 @@ async fn topology(admin: std::net::SocketAddr) -> (u64, String, Vec<String>) {
         t["primary"].as_str().unwrap_or("").to_string(),
         t["fenced"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default(),
     )
 }
@@ -101,10 +112,18 @@ fn mixed_load(
             tokio::spawn(async move {
                 let is_write = n % 2 == 1;
                 while !stop.load(Ordering::Relaxed) {
-                    let req = if is_write { write() } else { request("GET", "pam", "/api/read", "") };
+                    let req = if is_write {
+                        write()
+                    } else {
+                        request("GET", "pam", "/api/read", "")
+                    };
                     let (status, backend, retry_after) = match try_send(addr, req).await {
                         Ok(r) => {
-                            let b = if r.status == 200 { r.backend() } else { String::new() };
+                            let b = if r.status == 200 {
+                                r.backend()
+                            } else {
+                                String::new()
+                            };
                             (r.status.as_u16(), b, r.headers.contains_key("retry-after"))
                         }
                         Err(_) => (0, String::new(), false),
@@ -124,11 +143,17 @@ fn mixed_load(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_and_survives_a_restart() {
+async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_and_survives_a_restart(
+) {
     let (p, r1, r2) = three().await;
     let dir = unique_dir("failover");
     let file = dir.join("keyway.toml");
-    let cfg = farm(&p, &r1, &r2, r#"promotion = { auto = true, hold = "200ms" }"#);
+    let cfg = farm(
+        &p,
+        &r1,
+        &r2,
+        r#"promotion = { auto = true, hold = "200ms" }"#,
+    );
     let proxy = Proxy::start_file(&file, &cfg).await;
     let admin = proxy.admin.unwrap();
     all_healthy(admin).await;
@@ -141,15 +166,19 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed = Instant::now();
     p.stop();
-    eventually(Duration::from_secs(15), "a write to succeed on the promoted replica", || {
-        let log = log.clone();
-        async move {
-            log.lock()
-                .unwrap()
-                .iter()
-                .any(|o| o.write && o.at > killed && o.status == 200 && o.backend == "r1")
-        }
-    })
+    eventually(
+        Duration::from_secs(15),
+        "a write to succeed on the promoted replica",
+        || {
+            let log = log.clone();
+            async move {
+                log.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|o| o.write && o.at > killed && o.status == 200 && o.backend == "r1")
+            }
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -175,8 +204,13 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
         reads.iter().filter(|o| o.status != 200).collect::<Vec<_>>()
     );
     let refused: Vec<_> = log.iter().filter(|o| o.write && o.status == 503).collect();
-    assert!(!refused.is_empty(), "writes are refused while there is no primary");
-    assert!(refused.iter().all(|o| o.retry_after && o.at > killed && o.at < first_write));
+    assert!(
+        !refused.is_empty(),
+        "writes are refused while there is no primary"
+    );
+    assert!(refused
+        .iter()
+        .all(|o| o.retry_after && o.at > killed && o.at < first_write));
     // A write that was on the wire to the primary when it died can fail; nothing else.
     let broken = log
         .iter()
@@ -194,14 +228,19 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
 
     // The old primary comes back: healthy, fenced, no traffic.
     let p = p.restart().await;
-    eventually(Duration::from_secs(10), "the old primary healthy again", || async {
-        backend_status(admin, "pam", "primary").await["health"]["health"] == "healthy"
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the old primary healthy again",
+        || async { backend_status(admin, "pam", "primary").await["health"]["health"] == "healthy" },
+    )
     .await;
     let before = p.hits();
     for _ in 0..10 {
         assert_eq!(send(proxy.addr, write()).await.backend(), "r1");
-        assert_ne!(get(proxy.addr, "pam", "/api/read").await.backend(), "primary");
+        assert_ne!(
+            get(proxy.addr, "pam", "/api/read").await.backend(),
+            "primary"
+        );
     }
     assert_eq!(p.hits(), before, "a fenced primary takes nothing");
     assert_eq!(r1.write_epochs().last(), Some(&1));
@@ -221,13 +260,21 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
     assert_eq!(send(proxy.addr, write()).await.backend(), "r1");
 
     // Failback: a drain epoch, then the old primary in a new one.
-    let r = send(admin, request("POST", "admin", "/clusters/pam/failback", "")).await;
+    let r = send(
+        admin,
+        request("POST", "admin", "/clusters/pam/failback", ""),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(topology(admin).await, (3, "primary".into(), vec![]));
     let w = send(proxy.addr, write()).await;
     assert_eq!(w.backend(), "primary");
     assert_eq!(p.write_epochs().last(), Some(&3));
-    let again = send(admin, request("POST", "admin", "/clusters/pam/failback", "")).await;
+    let again = send(
+        admin,
+        request("POST", "admin", "/clusters/pam/failback", ""),
+    )
+    .await;
     assert_eq!(again.status, 409, "{}", again.body);
 }
 
@@ -235,11 +282,21 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
 async fn a_corrupt_state_file_stops_start_up_with_a_clear_message() {
     let (p, r1, r2) = three().await;
     let dir = unique_dir("corrupt");
-    std::fs::write(dir.join("keyway-state.json"), b"{\"version\": 1, \"clusters\": {").unwrap();
+    std::fs::write(
+        dir.join("keyway-state.json"),
+        b"{\"version\": 1, \"clusters\": {",
+    )
+    .unwrap();
     let cfg = keyway::Config::from_str_with_base(&farm(&p, &r1, &r2, ""), "t.toml", &dir).unwrap();
-    let err = keyway::Server::start(cfg).await.err().expect("start refused");
+    let err = keyway::Server::start(cfg)
+        .await
+        .err()
+        .expect("start refused");
     let msg = err.to_string();
-    assert!(msg.contains("corrupt") && msg.contains("keyway state import"), "{msg}");
+    assert!(
+        msg.contains("corrupt") && msg.contains("keyway state import"),
+        "{msg}"
+    );
 
     // A state naming a backend the config lacks is refused too, never silently reset.
     std::fs::write(
@@ -248,7 +305,11 @@ async fn a_corrupt_state_file_stops_start_up_with_a_clear_message() {
     )
     .unwrap();
     let cfg = keyway::Config::from_str_with_base(&farm(&p, &r1, &r2, ""), "t.toml", &dir).unwrap();
-    let msg = keyway::Server::start(cfg).await.err().expect("start refused").to_string();
+    let msg = keyway::Server::start(cfg)
+        .await
+        .err()
+        .expect("start refused")
+        .to_string();
     assert!(msg.contains("`gone`"), "{msg}");
 }
 
@@ -272,7 +333,10 @@ async fn a_failing_promote_hook_keeps_writes_off_the_candidate_and_repoint_reach
         topology(admin).await.1 == "r2"
     })
     .await;
-    assert_eq!(r1.hooks().first().map(String::as_str), Some("/admin/promote"));
+    assert_eq!(
+        r1.hooks().first().map(String::as_str),
+        Some("/admin/promote")
+    );
     assert!(r2.hooks().contains(&"/admin/promote".to_string()));
     eventually(Duration::from_secs(5), "r1 repointed", || async {
         r1.hooks().contains(&"/admin/repoint".to_string())
@@ -281,10 +345,16 @@ async fn a_failing_promote_hook_keeps_writes_off_the_candidate_and_repoint_reach
     for _ in 0..10 {
         assert_eq!(send(proxy.addr, write()).await.backend(), "r2");
     }
-    assert!(r1.write_epochs().is_empty(), "the candidate whose hook failed took no write");
+    assert!(
+        r1.write_epochs().is_empty(),
+        "the candidate whose hook failed took no write"
+    );
     let metrics = admin_get(admin, "/metrics").await;
     assert!(
-        metric(&metrics, "keyway_hook_calls_total{cluster=\"pam\",hook=\"on_promote\",result=\"error\"}") >= 1.0,
+        metric(
+            &metrics,
+            "keyway_hook_calls_total{cluster=\"pam\",hook=\"on_promote\",result=\"error\"}"
+        ) >= 1.0,
         "{metrics}"
     );
 }
@@ -292,7 +362,13 @@ async fn a_failing_promote_hook_keeps_writes_off_the_candidate_and_repoint_reach
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_promotion_keyway_reports_and_an_operator_promotes() {
     let (p, r1, r2) = three().await;
-    let proxy = Proxy::start(&farm(&p, &r1, &r2, r#"promotion = { auto = false, hold = "100ms" }"#)).await;
+    let proxy = Proxy::start(&farm(
+        &p,
+        &r1,
+        &r2,
+        r#"promotion = { auto = false, hold = "100ms" }"#,
+    ))
+    .await;
     let admin = proxy.admin.unwrap();
     all_healthy(admin).await;
     p.stop();
@@ -305,17 +381,38 @@ async fn without_auto_promotion_keyway_reports_and_an_operator_promotes() {
     assert!(w.headers.contains_key("retry-after"));
     assert_eq!(get(proxy.addr, "pam", "/api/read").await.status, 200);
     assert_eq!(topology(admin).await.0, 0, "nothing promoted by itself");
-    assert!(metric(&admin_get(admin, "/metrics").await, "keyway_promotion_needed{cluster=\"pam\"}") == 1.0);
+    assert!(
+        metric(
+            &admin_get(admin, "/metrics").await,
+            "keyway_promotion_needed{cluster=\"pam\"}"
+        ) == 1.0
+    );
 
     // Unknown cluster and backend are 404; an unhealthy target is 409.
-    let r = send(admin, request("POST", "admin", "/clusters/nope/promote/r1", "")).await;
+    let r = send(
+        admin,
+        request("POST", "admin", "/clusters/nope/promote/r1", ""),
+    )
+    .await;
     assert_eq!(r.status, 404);
-    let r = send(admin, request("POST", "admin", "/clusters/pam/promote/nope", "")).await;
+    let r = send(
+        admin,
+        request("POST", "admin", "/clusters/pam/promote/nope", ""),
+    )
+    .await;
     assert_eq!(r.status, 404);
-    let r = send(admin, request("POST", "admin", "/clusters/pam/promote/primary", "")).await;
+    let r = send(
+        admin,
+        request("POST", "admin", "/clusters/pam/promote/primary", ""),
+    )
+    .await;
     assert_eq!(r.status, 409, "{}", r.body);
 
-    let r = send(admin, request("POST", "admin", "/clusters/pam/promote/r2", "")).await;
+    let r = send(
+        admin,
+        request("POST", "admin", "/clusters/pam/promote/r2", ""),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Switchover from a primary: a drain epoch, then r2.
     assert_eq!(topology(admin).await, (2, "r2".into(), vec![]));
@@ -366,7 +463,9 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
     .await;
     let s = status(admin).await;
     let plugins = s["clusters"][0]["plugins"].as_array().unwrap().clone();
-    assert!(plugins.iter().any(|p| p["kind"] == "promotion" && p["calls"].as_u64() >= Some(1)));
+    assert!(plugins
+        .iter()
+        .any(|p| p["kind"] == "promotion" && p["calls"].as_u64() >= Some(1)));
 
     // The least-lag plugin with a lag bound nobody meets: no promotion at all.
     let (p, r1, r2) = three().await;
@@ -408,7 +507,13 @@ async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
         let mut rng = Rng(seed);
         let (p, r1, r2) = three().await;
         let backends = [p.clone(), r1.clone(), r2.clone()];
-        let proxy = Proxy::start(&farm(&p, &r1, &r2, r#"promotion = { hold = "100ms", drain = "500ms" }"#)).await;
+        let proxy = Proxy::start(&farm(
+            &p,
+            &r1,
+            &r2,
+            r#"promotion = { hold = "100ms", drain = "500ms" }"#,
+        ))
+        .await;
         let admin = proxy.admin.unwrap();
         all_healthy(admin).await;
         let stop = Arc::new(AtomicBool::new(false));
@@ -438,7 +543,11 @@ async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
                     let _ = send(admin, request("POST", "admin", &path, "")).await;
                 }
                 _ => {
-                    let _ = send(admin, request("POST", "admin", "/clusters/pam/failback", "")).await;
+                    let _ = send(
+                        admin,
+                        request("POST", "admin", "/clusters/pam/failback", ""),
+                    )
+                    .await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(400)).await;
@@ -450,13 +559,23 @@ async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
         let s = status(admin).await;
         let mut history: std::collections::BTreeMap<u64, Option<String>> = Default::default();
         history.insert(0, Some("primary".into()));
-        for h in s["coordination"]["clusters"]["pam"]["history"].as_array().unwrap() {
+        for h in s["coordination"]["clusters"]["pam"]["history"]
+            .as_array()
+            .unwrap()
+        {
             let e = h["epoch"].as_u64().unwrap();
             let prim = h["primary"].as_str().map(String::from);
-            assert!(history.insert(e, prim).is_none(), "run {run}: epoch {e} decided twice");
+            assert!(
+                history.insert(e, prim).is_none(),
+                "run {run}: epoch {e} decided twice"
+            );
         }
         let last = *history.keys().last().unwrap();
-        assert_eq!(history.len() as u64, last + 1, "run {run}: every epoch is in the history: {history:?}");
+        assert_eq!(
+            history.len() as u64,
+            last + 1,
+            "run {run}: every epoch is in the history: {history:?}"
+        );
         for (i, b) in backends.iter().enumerate() {
             for e in b.write_epochs() {
                 total_writes += 1;
@@ -468,7 +587,12 @@ async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
                 );
             }
         }
-        total_refused += log.lock().unwrap().iter().filter(|o| o.write && o.status == 503).count();
+        total_refused += log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| o.write && o.status == 503)
+            .count();
         total_epochs += history.len();
     }
     println!("randomized failover: {runs} runs, {total_epochs} epochs, {total_writes} writes served, {total_refused} refused with 503, 0 taken by a non-primary");

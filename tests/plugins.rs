@@ -615,20 +615,30 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
 
     // A broken file is refused: the running version keeps answering.
     replace_file(&wasm, b"\0asm this is not a component");
-    eventually(Duration::from_secs(10), "the broken plugin to be refused", || async {
-        let s: serde_json::Value = serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
-        s["last_reload"]["result"] == "error"
-            && s["last_reload"]["detail"].as_str().unwrap_or_default().contains("classifier.wasm")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the broken plugin to be refused",
+        || async {
+            let s: serde_json::Value =
+                serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+            s["last_reload"]["result"] == "error"
+                && s["last_reload"]["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("classifier.wasm")
+        },
+    )
     .await;
     assert_eq!(plugin_hash(&admin_get(admin, "/status").await), first);
     assert_eq!(get(p.addr, "h", "/x").await.backend(), "primary");
 
     // A good new version is loaded without any call: pam-classifier calls a GET a read.
     replace_file(&wasm, &std::fs::read(plugin("pam-classifier")).unwrap());
-    eventually(Duration::from_secs(10), "the new plugin to be swapped in", || async {
-        get(p.addr, "h", "/x").await.backend() == "replica"
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the new plugin to be swapped in",
+        || async { get(p.addr, "h", "/x").await.backend() == "replica" },
+    )
     .await;
     assert_ne!(plugin_hash(&admin_get(admin, "/status").await), first);
 }
@@ -692,9 +702,11 @@ backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
         let r = send(admin, request("POST", "admin", "/plugins/reload", "")).await;
         assert_eq!(r.status, 200, "{}", r.body);
         let want = if b_down { "unhealthy" } else { "healthy" };
-        eventually(Duration::from_secs(10), "the new version's verdict", || async {
-            state("b").await == want
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the new version's verdict",
+            || async { state("b").await == want },
+        )
         .await;
         // Once the verdict is published, routing follows it.
         let mut seen_b = 0;
@@ -714,6 +726,10 @@ backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
         t.await.unwrap();
     }
     let done = done.load(Ordering::Relaxed);
-    assert_eq!(fails.load(Ordering::Relaxed), 0, "{done} requests across six swaps");
+    assert_eq!(
+        fails.load(Ordering::Relaxed),
+        0,
+        "{done} requests across six swaps"
+    );
     assert!(done > 100, "{done}");
 }

@@ -94,7 +94,12 @@ async fn topology_call(reloader: &crate::server::Reloader, path: &str) -> Option
         None if action == "failback" => failover.fail_back(cluster).await,
         Some(("promote", backend)) if !backend.is_empty() && !backend.contains('/') => {
             failover
-                .switchover(cluster, backend, &format!("manual promotion of {backend}"), "manual")
+                .switchover(
+                    cluster,
+                    backend,
+                    &format!("manual promotion of {backend}"),
+                    "manual",
+                )
                 .await
         }
         _ => return None,
@@ -113,7 +118,11 @@ async fn topology_call(reloader: &crate::server::Reloader, path: &str) -> Option
     })
 }
 
-fn route(rt: &Runtime, reloader: &crate::server::Reloader, req: Request<Incoming>) -> Response<Body> {
+fn route(
+    rt: &Runtime,
+    reloader: &crate::server::Reloader,
+    req: Request<Incoming>,
+) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,

@@ -199,32 +199,40 @@ impl Client {
         }});
         let mut last = String::from("no etcd endpoint configured");
         for ep in &self.endpoints {
-            let mut resp = match tokio::time::timeout(self.timeout, open(*ep, "/v3/watch", &body)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    last = format!("etcd {ep}/v3/watch: {e}");
-                    continue;
-                }
-                Err(_) => {
-                    last = format!("etcd {ep}/v3/watch: no answer within {:?}", self.timeout);
-                    continue;
-                }
-            };
+            let mut resp =
+                match tokio::time::timeout(self.timeout, open(*ep, "/v3/watch", &body)).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        last = format!("etcd {ep}/v3/watch: {e}");
+                        continue;
+                    }
+                    Err(_) => {
+                        last = format!("etcd {ep}/v3/watch: no answer within {:?}", self.timeout);
+                        continue;
+                    }
+                };
             let mut buf: Vec<u8> = Vec::new();
             while let Some(frame) = resp.frame().await {
                 let frame = frame.map_err(|e| format!("etcd watch stream: {e}"))?;
-                let Some(data) = frame.data_ref() else { continue };
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
                 buf.extend_from_slice(data);
                 // Messages are JSON objects, one per line.
                 while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=nl).collect();
-                    let Ok(msg) = serde_json::from_slice::<Value>(&line) else { continue };
+                    let Ok(msg) = serde_json::from_slice::<Value>(&line) else {
+                        continue;
+                    };
                     if let Some(err) = msg.get("error") {
                         return Err(format!("etcd watch: {err}"));
                     }
                     let result = &msg["result"];
                     if result["canceled"].as_bool() == Some(true) {
-                        return Err(format!("etcd cancelled the watch: {}", result["cancel_reason"]));
+                        return Err(format!(
+                            "etcd cancelled the watch: {}",
+                            result["cancel_reason"]
+                        ));
                     }
                     for ev in result["events"].as_array().into_iter().flatten() {
                         let Some(kv) = kv(&ev["kv"]) else { continue };

@@ -32,8 +32,7 @@ use tokio::sync::watch;
 
 use crate::cluster::Cluster;
 use crate::config::{
-    ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role, StateConfig,
-    Strategy,
+    ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role, StateConfig, Strategy,
 };
 use crate::etcd;
 use crate::forward::Runtime;
@@ -313,8 +312,7 @@ impl EtcdStore {
                 }
             }
         }
-        metrics::gauge!("keyway_coordination_connected")
-            .set(if r.is_ok() { 1.0 } else { 0.0 });
+        metrics::gauge!("keyway_coordination_connected").set(if r.is_ok() { 1.0 } else { 0.0 });
     }
 
     /// Whether this instance holds the leader lease (and it has not run out).
@@ -332,7 +330,7 @@ pub enum Store {
     /// One instance.
     File(Arc<FileStore>),
     /// Several instances.
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
 }
 
 impl Store {
@@ -342,11 +340,11 @@ impl Store {
     pub fn open(cfg: &StateConfig) -> Result<Self, String> {
         Ok(match cfg {
             StateConfig::File(path) => Store::File(Arc::new(FileStore::open(path)?)),
-            StateConfig::Etcd(e) => Store::Etcd(EtcdStore {
+            StateConfig::Etcd(e) => Store::Etcd(Box::new(EtcdStore {
                 client: etcd::Client::new(e.endpoints.clone(), e.timeout),
                 cfg: e.clone(),
                 status: Mutex::new(EtcdStatus::default()),
-            }),
+            })),
         })
     }
 
@@ -380,7 +378,9 @@ impl Store {
                         Ok(t) => {
                             out.insert(name.to_string(), (t, kv.mod_revision));
                         }
-                        Err(err) => tracing::error!(key = %kv.key, error = %err, "unreadable topology in etcd; ignoring it"),
+                        Err(err) => {
+                            tracing::error!(key = %kv.key, error = %err, "unreadable topology in etcd; ignoring it")
+                        }
                     }
                 }
                 Ok(out)
@@ -397,8 +397,12 @@ impl Store {
     ) -> Result<Commit, String> {
         match self {
             Store::File(f) => {
-                let (f, cluster, expected, next) =
-                    (f.clone(), cluster.to_string(), seen.topology.epoch, next.clone());
+                let (f, cluster, expected, next) = (
+                    f.clone(),
+                    cluster.to_string(),
+                    seen.topology.epoch,
+                    next.clone(),
+                );
                 // Small, but it fsyncs: off the async workers.
                 tokio::task::spawn_blocking(move || f.commit(&cluster, expected, &next))
                     .await
@@ -448,10 +452,11 @@ impl Store {
                 "decides": true,
             }),
             Store::Etcd(e) => {
-                let s = e.status.lock();
-                let (connected, last_error, leader) = s.as_ref().map_or((false, None, None), |s| {
-                    (s.connected, s.last_error.clone(), s.leader.clone())
-                });
+                let decides = e.is_leader();
+                let (connected, last_error, leader) =
+                    e.status.lock().map_or((false, None, None), |s| {
+                        (s.connected, s.last_error.clone(), s.leader.clone())
+                    });
                 serde_json::json!({
                     "kind": "etcd",
                     "endpoints": e.cfg.endpoints.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -459,7 +464,7 @@ impl Store {
                     "instance": e.cfg.instance,
                     "connected": connected,
                     "leader": leader,
-                    "decides": e.is_leader(),
+                    "decides": decides,
                     "last_error": last_error,
                 })
             }
@@ -595,7 +600,11 @@ impl Failover {
     }
 
     fn known(&self, cluster: &str) -> Option<Known> {
-        self.cells.lock().ok()?.get(cluster).map(|c| c.known.clone())
+        self.cells
+            .lock()
+            .ok()?
+            .get(cluster)
+            .map(|c| c.known.clone())
     }
 
     fn lock_of(&self, cluster: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
@@ -677,9 +686,8 @@ impl Failover {
             *r = Some(runtime.clone());
         }
         for c in &runtime.load().clusters {
-            metrics::gauge!("keyway_topology_epoch", "cluster" => c.cfg.name.clone()).set(
-                self.topology(&c.cfg.name).map_or(0.0, |t| t.epoch as f64),
-            );
+            metrics::gauge!("keyway_topology_epoch", "cluster" => c.cfg.name.clone())
+                .set(self.topology(&c.cfg.name).map_or(0.0, |t| t.epoch as f64));
         }
         self.ensure_controllers(&shutdown);
         if let Store::Etcd(_) = &self.store {
@@ -771,20 +779,20 @@ impl Failover {
                 continue;
             };
             let rt = rt.load_full();
-            let Some(c) = rt.cluster(&name).filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
+            let Some(c) = rt
+                .cluster(&name)
+                .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
             else {
                 if let Ok(mut r) = self.controllers.lock() {
                     r.remove(&name);
                 }
                 return;
             };
-            let Some(known) = self.known(&name) else { continue };
+            let Some(known) = self.known(&name) else {
+                continue;
+            };
             let view = c.health.view_full();
-            let primary = known
-                .topology
-                .primary
-                .as_ref()
-                .and_then(|id| index(c, id));
+            let primary = known.topology.primary.as_ref().and_then(|id| index(c, id));
             let down = primary.is_none_or(|p| view.backends[p].health == Health::Unhealthy);
             if !down {
                 down_since = None;
@@ -814,12 +822,16 @@ impl Failover {
             if !self.store.may_decide() {
                 continue;
             }
-            let Some(lock) = self.lock_of(&name) else { continue };
+            let Some(lock) = self.lock_of(&name) else {
+                continue;
+            };
             let Ok(_guard) = lock.try_lock() else {
                 continue; // an admin switchover is running
             };
             // Re-read under the lock: a decision may just have landed.
-            let Some(known) = self.known(&name) else { continue };
+            let Some(known) = self.known(&name) else {
+                continue;
+            };
             hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
             let Some(target) = choose(c, &view, &known.topology, &hook_failed) else {
                 if !said_no_candidate {
@@ -882,11 +894,18 @@ impl Failover {
         }
         let id = c.backends[home].cfg.id.clone();
         match self
-            .switchover(&c.cfg.name, &id, &format!("failback: {id} healthy for {after:?}"), "failback")
+            .switchover(
+                &c.cfg.name,
+                &id,
+                &format!("failback: {id} healthy for {after:?}"),
+                "failback",
+            )
             .await
         {
             Ok(_) => {}
-            Err(e) => tracing::warn!(cluster = %c.cfg.name, error = %e.message, "automatic failback not made"),
+            Err(e) => {
+                tracing::warn!(cluster = %c.cfg.name, error = %e.message, "automatic failback not made")
+            }
         }
     }
 
@@ -1001,7 +1020,10 @@ impl Failover {
         if known.topology.primary.as_deref() == Some(target) {
             return Err(refused(
                 409,
-                format!("`{target}` is already the primary of `{cluster}` (epoch {})", known.topology.epoch),
+                format!(
+                    "`{target}` is already the primary of `{cluster}` (epoch {})",
+                    known.topology.epoch
+                ),
             ));
         }
         let view = c.health.view_full();
@@ -1044,9 +1066,15 @@ impl Failover {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
-            known = self.known(cluster).filter(|k| k.topology == next).ok_or_else(|| {
-                refused(409, "another decision was made during the switchover; check /status")
-            })?;
+            known = self
+                .known(cluster)
+                .filter(|k| k.topology == next)
+                .ok_or_else(|| {
+                    refused(
+                        409,
+                        "another decision was made during the switchover; check /status",
+                    )
+                })?;
             // 2. The new primary (its hook first); on refusal the old one returns.
             match self
                 .decide(&c, &known, Some(t), fenced, reason.to_string(), kind, false)
@@ -1061,7 +1089,9 @@ impl Failover {
                             &known,
                             back,
                             known.topology.fenced.clone(),
-                            format!("switchover to {target} refused by its hook; {old} stays primary"),
+                            format!(
+                                "switchover to {target} refused by its hook; {old} stays primary"
+                            ),
                             kind,
                             false,
                         )
@@ -1127,7 +1157,10 @@ impl Failover {
                 };
                 // The lease is surely valid for ttl from before this call.
                 let valid_until = Instant::now() + Duration::from_secs(ttl) - period;
-                let holder = e.client.campaign(&e.leader_key(), &e.cfg.instance, id).await?;
+                let holder = e
+                    .client
+                    .campaign(&e.leader_key(), &e.cfg.instance, id)
+                    .await?;
                 Ok::<_, String>((id, valid_until, holder))
             };
             match step.await {
@@ -1141,7 +1174,11 @@ impl Failover {
                         }
                         s.lease = Some((id, until));
                         s.leader = Some(holder.clone());
-                        metrics::gauge!("keyway_coordination_leader").set(if now { 1.0 } else { 0.0 });
+                        metrics::gauge!("keyway_coordination_leader").set(if now {
+                            1.0
+                        } else {
+                            0.0
+                        });
                     }
                 }
                 Err(err) => {
@@ -1226,7 +1263,9 @@ impl Failover {
                     },
                 );
             }
-            Err(err) => tracing::error!(key = %kv.key, error = %err, "unreadable topology in etcd; ignoring it"),
+            Err(err) => {
+                tracing::error!(key = %kv.key, error = %err, "unreadable topology in etcd; ignoring it")
+            }
         }
     }
 
@@ -1249,7 +1288,11 @@ impl Failover {
                 .clusters
                 .iter()
                 .find(|c| c.name == *name)
-                .ok_or_else(|| format!("the backup names cluster `{name}`, which the configuration does not have"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "the backup names cluster `{name}`, which the configuration does not have"
+                    )
+                })?;
             t.validate(c)?;
         }
         let current = self.store.load_all().await?;
@@ -1258,7 +1301,11 @@ impl Failover {
         for (name, mut t) in doc.clusters {
             let (cur_epoch, rev) = current.get(&name).map_or((0, 0), |(t, r)| (t.epoch, *r));
             if t.epoch <= cur_epoch {
-                report.push(format!("{name}: epoch {} raised to {} (epochs only grow)", t.epoch, cur_epoch + 1));
+                report.push(format!(
+                    "{name}: epoch {} raised to {} (epochs only grow)",
+                    t.epoch,
+                    cur_epoch + 1
+                ));
                 t.epoch = cur_epoch + 1;
             }
             t.reason = format!("imported: {}", t.reason);
@@ -1286,7 +1333,9 @@ impl Failover {
                     match e.client.swap(&e.key(&name), rev, &value, None).await? {
                         etcd::Swap::Done(_) => {}
                         etcd::Swap::Lost(_) => {
-                            return Err(format!("{name}: changed in etcd during the import; run it again"))
+                            return Err(format!(
+                                "{name}: changed in etcd during the import; run it again"
+                            ))
                         }
                     }
                 }
@@ -1384,13 +1433,23 @@ pub fn native_priority(cands: &[PromotionCandidate], prefer: Option<&str>) -> Pr
 
 /// Native `least-lag-promotion`: the healthy candidate with the least reported lag
 /// (none reported: last; then priority), never one beyond `max_lag_ms`.
-pub fn native_least_lag(cands: &[PromotionCandidate], max_lag_ms: Option<u64>) -> PromotionDecision {
+pub fn native_least_lag(
+    cands: &[PromotionCandidate],
+    max_lag_ms: Option<u64>,
+) -> PromotionDecision {
     cands
         .iter()
         .enumerate()
         .filter(|(_, c)| c.healthy)
         .filter(|(_, c)| max_lag_ms.is_none_or(|m| c.lag_ms.is_some_and(|l| l <= m)))
-        .min_by_key(|(i, c)| (c.lag_ms.is_none(), c.lag_ms.unwrap_or(u64::MAX), c.priority, *i))
+        .min_by_key(|(i, c)| {
+            (
+                c.lag_ms.is_none(),
+                c.lag_ms.unwrap_or(u64::MAX),
+                c.priority,
+                *i,
+            )
+        })
         .map_or(PromotionDecision::None, |(_, c)| {
             PromotionDecision::Promote(c.id.clone())
         })
@@ -1429,13 +1488,20 @@ async fn call_hook(
     let labels = [
         ("cluster", c.cfg.name.clone()),
         ("hook", which.to_string()),
-        ("result", if result.is_ok() { "ok" } else { "error" }.to_string()),
+        (
+            "result",
+            if result.is_ok() { "ok" } else { "error" }.to_string(),
+        ),
     ];
     metrics::counter!("keyway_hook_calls_total", &labels).increment(1);
     metrics::histogram!("keyway_hook_duration_seconds", &labels[..2]).record(took.as_secs_f64());
     match &result {
-        Ok(()) => tracing::info!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, "hook succeeded"),
-        Err(e) => tracing::warn!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, error = %e, "hook failed"),
+        Ok(()) => {
+            tracing::info!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, "hook succeeded")
+        }
+        Err(e) => {
+            tracing::warn!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, error = %e, "hook failed")
+        }
     }
     result
 }
@@ -1477,7 +1543,13 @@ async fn post_json(url: &str, body: &serde_json::Value) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn cand(id: &str, priority: u32, loc: &str, healthy: bool, lag: Option<u64>) -> PromotionCandidate {
+    fn cand(
+        id: &str,
+        priority: u32,
+        loc: &str,
+        healthy: bool,
+        lag: Option<u64>,
+    ) -> PromotionCandidate {
         PromotionCandidate {
             id: id.into(),
             priority,
@@ -1520,7 +1592,10 @@ mod tests {
         };
         assert!(matches!(f.commit("c", 0, &t).unwrap(), Commit::Done(1)));
         // A stale writer loses.
-        assert!(matches!(f.commit("c", 0, &t).unwrap(), Commit::Lost(Some(_))));
+        assert!(matches!(
+            f.commit("c", 0, &t).unwrap(),
+            Commit::Lost(Some(_))
+        ));
         let again = FileStore::open(&path).unwrap();
         assert_eq!(again.get("c"), Some(t));
         let leftovers: Vec<_> = std::fs::read_dir(&dir)
@@ -1531,7 +1606,10 @@ mod tests {
         assert!(leftovers.is_empty());
         std::fs::write(&path, b"{ not json").unwrap();
         let err = FileStore::open(&path).err().unwrap();
-        assert!(err.contains("corrupt") && err.contains("keyway state import"), "{err}");
+        assert!(
+            err.contains("corrupt") && err.contains("keyway state import"),
+            "{err}"
+        );
         std::fs::write(&path, br#"{"version": 9, "clusters": {}}"#).unwrap();
         assert!(FileStore::open(&path).is_err());
     }

@@ -438,9 +438,8 @@ impl Eligible {
                 let lag_ok = |i: usize| {
                     max_lag_ms.is_none_or(|max| view.backends[i].lag_ms.is_none_or(|l| l <= max))
                 };
-                let replicas = (0..n).any(|i| {
-                    view.backends[i].role == Role::Replica && usable(i) && lag_ok(i)
-                });
+                let replicas = (0..n)
+                    .any(|i| view.backends[i].role == Role::Replica && usable(i) && lag_ok(i));
                 let primary = primary.filter(|&p| {
                     usable(p)
                         && match cluster.cfg.split.reads_on_primary {

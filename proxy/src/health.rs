@@ -482,9 +482,7 @@ impl ClusterHealth {
                 },
             );
         }
-        let panic = |role| {
-            records.iter().any(|r| r.role == role && r.kept_in_panic)
-        };
+        let panic = |role| records.iter().any(|r| r.role == role && r.kept_in_panic);
         self.panic_primary
             .set(if panic(Role::Primary) { 1.0 } else { 0.0 });
         self.panic_replica

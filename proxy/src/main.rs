@@ -176,7 +176,8 @@ fn main() -> ExitCode {
     };
     if demo && matches!(config.state, keyway::config::StateConfig::File(_)) {
         // Each demo starts from the configured primaries, without touching the repo.
-        let file = std::env::temp_dir().join(format!("keyway-demo-state-{}.json", std::process::id()));
+        let file =
+            std::env::temp_dir().join(format!("keyway-demo-state-{}.json", std::process::id()));
         config.state = keyway::config::StateConfig::File(file);
     }
     let mut rt = if config.proxy.workers == Some(1) {
@@ -242,7 +243,8 @@ fn state_command(command: &StateCommand) -> anyhow::Result<String> {
                 Ok(serde_json::to_string_pretty(&doc)?)
             }
             StateCommand::Import { file, .. } => {
-                let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+                let bytes =
+                    std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
                 let doc = keyway::failover::parse_state(&bytes)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                 let report = failover

@@ -261,9 +261,7 @@ const PLUGIN_WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 impl Server {
     /// Binds every listener and the admin server, then starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let failover = Failover::open(&config)
-            .await
-            .map_err(StartError::State)?;
+        let failover = Failover::open(&config).await.map_err(StartError::State)?;
         let runtime = Arc::new(ArcSwap::from_pointee(
             build_runtime(&config, &failover).map_err(StartError::Build)?,
         ));
@@ -374,7 +372,9 @@ impl Server {
                         *slot = Some(w);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "plugin files are not watched; reload with SIGHUP or POST /plugins/reload"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "plugin files are not watched; reload with SIGHUP or POST /plugins/reload")
+                }
             }
         }
     }

@@ -89,7 +89,9 @@ struct Watched {
 impl Watched {
     fn covers(&self, path: &Path) -> bool {
         self.files.iter().any(|f| {
-            f == path || (f.file_name() == path.file_name() && f.parent().map(canonical) == path.parent().map(canonical))
+            f == path
+                || (f.file_name() == path.file_name()
+                    && f.parent().map(canonical) == path.parent().map(canonical))
         })
     }
 
@@ -115,6 +117,10 @@ impl Watched {
 }
 
 fn canonical(p: &Path) -> PathBuf {
-    let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+    let p = if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    };
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }

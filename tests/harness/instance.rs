@@ -28,7 +28,10 @@ async fn main() {
     println!(
         "listening {} admin {}",
         server.listen_addrs()[0],
-        server.admin_addr().map(|a| a.to_string()).unwrap_or_default()
+        server
+            .admin_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
     );
     let _ = tokio::signal::ctrl_c().await;
     server.shutdown().await;

@@ -961,7 +961,12 @@ impl Etcd {
         self.child = Some(child);
         let addr = self.addr;
         eventually(Duration::from_secs(20), "etcd to answer", || async move {
-            match try_send(addr, request("POST", "etcd", "/v3/kv/range", r#"{"key":"AA=="}"#)).await {
+            match try_send(
+                addr,
+                request("POST", "etcd", "/v3/kv/range", r#"{"key":"AA=="}"#),
+            )
+            .await
+            {
                 Ok(r) => r.status == 200,
                 Err(_) => false,
             }

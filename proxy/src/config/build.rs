@@ -126,11 +126,25 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
         })
         .collect();
     match segs.as_slice() {
-        [] => &["admin", "proxy", "listener", "route", "cluster", "state", "coordination"],
+        [] => &[
+            "admin",
+            "proxy",
+            "listener",
+            "route",
+            "cluster",
+            "state",
+            "coordination",
+        ],
         [Some("state")] => &["file"],
         [Some("coordination")] => &["etcd", "prefix", "lease_ttl", "instance", "timeout"],
         [Some("admin")] => &["listen"],
-        [Some("proxy")] => &["workers", "drain_timeout", "access_log", "secret_file", "watch_plugins"],
+        [Some("proxy")] => &[
+            "workers",
+            "drain_timeout",
+            "access_log",
+            "secret_file",
+            "watch_plugins",
+        ],
         [Some("listener"), None] => &[
             "listen",
             "tls",
@@ -342,7 +356,11 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 );
             }
             if c.etcd.is_empty() {
-                errs.push(&cp.key("etcd"), "no etcd endpoint given", "list them: etcd = [\"http://127.0.0.1:2379\"]");
+                errs.push(
+                    &cp.key("etcd"),
+                    "no etcd endpoint given",
+                    "list them: etcd = [\"http://127.0.0.1:2379\"]",
+                );
             }
             let endpoints = c
                 .etcd
@@ -352,18 +370,36 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 .collect();
             let prefix = c.prefix.clone().unwrap_or_else(|| "/keyway".into());
             if !prefix.starts_with('/') || prefix.ends_with('/') {
-                errs.push(&cp.key("prefix"), format!("prefix `{prefix}` must start with / and not end with one"), "use e.g. \"/keyway\"");
+                errs.push(
+                    &cp.key("prefix"),
+                    format!("prefix `{prefix}` must start with / and not end with one"),
+                    "use e.g. \"/keyway\"",
+                );
             }
-            let lease_ttl = nonzero_duration(c.lease_ttl.as_deref(), &cp.key("lease_ttl"), DEFAULT_LEASE_TTL, errs);
+            let lease_ttl = nonzero_duration(
+                c.lease_ttl.as_deref(),
+                &cp.key("lease_ttl"),
+                DEFAULT_LEASE_TTL,
+                errs,
+            );
             if lease_ttl < Duration::from_secs(1) {
-                errs.push(&cp.key("lease_ttl"), "etcd leases are granted in whole seconds", "use 1s or more");
+                errs.push(
+                    &cp.key("lease_ttl"),
+                    "etcd leases are granted in whole seconds",
+                    "use 1s or more",
+                );
             }
             StateConfig::Etcd(EtcdConfig {
                 endpoints,
                 prefix,
                 lease_ttl: lease_ttl.max(Duration::from_secs(1)),
                 instance: c.instance.clone().unwrap_or_else(default_instance_name),
-                timeout: nonzero_duration(c.timeout.as_deref(), &cp.key("timeout"), DEFAULT_ETCD_TIMEOUT, errs),
+                timeout: nonzero_duration(
+                    c.timeout.as_deref(),
+                    &cp.key("timeout"),
+                    DEFAULT_ETCD_TIMEOUT,
+                    errs,
+                ),
             })
         }
         None => StateConfig::File(resolve(
@@ -388,14 +424,25 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
 /// `http://host:port` (or `host:port`) of an etcd client endpoint.
 fn etcd_endpoint(text: &str, path: &KeyPath, errs: &mut Errors<'_>) -> Option<SocketAddr> {
     if text.starts_with("https://") {
-        errs.push(path, "etcd over TLS is not supported yet", "use a plain http:// endpoint on a trusted network, or a local etcd gateway");
+        errs.push(
+            path,
+            "etcd over TLS is not supported yet",
+            "use a plain http:// endpoint on a trusted network, or a local etcd gateway",
+        );
         return None;
     }
-    let hostport = text.strip_prefix("http://").unwrap_or(text).trim_end_matches('/');
+    let hostport = text
+        .strip_prefix("http://")
+        .unwrap_or(text)
+        .trim_end_matches('/');
     match hostport.to_socket_addrs().ok().and_then(|mut a| a.next()) {
         Some(a) => Some(a),
         None => {
-            errs.push(path, format!("`{text}` is not a reachable host:port"), "write it like \"http://127.0.0.1:2379\"");
+            errs.push(
+                path,
+                format!("`{text}` is not a reachable host:port"),
+                "write it like \"http://127.0.0.1:2379\"",
+            );
             None
         }
     }
@@ -855,7 +902,7 @@ fn cluster(
             .promotion
             .as_ref()
             .and_then(|p| promotion(p, &path.key("promotion"), strategy, health.as_ref(), base, errs)),
-        failback_after: c.failback.as_ref().and_then(|f| {
+        failback_after: c.failback.as_ref().map(|f| {
             let fp = path.key("failback");
             if strategy != Strategy::PrimaryReplica {
                 errs.push(&fp, "failback only applies to strategy = \"primary-replica\"", "remove it");
@@ -863,7 +910,7 @@ fn cluster(
             if health.is_none() {
                 errs.push(&fp, "automatic failback needs active health checks to see the old primary recover", "add health = { path = \"/health\" } to the cluster, or remove failback and fail back with POST /clusters/NAME/failback");
             }
-            Some(nonzero_duration(Some(&f.after), &fp.key("after"), Duration::from_secs(600), errs))
+            nonzero_duration(Some(&f.after), &fp.key("after"), Duration::from_secs(600), errs)
         }),
         health,
         outlier,
@@ -912,10 +959,17 @@ fn promotion(
                 .and_then(|v| u64::try_from(v).ok()),
         },
         file if crate::plugin::is_plugin_path(file) => {
-            match crate::plugin::PromotionPlugin::load(&resolve(base, file), &plugin_config_json(cfg)) {
+            match crate::plugin::PromotionPlugin::load(
+                &resolve(base, file),
+                &plugin_config_json(cfg),
+            ) {
                 Ok(plugin) => PromotionPolicyKind::Plugin { plugin, on_error },
                 Err(e) => {
-                    errs.push(&path.key("policy"), e, "fix the plugin or its `config`, or use policy = \"priority-promotion\"");
+                    errs.push(
+                        &path.key("policy"),
+                        e,
+                        "fix the plugin or its `config`, or use policy = \"priority-promotion\"",
+                    );
                     return None;
                 }
             }
@@ -952,11 +1006,21 @@ fn promotion(
     Some(PromotionConfig {
         policy,
         auto,
-        hold: duration(p.hold.as_deref(), &path.key("hold"), DEFAULT_PROMOTION_HOLD, errs),
+        hold: duration(
+            p.hold.as_deref(),
+            &path.key("hold"),
+            DEFAULT_PROMOTION_HOLD,
+            errs,
+        ),
         require_hook_ok: p.require_hook_ok.unwrap_or(true),
         on_promote,
         on_repoint,
-        drain: duration(p.drain.as_deref(), &path.key("drain"), DEFAULT_SWITCHOVER_DRAIN, errs),
+        drain: duration(
+            p.drain.as_deref(),
+            &path.key("drain"),
+            DEFAULT_SWITCHOVER_DRAIN,
+            errs,
+        ),
     })
 }
 
