@@ -612,3 +612,61 @@ impl Rng {
         (x % n as u64) as usize
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
+    let (p, r1, r2) = three().await;
+    let dir = unique_dir("failback");
+    let file = dir.join("keyway.toml");
+    let cfg = farm(
+        &p,
+        &r1,
+        &r2,
+        "promotion = { hold = \"100ms\", drain = \"200ms\" }\nfailback = { after = \"700ms\" }",
+    );
+    let proxy = Proxy::start_file(&file, &cfg).await;
+    let admin = proxy.admin.unwrap();
+    all_healthy(admin).await;
+    p.stop();
+    eventually(Duration::from_secs(10), "r1 promoted", || async {
+        topology(admin).await == (1, "r1".into(), vec!["primary".into()])
+    })
+    .await;
+
+    // A reload keeps the decision (the new runtime starts with it).
+    let r = send(admin, request("POST", "admin", "/reload", "")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(send(proxy.addr, write()).await.backend(), "r1");
+    // A config that drops the current primary is refused.
+    let without_r1 = cfg.replace(
+        &format!("  {{ id = \"r1\", address = \"{}\", role = \"replica\", priority = 1, location = \"west\" }},\n", r1.addr),
+        "",
+    );
+    assert_ne!(without_r1, cfg);
+    std::fs::write(&file, without_r1).unwrap();
+    let r = send(admin, request("POST", "admin", "/reload", "")).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.body.contains("`r1`"), "{}", r.body);
+    std::fs::write(&file, &cfg).unwrap();
+
+    // The old primary returns; once healthy for `after`, keyway fails back by itself.
+    let returned = Instant::now();
+    let p = p.restart().await;
+    eventually(Duration::from_secs(10), "automatic failback", || async {
+        topology(admin).await == (3, "primary".into(), vec![])
+    })
+    .await;
+    assert!(returned.elapsed() >= Duration::from_millis(700));
+    assert_eq!(send(proxy.addr, write()).await.backend(), "primary");
+    assert_eq!(p.write_epochs().last(), Some(&3));
+    let m = admin_get(admin, "/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "keyway_promotions_total{cluster=\"pam\",kind=\"failback\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "keyway_topology_epoch{cluster=\"pam\"}"), 3.0);
+}

@@ -206,3 +206,74 @@ fn plugin_commands_run_policies_offline() {
     assert_eq!(code, 2);
     assert!(err.contains("interrupted at its deadline"), "{err}");
 }
+
+#[test]
+fn state_export_and_import_back_up_and_restore_decisions() {
+    let dir = std::env::temp_dir().join(format!("keyway-cli-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("k.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "pam"
+[cluster.pam]
+strategy = "primary-replica"
+backends = [
+  { id = "primary", address = "127.0.0.1:1", role = "primary" },
+  { id = "r1", address = "127.0.0.1:2", role = "replica" },
+]
+"#,
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (code, out, err) = keyway(&["state", "export", "--config", c]);
+    assert_eq!(code, 0, "{err}");
+    let empty: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(empty["version"], 1);
+    assert!(empty["clusters"].as_object().unwrap().is_empty());
+
+    let backup = dir.join("backup.json");
+    std::fs::write(
+        &backup,
+        r#"{"version": 1, "clusters": {"pam": {"epoch": 3, "primary": "r1", "fenced": ["primary"], "reason": "promoted", "unix_ms": 1}}}"#,
+    )
+    .unwrap();
+    let (code, out, err) = keyway(&["state", "import", backup.to_str().unwrap(), "--config", c]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pam: epoch 3, primary r1"), "{out}");
+    let (_, out, _) = keyway(&["state", "export", "--config", c]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["clusters"]["pam"]["primary"], "r1");
+    assert_eq!(doc["clusters"]["pam"]["fenced"][0], "primary");
+
+    // Restoring the same backup again cannot move the epoch back or sideways.
+    let (code, out, _) = keyway(&["state", "import", backup.to_str().unwrap(), "--config", c]);
+    assert_eq!(code, 0);
+    assert!(out.contains("raised to 4"), "{out}");
+
+    // A backup that does not fit the config is refused, and nothing changes.
+    std::fs::write(
+        &backup,
+        r#"{"version": 1, "clusters": {"pam": {"epoch": 9, "primary": "elsewhere", "fenced": []}}}"#,
+    )
+    .unwrap();
+    let (code, _, err) = keyway(&["state", "import", backup.to_str().unwrap(), "--config", c]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("nothing imported") && err.contains("`elsewhere`"),
+        "{err}"
+    );
+    let (_, out, _) = keyway(&["state", "export", "--config", c]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["clusters"]["pam"]["epoch"], 4);
+
+    // A damaged state file is reported, never read as empty.
+    std::fs::write(dir.join("keyway-state.json"), b"garbage").unwrap();
+    let (code, _, err) = keyway(&["state", "export", "--config", c]);
+    assert_eq!(code, 2);
+    assert!(err.contains("corrupt"), "{err}");
+}

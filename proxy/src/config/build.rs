@@ -1665,3 +1665,67 @@ mod roles_config {
         assert!(has("is not a header name"), "{e:?}");
     }
 }
+
+#[cfg(test)]
+mod failover_config {
+    use super::*;
+
+    fn build_text(top: &str, cluster: &str) -> Result<Config, Vec<ConfigError>> {
+        let text =
+            format!("{top}\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.c]\n{cluster}\n");
+        build(&text, Path::new("/srv/keyway"))
+    }
+
+    const PR: &str = "strategy = \"primary-replica\"\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", role = \"primary\" }, { id = \"b\", address = \"127.0.0.1:2\", location = \"east\" }]";
+
+    #[test]
+    fn promotion_is_checked_and_defaults_are_documented_ones() {
+        let e = build_text("", "promotion = { policy = \"coin-toss\", on_promote = { url = \"ftp://x\" } }\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]").unwrap_err();
+        let has = |needle: &str| e.iter().any(|e| e.message.contains(needle));
+        assert!(has("promotion only applies"), "{e:?}");
+        let e = build_text("", &format!("promotion = {{ policy = \"coin-toss\", on_promote = {{ url = \"ftp://x\" }} }}\n{PR}")).unwrap_err();
+        let has = |needle: &str| e.iter().any(|e| e.message.contains(needle));
+        assert!(has("unknown promotion policy `coin-toss`"), "{e:?}");
+        assert!(has("needs active health checks"), "{e:?}");
+        let e = build_text("", &format!("promotion = {{ on_promote = {{ url = \"ftp://x\" }} }}\nhealth = {{ path = \"/h\" }}\n{PR}")).unwrap_err();
+        assert!(
+            e.iter().any(|e| e.path.ends_with("on_promote.url")),
+            "{e:?}"
+        );
+
+        let cfg = build_text("", &format!("promotion = {{ auto = false }}\nfailback = {{ after = \"10m\" }}\nhealth = {{ path = \"/h\" }}\n{PR}")).unwrap();
+        let c = &cfg.clusters[0];
+        let p = c.promotion.as_ref().unwrap();
+        assert!(!p.auto && p.require_hook_ok);
+        assert_eq!(p.hold, DEFAULT_PROMOTION_HOLD);
+        assert_eq!(c.failback_after, Some(Duration::from_secs(600)));
+        assert_eq!(c.backends[1].location, "east");
+        assert_eq!(
+            cfg.state,
+            StateConfig::File(PathBuf::from("/srv/keyway/keyway-state.json"))
+        );
+    }
+
+    #[test]
+    fn coordination_is_checked() {
+        let e = build_text("[coordination]\netcd = [\"https://127.0.0.1:2379\", \"nowhere\"]\nprefix = \"keyway/\"\n[state]\nfile = \"s.json\"", PR).unwrap_err();
+        let has = |needle: &str| e.iter().any(|e| e.message.contains(needle));
+        assert!(has("TLS is not supported"), "{e:?}");
+        assert!(has("not a reachable host:port"), "{e:?}");
+        assert!(has("must start with /"), "{e:?}");
+        assert!(has("both say where decisions live"), "{e:?}");
+        let cfg = build_text(
+            "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\ninstance = \"kw-a\"",
+            PR,
+        )
+        .unwrap();
+        match cfg.state {
+            StateConfig::Etcd(e) => {
+                assert_eq!(e.prefix, "/keyway");
+                assert_eq!(e.instance, "kw-a");
+                assert_eq!(e.lease_ttl, DEFAULT_LEASE_TTL);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
