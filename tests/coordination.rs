@@ -237,3 +237,41 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     }
     assert!(r3.write_epochs().iter().all(|&e| e == 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_starts_without_etcd_refuses_writes_until_etcd_answers() {
+    let mut etcd = Etcd::start().await;
+    etcd.stop();
+    let b = [
+        TestBackend::start("primary").await,
+        TestBackend::start("r1").await,
+        TestBackend::start("r2").await,
+        TestBackend::start("r3").await,
+    ];
+    let dir = unique_dir("coordination-cold");
+    let i = Instance::start(&config(&dir, 0, &etcd, &b));
+    eventually(Duration::from_secs(10), "reads served", || async {
+        try_send(i.addr, request("GET", "pam", "/api/read", ""))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    // Another instance may have promoted while this one was down: it cannot know.
+    let w = send(i.addr, write()).await;
+    assert_eq!(w.status, 503, "{}", w.body);
+    assert_eq!(coordination(i.admin).await["connected"], false);
+    assert!(b[0].write_epochs().is_empty());
+
+    etcd.restart().await;
+    eventually(
+        Duration::from_secs(15),
+        "writes to the configured primary",
+        || async {
+            try_send(i.addr, write())
+                .await
+                .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
+        },
+    )
+    .await;
+    assert_eq!(topology(i.admin).await, (0, "primary".into()));
+}

@@ -500,7 +500,7 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
 /// no non-primary takes a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
-    let runs = 4;
+    let runs = 6;
     let (mut total_writes, mut total_epochs, mut total_refused) = (0, 0, 0);
     for run in 0..runs {
         let seed = 0x5eed_0000 + run as u64;
@@ -521,7 +521,7 @@ async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
         let load = mixed_load(proxy.addr, stop.clone(), log.clone());
         let ids = ["primary", "r1", "r2"];
         let mut down = [false; 3];
-        for _ in 0..8 {
+        for _ in 0..10 {
             match rng.below(4) {
                 0 => {
                     // Kill a live backend, keeping one alive.
@@ -550,7 +550,7 @@ async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
                     .await;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         stop.store(true, Ordering::Relaxed);
         for t in load {

@@ -42,6 +42,9 @@ use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
 /// Decisions kept per cluster for `/status`.
 const HISTORY: usize = 64;
 
+/// A watch is re-established (after a full read) at least this often.
+const WATCH_RENEW: Duration = Duration::from_secs(10);
+
 /// How often a controller looks at its cluster.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -477,6 +480,10 @@ impl Store {
 /// Per-cluster state kept across reloads.
 struct Cell {
     known: Known,
+    /// The topology the configuration starts with (epoch 0).
+    configured: Topology,
+    /// Started without reaching etcd: the primary is unknown until etcd answers.
+    unconfirmed: bool,
     /// The last decisions this instance saw, oldest first (for `/status`).
     history: std::collections::VecDeque<Topology>,
     /// Serializes decisions about this cluster (controller, admin calls).
@@ -512,11 +519,11 @@ impl Failover {
     /// Opens the store and loads every cluster's topology, checked against `config`.
     pub async fn open(config: &Config) -> Result<Arc<Self>, String> {
         let store = Store::open(&config.state)?;
-        let stored = match store.load_all().await {
-            Ok(s) => s,
+        let (stored, unconfirmed) = match store.load_all().await {
+            Ok(s) => (s, false),
             Err(e) if store.is_etcd() => {
-                tracing::warn!(error = %e, "etcd unreachable at start: routing to the configured primaries until it answers; no promotions meanwhile");
-                HashMap::new()
+                tracing::warn!(error = %e, "etcd unreachable at start: writes are refused until etcd says who the primary is (another instance may have promoted); reads are served");
+                (HashMap::new(), true)
             }
             Err(e) => return Err(e),
         };
@@ -527,6 +534,16 @@ impl Failover {
             runtime: Mutex::new(None),
         });
         me.adopt_config(config, &stored)?;
+        if unconfirmed {
+            if let Ok(mut cells) = me.cells.lock() {
+                for cell in cells.values_mut() {
+                    cell.unconfirmed = true;
+                    cell.known.topology.primary = None;
+                    cell.known.topology.reason =
+                        "etcd unreachable at start: primary unknown, writes refused".into();
+                }
+            }
+        }
         Ok(me)
     }
 
@@ -580,6 +597,8 @@ impl Failover {
             cells.insert(
                 c.name.clone(),
                 Cell {
+                    configured: Topology::initial(c),
+                    unconfirmed: false,
                     known,
                     history: std::collections::VecDeque::new(),
                     lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -607,6 +626,14 @@ impl Failover {
             .map(|c| c.known.clone())
     }
 
+    fn unconfirmed(&self, cluster: &str) -> bool {
+        self.cells
+            .lock()
+            .ok()
+            .and_then(|c| c.get(cluster).map(|c| c.unconfirmed))
+            .unwrap_or(false)
+    }
+
     fn lock_of(&self, cluster: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
         self.cells.lock().ok()?.get(cluster).map(|c| c.lock.clone())
     }
@@ -631,11 +658,14 @@ impl Failover {
             let Some(cell) = cells.get_mut(cluster) else {
                 return false;
             };
-            if known.topology.epoch < cell.known.topology.epoch
-                || (known.topology == cell.known.topology && known.revision == cell.known.revision)
+            if !cell.unconfirmed
+                && (known.topology.epoch < cell.known.topology.epoch
+                    || (known.topology == cell.known.topology
+                        && known.revision == cell.known.revision))
             {
                 return false;
             }
+            cell.unconfirmed = false;
             cell.known = known.clone();
             if cell.history.back().map(|t| t.epoch) != Some(known.topology.epoch) {
                 if cell.history.len() == HISTORY {
@@ -791,6 +821,9 @@ impl Failover {
             let Some(known) = self.known(&name) else {
                 continue;
             };
+            if self.unconfirmed(&name) {
+                continue; // nothing is known until etcd answers
+            }
             let view = c.health.view_full();
             let primary = known.topology.primary.as_ref().and_then(|id| index(c, id));
             let down = primary.is_none_or(|p| view.backends[p].health == Health::Unhealthy);
@@ -802,6 +835,21 @@ impl Failover {
                 }
                 self.maybe_fail_back(c, &view, &known).await;
                 continue;
+            }
+            if primary.is_none() && known.topology.epoch > 0 {
+                // A switchover (here or on another instance) may be draining: give it
+                // time to name the new primary before treating this as a failure.
+                let grace = c
+                    .cfg
+                    .promotion
+                    .as_ref()
+                    .map_or(crate::config::DEFAULT_SWITCHOVER_DRAIN, |p| {
+                        p.drain + p.on_promote.as_ref().map_or(Duration::ZERO, |h| h.timeout)
+                    })
+                    + Duration::from_secs(2);
+                if unix_ms().saturating_sub(known.topology.unix_ms) < grace.as_millis() as u64 {
+                    continue;
+                }
             }
             let since = *down_since.get_or_insert_with(Instant::now);
             let hold = c.cfg.promotion.as_ref().map_or(Duration::ZERO, |p| p.hold);
@@ -1211,8 +1259,38 @@ impl Failover {
             let from = match e.client.get_prefix(&prefix).await {
                 Ok((kvs, rev)) => {
                     e.note::<()>(&Ok(()));
+                    let listed: HashSet<String> = kvs
+                        .iter()
+                        .filter_map(|kv| {
+                            kv.key
+                                .strip_prefix(&prefix)
+                                .and_then(|k| k.strip_suffix("/topology"))
+                                .map(String::from)
+                        })
+                        .collect();
                     for kv in kvs {
                         self.on_etcd_put(&prefix, kv);
+                    }
+                    // Nothing decided yet for these: the configured primary stands.
+                    let pending: Vec<(String, Topology)> = self
+                        .cells
+                        .lock()
+                        .map(|cells| {
+                            cells
+                                .iter()
+                                .filter(|(n, c)| c.unconfirmed && !listed.contains(*n))
+                                .map(|(n, c)| (n.clone(), c.configured.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for (name, t) in pending {
+                        self.adopt(
+                            &name,
+                            Known {
+                                topology: t,
+                                revision: 0,
+                            },
+                        );
                     }
                     Some(rev + 1)
                 }
@@ -1229,12 +1307,15 @@ impl Failover {
                         this.on_etcd_put(&prefix2, kv);
                     }
                 });
+                // Re-list now and then: a watch on a connection that died silently
+                // (a partition, not a reset) would otherwise wait forever.
                 tokio::select! {
                     r = watch => {
                         if let Err(err) = r {
                             e.note::<()>(&Err(err));
                         }
                     }
+                    _ = tokio::time::sleep(WATCH_RENEW) => {}
                     _ = shutdown.changed() => return,
                 }
             }
