@@ -518,6 +518,7 @@ fn refused(status: u16, message: impl Into<String>) -> Refused {
 impl Failover {
     /// Opens the store and loads every cluster's topology, checked against `config`.
     pub async fn open(config: &Config) -> Result<Arc<Self>, String> {
+        started();
         let store = Store::open(&config.state)?;
         let (stored, unconfirmed) = match store.load_all().await {
             Ok(s) => (s, false),
@@ -1463,7 +1464,7 @@ fn choose(
                 location: b.cfg.location.clone(),
                 healthy,
                 lag_ms: view.backends[i].lag_ms,
-                last_ok_ms: if healthy { 0 } else { u64::MAX },
+                last_ok_ms: last_ok_ms(c, i),
             }
         })
         .collect();
@@ -1474,7 +1475,19 @@ fn choose(
         }
         PromotionPolicyKind::LeastLag { max_lag_ms } => native_least_lag(&candidates, *max_lag_ms),
         PromotionPolicyKind::Plugin { plugin, on_error } => {
-            match plugin.decide(None, &candidates, unix_ms()) {
+            // The primary as the policy should see it: named, with its (bad) health.
+            let primary = t.primary.as_ref().and_then(|id| index(c, id)).map(|i| {
+                let b = &c.backends[i].cfg;
+                PromotionCandidate {
+                    id: b.id.clone(),
+                    priority: b.priority,
+                    location: b.location.clone(),
+                    healthy: view.backends[i].health == Health::Healthy,
+                    lag_ms: view.backends[i].lag_ms,
+                    last_ok_ms: last_ok_ms(c, i),
+                }
+            });
+            match plugin.decide(primary.as_ref(), &candidates, unix_ms()) {
                 Ok(d) => d,
                 Err(e) => match on_error {
                     OnError::FailClosed => {
@@ -1497,6 +1510,20 @@ fn choose(
         }
         PromotionDecision::Keep | PromotionDecision::None => None,
     }
+}
+
+/// When backend `i` last passed a check, in milliseconds since keyway started (0: never),
+/// as the WIT's `candidate.last-ok-ms` says.
+fn last_ok_ms(c: &Cluster, i: usize) -> u64 {
+    c.health.last_ok(i).map_or(0, |at| {
+        at.saturating_duration_since(started()).as_millis().max(1) as u64
+    })
+}
+
+/// The instant keyway started (first use).
+fn started() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
 }
 
 /// Native `priority-promotion`: the first healthy candidate by priority (config order

@@ -534,6 +534,19 @@ impl ClusterHealth {
         self.publish(&records);
     }
 
+    /// When backend `i` last passed an active check (within the kept history).
+    pub fn last_ok(&self, i: usize) -> Option<Instant> {
+        self.records
+            .lock()
+            .ok()?
+            .get(i)?
+            .history
+            .iter()
+            .rev()
+            .find(|p| p.ok)
+            .map(|p| p.at)
+    }
+
     /// Since when backend `i` has had its current health (for failback stability).
     pub fn since(&self, i: usize) -> Option<SystemTime> {
         self.records.lock().ok()?.get(i).map(|r| r.since)
