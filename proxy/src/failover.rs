@@ -801,6 +801,7 @@ impl Failover {
         let mut down_since: Option<Instant> = None;
         let mut hook_failed: HashMap<String, Instant> = HashMap::new();
         let mut said_no_candidate = false;
+        let mut next_failback = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
@@ -834,7 +835,8 @@ impl Failover {
                 if self.set_needed(&name, false) {
                     tracing::info!(cluster = %name, "the primary is healthy again; no promotion needed");
                 }
-                self.maybe_fail_back(c, &view, &known).await;
+                self.maybe_fail_back(c, &view, &known, &mut next_failback)
+                    .await;
                 continue;
             }
             if primary.is_none() && known.topology.epoch > 0 {
@@ -920,10 +922,19 @@ impl Failover {
         }
     }
 
-    async fn maybe_fail_back(&self, c: &Arc<Cluster>, view: &HealthView, known: &Known) {
+    async fn maybe_fail_back(
+        &self,
+        c: &Arc<Cluster>,
+        view: &HealthView,
+        known: &Known,
+        next_try: &mut Instant,
+    ) {
         let Some(after) = c.cfg.failback_after else {
             return;
         };
+        if Instant::now() < *next_try {
+            return;
+        }
         let Some(home) = c.cfg.backends.iter().position(|b| b.role == Role::Primary) else {
             return;
         };
@@ -953,7 +964,10 @@ impl Failover {
         {
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(cluster = %c.cfg.name, error = %e.message, "automatic failback not made")
+                // Each attempt costs a write pause: do not retry at once.
+                let wait = after.max(Duration::from_secs(30));
+                *next_try = Instant::now() + wait;
+                tracing::warn!(cluster = %c.cfg.name, error = %e.message, retry_in = ?wait, "automatic failback not made");
             }
         }
     }
