@@ -59,8 +59,14 @@ async fn status(admin: std::net::SocketAddr) -> serde_json::Value {
 
 /// (epoch, primary, fenced) of cluster `pam` as `/status` reports it.
 async fn topology(admin: std::net::SocketAddr) -> (u64, String, Vec<String>) {
+    topology_in(admin, "pam").await
+}
+
+/// The same for cluster `name`. Tests that read process-wide metrics give their cluster
+/// a name of its own, since every test in this binary shares one metrics registry.
+async fn topology_in(admin: std::net::SocketAddr, name: &str) -> (u64, String, Vec<String>) {
     let s = status(admin).await;
-    let t = &s["coordination"]["clusters"]["pam"];
+    let t = &s["coordination"]["clusters"][name];
     (
         t["epoch"].as_u64().unwrap_or(u64::MAX),
         t["primary"].as_str().unwrap_or("").to_string(),
@@ -76,15 +82,25 @@ async fn topology(admin: std::net::SocketAddr) -> (u64, String, Vec<String>) {
 }
 
 async fn all_healthy(admin: std::net::SocketAddr) {
+    all_healthy_in(admin, "pam").await
+}
+
+async fn all_healthy_in(admin: std::net::SocketAddr, name: &str) {
     eventually(Duration::from_secs(10), "every backend healthy", || async {
         for id in ["primary", "r1", "r2"] {
-            if backend_status(admin, "pam", id).await["health"]["health"] != "healthy" {
+            if backend_status(admin, name, id).await["health"]["health"] != "healthy" {
                 return false;
             }
         }
         true
     })
     .await;
+}
+
+/// A farm config whose cluster is called `name` instead of `pam`.
+fn renamed(cfg: String, name: &str) -> String {
+    cfg.replace("[cluster.pam]", &format!("[cluster.{name}]"))
+        .replace("cluster = \"pam\"", &format!("cluster = \"{name}\""))
 }
 
 fn write() -> http::Request<http_body_util::Full<bytes::Bytes>> {
@@ -362,29 +378,36 @@ async fn a_failing_promote_hook_keeps_writes_off_the_candidate_and_repoint_reach
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_promotion_keyway_reports_and_an_operator_promotes() {
     let (p, r1, r2) = three().await;
-    let proxy = Proxy::start(&farm(
-        &p,
-        &r1,
-        &r2,
-        r#"promotion = { auto = false, hold = "100ms" }"#,
+    let proxy = Proxy::start(&renamed(
+        farm(
+            &p,
+            &r1,
+            &r2,
+            r#"promotion = { auto = false, hold = "100ms" }"#,
+        ),
+        "pam-manual",
     ))
     .await;
     let admin = proxy.admin.unwrap();
-    all_healthy(admin).await;
+    all_healthy_in(admin, "pam-manual").await;
     p.stop();
     eventually(Duration::from_secs(10), "promotion needed", || async {
-        status(admin).await["coordination"]["clusters"]["pam"]["promotion_needed"] == true
+        status(admin).await["coordination"]["clusters"]["pam-manual"]["promotion_needed"] == true
     })
     .await;
     let w = send(proxy.addr, write()).await;
     assert_eq!(w.status, 503);
     assert!(w.headers.contains_key("retry-after"));
     assert_eq!(get(proxy.addr, "pam", "/api/read").await.status, 200);
-    assert_eq!(topology(admin).await.0, 0, "nothing promoted by itself");
+    assert_eq!(
+        topology_in(admin, "pam-manual").await.0,
+        0,
+        "nothing promoted by itself"
+    );
     assert!(
         metric(
             &admin_get(admin, "/metrics").await,
-            "keyway_promotion_needed{cluster=\"pam\"}"
+            "keyway_promotion_needed{cluster=\"pam-manual\"}"
         ) == 1.0
     );
 
@@ -397,25 +420,28 @@ async fn without_auto_promotion_keyway_reports_and_an_operator_promotes() {
     assert_eq!(r.status, 404);
     let r = send(
         admin,
-        request("POST", "admin", "/clusters/pam/promote/nope", ""),
+        request("POST", "admin", "/clusters/pam-manual/promote/nope", ""),
     )
     .await;
     assert_eq!(r.status, 404);
     let r = send(
         admin,
-        request("POST", "admin", "/clusters/pam/promote/primary", ""),
+        request("POST", "admin", "/clusters/pam-manual/promote/primary", ""),
     )
     .await;
     assert_eq!(r.status, 409, "{}", r.body);
 
     let r = send(
         admin,
-        request("POST", "admin", "/clusters/pam/promote/r2", ""),
+        request("POST", "admin", "/clusters/pam-manual/promote/r2", ""),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Switchover from a primary: a drain epoch, then r2.
-    assert_eq!(topology(admin).await, (2, "r2".into(), vec![]));
+    assert_eq!(
+        topology_in(admin, "pam-manual").await,
+        (2, "r2".into(), vec![])
+    );
     assert_eq!(send(proxy.addr, write()).await.backend(), "r2");
     assert_eq!(r2.write_epochs(), vec![2]);
 }
@@ -618,18 +644,21 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
     let (p, r1, r2) = three().await;
     let dir = unique_dir("failback");
     let file = dir.join("keyway.toml");
-    let cfg = farm(
-        &p,
-        &r1,
-        &r2,
-        "promotion = { hold = \"100ms\", drain = \"200ms\" }\nfailback = { after = \"700ms\" }",
+    let cfg = renamed(
+        farm(
+            &p,
+            &r1,
+            &r2,
+            "promotion = { hold = \"100ms\", drain = \"200ms\" }\nfailback = { after = \"700ms\" }",
+        ),
+        "pam-failback",
     );
     let proxy = Proxy::start_file(&file, &cfg).await;
     let admin = proxy.admin.unwrap();
-    all_healthy(admin).await;
+    all_healthy_in(admin, "pam-failback").await;
     p.stop();
     eventually(Duration::from_secs(10), "r1 promoted", || async {
-        topology(admin).await == (1, "r1".into(), vec!["primary".into()])
+        topology_in(admin, "pam-failback").await == (1, "r1".into(), vec!["primary".into()])
     })
     .await;
 
@@ -653,7 +682,7 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
     let returned = Instant::now();
     let p = p.restart().await;
     eventually(Duration::from_secs(10), "automatic failback", || async {
-        topology(admin).await == (3, "primary".into(), vec![])
+        topology_in(admin, "pam-failback").await == (3, "primary".into(), vec![])
     })
     .await;
     assert!(returned.elapsed() >= Duration::from_millis(700));
@@ -663,10 +692,13 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
     assert_eq!(
         metric(
             &m,
-            "keyway_promotions_total{cluster=\"pam\",kind=\"failback\"}"
+            "keyway_promotions_total{cluster=\"pam-failback\",kind=\"failback\"}"
         ),
         1.0,
         "{m}"
     );
-    assert_eq!(metric(&m, "keyway_topology_epoch{cluster=\"pam\"}"), 3.0);
+    assert_eq!(
+        metric(&m, "keyway_topology_epoch{cluster=\"pam-failback\"}"),
+        3.0
+    );
 }

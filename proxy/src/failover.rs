@@ -790,8 +790,10 @@ impl Failover {
                     .map(|c| std::mem::replace(&mut c.promotion_needed, needed))
             })
             .unwrap_or(false);
-        metrics::gauge!("keyway_promotion_needed", "cluster" => cluster.to_string())
-            .set(if needed { 1.0 } else { 0.0 });
+        if was != needed {
+            metrics::gauge!("keyway_promotion_needed", "cluster" => cluster.to_string())
+                .set(if needed { 1.0 } else { 0.0 });
+        }
         was != needed
     }
 
