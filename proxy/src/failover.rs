@@ -73,11 +73,7 @@ impl Topology {
     fn initial(cfg: &ClusterConfig) -> Self {
         Self {
             epoch: 0,
-            primary: cfg
-                .backends
-                .iter()
-                .find(|b| b.role == Role::Primary)
-                .map(|b| b.id.clone()),
+            primary: home(cfg).map(|i| cfg.backends[i].id.clone()),
             fenced: Vec::new(),
             reason: "as configured".into(),
             unix_ms: 0,
@@ -496,7 +492,8 @@ pub struct Failover {
     store: Store,
     cells: Mutex<HashMap<String, Cell>>,
     controllers: Mutex<HashSet<String>>,
-    runtime: Mutex<Option<Arc<ArcSwap<Runtime>>>>,
+    /// The server's live runtime, set once by [`Failover::start`].
+    runtime: std::sync::OnceLock<Arc<ArcSwap<Runtime>>>,
 }
 
 /// Why an admin request could not switch the primary.
@@ -532,7 +529,7 @@ impl Failover {
             store,
             cells: Mutex::new(HashMap::new()),
             controllers: Mutex::new(HashSet::new()),
-            runtime: Mutex::new(None),
+            runtime: std::sync::OnceLock::new(),
         });
         me.adopt_config(config, &stored)?;
         if unconfirmed {
@@ -627,6 +624,21 @@ impl Failover {
             .map(|c| c.known.clone())
     }
 
+    /// The running runtime, once started.
+    fn live(&self) -> Option<Arc<Runtime>> {
+        self.runtime.get().map(|r| r.load_full())
+    }
+
+    /// A running primary-replica cluster, for the admin calls.
+    fn split_cluster(&self, name: &str) -> Result<Arc<Cluster>, Refused> {
+        self.live()
+            .ok_or_else(|| refused(503, "keyway is starting"))?
+            .cluster(name)
+            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
+            .cloned()
+            .ok_or_else(|| refused(404, format!("no primary-replica cluster `{name}`")))
+    }
+
     fn unconfirmed(&self, cluster: &str) -> bool {
         self.cells
             .lock()
@@ -675,9 +687,7 @@ impl Failover {
                 cell.history.push_back(known.topology.clone());
             }
         }
-        let rt = self.runtime.lock().ok().and_then(|r| r.clone());
-        if let Some(rt) = rt {
-            let rt = rt.load_full();
+        if let Some(rt) = self.live() {
             if let Some(c) = rt.cluster(cluster) {
                 if let Err(e) = known.topology.validate(&c.cfg) {
                     tracing::error!(cluster, error = %e, "a decision names a backend this instance does not have; its configuration differs from the other instances'");
@@ -713,9 +723,7 @@ impl Failover {
         runtime: Arc<ArcSwap<Runtime>>,
         shutdown: watch::Receiver<bool>,
     ) {
-        if let Ok(mut r) = self.runtime.lock() {
-            *r = Some(runtime.clone());
-        }
+        let _ = self.runtime.set(runtime.clone());
         for c in &runtime.load().clusters {
             metrics::gauge!("keyway_topology_epoch", "cluster" => c.cfg.name.clone())
                 .set(self.topology(&c.cfg.name).map_or(0.0, |t| t.epoch as f64));
@@ -742,11 +750,10 @@ impl Failover {
     }
 
     fn ensure_controllers(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
-        let Some(rt) = self.runtime.lock().ok().and_then(|r| r.clone()) else {
+        let Some(rt) = self.live() else {
             return;
         };
         let names: Vec<String> = rt
-            .load()
             .clusters
             .iter()
             .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
@@ -809,10 +816,9 @@ impl Failover {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = shutdown.changed() => return,
             }
-            let Some(rt) = self.runtime.lock().ok().and_then(|r| r.clone()) else {
+            let Some(rt) = self.live() else {
                 continue;
             };
-            let rt = rt.load_full();
             let Some(c) = rt
                 .cluster(&name)
                 .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
@@ -937,7 +943,7 @@ impl Failover {
         if Instant::now() < *next_try {
             return;
         }
-        let Some(home) = c.cfg.backends.iter().position(|b| b.role == Role::Primary) else {
+        let Some(home) = home(&c.cfg) else {
             return;
         };
         if view.primary == Some(home)
@@ -1055,18 +1061,7 @@ impl Failover {
         reason: &str,
         kind: &'static str,
     ) -> Result<Topology, Refused> {
-        let rt = self
-            .runtime
-            .lock()
-            .ok()
-            .and_then(|r| r.clone())
-            .ok_or_else(|| refused(503, "keyway is starting"))?
-            .load_full();
-        let c = rt
-            .cluster(cluster)
-            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
-            .ok_or_else(|| refused(404, format!("no primary-replica cluster `{cluster}`")))?
-            .clone();
+        let c = self.split_cluster(cluster)?;
         let t = index(&c, target).ok_or_else(|| {
             refused(
                 404,
@@ -1173,23 +1168,9 @@ impl Failover {
 
     /// Fails back to the configured primary.
     pub async fn fail_back(&self, cluster: &str) -> Result<Topology, Refused> {
-        let rt = self
-            .runtime
-            .lock()
-            .ok()
-            .and_then(|r| r.clone())
-            .ok_or_else(|| refused(503, "keyway is starting"))?
-            .load_full();
-        let c = rt
-            .cluster(cluster)
-            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
-            .ok_or_else(|| refused(404, format!("no primary-replica cluster `{cluster}`")))?;
-        let home = c
-            .cfg
-            .backends
-            .iter()
-            .find(|b| b.role == Role::Primary)
-            .map(|b| b.id.clone())
+        let c = self.split_cluster(cluster)?;
+        let home = home(&c.cfg)
+            .map(|i| c.backends[i].cfg.id.clone())
             .ok_or_else(|| refused(409, "the configuration names no primary"))?;
         self.switchover(cluster, &home, &format!("failback to {home}"), "failback")
             .await
@@ -1448,6 +1429,12 @@ fn apply(c: &Cluster, t: &Topology) {
     let primary = t.primary.as_ref().and_then(|id| index(c, id));
     let fenced: Vec<usize> = t.fenced.iter().filter_map(|id| index(c, id)).collect();
     c.health.set_topology(t.epoch, primary, &fenced);
+}
+
+/// The backend the configuration names primary: where the cluster starts and where a
+/// failback returns.
+fn home(cfg: &ClusterConfig) -> Option<usize> {
+    cfg.backends.iter().position(|b| b.role == Role::Primary)
 }
 
 fn index(c: &Cluster, id: &str) -> Option<usize> {

@@ -210,7 +210,7 @@ async fn proxy(
         Some(Kind::Write) => {
             parts
                 .headers
-                .insert(EPOCH_HEADER, HeaderValue::from(eligible.view.epoch));
+                .insert(EPOCH_HEADER, eligible.view.epoch_header.clone());
         }
         Some(Kind::Read) => {
             parts.headers.remove(EPOCH_HEADER);

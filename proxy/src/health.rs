@@ -284,6 +284,9 @@ pub struct HealthView {
     pub primary: Option<usize>,
     /// The topology epoch this view belongs to (0 for clusters without one).
     pub epoch: u64,
+    /// `epoch` formatted once as the `keyway-epoch` header value, so forwarding a
+    /// write does not format (and allocate) it again.
+    pub epoch_header: http::HeaderValue,
     /// Whether an expired ejection ends by itself (no active checks) or needs a probe.
     ejection_needs_probe: bool,
     any_ejected: bool,
@@ -426,6 +429,7 @@ impl ClusterHealth {
                 backends: Vec::new(),
                 primary: None,
                 epoch: 0,
+                epoch_header: http::HeaderValue::from_static("0"),
                 ejection_needs_probe: false,
                 any_ejected: false,
             }),
@@ -487,10 +491,12 @@ impl ClusterHealth {
             .set(if panic(Role::Primary) { 1.0 } else { 0.0 });
         self.panic_replica
             .set(if panic(Role::Replica) { 1.0 } else { 0.0 });
+        let epoch = self.epoch.load(Ordering::Relaxed);
         self.view.store(Arc::new(HealthView {
             any_ejected: backends.iter().any(|b| b.ejected_until.is_some()),
             primary: backends.iter().position(|b| b.role == Role::Primary),
-            epoch: self.epoch.load(Ordering::Relaxed),
+            epoch,
+            epoch_header: http::HeaderValue::from(epoch),
             backends,
             ejection_needs_probe: self.active.is_some(),
         }));
