@@ -53,22 +53,10 @@ fn config(dir: &Path, n: usize, etcd: &Etcd, b: &[TestBackend; 4]) -> std::path:
     let file = dir.join(format!("keyway-{n}.toml"));
     std::fs::write(
         &file,
-        format!(
-            r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[coordination]
-etcd = ["{}"]
-prefix = "/keyway-test"
-lease_ttl = "2s"
-instance = "kw-{n}"
-timeout = "500ms"
-[[route]]
-cluster = "pam"
-[cluster.pam]
-strategy = "primary-replica"
+        one_cluster(
+            "pam",
+            &format!(
+                r#"strategy = "primary-replica"
 health = {{ path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }}
 promotion = {{ hold = "300ms" }}
 backends = [
@@ -77,12 +65,18 @@ backends = [
   {{ id = "r2", address = "{}", role = "replica", priority = 2 }},
   {{ id = "r3", address = "{}", role = "replica", priority = 3 }},
 ]
-"#,
-            etcd.url(),
-            b[0].addr,
-            b[1].addr,
-            b[2].addr,
-            b[3].addr
+[coordination]
+etcd = ["{}"]
+prefix = "/keyway-test"
+lease_ttl = "2s"
+instance = "kw-{n}"
+timeout = "500ms""#,
+                b[0].addr,
+                b[1].addr,
+                b[2].addr,
+                b[3].addr,
+                etcd.url()
+            ),
         ),
     )
     .unwrap();

@@ -9,39 +9,36 @@ use keyway_tests::*;
 
 /// A PAM360-style farm: `primary` and two read-only servers, checked every 50 ms.
 fn farm(p: &TestBackend, r1: &TestBackend, r2: &TestBackend, promotion: &str) -> String {
-    farm_with(p, r1, r2, HEALTH, promotion)
+    farm_with("pam", p, r1, r2, HEALTH, promotion)
 }
 
 const HEALTH: &str =
     r#"health = { path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }"#;
 const HEALTH_WITH_LAG: &str = r#"health = { path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2, lag_header = "x-replication-lag-ms" }"#;
 
+/// The farm as cluster `name`. Tests that read process-wide metrics give their cluster a
+/// name of its own, since every test in this binary shares one metrics registry.
 fn farm_with(
+    name: &str,
     p: &TestBackend,
     r1: &TestBackend,
     r2: &TestBackend,
     health: &str,
     promotion: &str,
 ) -> String {
-    format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "pam"
-[cluster.pam]
-strategy = "primary-replica"
+    one_cluster(
+        name,
+        &format!(
+            r#"strategy = "primary-replica"
 {health}
 {promotion}
 backends = [
   {{ id = "primary", address = "{}", role = "primary" }},
   {{ id = "r1", address = "{}", role = "replica", priority = 1, location = "west" }},
   {{ id = "r2", address = "{}", role = "replica", priority = 2, location = "east" }},
-]
-"#,
-        p.addr, r1.addr, r2.addr
+]"#,
+            p.addr, r1.addr, r2.addr
+        ),
     )
 }
 
@@ -62,8 +59,7 @@ async fn topology(admin: std::net::SocketAddr) -> (u64, String, Vec<String>) {
     topology_in(admin, "pam").await
 }
 
-/// The same for cluster `name`. Tests that read process-wide metrics give their cluster
-/// a name of its own, since every test in this binary shares one metrics registry.
+/// The same for cluster `name` (see [`farm_with`]).
 async fn topology_in(admin: std::net::SocketAddr, name: &str) -> (u64, String, Vec<String>) {
     let s = status(admin).await;
     let t = &s["coordination"]["clusters"][name];
@@ -95,12 +91,6 @@ async fn all_healthy_in(admin: std::net::SocketAddr, name: &str) {
         true
     })
     .await;
-}
-
-/// A farm config whose cluster is called `name` instead of `pam`.
-fn renamed(cfg: String, name: &str) -> String {
-    cfg.replace("[cluster.pam]", &format!("[cluster.{name}]"))
-        .replace("cluster = \"pam\"", &format!("cluster = \"{name}\""))
 }
 
 fn write() -> http::Request<http_body_util::Full<bytes::Bytes>> {
@@ -385,14 +375,13 @@ async fn a_failing_promote_hook_keeps_writes_off_the_candidate_and_repoint_reach
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_promotion_keyway_reports_and_an_operator_promotes() {
     let (p, r1, r2) = three().await;
-    let proxy = Proxy::start(&renamed(
-        farm(
-            &p,
-            &r1,
-            &r2,
-            r#"promotion = { auto = false, hold = "100ms" }"#,
-        ),
+    let proxy = Proxy::start(&farm_with(
         "pam-manual",
+        &p,
+        &r1,
+        &r2,
+        HEALTH,
+        r#"promotion = { auto = false, hold = "100ms" }"#,
     ))
     .await;
     let admin = proxy.admin.unwrap();
@@ -460,6 +449,7 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
     r1.set_lag(900);
     r2.set_lag(20);
     let proxy = Proxy::start(&farm_with(
+        "pam",
         &p,
         &r1,
         &r2,
@@ -505,6 +495,7 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
     r1.set_lag(900);
     r2.set_lag(800);
     let proxy = Proxy::start(&farm_with(
+        "pam",
         &p,
         &r1,
         &r2,
@@ -651,14 +642,13 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
     let (p, r1, r2) = three().await;
     let dir = unique_dir("failback");
     let file = dir.join("keyway.toml");
-    let cfg = renamed(
-        farm(
-            &p,
-            &r1,
-            &r2,
-            "promotion = { hold = \"100ms\", drain = \"200ms\" }\nfailback = { after = \"700ms\" }",
-        ),
+    let cfg = farm_with(
         "pam-failback",
+        &p,
+        &r1,
+        &r2,
+        HEALTH,
+        "promotion = { hold = \"100ms\", drain = \"200ms\" }\nfailback = { after = \"700ms\" }",
     );
     let proxy = Proxy::start_file(&file, &cfg).await;
     let admin = proxy.admin.unwrap();

@@ -488,8 +488,6 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_of_the_classifier_under_load_fails_no_request() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     let primary = TestBackend::start("primary").await;
     let replica = TestBackend::start("replica").await;
     let cfg = |answer: &str| {
@@ -514,23 +512,7 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
     };
     let file = unique_dir("plugin-swap").join("k.toml");
     let p = Proxy::start_file(&file, &cfg("write")).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (fails, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, fails, done, addr) = (stop.clone(), fails.clone(), done.clone(), p.addr);
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match try_send(addr, request("GET", "h", "/x", "")).await {
-                    Ok(r) if r.status == 200 => {}
-                    _ => {
-                        fails.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
+    let load = GetLoop::start(p.addr, 4, "h", "/x");
     // Each version answers consistently: after every swap, a fresh request lands where
     // that version says a GET belongs.
     for round in 0..6 {
@@ -555,17 +537,9 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
             );
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        fails.load(Ordering::Relaxed),
-        0,
-        "{} requests across six swaps",
-        done.load(Ordering::Relaxed)
-    );
-    assert!(done.load(Ordering::Relaxed) > 100);
+    let (done, fails) = load.stop().await;
+    assert_eq!(fails, 0, "{done} requests across six swaps");
+    assert!(done > 100);
 }
 
 /// Replaces `to` with `from` the way deploy tools do: write a temporary file, rename it.
@@ -590,21 +564,15 @@ async fn a_plugin_file_changed_on_disk_is_reloaded_and_a_broken_one_refused() {
     let dir = unique_dir("plugin-watch");
     let wasm = dir.join("classifier.wasm");
     std::fs::copy(plugin("misbehave-classifier"), &wasm).unwrap();
-    let cfg = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "pam"
-[cluster.pam]
-strategy = "primary-replica"
+    let cfg = one_cluster(
+        "pam",
+        &format!(
+            r#"strategy = "primary-replica"
 reads_on_primary = "never"
 classifier = {{ policy = "classifier.wasm", config = {{ mode = "ok", answer = "write" }} }}
-backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
-"#,
-        primary.addr, replica.addr
+backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]"#,
+            primary.addr, replica.addr
+        ),
     );
     let p = Proxy::start_file(&dir.join("k.toml"), &cfg).await;
     let admin = p.admin.unwrap();
@@ -645,28 +613,20 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_of_the_health_policy_under_load_fails_no_request() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
     // Two versions of the policy: one judges both backends by their checks, the other
     // always calls `b` down.
     let cfg = |down: &str| {
-        format!(
-            r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "c"
-[cluster.c]
-health = {{ path = "/health", interval = "50ms", policy = "{}", config = {{ mode = "ok", down = [{down}] }} }}
-backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
-"#,
-            plugin("misbehave-health").display(),
-            a.addr,
-            b.addr
+        one_cluster(
+            "c",
+            &format!(
+                r#"health = {{ path = "/health", interval = "50ms", policy = "{}", config = {{ mode = "ok", down = [{down}] }} }}
+backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]"#,
+                plugin("misbehave-health").display(),
+                a.addr,
+                b.addr
+            ),
         )
     };
     let file = unique_dir("health-swap").join("k.toml");
@@ -679,23 +639,7 @@ backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
         state("a").await == "healthy" && state("b").await == "healthy"
     })
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (fails, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, fails, done, addr) = (stop.clone(), fails.clone(), done.clone(), p.addr);
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match try_send(addr, request("GET", "h", "/x", "")).await {
-                    Ok(r) if r.status == 200 => {}
-                    _ => {
-                        fails.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
+    let load = GetLoop::start(p.addr, 4, "h", "/x");
     for round in 0..6 {
         let b_down = round % 2 == 0;
         std::fs::write(&file, cfg(if b_down { "\"b\"" } else { "" })).unwrap();
@@ -721,15 +665,7 @@ backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
             assert!(seen_b > 0, "round {round}: b is healthy in this version");
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    let done = done.load(Ordering::Relaxed);
-    assert_eq!(
-        fails.load(Ordering::Relaxed),
-        0,
-        "{done} requests across six swaps"
-    );
+    let (done, fails) = load.stop().await;
+    assert_eq!(fails, 0, "{done} requests across six swaps");
     assert!(done > 100, "{done}");
 }

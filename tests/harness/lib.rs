@@ -1000,3 +1000,67 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+// === load ===
+
+/// `clients` tasks sending `GET path` with Host `host` back to back until stopped; any
+/// answer but 200 (or no answer) counts as a failure. For "0 failed requests while the
+/// configuration changes" tests.
+pub struct GetLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    fails: Arc<AtomicUsize>,
+    done: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl GetLoop {
+    /// Starts the clients.
+    pub fn start(addr: SocketAddr, clients: usize, host: &str, path: &str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (fails, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, fails, done) = (stop.clone(), fails.clone(), done.clone());
+                let (host, path) = (host.to_string(), path.to_string());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match try_send(addr, request("GET", &host, &path, "")).await {
+                            Ok(r) if r.status == 200 => {}
+                            _ => {
+                                fails.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            fails,
+            done,
+            tasks,
+        }
+    }
+
+    /// Stops the clients and returns (requests sent, requests failed).
+    pub async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("load task");
+        }
+        (
+            self.done.load(Ordering::Relaxed),
+            self.fails.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A config with an admin listener, one listener, and one route to one cluster `name`
+/// whose keys are `body` (everything under `[cluster.NAME]`). The common shape of the
+/// suites' configs; append more tables after it when a test needs them.
+pub fn one_cluster(name: &str, body: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"{name}\"\n[cluster.{name}]\n{body}\n"
+    )
+}
