@@ -609,11 +609,7 @@ impl Failover {
 
     /// The topology a cluster has now.
     pub fn topology(&self, cluster: &str) -> Option<Topology> {
-        self.cells
-            .lock()
-            .ok()?
-            .get(cluster)
-            .map(|c| c.known.topology.clone())
+        self.known(cluster).map(|k| k.topology)
     }
 
     fn known(&self, cluster: &str) -> Option<Known> {

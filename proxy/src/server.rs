@@ -389,11 +389,6 @@ impl Server {
         self.reloader.clone()
     }
 
-    /// Promotion, fencing and failback.
-    pub fn failover(&self) -> Arc<Failover> {
-        self.reloader.failover.clone()
-    }
-
     /// The live runtime snapshot.
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
