@@ -36,6 +36,16 @@ impl Instance {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the process.
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// SIGKILL: no lease revoked, nothing flushed.
     fn kill(&mut self) {
         let _ = self.child.kill();
@@ -49,7 +59,16 @@ impl Drop for Instance {
     }
 }
 
-fn config(dir: &Path, n: usize, etcd: &Etcd, b: &[TestBackend; 4]) -> std::path::PathBuf {
+/// The farm's promotion table when a test sets none.
+const PROMOTION: &str = r#"promotion = { hold = "300ms" }"#;
+
+fn config(
+    dir: &Path,
+    n: usize,
+    etcd: &Etcd,
+    b: &[TestBackend; 4],
+    promotion: &str,
+) -> std::path::PathBuf {
     let file = dir.join(format!("keyway-{n}.toml"));
     std::fs::write(
         &file,
@@ -58,7 +77,7 @@ fn config(dir: &Path, n: usize, etcd: &Etcd, b: &[TestBackend; 4]) -> std::path:
             &format!(
                 r#"strategy = "primary-replica"
 health = {{ path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }}
-promotion = {{ hold = "300ms" }}
+{}
 backends = [
   {{ id = "primary", address = "{}", role = "primary" }},
   {{ id = "r1", address = "{}", role = "replica", priority = 1 }},
@@ -71,6 +90,7 @@ prefix = "/keyway-test"
 lease_ttl = "2s"
 instance = "kw-{n}"
 timeout = "500ms""#,
+                promotion,
                 b[0].addr,
                 b[1].addr,
                 b[2].addr,
@@ -119,6 +139,44 @@ async fn leader(instances: &[&Instance]) -> Option<usize> {
     None
 }
 
+/// Waits until one instance leads and every instance routes writes to the primary.
+async fn ready(inst: &[Instance]) {
+    eventually(Duration::from_secs(15), "one leader", || async {
+        let all: Vec<&Instance> = inst.iter().collect();
+        leader(&all).await.is_some()
+    })
+    .await;
+    for i in inst {
+        eventually(
+            Duration::from_secs(10),
+            "writes reach the primary",
+            || async {
+                try_send(i.addr, write())
+                    .await
+                    .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
+            },
+        )
+        .await;
+    }
+}
+
+/// The epochs of an instance's decision history, oldest first.
+async fn epochs(admin: SocketAddr) -> Vec<(u64, String)> {
+    coordination(admin).await["clusters"]["pam"]["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|t| {
+                    (
+                        t["epoch"].as_u64().unwrap_or(u64::MAX),
+                        t["primary"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn write() -> http::Request<http_body_util::Full<bytes::Bytes>> {
     request("POST", "pam", "/api/resources", "{}")
 }
@@ -135,25 +193,9 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     let (p, r1, r2, r3) = (&b[0], &b[1], &b[2], &b[3]);
     let dir = unique_dir("coordination");
     let mut inst: Vec<Instance> = (0..3)
-        .map(|n| Instance::start(&config(&dir, n, &etcd, &b)))
+        .map(|n| Instance::start(&config(&dir, n, &etcd, &b, PROMOTION)))
         .collect();
-    eventually(Duration::from_secs(15), "one leader", || async {
-        let all: Vec<&Instance> = inst.iter().collect();
-        leader(&all).await.is_some()
-    })
-    .await;
-    for i in &inst {
-        eventually(
-            Duration::from_secs(10),
-            "writes reach the primary",
-            || async {
-                try_send(i.addr, write())
-                    .await
-                    .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
-            },
-        )
-        .await;
-    }
+    ready(&inst).await;
 
     // 1. The primary dies: every instance routes writes to the same new primary in the
     // same epoch.
@@ -243,7 +285,7 @@ async fn an_instance_that_starts_without_etcd_refuses_writes_until_etcd_answers(
         TestBackend::start("r3").await,
     ];
     let dir = unique_dir("coordination-cold");
-    let i = Instance::start(&config(&dir, 0, &etcd, &b));
+    let i = Instance::start(&config(&dir, 0, &etcd, &b, PROMOTION));
     eventually(Duration::from_secs(10), "reads served", || async {
         try_send(i.addr, request("GET", "pam", "/api/read", ""))
             .await
@@ -268,4 +310,99 @@ async fn an_instance_that_starts_without_etcd_refuses_writes_until_etcd_answers(
     )
     .await;
     assert_eq!(topology(i.admin).await, (0, "primary".into()));
+}
+
+/// The instance holding the lease is lost between a promotion's `on_promote` hook and
+/// its commit. Killed: its successor makes the promotion once, in the same epoch.
+/// Stalled past its lease (SIGSTOP) and woken after another instance decided: its
+/// hook answers, but its stale decision cannot commit. Either way one epoch, one
+/// primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision() {
+    let etcd = Etcd::start().await;
+    let b = [
+        TestBackend::start("primary").await,
+        TestBackend::start("r1").await,
+        TestBackend::start("r2").await,
+        TestBackend::start("r3").await,
+    ];
+    let (p, r1, r2) = (&b[0], &b[1], &b[2]);
+    // Hooks that answer after 3 s hold a promotion open longer than the 2 s lease.
+    let promotion = r#"promotion = { hold = "300ms", on_promote = { url = "http://{address}/admin/promote", timeout = "10s" } }"#;
+    let dir = unique_dir("coordination-mid-promotion");
+    let mut inst: Vec<Instance> = (0..3)
+        .map(|n| Instance::start(&config(&dir, n, &etcd, &b, promotion)))
+        .collect();
+    ready(&inst).await;
+
+    // 1. The leader is SIGKILLed while r1's promote hook is in flight.
+    r1.set_hook_delay(Duration::from_secs(3));
+    p.stop();
+    eventually(
+        Duration::from_secs(10),
+        "the leader calls r1's promote hook",
+        || async { !r1.hooks().is_empty() },
+    )
+    .await;
+    let all: Vec<&Instance> = inst.iter().collect();
+    let l = leader(&all).await.expect("a leader");
+    assert_eq!(
+        topology(inst[l].admin).await,
+        (0, "primary".into()),
+        "nothing is committed before the hook answers"
+    );
+    inst[l].kill();
+    r1.set_hook_delay(Duration::ZERO);
+    let survivors: Vec<&Instance> = inst
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| *n != l)
+        .map(|(_, i)| i)
+        .collect();
+    all_agree(&survivors, (1, "r1"), "the survivors on r1 in epoch 1").await;
+    assert!(
+        r1.hooks().len() >= 2,
+        "the successor called the hook again: {:?}",
+        r1.hooks()
+    );
+    for i in &survivors {
+        assert_eq!(send(i.addr, write()).await.backend(), "r1");
+    }
+    assert!(r1.write_epochs().iter().all(|&e| e == 1));
+
+    // 2. The new leader is stopped while r2's promote hook is in flight, longer than
+    // its lease; the other survivor takes the lease and promotes r2; then the stalled
+    // one wakes, its hook answers 200, and its commit must lose.
+    r2.set_hook_delay(Duration::from_secs(3));
+    r1.stop();
+    eventually(
+        Duration::from_secs(10),
+        "the leader calls r2's promote hook",
+        || async { !r2.hooks().is_empty() },
+    )
+    .await;
+    let l = leader(&survivors).await.expect("a leader");
+    let (stalled, other) = (survivors[l], survivors[1 - l]);
+    stalled.signal("STOP");
+    r2.set_hook_delay(Duration::ZERO);
+    all_agree(&[other], (2, "r2"), "the other survivor promotes r2").await;
+    stalled.signal("CONT");
+    all_agree(&survivors, (2, "r2"), "the woken leader adopts epoch 2").await;
+    // Give a stale commit every chance to land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in &survivors {
+        assert_eq!(topology(i.admin).await, (2, "r2".into()));
+        let history = epochs(i.admin).await;
+        let mut seen: Vec<u64> = history.iter().map(|(e, _)| *e).collect();
+        seen.dedup();
+        assert_eq!(seen.len(), history.len(), "one primary per epoch: {history:?}");
+        assert_eq!(
+            history.last(),
+            Some(&(2, "r2".to_string())),
+            "no epoch after 2: {history:?}"
+        );
+        assert_eq!(send(i.addr, write()).await.backend(), "r2");
+    }
+    assert!(r2.hooks().len() >= 2, "{:?}", r2.hooks());
+    assert!(r2.write_epochs().iter().all(|&e| e == 2));
 }

@@ -64,6 +64,7 @@ struct BackendState {
     lag_ms: std::sync::atomic::AtomicU64,
     health_checks: AtomicUsize,
     hook_status: std::sync::atomic::AtomicU16,
+    hook_delay: Mutex<Duration>,
     hooks: Mutex<Vec<String>>,
     mode: Mutex<Mode>,
     seen: Mutex<Vec<Seen>>,
@@ -111,6 +112,7 @@ impl TestBackend {
             lag_ms: std::sync::atomic::AtomicU64::new(0),
             health_checks: AtomicUsize::new(0),
             hook_status: std::sync::atomic::AtomicU16::new(200),
+            hook_delay: Mutex::new(Duration::ZERO),
             hooks: Mutex::new(Vec::new()),
             mode: Mutex::new(Mode::Normal),
             seen: Mutex::new(Vec::new()),
@@ -196,6 +198,12 @@ impl TestBackend {
     /// Status `POST /admin/*` (promotion hooks) answers with from now on.
     pub fn set_hook_status(&self, status: u16) {
         self.state.hook_status.store(status, Ordering::SeqCst);
+    }
+
+    /// How long `POST /admin/*` waits before answering, from now on (a hook call is
+    /// recorded in [`TestBackend::hooks`] when it arrives, before the wait).
+    pub fn set_hook_delay(&self, delay: Duration) {
+        *self.state.hook_delay.lock().unwrap() = delay;
     }
 
     /// Paths of the `/admin/*` hook calls received, in order.
@@ -320,6 +328,10 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
 
     if req.uri().path().starts_with("/admin/") {
         st.hooks.lock().unwrap().push(req.uri().path().to_string());
+        let delay = *st.hook_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         return text(st.hook_status.load(Ordering::SeqCst), String::new());
     }
 
