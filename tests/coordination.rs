@@ -395,7 +395,11 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
         let history = epochs(i.admin).await;
         let mut seen: Vec<u64> = history.iter().map(|(e, _)| *e).collect();
         seen.dedup();
-        assert_eq!(seen.len(), history.len(), "one primary per epoch: {history:?}");
+        assert_eq!(
+            seen.len(),
+            history.len(),
+            "one primary per epoch: {history:?}"
+        );
         assert_eq!(
             history.last(),
             Some(&(2, "r2".to_string())),
@@ -405,4 +409,116 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     }
     assert!(r2.hooks().len() >= 2, "{:?}", r2.hooks());
     assert!(r2.write_epochs().iter().all(|&e| e == 2));
+}
+
+/// etcd as production runs it: TLS on the client port and `--client-cert-auth`. keyway
+/// elects, stores and watches through it with `ca`/`cert`/`key`, and calls an
+/// `https://` promote hook verified with the cluster's `upstream_ca`. Without a client
+/// certificate etcd refuses keyway, and `/status` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate_and_https_hooks() {
+    let pki = TestPki::new();
+    let etcd = Etcd::start_tls(&pki).await;
+    let leaf = pki.leaf("backends", &["127.0.0.1"]);
+    let p = TestBackend::start_tls("primary", &leaf, Duration::ZERO).await;
+    let r1 = TestBackend::start_tls("r1", &leaf, Duration::ZERO).await;
+    let me = pki.leaf("keyway-client", &["keyway"]);
+    let config = |identity: &str| {
+        one_cluster(
+            "pam",
+            &format!(
+                r#"strategy = "primary-replica"
+upstream_ca = "{ca}"
+health = {{ path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }}
+promotion = {{ hold = "300ms", on_promote = {{ url = "https://{{address}}/admin/promote", timeout = "2s" }} }}
+backends = [
+  {{ id = "primary", address = "{}", role = "primary", tls = true }},
+  {{ id = "r1", address = "{}", role = "replica", tls = true }},
+]
+[coordination]
+etcd = ["{}"]
+prefix = "/keyway-tls"
+lease_ttl = "2s"
+timeout = "500ms"
+ca = "{ca}"
+{identity}"#,
+                p.addr,
+                r1.addr,
+                etcd.url(),
+                ca = pki.ca_pem.display(),
+            ),
+        )
+    };
+    let proxy = Proxy::start(&config(&format!(
+        "cert = \"{}\"\nkey = \"{}\"",
+        me.cert_pem.display(),
+        me.key_pem.display()
+    )))
+    .await;
+    let admin = proxy.admin.unwrap();
+    eventually(Duration::from_secs(15), "leader over TLS", || async {
+        coordination(admin).await["decides"] == true
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "writes reach the primary",
+        || async {
+            try_send(proxy.addr, write())
+                .await
+                .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
+        },
+    )
+    .await;
+
+    p.stop();
+    eventually(Duration::from_secs(15), "r1 promoted", || async {
+        topology(admin).await == (1, "r1".to_string())
+    })
+    .await;
+    assert_eq!(r1.hooks(), vec!["/admin/promote".to_string()]);
+    assert_eq!(send(proxy.addr, write()).await.backend(), "r1");
+    // The decision is in etcd, read back over TLS with another client identity.
+    let reader = pki.client_config_as(&pki.leaf("reader", &["reader"]));
+    let key = base64::engine::general_purpose::STANDARD.encode("/keyway-tls/clusters/pam/topology");
+    let got = try_send_tls(
+        etcd.addr,
+        "127.0.0.1",
+        reader,
+        request(
+            "POST",
+            "etcd",
+            "/v3/kv/range",
+            &format!(r#"{{"key":"{key}"}}"#),
+        ),
+    )
+    .await
+    .expect("etcd over TLS");
+    let v: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    use base64::Engine as _;
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(v["kvs"][0]["value"].as_str().expect("the topology key"))
+        .unwrap();
+    let t: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(
+        (t["epoch"].as_u64(), t["primary"].as_str()),
+        (Some(1), Some("r1"))
+    );
+
+    // No client certificate: etcd refuses the handshake; keyway says so and decides nothing.
+    let anonymous = Proxy::start(&config("")).await;
+    let admin = anonymous.admin.unwrap();
+    eventually(Duration::from_secs(10), "the refusal reported", || async {
+        let c = coordination(admin).await;
+        // etcd answers the handshake with a TLS alert (bad_certificate or
+        // certificate_required, by version), which keyway reports as it came.
+        c["connected"] == false
+            && c["last_error"]
+                .as_str()
+                .is_some_and(|e| e.to_ascii_lowercase().contains("certificate"))
+    })
+    .await;
+    assert_eq!(coordination(admin).await["decides"], false);
+    proxy.shutdown().await;
+    anonymous.shutdown().await;
 }

@@ -12,17 +12,16 @@
 //! JSON mapping says; fields equal to their default are omitted (an absent `succeeded`
 //! means false, absent `kvs` means none).
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
+
+use crate::config::EtcdEndpoint;
+use crate::oneshot;
 
 /// One key as etcd returned it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +46,9 @@ pub enum Swap {
 /// A client for a list of endpoints: each call tries them in order.
 #[derive(Clone, Debug)]
 pub struct Client {
-    endpoints: Vec<SocketAddr>,
+    endpoints: Vec<EtcdEndpoint>,
+    /// For `https://` endpoints.
+    tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
 }
 
@@ -60,19 +61,34 @@ pub enum WatchEvent {
 }
 
 impl Client {
-    /// A client; nothing is contacted until the first call.
-    pub fn new(endpoints: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Self { endpoints, timeout }
+    /// A client; nothing is contacted until the first call. `tls` is used for the
+    /// endpoints that say `https://`.
+    pub fn new(
+        endpoints: Vec<EtcdEndpoint>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            endpoints,
+            tls,
+            timeout,
+        }
     }
 
     /// POSTs `body` to `path` on the first endpoint that answers.
     async fn call(&self, path: &str, body: &Value) -> Result<Value, String> {
         let mut last = String::from("no etcd endpoint configured");
         for ep in &self.endpoints {
-            match tokio::time::timeout(self.timeout, post(*ep, path, body)).await {
+            match tokio::time::timeout(self.timeout, self.post(ep, path, body)).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => last = format!("etcd {ep}{path}: {e}"),
-                Err(_) => last = format!("etcd {ep}{path}: no answer within {:?}", self.timeout),
+                Ok(Err(e)) => last = format!("etcd {}{path}: {e}", ep.url()),
+                Err(_) => {
+                    last = format!(
+                        "etcd {}{path}: no answer within {:?}",
+                        ep.url(),
+                        self.timeout
+                    )
+                }
             }
         }
         Err(last)
@@ -200,14 +216,18 @@ impl Client {
         let mut last = String::from("no etcd endpoint configured");
         for ep in &self.endpoints {
             let mut resp =
-                match tokio::time::timeout(self.timeout, open(*ep, "/v3/watch", &body)).await {
+                match tokio::time::timeout(self.timeout, self.open(ep, "/v3/watch", &body)).await {
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => {
-                        last = format!("etcd {ep}/v3/watch: {e}");
+                        last = format!("etcd {}/v3/watch: {e}", ep.url());
                         continue;
                     }
                     Err(_) => {
-                        last = format!("etcd {ep}/v3/watch: no answer within {:?}", self.timeout);
+                        last = format!(
+                            "etcd {}/v3/watch: no answer within {:?}",
+                            ep.url(),
+                            self.timeout
+                        );
                         continue;
                     }
                 };
@@ -293,53 +313,49 @@ fn kvs(v: &Value) -> Vec<Kv> {
         .unwrap_or_default()
 }
 
-async fn open(
-    ep: SocketAddr,
-    path: &str,
-    body: &Value,
-) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-    let stream = TcpStream::connect(ep).await.map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = Request::post(path)
-        .header(hyper::header::HOST, ep.to_string())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let text = resp
+impl Client {
+    async fn open(
+        &self,
+        ep: &EtcdEndpoint,
+        path: &str,
+        body: &Value,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let target = oneshot::Target {
+            connect: ep.addr,
+            authority: &ep.authority,
+            tls: if ep.tls { self.tls.as_ref() } else { None },
+        };
+        let resp = oneshot::post_json(target, path, body.to_string()).await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(format!("HTTP {status}: {}", text.trim()));
+        }
+        Ok(resp)
+    }
+
+    async fn post(&self, ep: &EtcdEndpoint, path: &str, body: &Value) -> Result<Value, String> {
+        let resp = self.open(ep, path, body).await?;
+        let bytes = resp
             .into_body()
             .collect()
             .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-            .unwrap_or_default();
-        return Err(format!("HTTP {status}: {}", text.trim()));
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        // Streaming endpoints (keepalive) answer with one message per line.
+        let first = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
+        let v: Value =
+            serde_json::from_slice(first).map_err(|e| format!("bad JSON from etcd: {e}"))?;
+        if let Some(err) = v.get("error") {
+            return Err(format!("etcd refused: {err}"));
+        }
+        Ok(v)
     }
-    Ok(resp)
-}
-
-async fn post(ep: SocketAddr, path: &str, body: &Value) -> Result<Value, String> {
-    let resp = open(ep, path, body).await?;
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    // Streaming endpoints (keepalive) answer with one message per line.
-    let first = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
-    let v: Value = serde_json::from_slice(first).map_err(|e| format!("bad JSON from etcd: {e}"))?;
-    if let Some(err) = v.get("error") {
-        return Err(format!("etcd refused: {err}"));
-    }
-    Ok(v)
 }
 
 #[cfg(test)]

@@ -340,7 +340,11 @@ impl Store {
         Ok(match cfg {
             StateConfig::File(path) => Store::File(Arc::new(FileStore::open(path)?)),
             StateConfig::Etcd(e) => Store::Etcd(Box::new(EtcdStore {
-                client: etcd::Client::new(e.endpoints.clone(), e.timeout),
+                client: etcd::Client::new(
+                    e.endpoints.clone(),
+                    e.tls.as_ref().map(|t| t.client.clone()),
+                    e.timeout,
+                ),
                 cfg: e.clone(),
                 status: Mutex::new(EtcdStatus::default()),
             })),
@@ -458,7 +462,7 @@ impl Store {
                     });
                 serde_json::json!({
                     "kind": "etcd",
-                    "endpoints": e.cfg.endpoints.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "endpoints": e.cfg.endpoints.iter().map(|a| a.url()).collect::<Vec<_>>(),
                     "prefix": e.cfg.prefix,
                     "instance": e.cfg.instance,
                     "connected": connected,
@@ -1588,7 +1592,7 @@ async fn call_hook(
         "address": b.address.to_string(),
     });
     let started = Instant::now();
-    let result = tokio::time::timeout(hook.timeout, post_json(&url, &body))
+    let result = tokio::time::timeout(hook.timeout, post_json(&url, hook, &body))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", hook.timeout)));
     let took = started.elapsed();
@@ -1613,30 +1617,30 @@ async fn call_hook(
     result
 }
 
-async fn post_json(url: &str, body: &serde_json::Value) -> Result<(), String> {
-    use http_body_util::{BodyExt, Full};
+async fn post_json(url: &str, hook: &HookConfig, body: &serde_json::Value) -> Result<(), String> {
+    use http_body_util::BodyExt;
     let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
     let authority = uri
         .authority()
         .ok_or_else(|| format!("no host in {url}"))?
         .clone();
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((authority.host(), port))
-        .await
-        .map_err(|e| format!("connect {authority}: {e}"))?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::HOST, authority.as_str())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(bytes::Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let tls = uri.scheme_str() == Some("https");
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let host = crate::oneshot::host_of(authority.as_str());
+    let target = crate::oneshot::Target {
+        connect: (host, port),
+        authority: authority.as_str(),
+        tls: if tls { hook.tls.as_ref() } else { None },
+    };
+    if tls && target.tls.is_none() {
+        return Err("https hook without TLS settings".into());
+    }
+    let resp = crate::oneshot::post_json(
+        target,
+        uri.path_and_query().map_or("/", |p| p.as_str()),
+        body.to_string(),
+    )
+    .await?;
     let status = resp.status();
     let _ = resp.into_body().collect().await;
     if status.is_success() {

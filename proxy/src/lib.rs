@@ -17,6 +17,7 @@ pub mod failover;
 pub mod forward;
 pub mod headers;
 pub mod health;
+pub mod oneshot;
 pub mod plugin;
 pub mod router;
 pub mod server;

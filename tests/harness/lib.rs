@@ -696,6 +696,25 @@ impl TestPki {
         }
     }
 
+    /// A client config trusting this CA and presenting `identity` (issued by
+    /// [`TestPki::leaf`]), offering http/1.1.
+    pub fn client_config_as(&self, identity: &Leaf) -> Arc<rustls::ClientConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_cert.der().clone()).expect("root");
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&identity.key_pem).expect("key");
+        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![identity.der.clone()], key)
+        .expect("client identity");
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(c)
+    }
+
     /// A client config trusting this CA, offering `alpn`.
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
@@ -775,6 +794,23 @@ pub async fn tls_get(conn: TlsConn, host: &str, path: &str) -> Got {
         .await
         .expect("read")
     }
+}
+
+/// One HTTP/1.1 request over a new TLS connection to `addr` (server name `sni`).
+pub async fn try_send_tls(
+    addr: SocketAddr,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    req: Request<Full<Bytes>>,
+) -> anyhow::Result<Got> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await?;
+    let (mut tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(c);
+    read(tx.send_request(req).await?).await
 }
 
 // === admin ===
@@ -885,6 +921,15 @@ pub struct Etcd {
     peer: SocketAddr,
     dir: PathBuf,
     child: Option<std::process::Child>,
+    tls: Option<EtcdTls>,
+}
+
+/// What a TLS etcd serves and demands.
+struct EtcdTls {
+    server: Leaf,
+    ca_pem: PathBuf,
+    /// A client identity etcd accepts, for the readiness check.
+    client: Arc<rustls::ClientConfig>,
 }
 
 /// The `etcd` binary: on PATH, or installed from Debian's `etcd-server` when running as
@@ -935,6 +980,24 @@ fn free_port() -> SocketAddr {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving TLS on its client port with a certificate from `pki` for
+    /// 127.0.0.1, and demanding a client certificate issued by `pki`
+    /// (`--client-cert-auth`), as production etcd clusters run.
+    pub async fn start_tls(pki: &TestPki) -> Self {
+        let server = pki.leaf("etcd-server", &["127.0.0.1", "localhost"]);
+        let client = pki.client_config_as(&pki.leaf("etcd-ready-check", &["ready-check"]));
+        Self::start_with(Some(EtcdTls {
+            server,
+            ca_pem: pki.ca_pem.clone(),
+            client,
+        }))
+        .await
+    }
+
+    async fn start_with(tls: Option<EtcdTls>) -> Self {
         let dir = unique_dir("etcd");
         let (addr, peer) = (free_port(), free_port());
         let mut me = Self {
@@ -942,6 +1005,7 @@ impl Etcd {
             peer,
             dir,
             child: None,
+            tls,
         };
         me.spawn().await;
         me
@@ -949,16 +1013,26 @@ impl Etcd {
 
     async fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.join("etcd.log")).expect("log");
-        let child = std::process::Command::new(etcd_binary())
+        let mut cmd = std::process::Command::new(etcd_binary());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server.cert_pem)
+                .arg("--key-file")
+                .arg(&t.server.key_pem)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca_pem)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args([
                 "--name",
                 "test",
                 "--data-dir",
                 &self.dir.join("data").display().to_string(),
                 "--listen-client-urls",
-                &format!("http://{}", self.addr),
+                &self.url(),
                 "--advertise-client-urls",
-                &format!("http://{}", self.addr),
+                &self.url(),
                 "--listen-peer-urls",
                 &format!("http://{}", self.peer),
                 "--initial-advertise-peer-urls",
@@ -972,15 +1046,16 @@ impl Etcd {
             .expect("start etcd");
         self.child = Some(child);
         let addr = self.addr;
-        eventually(Duration::from_secs(20), "etcd to answer", || async move {
-            match try_send(
-                addr,
-                request("POST", "etcd", "/v3/kv/range", r#"{"key":"AA=="}"#),
-            )
-            .await
-            {
-                Ok(r) => r.status == 200,
-                Err(_) => false,
+        let tls = self.tls.as_ref().map(|t| t.client.clone());
+        eventually(Duration::from_secs(20), "etcd to answer", || {
+            let tls = tls.clone();
+            async move {
+                let req = request("POST", "etcd", "/v3/kv/range", r#"{"key":"AA=="}"#);
+                let got = match tls {
+                    None => try_send(addr, req).await,
+                    Some(cfg) => try_send_tls(addr, "127.0.0.1", cfg, req).await,
+                };
+                got.is_ok_and(|r| r.status == 200)
             }
         })
         .await;
@@ -1000,9 +1075,10 @@ impl Etcd {
         self.spawn().await;
     }
 
-    /// `http://ADDR`, for `[coordination] etcd = [...]`.
+    /// `http://ADDR` (`https://` when started with TLS), for `[coordination] etcd`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 }
 

@@ -136,7 +136,16 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "coordination",
         ],
         [Some("state")] => &["file"],
-        [Some("coordination")] => &["etcd", "prefix", "lease_ttl", "instance", "timeout"],
+        [Some("coordination")] => &[
+            "etcd",
+            "prefix",
+            "lease_ttl",
+            "instance",
+            "timeout",
+            "ca",
+            "cert",
+            "key",
+        ],
         [Some("admin")] => &["listen"],
         [Some("proxy")] => &[
             "workers",
@@ -362,12 +371,13 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                     "list them: etcd = [\"http://127.0.0.1:2379\"]",
                 );
             }
-            let endpoints = c
+            let endpoints: Vec<EtcdEndpoint> = c
                 .etcd
                 .iter()
                 .enumerate()
                 .filter_map(|(i, e)| etcd_endpoint(e, &cp.key("etcd").index(i), errs))
                 .collect();
+            let tls = etcd_tls(c, &endpoints, &cp, base, errs);
             let prefix = c.prefix.clone().unwrap_or_else(|| "/keyway".into());
             if !prefix.starts_with('/') || prefix.ends_with('/') {
                 errs.push(
@@ -391,6 +401,7 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
             }
             StateConfig::Etcd(EtcdConfig {
                 endpoints,
+                tls,
                 prefix,
                 lease_ttl: lease_ttl.max(Duration::from_secs(1)),
                 instance: c.instance.clone().unwrap_or_else(default_instance_name),
@@ -421,27 +432,95 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
     }
 }
 
-/// `http://host:port` (or `host:port`) of an etcd client endpoint.
-fn etcd_endpoint(text: &str, path: &KeyPath, errs: &mut Errors<'_>) -> Option<SocketAddr> {
-    if text.starts_with("https://") {
-        errs.push(
-            path,
-            "etcd over TLS is not supported yet",
-            "use a plain http:// endpoint on a trusted network, or a local etcd gateway",
-        );
-        return None;
-    }
-    let hostport = text
-        .strip_prefix("http://")
-        .unwrap_or(text)
-        .trim_end_matches('/');
-    match hostport.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-        Some(a) => Some(a),
-        None => {
+/// `http://host:port`, `https://host:port` (or `host:port`) of an etcd client endpoint.
+fn etcd_endpoint(text: &str, path: &KeyPath, errs: &mut Errors<'_>) -> Option<EtcdEndpoint> {
+    let (tls, rest) = match text.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix("http://").unwrap_or(text)),
+    };
+    let authority = rest.trim_end_matches('/');
+    match authority.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+        Some(addr) if !authority.contains('/') => Some(EtcdEndpoint {
+            addr,
+            authority: authority.to_string(),
+            tls,
+        }),
+        _ => {
             errs.push(
                 path,
                 format!("`{text}` is not a reachable host:port"),
-                "write it like \"http://127.0.0.1:2379\"",
+                "write it like \"http://127.0.0.1:2379\" or \"https://etcd1.corp:2379\"",
+            );
+            None
+        }
+    }
+}
+
+/// `ca`, `cert` and `key` of `[coordination]`: the TLS settings for `https://` endpoints.
+fn etcd_tls(
+    c: &FileCoordination,
+    endpoints: &[EtcdEndpoint],
+    cp: &KeyPath,
+    base: &Path,
+    errs: &mut Errors<'_>,
+) -> Option<EtcdTls> {
+    let any_tls = endpoints.iter().any(|e| e.tls);
+    if any_tls && endpoints.iter().any(|e| !e.tls) {
+        errs.push(
+            &cp.key("etcd"),
+            "some etcd endpoints are https:// and some http://",
+            "use one scheme for all endpoints of an etcd cluster",
+        );
+    }
+    if !any_tls {
+        for (key, set) in [("ca", &c.ca), ("cert", &c.cert), ("key", &c.key)] {
+            if set.is_some() {
+                errs.push(
+                    &cp.key(key),
+                    format!("`{key}` is for TLS, but the etcd endpoints are http://"),
+                    "write the endpoints as https://host:port, or remove it",
+                );
+            }
+        }
+        return None;
+    }
+    let files = [&c.ca, &c.cert, &c.key].map(|f| f.as_deref().map(|f| resolve(base, f)));
+    let ca = match &files[0] {
+        Some(f) => Some(pem_certs(
+            f,
+            &cp.key("ca"),
+            "point ca at the PEM file of the CA that signed etcd's server certificates (etcd's --trusted-ca-file)",
+            errs,
+        )?),
+        None => None,
+    };
+    let identity = match (&files[1], &files[2]) {
+        (Some(cert), Some(key)) => Some((
+            pem_certs(
+                cert,
+                &cp.key("cert"),
+                "point cert at keyway's client certificate (PEM, leaf first)",
+                errs,
+            )?,
+            pem_key(key, &cp.key("key"), errs)?,
+        )),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            errs.push(
+                &cp.key(if files[1].is_some() { "key" } else { "cert" }),
+                "a client certificate needs both `cert` and `key`",
+                "give both (for etcd with --client-cert-auth), or neither",
+            );
+            return None;
+        }
+    };
+    match crate::tls::client_config(ca.as_deref(), identity) {
+        Ok(client) => Some(EtcdTls { client, files }),
+        Err(e) => {
+            errs.push(
+                cp,
+                format!("TLS to etcd: {e}"),
+                "check ca, cert and key (the key must be the certificate's)",
             );
             None
         }
@@ -536,42 +615,13 @@ fn tls_cert(
     }
     let cert_path = resolve(base, &t.cert);
     let key_path = resolve(base, &t.key);
-    let chain = read_file_checked(&cert_path, &path.key("cert"), errs).and_then(|_| {
-        let chain: Result<Vec<CertificateDer<'static>>, _> =
-            CertificateDer::pem_file_iter(&cert_path).and_then(|it| it.collect());
-        match chain {
-            Ok(c) if !c.is_empty() => Some(c),
-            Ok(_) => {
-                errs.push(
-                    &path.key("cert"),
-                    format!("{} holds no PEM certificate", cert_path.display()),
-                    "point cert at a PEM file with -----BEGIN CERTIFICATE----- blocks (leaf first)",
-                );
-                None
-            }
-            Err(e) => {
-                errs.push(
-                    &path.key("cert"),
-                    format!("{} is not a PEM certificate file: {e}", cert_path.display()),
-                    "point cert at a PEM file with -----BEGIN CERTIFICATE----- blocks (leaf first)",
-                );
-                None
-            }
-        }
-    });
-    let key = read_file_checked(&key_path, &path.key("key"), errs).and_then(|_| {
-        match PrivateKeyDer::from_pem_file(&key_path) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                errs.push(
-                    &path.key("key"),
-                    format!("{} holds no usable private key: {e}", key_path.display()),
-                    "point key at a PEM file with a PKCS#8, PKCS#1 or SEC1 private key",
-                );
-                None
-            }
-        }
-    });
+    let chain = pem_certs(
+        &cert_path,
+        &path.key("cert"),
+        "point cert at a PEM file with -----BEGIN CERTIFICATE----- blocks (leaf first)",
+        errs,
+    );
+    let key = pem_key(&key_path, &path.key("key"), errs);
     let (chain, key) = (chain?, key?);
     let signer = match rustls::crypto::ring::sign::any_supported_type(&key) {
         Ok(s) => s,
@@ -745,22 +795,12 @@ fn cluster(
         );
     }
     let upstream_ca = c.upstream_ca.as_deref().and_then(|ca| {
-        let p = path.key("upstream_ca");
-        let file = resolve(base, ca);
-        read_file_checked(&file, &p, errs)?;
-        let certs: Result<Vec<CertificateDer<'static>>, _> =
-            CertificateDer::pem_file_iter(&file).and_then(|it| it.collect());
-        match certs {
-            Ok(v) if !v.is_empty() => Some(v),
-            _ => {
-                errs.push(
-                    &p,
-                    format!("{} holds no PEM CA certificate", file.display()),
-                    "export the backends' CA as PEM (-----BEGIN CERTIFICATE-----) and point upstream_ca at it",
-                );
-                None
-            }
-        }
+        pem_certs(
+            &resolve(base, ca),
+            &path.key("upstream_ca"),
+            "export the backends' CA as PEM (-----BEGIN CERTIFICATE-----) and point upstream_ca at it",
+            errs,
+        )
     });
     let pool = PoolConfig {
         max_idle: c
@@ -847,6 +887,17 @@ fn cluster(
         .health
         .as_ref()
         .map(|h| health(h, &path.key("health"), base, errs));
+    let promotion = c.promotion.as_ref().and_then(|p| {
+        promotion(
+            p,
+            &path.key("promotion"),
+            strategy,
+            health.as_ref(),
+            upstream_ca.as_deref(),
+            base,
+            errs,
+        )
+    });
     let outlier = c.outlier.as_ref().map_or_else(OutlierConfig::default, |o| {
         let op = path.key("outlier");
         OutlierConfig {
@@ -898,10 +949,7 @@ fn cluster(
         },
         upstream_ca,
         pool,
-        promotion: c
-            .promotion
-            .as_ref()
-            .and_then(|p| promotion(p, &path.key("promotion"), strategy, health.as_ref(), base, errs)),
+        promotion,
         failback_after: c.failback.as_ref().map(|f| {
             let fp = path.key("failback");
             if strategy != Strategy::PrimaryReplica {
@@ -924,6 +972,7 @@ fn promotion(
     path: &KeyPath,
     strategy: Strategy,
     health: Option<&HealthConfig>,
+    upstream_ca: Option<&[CertificateDer<'static>]>,
     base: &Path,
     errs: &mut Errors<'_>,
 ) -> Option<PromotionConfig> {
@@ -988,12 +1037,21 @@ fn promotion(
             let hp = path.key(key);
             let timeout = nonzero_duration(h.timeout.as_deref(), &hp.key("timeout"), DEFAULT_HOOK_TIMEOUT, errs);
             let probe = h.url.replace("{address}", "127.0.0.1:1").replace("{id}", "x").replace("{cluster}", "x").replace("{epoch}", "1");
-            match probe.parse::<http::Uri>() {
-                Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Some(HookConfig { url: h.url.clone(), timeout }),
+            let uri = probe.parse::<http::Uri>().ok().filter(|u| u.authority().is_some());
+            match uri.as_ref().and_then(|u| u.scheme_str()) {
+                Some("http") => Some(HookConfig { url: h.url.clone(), timeout, tls: None }),
+                // Hooks go to the backends: trust what the cluster trusts for them.
+                Some("https") => match crate::tls::client_config(upstream_ca, None) {
+                    Ok(tls) => Some(HookConfig { url: h.url.clone(), timeout, tls: Some(tls) }),
+                    Err(e) => {
+                        errs.push(&hp.key("url"), format!("https hook: {e}"), "set the cluster's upstream_ca to the CA that signed the backends' certificates");
+                        None
+                    }
+                },
                 _ => {
                     errs.push(
                         &hp.key("url"),
-                        format!("`{}` is not an http:// URL", h.url),
+                        format!("`{}` is not an http:// or https:// URL", h.url),
                         "write it like \"http://{address}/admin/promote\" ({address}, {id}, {cluster} and {epoch} are filled in)",
                     );
                     None
@@ -1435,6 +1493,53 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
+/// The PEM certificates in `file` (at least one); `fix` says what to point `path` at.
+fn pem_certs(
+    file: &Path,
+    path: &KeyPath,
+    fix: &str,
+    errs: &mut Errors<'_>,
+) -> Option<Vec<CertificateDer<'static>>> {
+    read_file_checked(file, path, errs)?;
+    let certs: Result<Vec<CertificateDer<'static>>, _> =
+        CertificateDer::pem_file_iter(file).and_then(|it| it.collect());
+    match certs {
+        Ok(c) if !c.is_empty() => Some(c),
+        Ok(_) => {
+            errs.push(
+                path,
+                format!("{} holds no PEM certificate", file.display()),
+                fix,
+            );
+            None
+        }
+        Err(e) => {
+            errs.push(
+                path,
+                format!("{} is not a PEM certificate file: {e}", file.display()),
+                fix,
+            );
+            None
+        }
+    }
+}
+
+/// The PEM private key in `file`.
+fn pem_key(file: &Path, path: &KeyPath, errs: &mut Errors<'_>) -> Option<PrivateKeyDer<'static>> {
+    read_file_checked(file, path, errs)?;
+    match PrivateKeyDer::from_pem_file(file) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            errs.push(
+                path,
+                format!("{} holds no usable private key: {e}", file.display()),
+                "point key at a PEM file with a PKCS#8, PKCS#1 or SEC1 private key",
+            );
+            None
+        }
+    }
+}
+
 fn read_file_checked(file: &Path, path: &KeyPath, errs: &mut Errors<'_>) -> Option<()> {
     match std::fs::metadata(file) {
         Ok(m) if m.is_file() => Some(()),
@@ -1708,12 +1813,29 @@ mod failover_config {
 
     #[test]
     fn coordination_is_checked() {
-        let e = build_text("[coordination]\netcd = [\"https://127.0.0.1:2379\", \"nowhere\"]\nprefix = \"keyway/\"\n[state]\nfile = \"s.json\"", PR).unwrap_err();
+        let e = build_text("[coordination]\netcd = [\"https://127.0.0.1:2379\", \"http://127.0.0.1:2380\", \"nowhere\"]\nprefix = \"keyway/\"\ncert = \"client.pem\"\n[state]\nfile = \"s.json\"", PR).unwrap_err();
         let has = |needle: &str| e.iter().any(|e| e.message.contains(needle));
-        assert!(has("TLS is not supported"), "{e:?}");
+        assert!(
+            has("some etcd endpoints are https:// and some http://"),
+            "{e:?}"
+        );
+        assert!(has("needs both `cert` and `key`"), "{e:?}");
         assert!(has("not a reachable host:port"), "{e:?}");
         assert!(has("must start with /"), "{e:?}");
         assert!(has("both say where decisions live"), "{e:?}");
+        let e = build_text(
+            "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nca = \"ca.pem\"",
+            PR,
+        )
+        .unwrap_err();
+        assert!(e[0].message.contains("`ca` is for TLS"), "{e:?}");
+        let e = build_text(
+            "[coordination]\netcd = [\"https://127.0.0.1:2379\"]\nca = \"missing-ca.pem\"",
+            PR,
+        )
+        .unwrap_err();
+        assert_eq!(e[0].path, "coordination.ca", "{e:?}");
+        assert!(e[0].message.contains("cannot read"), "{e:?}");
         let cfg = build_text(
             "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\ninstance = \"kw-a\"",
             PR,

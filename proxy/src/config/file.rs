@@ -40,6 +40,9 @@ pub struct FileCoordination {
     pub lease_ttl: Option<String>,
     pub instance: Option<String>,
     pub timeout: Option<String>,
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 /// `promotion = { ... }`

@@ -115,11 +115,53 @@ pub enum StateConfig {
     Etcd(EtcdConfig),
 }
 
+/// One etcd client endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdEndpoint {
+    /// Where to connect (resolved when the config is built).
+    pub addr: SocketAddr,
+    /// `host:port` as written: the Host header, and its host the TLS server name.
+    pub authority: String,
+    /// `https://`.
+    pub tls: bool,
+}
+
+impl EtcdEndpoint {
+    /// The endpoint as an URL, for messages.
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.authority
+        )
+    }
+}
+
+/// TLS to etcd: the CA its server certificates are checked against and, for etcd with
+/// `--client-cert-auth`, the certificate keyway presents.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// The client settings built from the files.
+    pub client: Arc<rustls::ClientConfig>,
+    /// The `ca`, `cert` and `key` files as configured (what equality compares).
+    pub files: [Option<PathBuf>; 3],
+}
+
+impl PartialEq for EtcdTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.files == other.files
+    }
+}
+
+impl Eq for EtcdTls {}
+
 /// `[coordination]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdConfig {
-    /// etcd client endpoints (plain HTTP; the v3 JSON gateway every etcd serves).
-    pub endpoints: Vec<SocketAddr>,
+    /// etcd client endpoints, served by etcd's v3 JSON gateway.
+    pub endpoints: Vec<EtcdEndpoint>,
+    /// TLS settings, when the endpoints are `https://`.
+    pub tls: Option<EtcdTls>,
     /// Key prefix, e.g. `/keyway`.
     pub prefix: String,
     /// Lease of the promotion leader: a dead leader is replaced after about this long.
@@ -175,12 +217,15 @@ pub enum PromotionPolicyKind {
 }
 
 /// An HTTP call keyway makes to a backend when the topology changes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct HookConfig {
-    /// `http://` URL; `{address}`, `{id}`, `{cluster}` and `{epoch}` are filled in.
+    /// `http://` or `https://` URL; `{address}`, `{id}`, `{cluster}` and `{epoch}` are
+    /// filled in.
     pub url: String,
     /// Deadline for the whole call.
     pub timeout: Duration,
+    /// For `https://`: trusts the cluster's `upstream_ca` (or the system's roots).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// `[admin]`
