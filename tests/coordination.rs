@@ -147,17 +147,51 @@ async fn ready(inst: &[Instance]) {
     })
     .await;
     for i in inst {
-        eventually(
-            Duration::from_secs(10),
-            "writes reach the primary",
-            || async {
-                try_send(i.addr, write())
-                    .await
-                    .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
-            },
-        )
-        .await;
+        writes_reach_primary(i.addr, Duration::from_secs(10)).await;
     }
+}
+
+/// Waits until a write through `addr` is answered by the configured primary.
+async fn writes_reach_primary(addr: SocketAddr, within: Duration) {
+    eventually(within, "writes reach the primary", || async {
+        try_send(addr, write())
+            .await
+            .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
+    })
+    .await;
+}
+
+/// Every instance but the `n`th.
+fn except(inst: &[Instance], n: usize) -> Vec<&Instance> {
+    inst.iter()
+        .enumerate()
+        .filter(|(i, _)| *i != n)
+        .map(|(_, i)| i)
+        .collect()
+}
+
+/// Stops the primary `dying` with `next`'s promote hook answering only after 3 s (longer
+/// than the 2 s lease), and returns once the leader's hook call reached `next`: the
+/// leader is then between its hook and its commit.
+async fn kill_with_promotion_in_flight(dying: &TestBackend, next: &TestBackend) {
+    next.set_hook_delay(Duration::from_secs(3));
+    dying.stop();
+    eventually(
+        Duration::from_secs(10),
+        "the leader calls the promote hook",
+        || async { !next.hooks().is_empty() },
+    )
+    .await;
+}
+
+/// The farm: a primary and three replicas.
+async fn farm() -> [TestBackend; 4] {
+    [
+        TestBackend::start("primary").await,
+        TestBackend::start("r1").await,
+        TestBackend::start("r2").await,
+        TestBackend::start("r3").await,
+    ]
 }
 
 /// The epochs of an instance's decision history, oldest first.
@@ -184,12 +218,7 @@ fn write() -> http::Request<http_body_util::Full<bytes::Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_without_etcd() {
     let mut etcd = Etcd::start().await;
-    let b = [
-        TestBackend::start("primary").await,
-        TestBackend::start("r1").await,
-        TestBackend::start("r2").await,
-        TestBackend::start("r3").await,
-    ];
+    let b = farm().await;
     let (p, r1, r2, r3) = (&b[0], &b[1], &b[2], &b[3]);
     let dir = unique_dir("coordination");
     let mut inst: Vec<Instance> = (0..3)
@@ -218,12 +247,7 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     let l = leader(&all).await.expect("a leader");
     inst[l].kill();
     r1.stop();
-    let survivors: Vec<&Instance> = inst
-        .iter()
-        .enumerate()
-        .filter(|(n, _)| *n != l)
-        .map(|(_, i)| i)
-        .collect();
+    let survivors = except(&inst, l);
     all_agree(&survivors, (2, "r2"), "the survivors on r2 in epoch 2").await;
     for i in &survivors {
         assert_eq!(send(i.addr, write()).await.backend(), "r2");
@@ -278,12 +302,7 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
 async fn an_instance_that_starts_without_etcd_refuses_writes_until_etcd_answers() {
     let mut etcd = Etcd::start().await;
     etcd.stop();
-    let b = [
-        TestBackend::start("primary").await,
-        TestBackend::start("r1").await,
-        TestBackend::start("r2").await,
-        TestBackend::start("r3").await,
-    ];
+    let b = farm().await;
     let dir = unique_dir("coordination-cold");
     let i = Instance::start(&config(&dir, 0, &etcd, &b, PROMOTION));
     eventually(Duration::from_secs(10), "reads served", || async {
@@ -299,16 +318,7 @@ async fn an_instance_that_starts_without_etcd_refuses_writes_until_etcd_answers(
     assert!(b[0].write_epochs().is_empty());
 
     etcd.restart().await;
-    eventually(
-        Duration::from_secs(15),
-        "writes to the configured primary",
-        || async {
-            try_send(i.addr, write())
-                .await
-                .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
-        },
-    )
-    .await;
+    writes_reach_primary(i.addr, Duration::from_secs(15)).await;
     assert_eq!(topology(i.admin).await, (0, "primary".into()));
 }
 
@@ -320,12 +330,7 @@ async fn an_instance_that_starts_without_etcd_refuses_writes_until_etcd_answers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision() {
     let etcd = Etcd::start().await;
-    let b = [
-        TestBackend::start("primary").await,
-        TestBackend::start("r1").await,
-        TestBackend::start("r2").await,
-        TestBackend::start("r3").await,
-    ];
+    let b = farm().await;
     let (p, r1, r2) = (&b[0], &b[1], &b[2]);
     // Hooks that answer after 3 s hold a promotion open longer than the 2 s lease.
     let promotion = r#"promotion = { hold = "300ms", on_promote = { url = "http://{address}/admin/promote", timeout = "10s" } }"#;
@@ -336,14 +341,7 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     ready(&inst).await;
 
     // 1. The leader is SIGKILLed while r1's promote hook is in flight.
-    r1.set_hook_delay(Duration::from_secs(3));
-    p.stop();
-    eventually(
-        Duration::from_secs(10),
-        "the leader calls r1's promote hook",
-        || async { !r1.hooks().is_empty() },
-    )
-    .await;
+    kill_with_promotion_in_flight(p, r1).await;
     let all: Vec<&Instance> = inst.iter().collect();
     let l = leader(&all).await.expect("a leader");
     assert_eq!(
@@ -353,12 +351,7 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     );
     inst[l].kill();
     r1.set_hook_delay(Duration::ZERO);
-    let survivors: Vec<&Instance> = inst
-        .iter()
-        .enumerate()
-        .filter(|(n, _)| *n != l)
-        .map(|(_, i)| i)
-        .collect();
+    let survivors = except(&inst, l);
     all_agree(&survivors, (1, "r1"), "the survivors on r1 in epoch 1").await;
     assert!(
         r1.hooks().len() >= 2,
@@ -373,14 +366,7 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     // 2. The new leader is stopped while r2's promote hook is in flight, longer than
     // its lease; the other survivor takes the lease and promotes r2; then the stalled
     // one wakes, its hook answers 200, and its commit must lose.
-    r2.set_hook_delay(Duration::from_secs(3));
-    r1.stop();
-    eventually(
-        Duration::from_secs(10),
-        "the leader calls r2's promote hook",
-        || async { !r2.hooks().is_empty() },
-    )
-    .await;
+    kill_with_promotion_in_flight(r1, r2).await;
     let l = leader(&survivors).await.expect("a leader");
     let (stalled, other) = (survivors[l], survivors[1 - l]);
     stalled.signal("STOP");
@@ -460,16 +446,7 @@ ca = "{ca}"
         coordination(admin).await["decides"] == true
     })
     .await;
-    eventually(
-        Duration::from_secs(10),
-        "writes reach the primary",
-        || async {
-            try_send(proxy.addr, write())
-                .await
-                .is_ok_and(|r| r.status == 200 && r.backend() == "primary")
-        },
-    )
-    .await;
+    writes_reach_primary(proxy.addr, Duration::from_secs(10)).await;
 
     p.stop();
     eventually(Duration::from_secs(15), "r1 promoted", || async {

@@ -85,16 +85,11 @@ pub fn server_config(certs: &[TlsCertConfig]) -> Option<Arc<rustls::ServerConfig
     Some(Arc::new(cfg))
 }
 
-/// A rustls client config for control-plane calls (etcd, promotion hooks): trusts `ca`
-/// (or, without it, the system's roots), presents `identity` (certificate chain and key)
-/// when the server asks for one, and speaks http/1.1.
-pub fn client_config(
+/// Trust roots: the certificates of `ca`, or without it the system's store (an error
+/// when that is empty).
+pub fn roots(
     ca: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-    identity: Option<(
-        Vec<rustls_pki_types::CertificateDer<'static>>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    )>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
+) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(certs) => {
@@ -109,10 +104,24 @@ pub fn client_config(
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                return Err("the system has no CA store; name the CA with `ca`".into());
+                return Err("the system has no CA store".into());
             }
         }
     }
+    Ok(roots)
+}
+
+/// A rustls client config for control-plane calls (etcd, promotion hooks): trusts `ca`
+/// (or, without it, the system's roots), presents `identity` (certificate chain and key)
+/// when the server asks for one, and speaks http/1.1.
+pub fn client_config(
+    ca: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    identity: Option<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let roots = roots(ca).map_err(|e| format!("{e}; name the CA with `ca`"))?;
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

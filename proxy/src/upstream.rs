@@ -59,28 +59,13 @@ impl BackendTls {
         ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
         cfg: &BackendConfig,
     ) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
-            Some(certs) => {
-                for c in certs {
-                    roots
-                        .add(c.clone())
-                        .map_err(|e| format!("upstream_ca: cannot use certificate: {e}"))?;
-                }
-            }
-            None => {
-                let native = rustls_native_certs::load_native_certs();
-                for c in native.certs {
-                    let _ = roots.add(c);
-                }
-                if roots.is_empty() {
-                    return Err(format!(
-                        "backend `{}` uses tls but no upstream_ca is set and the system has no CA store; set upstream_ca",
-                        cfg.id
-                    ));
-                }
-            }
-        }
+        let roots = crate::tls::roots(ca).map_err(|e| match ca {
+            Some(_) => format!("upstream_ca: {e}"),
+            None => format!(
+                "backend `{}` uses tls but no upstream_ca is set and {e}; set upstream_ca",
+                cfg.id
+            ),
+        })?;
         let base = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
