@@ -65,7 +65,7 @@ async fn reload_under_load_fails_no_request() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let (m, body) = if (n + i) % 3 == 0 {
+                let (m, body) = if (n + i).is_multiple_of(3) {
                     ("POST", "{}")
                 } else {
                     ("GET", "")

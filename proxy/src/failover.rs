@@ -152,12 +152,32 @@ enum Commit {
 pub struct FileStore {
     path: PathBuf,
     doc: Mutex<StateDoc>,
+    /// The lock beside the state file, held while this process may write it
+    /// (`Access::Owner` until [`FileStore::release`]).
+    lock: Mutex<Option<std::fs::File>>,
+    owner: bool,
+}
+
+/// How a process uses the decisions it opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// keyway serving traffic, or `state import`: may write. A state file is locked
+    /// (`FILE.lock`) for as long as the store lives, so that two processes never
+    /// overwrite each other's decisions.
+    Owner,
+    /// `state export`: reads only, alongside a running keyway.
+    Reader,
 }
 
 impl FileStore {
     /// Opens the state file. Missing: empty state. Unreadable or corrupt: an error that
-    /// stops start-up (a silent reset could resurrect a fenced primary).
-    pub fn open(path: &Path) -> Result<Self, String> {
+    /// stops start-up (a silent reset could resurrect a fenced primary). An `Owner`
+    /// takes the file's lock first, or fails saying who holds it.
+    pub fn open(path: &Path, access: Access) -> Result<Self, String> {
+        let lock = match access {
+            Access::Owner => Some(lock_state(path)?),
+            Access::Reader => None,
+        };
         let doc = match std::fs::read(path) {
             Ok(bytes) => parse_state(&bytes).map_err(|e| {
                 format!(
@@ -178,8 +198,18 @@ impl FileStore {
         };
         Ok(Self {
             path: path.to_path_buf(),
+            owner: lock.is_some(),
             doc: Mutex::new(doc),
+            lock: Mutex::new(lock),
         })
+    }
+
+    /// Gives the lock up (at shutdown): from now on this store refuses to write, and
+    /// another process (or a restarted server) may own the file.
+    pub fn release(&self) {
+        if let Ok(mut l) = self.lock.lock() {
+            l.take();
+        }
     }
 
     #[cfg(test)]
@@ -200,11 +230,21 @@ impl FileStore {
                 revision: t.epoch as i64,
             })));
         }
+        self.check_owner()?;
         let mut updated = doc.clone();
         updated.clusters.insert(cluster.to_string(), next.clone());
         write_atomically(&self.path, &updated)?;
         *doc = updated;
         Ok(Commit::Done(next.epoch as i64))
+    }
+
+    fn check_owner(&self) -> Result<(), String> {
+        let held = self.lock.lock().is_ok_and(|l| l.is_some());
+        if self.owner && held {
+            Ok(())
+        } else {
+            Err("this keyway no longer owns the state file (it is shutting down)".into())
+        }
     }
 
     /// The whole document.
@@ -214,6 +254,7 @@ impl FileStore {
 
     /// Replaces the whole document (import).
     pub fn replace(&self, doc: StateDoc) -> Result<(), String> {
+        self.check_owner()?;
         write_atomically(&self.path, &doc)?;
         if let Ok(mut d) = self.doc.lock() {
             *d = doc;
@@ -232,6 +273,37 @@ pub fn parse_state(bytes: &[u8]) -> Result<StateDoc, String> {
         ));
     }
     Ok(doc)
+}
+
+/// Takes `STATE.lock`, the lock of the state file (beside it: the state file itself is
+/// replaced on every write, so it cannot carry the lock).
+fn lock_state(path: &Path) -> Result<std::fs::File, String> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            format!(
+                "cannot create {}: {e}. Create its folder, or set [state] file to a writable path",
+                lock_path.display()
+            )
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another keyway process is using the state file {} (it holds {}). Each instance needs its own [state] file (instances that share decisions use [coordination]); to restore a backup, stop keyway first: a running instance would not see the import and would overwrite it",
+            path.display(),
+            lock_path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!(
+            "cannot lock {}: {e}. Put the state file on a local file system",
+            lock_path.display()
+        )),
+    }
 }
 
 /// Temp file in the same directory, fsync, rename over, fsync the directory: after a
@@ -336,9 +408,9 @@ impl Store {
     /// Opens the store a config names. A corrupt state file is an error; an unreachable
     /// etcd is not (the instance starts with the configured primaries, never promotes
     /// until etcd answers, and adopts etcd's decisions as soon as it does).
-    pub fn open(cfg: &StateConfig) -> Result<Self, String> {
+    pub fn open(cfg: &StateConfig, access: Access) -> Result<Self, String> {
         Ok(match cfg {
-            StateConfig::File(path) => Store::File(Arc::new(FileStore::open(path)?)),
+            StateConfig::File(path) => Store::File(Arc::new(FileStore::open(path, access)?)),
             StateConfig::Etcd(e) => Store::Etcd(Box::new(EtcdStore {
                 client: etcd::Client::new(
                     e.endpoints.clone(),
@@ -517,10 +589,18 @@ fn refused(status: u16, message: impl Into<String>) -> Refused {
 }
 
 impl Failover {
+    /// At shutdown: a state file's lock is given up (decisions are durable already);
+    /// no decision is written after this.
+    pub fn release(&self) {
+        if let Store::File(f) = &self.store {
+            f.release();
+        }
+    }
+
     /// Opens the store and loads every cluster's topology, checked against `config`.
-    pub async fn open(config: &Config) -> Result<Arc<Self>, String> {
+    pub async fn open(config: &Config, access: Access) -> Result<Arc<Self>, String> {
         started();
-        let store = Store::open(&config.state)?;
+        let store = Store::open(&config.state, access)?;
         let (stored, unconfirmed) = match store.load_all().await {
             Ok(s) => (s, false),
             Err(e) if store.is_etcd() => {
@@ -1693,7 +1773,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.json");
         let _ = std::fs::remove_file(&path);
-        let f = FileStore::open(&path).unwrap();
+        let f = FileStore::open(&path, Access::Owner).unwrap();
         let t = Topology {
             epoch: 1,
             primary: Some("b".into()),
@@ -1707,7 +1787,10 @@ mod tests {
             f.commit("c", 0, &t).unwrap(),
             Commit::Lost(Some(_))
         ));
-        let again = FileStore::open(&path).unwrap();
+        // A second owner is refused while the first lives; a reader is not.
+        let err = FileStore::open(&path, Access::Owner).err().unwrap();
+        assert!(err.contains("another keyway process"), "{err}");
+        let again = FileStore::open(&path, Access::Reader).unwrap();
         assert_eq!(again.get("c"), Some(t));
         let leftovers: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -1715,13 +1798,15 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+        drop(f);
+        drop(FileStore::open(&path, Access::Owner).expect("the lock goes with its owner"));
         std::fs::write(&path, b"{ not json").unwrap();
-        let err = FileStore::open(&path).err().unwrap();
+        let err = FileStore::open(&path, Access::Reader).err().unwrap();
         assert!(
             err.contains("corrupt") && err.contains("keyway state import"),
             "{err}"
         );
         std::fs::write(&path, br#"{"version": 9, "clusters": {}}"#).unwrap();
-        assert!(FileStore::open(&path).is_err());
+        assert!(FileStore::open(&path, Access::Reader).is_err());
     }
 }

@@ -63,7 +63,8 @@ enum StateCommand {
     },
     /// Restore decisions from an export, checked against the config. Epochs never go
     /// back: an older backup is restored with a newer epoch. With a state file, run it
-    /// while keyway is stopped; with etcd, running instances apply it at once.
+    /// while keyway is stopped (it refuses while keyway holds the file); with etcd,
+    /// running instances apply it at once.
     Import {
         /// The exported JSON.
         file: PathBuf,
@@ -205,6 +206,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf, demo: bool) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGTERM or SIGHUP that arrives while keyway starts would
+    // otherwise meet the default action and kill the process.
+    let stop = shutdown_signal();
+    let hangups = Hangups::register();
     if demo {
         let backends = keyway::demo::start_backends(&config)
             .await
@@ -215,11 +220,11 @@ async fn run(config: Config, path: PathBuf, demo: bool) -> anyhow::Result<()> {
     }
     let server = Server::start(config.clone()).await?;
     server.set_config_source(path);
-    spawn_reload_on_sighup(server.reloader());
+    hangups.reload_with(server.reloader());
     if demo {
         print_demo_help(&config, &server);
     }
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     server.shutdown().await;
     Ok(())
@@ -234,7 +239,11 @@ fn state_command(command: &StateCommand) -> anyhow::Result<String> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let failover = keyway::failover::Failover::open(&config)
+        let access = match command {
+            StateCommand::Export { .. } => keyway::failover::Access::Reader,
+            StateCommand::Import { .. } => keyway::failover::Access::Owner,
+        };
+        let failover = keyway::failover::Failover::open(&config, access)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         match command {
@@ -400,45 +409,71 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
     }
 }
 
-/// SIGHUP re-reads the config file: build, validate, swap; a bad file changes nothing.
-fn spawn_reload_on_sighup(reloader: std::sync::Arc<keyway::server::Reloader>) {
+/// SIGHUP, registered at start and handled once the server runs: re-read the config
+/// file (build, validate, swap; a bad file changes nothing).
+struct Hangups {
     #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!(
-                "cannot listen for SIGHUP; reload with POST /reload on the admin listener"
-            );
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let r = reloader.clone();
-            // The outcome is logged by the reloader itself.
-            let _ = tokio::task::spawn_blocking(move || r.reload()).await;
-        }
-    });
-    #[cfg(not(unix))]
-    let _ = reloader;
+    signal: Option<tokio::signal::unix::Signal>,
 }
 
-async fn wait_for_signal() {
+impl Hangups {
+    fn register() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signal = signal(SignalKind::hangup()).ok();
+            if signal.is_none() {
+                tracing::warn!(
+                    "cannot listen for SIGHUP; reload with POST /reload on the admin listener"
+                );
+            }
+            Self { signal }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    fn reload_with(self, reloader: std::sync::Arc<keyway::server::Reloader>) {
+        #[cfg(unix)]
+        if let Some(mut hup) = self.signal {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let r = reloader.clone();
+                    // The outcome is logged by the reloader itself.
+                    let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        let _ = reloader;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are registered by this call,
+/// not when the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async fn recv(s: Option<Signal>) {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        }
+        async move {
+            tokio::select! {
+                _ = recv(term) => {}
+                _ = recv(int) => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -261,7 +261,9 @@ const PLUGIN_WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 impl Server {
     /// Binds every listener and the admin server, then starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let failover = Failover::open(&config).await.map_err(StartError::State)?;
+        let failover = Failover::open(&config, crate::failover::Access::Owner)
+            .await
+            .map_err(StartError::State)?;
         let runtime = Arc::new(ArcSwap::from_pointee(
             build_runtime(&config, &failover).map_err(StartError::Build)?,
         ));
@@ -402,6 +404,7 @@ impl Server {
         let drained = tokio::time::timeout(self.drain_timeout, self.drain_rx.recv())
             .await
             .is_ok();
+        self.reloader.failover().release();
         if drained {
             tracing::info!("all connections drained");
         } else {

@@ -38,28 +38,19 @@ fn check_accepts_the_demo_config() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
-/// `keyway run` serves, and SIGTERM drains and exits 0.
-#[test]
-fn run_serves_and_exits_cleanly_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+type LogLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
 
-    let dir = std::env::temp_dir().join(format!("keyway-cli-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("run.toml");
-    std::fs::write(
-        &cfg,
-        "[proxy]\ndrain_timeout = \"2s\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\nhost = \"only.test\"\ncluster = \"c\"\n[cluster.c]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyway"))
+/// Starts `keyway --log-json run --config CFG` and waits for its "listening" log line.
+/// Returns the process, the listener's address and the rest of its log.
+fn start_run(cfg: &Path) -> (std::process::Child, String, LogLines) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyway"))
         .args(["--log-json", "run", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::piped())
+        .arg(cfg)
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     // Readiness: the "listening" log line carries the bound address.
     let addr = loop {
         let line = lines
@@ -71,14 +62,13 @@ fn run_serves_and_exits_cleanly_on_sigterm() {
             break v["fields"]["listen"].as_str().unwrap().to_string();
         }
     };
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nhost: other.test\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    (child, addr, lines)
+}
 
-    let status = Command::new("kill")
+/// SIGTERM, then waits (at most 20 s) for a successful exit.
+fn stop_run(child: &mut std::process::Child) {
+    use std::time::{Duration, Instant};
+    let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
@@ -95,6 +85,31 @@ fn run_serves_and_exits_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "{exit:?}");
+}
+
+/// `keyway run` serves, and SIGTERM drains and exits 0.
+#[test]
+fn run_serves_and_exits_cleanly_on_sigterm() {
+    use std::io::{Read, Write};
+
+    let dir = std::env::temp_dir().join(format!("keyway-cli-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        "[proxy]\ndrain_timeout = \"2s\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\nhost = \"only.test\"\ncluster = \"c\"\n[cluster.c]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
+    )
+    .unwrap();
+    let (child, addr, lines) = start_run(&cfg);
+    let mut child = child;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: other.test\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+
+    stop_run(&mut child);
     // The rest of the log says it drained.
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("drained")), "{rest:?}");
@@ -271,9 +286,103 @@ backends = [
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(doc["clusters"]["pam"]["epoch"], 4);
 
+    // While keyway runs it owns the state file: a backup can be taken, but an import
+    // (which the running instance would not see, and would overwrite) is refused, and
+    // so is a second instance on the same file.
+    let (mut running, _, _log) = start_run(&cfg);
+    let (code, out, err) = keyway(&["state", "export", "--config", c]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"epoch\": 4"), "{out}");
+    let (code, _, err) = keyway(&["state", "import", backup.to_str().unwrap(), "--config", c]);
+    assert_eq!(code, 2);
+    assert!(err.contains("another keyway process"), "{err}");
+    let (code, _, err) = keyway(&["run", "--config", c]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("another keyway process") && err.contains("[coordination]"),
+        "{err}"
+    );
+    stop_run(&mut running);
+
     // A damaged state file is reported, never read as empty.
     std::fs::write(dir.join("keyway-state.json"), b"garbage").unwrap();
     let (code, _, err) = keyway(&["state", "export", "--config", c]);
     assert_eq!(code, 2);
     assert!(err.contains("corrupt"), "{err}");
+}
+
+/// The status line of `GET /` with Host `host` on a fresh connection.
+fn status_of(addr: &str, host: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.lines().next().unwrap_or_default().to_string()
+}
+
+/// SIGHUP re-reads the config file: a good file takes effect, a broken one changes
+/// nothing, and a SIGHUP right after start-up never kills the process.
+#[test]
+fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("keyway-cli-hup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("hup.toml");
+    let config = |host: &str| {
+        format!("[proxy]\ndrain_timeout = \"2s\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\nhost = \"{host}\"\ncluster = \"c\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"127.0.0.1:1\" }}]\n")
+    };
+    std::fs::write(&cfg, config("only.test")).unwrap();
+    let (mut child, addr, mut log) = start_run(&cfg);
+    let hup = |child: &std::process::Child| {
+        let st = std::process::Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    // Reloads are logged; wait for the next one's outcome.
+    let next_reload = |log: &mut LogLines| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "no reload logged");
+            let line = log.next().expect("keyway exited").unwrap();
+            if line.contains("reload") {
+                return line;
+            }
+        }
+    };
+
+    hup(&child); // at once, with nothing changed
+    let line = next_reload(&mut log);
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP killed keyway");
+    assert!(line.contains("configuration reloaded"), "{line}");
+    assert!(status_of(&addr, "other.test").contains(" 404 "));
+
+    // A broken file: refused, the running config stays.
+    std::fs::write(&cfg, "[[listener]]\nlisten = \"nowhere\"\n").unwrap();
+    hup(&child);
+    let line = next_reload(&mut log);
+    assert!(
+        line.contains("reload refused") && line.contains("`nowhere` is not an address"),
+        "{line}"
+    );
+    assert!(status_of(&addr, "other.test").contains(" 404 "));
+
+    // A good file: now every host routes to `c`, whose only backend refuses connections.
+    std::fs::write(&cfg, config("*")).unwrap();
+    hup(&child);
+    let line = next_reload(&mut log);
+    assert!(line.contains("configuration reloaded"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status_of(&addr, "other.test").contains(" 503 ") {
+        assert!(Instant::now() < deadline, "the reloaded route was not used");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_run(&mut child);
 }
