@@ -112,3 +112,74 @@ async fn idle_client_connections_are_closed() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+/// With `[admin] token_file`, reload, promote and failback need `Authorization: Bearer
+/// TOKEN` (401 otherwise, nothing done); reads stay open for scrapers; a reload rotates
+/// the token.
+#[tokio::test]
+async fn admin_calls_that_change_things_need_the_token() {
+    let a = TestBackend::start("a").await;
+    let dir = unique_dir("admin-token");
+    std::fs::write(dir.join("token"), "first-token-0123456789\n").unwrap();
+    let file = dir.join("k.toml");
+    let cfg = config(&a, "").replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"",
+        1,
+    );
+    let proxy = Proxy::start_file(&file, &cfg).await;
+    let admin = proxy.admin.unwrap();
+    let post = |path: &str, token: Option<&str>| {
+        let mut r = request("POST", "admin", path, "");
+        if let Some(t) = token {
+            r.headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        send(admin, r)
+    };
+
+    let r = post("/reload", None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(
+        r.headers["www-authenticate"],
+        "Bearer realm=\"keyway-admin\""
+    );
+    assert!(r.body.contains("token_file"), "{}", r.body);
+    assert_eq!(
+        post("/reload", Some("first-token-0123456788")).await.status,
+        401
+    );
+    assert_eq!(post("/reload", Some("first")).await.status, 401);
+    assert_eq!(post("/clusters/x/failback", None).await.status, 401);
+    assert_eq!(
+        get(admin, "admin", "/status").await.status,
+        200,
+        "reads need no token"
+    );
+    assert!(
+        metric(
+            &admin_get(admin, "/metrics").await,
+            "keyway_admin_denied_total"
+        ) >= 4.0
+    );
+
+    let r = post("/reload", Some("first-token-0123456789")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // A reload picks up a new token; the old one stops working.
+    std::fs::write(dir.join("token"), "second-token-0123456789\n").unwrap();
+    assert_eq!(
+        post("/reload", Some("first-token-0123456789")).await.status,
+        200
+    );
+    assert_eq!(
+        post("/reload", Some("first-token-0123456789")).await.status,
+        401
+    );
+    assert_eq!(
+        post("/reload", Some("second-token-0123456789"))
+            .await
+            .status,
+        200
+    );
+}

@@ -1,6 +1,8 @@
-//! The admin listener: `/metrics` (Prometheus text), `/status` (JSON), `/healthz`.
+//! The admin listener: `/metrics` (Prometheus text), `/status` (JSON), `/healthz`, and
+//! the calls that change things (`POST /reload`, promote, failback), which need
+//! `Authorization: Bearer TOKEN` when `[admin] token_file` is set.
 //!
-//! Read-only views of the running state. It shares nothing mutable with the request path
+//! The views are read-only. It shares nothing mutable with the request path
 //! beyond reading the runtime snapshot and counters, and it must stay answerable while
 //! the proxy is overloaded, so every handler is cheap and allocation is bounded by the
 //! number of backends.
@@ -31,6 +33,9 @@ pub async fn serve(
 ) {
     if let Ok(a) = sock.local_addr() {
         tracing::info!(listen = %a, "admin listening");
+        if !a.ip().is_loopback() && reloader.admin_token().is_none() {
+            tracing::warn!(listen = %a, "the admin listener is not on loopback and has no token_file: whoever reaches it can reload the config and promote backends. Set [admin] token_file");
+        }
     }
     loop {
         let (stream, _) = tokio::select! {
@@ -47,6 +52,11 @@ pub async fn serve(
                 let rt = runtime.load_full();
                 let reloader = reloader.clone();
                 async move {
+                    if req.method() == Method::POST {
+                        if let Some(denied) = authorize(&reloader, &req) {
+                            return Ok::<_, Infallible>(denied);
+                        }
+                    }
                     // `/plugins/reload` is the same operation: plugins are part of the config, and
                     // reloading them goes through the same build-validate-swap.
                     if req.method() == Method::POST
@@ -83,6 +93,42 @@ pub async fn serve(
                 .await;
         });
     }
+}
+
+/// `None` when `req` may change things: no token is configured, or it carries the
+/// token. Otherwise the 401 to send.
+fn authorize(
+    reloader: &crate::server::Reloader,
+    req: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    let token = reloader.admin_token()?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+        return None;
+    }
+    tracing::warn!(path = %req.uri().path(), "admin call refused: missing or wrong bearer token");
+    metrics::counter!("keyway_admin_denied_total").increment(1);
+    let mut r = reply(
+        StatusCode::UNAUTHORIZED,
+        "text/plain",
+        "this call needs `Authorization: Bearer TOKEN`, TOKEN being the content of [admin] token_file\n".into(),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"keyway-admin\""),
+    );
+    Some(r)
+}
+
+/// Compares without stopping at the first difference, so the time taken does not say
+/// how much of a guessed token was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `POST /clusters/NAME/failback` and `POST /clusters/NAME/promote/BACKEND`.

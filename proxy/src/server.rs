@@ -110,6 +110,14 @@ impl Reloader {
         &self.failover
     }
 
+    /// The admin token of the running config (a reload may rotate it).
+    pub fn admin_token(&self) -> Option<Arc<str>> {
+        self.current
+            .lock()
+            .ok()
+            .and_then(|c| c.admin.as_ref().and_then(|a| a.token.clone()))
+    }
+
     /// The outcome of the last reload (for `/status`), `null` before the first.
     pub fn last_json(&self) -> serde_json::Value {
         self.last

@@ -146,7 +146,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "cert",
             "key",
         ],
-        [Some("admin")] => &["listen"],
+        [Some("admin")] => &["listen", "token_file"],
         [Some("proxy")] => &[
             "workers",
             "drain_timeout",
@@ -262,9 +262,19 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
 
     let admin = file.admin.as_ref().and_then(|a| {
         let p = root.key("admin").key("listen");
+        let token = a.token_file.as_deref().and_then(|f| {
+            admin_token(
+                &resolve(base, f),
+                &root.key("admin").key("token_file"),
+                errs,
+            )
+        });
         let addr = socket_addr(&a.listen, &p, errs)?;
         bound.push((addr, p));
-        Some(AdminConfig { listen: addr })
+        Some(AdminConfig {
+            listen: addr,
+            token,
+        })
     });
 
     let fp = file.proxy.as_ref();
@@ -1493,6 +1503,33 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
+/// The admin token in `file`: one line of at least 16 visible ASCII characters
+/// (surrounding whitespace and the final newline are ignored).
+fn admin_token(file: &Path, path: &KeyPath, errs: &mut Errors<'_>) -> Option<Arc<str>> {
+    const FIX: &str = "fill it with a random token: head -c 32 /dev/urandom | base64 > FILE";
+    read_file_checked(file, path, errs)?;
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.push(path, format!("cannot read {}: {e}", file.display()), FIX);
+            return None;
+        }
+    };
+    let token = text.trim();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        errs.push(
+            path,
+            format!(
+                "{} must hold one token of at least 16 visible ASCII characters",
+                file.display()
+            ),
+            FIX,
+        );
+        return None;
+    }
+    Some(Arc::from(token))
+}
+
 /// The PEM certificates in `file` (at least one); `fix` says what to point `path` at.
 fn pem_certs(
     file: &Path,
@@ -1676,6 +1713,26 @@ backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls =
         let cfg = build(text, Path::new(".")).expect("valid");
         assert_eq!(cfg.clusters[0].backends[0].weight, 2);
         assert_eq!(cfg.clusters[0].strategy, Strategy::Ordered);
+    }
+
+    #[test]
+    fn the_admin_token_is_one_long_visible_line() {
+        let dir = std::env::temp_dir().join(format!("keyway-admin-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"t\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n";
+        for bad in ["short\n", "has a space in the middle of it\n", ""] {
+            std::fs::write(dir.join("t"), bad).unwrap();
+            let e = build(text, &dir).unwrap_err();
+            assert_eq!(e[0].path, "admin.token_file", "{e:?}");
+            assert!(e[0].message.contains("at least 16 visible"), "{e:?}");
+        }
+        std::fs::write(dir.join("t"), "  0123456789abcdef\n").unwrap();
+        let cfg = build(text, &dir).unwrap();
+        assert_eq!(
+            cfg.admin.unwrap().token.as_deref(),
+            Some("0123456789abcdef")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

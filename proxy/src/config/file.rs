@@ -76,6 +76,7 @@ pub struct FileFailback {
 #[derive(Debug, Deserialize)]
 pub struct FileAdmin {
     pub listen: String,
+    pub token_file: Option<String>,
 }
 
 /// `[proxy]`: process-wide settings.

@@ -233,6 +233,8 @@ pub struct HookConfig {
 pub struct AdminConfig {
     /// Address the admin HTTP server binds.
     pub listen: SocketAddr,
+    /// The bearer token that `POST` calls (reload, promote, failback) must carry.
+    pub token: Option<Arc<str>>,
 }
 
 /// `[proxy]`
