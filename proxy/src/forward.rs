@@ -854,3 +854,67 @@ impl HttpBody for UpstreamBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper moves each request's future into place (`recv_msg`), so its size is paid
+    /// in copying on every request. A TCP + TLS handshake inline made it 10 KiB;
+    /// rarely taken large branches are boxed. This keeps it that way.
+    #[tokio::test]
+    async fn the_per_request_future_stays_small() {
+        let dir = std::env::temp_dir().join(format!("keyway-future-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = crate::Config::from_str_with_base(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
+            "t.toml",
+            &dir,
+        )
+        .unwrap();
+        let failover = crate::failover::Failover::open(&config, crate::failover::Access::Reader)
+            .await
+            .unwrap();
+        let rt = Arc::new(crate::server::build_runtime(&config, &failover).unwrap());
+        let (drain, _rx) = tokio::sync::mpsc::channel(1);
+        let info = ConnInfo {
+            client: "127.0.0.1:1".parse().unwrap(),
+            tls: false,
+            limits: Arc::new(config.listeners[0].limits.clone()),
+            drain: crate::server::DrainGuard(drain),
+        };
+        // A real `Request<Incoming>` comes only from a hyper connection.
+        let (client, server) = tokio::io::duplex(4096);
+        let size = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = size.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let fut = handle(rt.clone(), info.clone(), req);
+            seen.store(
+                std::mem::size_of_val(&fut),
+                std::sync::atomic::Ordering::SeqCst,
+            );
+            async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), svc),
+        );
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/")
+            .header(http::header::HOST, "h")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 503, "the only backend refuses connections");
+        let size = size.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            size > 0 && size <= 4096,
+            "the request future is {size} bytes"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -246,7 +246,7 @@ impl Reloader {
 
 /// Held by every client connection and tunnel; shutdown waits until all are dropped.
 #[derive(Clone)]
-pub struct DrainGuard(#[allow(dead_code)] mpsc::Sender<()>);
+pub struct DrainGuard(#[allow(dead_code)] pub(crate) mpsc::Sender<()>);
 
 // === Server ===
 

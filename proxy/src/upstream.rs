@@ -192,7 +192,10 @@ pub async fn checkout(
             }
         }
     }
-    match tokio::time::timeout(connect_timeout, connect(backend, purpose)).await {
+    // Boxed: a TCP + TLS + HTTP handshake is a large state machine, and inline it would
+    // make every request's future that large (hyper moves the future per request),
+    // while new connections are the rare case once the pool is warm.
+    match tokio::time::timeout(connect_timeout, Box::pin(connect(backend, purpose))).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {
             backend.record_connect_error(&e.detail);
