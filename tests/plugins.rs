@@ -189,6 +189,45 @@ fn pam_classifier_knows_the_read_only_calls() {
     assert!(err.contains("refused its configuration"), "{err}");
 }
 
+/// A thread keeps one configured instance per classifier version; once a version is
+/// swapped out and dropped, its instances go with the thread's next call of the new
+/// one, so hot swaps do not pile up instances (each holds its own linear memory).
+#[test]
+fn swapped_out_classifier_versions_free_their_thread_instances() {
+    let v = |extra: &str| {
+        ClassifierPlugin::load(
+            &plugin("pam-classifier"),
+            &format!(r#"{{"extra_reads": ["POST /{extra}"]}}"#),
+        )
+        .unwrap()
+    };
+    // A thread of its own: the test harness may run other tests on this one.
+    std::thread::spawn(move || {
+        let count = keyway::plugin::classifier_instances_on_this_thread;
+        let mut current = v("v0");
+        assert_eq!(current.classify("POST", "/v0", "h").unwrap(), Kind::Read);
+        assert_eq!(count(), 1);
+        for n in 1..=20 {
+            let next = v(&format!("v{n}"));
+            // While a request may still use the old version, both are kept.
+            assert_eq!(
+                next.classify("POST", &format!("/v{n}"), "h").unwrap(),
+                Kind::Read
+            );
+            assert_eq!(count(), 2);
+            drop(std::mem::replace(&mut current, next));
+            let other = v("other");
+            other.classify("GET", "/", "h").unwrap();
+            assert_eq!(count(), 2, "the dropped version's instance is gone");
+            drop(other);
+        }
+        assert_eq!(current.classify("POST", "/v20", "h").unwrap(), Kind::Read);
+        assert_eq!(current.classify("POST", "/v0", "h").unwrap(), Kind::Write);
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn misbehaving_plugins_are_contained() {
     let mk = |mode: &str| {

@@ -24,7 +24,6 @@
 //! for a classifier's first call on each thread.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -358,7 +357,7 @@ fn read_component(path: &Path, config: &str) -> Result<(Component, PluginMeta), 
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let component = Component::new(engine(), &bytes).map_err(|e| {
+    let component = compile(&bytes, digest.as_ref()).map_err(|e| {
         format!(
             "{} is not a WebAssembly component keyway can load: {e:#} (build plugins with `cargo build --target wasm32-wasip2`)",
             path.display()
@@ -382,6 +381,32 @@ fn read_component(path: &Path, config: &str) -> Result<(Component, PluginMeta), 
             logged: Mutex::new(Vec::new()),
         },
     ))
+}
+
+/// Compiled components kept for reuse, most recent last.
+const COMPILED_KEPT: usize = 16;
+
+/// Compiles `bytes`, or reuses the compilation of identical bytes (by SHA-256): a config
+/// reload or a rewritten-but-unchanged file costs no recompilation.
+fn compile(bytes: &[u8], digest: &[u8]) -> wasmtime::Result<Component> {
+    static COMPILED: Mutex<std::collections::VecDeque<(Vec<u8>, Component)>> =
+        Mutex::new(std::collections::VecDeque::new());
+    let hit = COMPILED.lock().ok().and_then(|kept| {
+        kept.iter()
+            .find(|(d, _)| d.as_slice() == digest)
+            .map(|(_, c)| c.clone())
+    });
+    if let Some(c) = hit {
+        return Ok(c);
+    }
+    let c = Component::new(engine(), bytes)?;
+    if let Ok(mut kept) = COMPILED.lock() {
+        if kept.len() == COMPILED_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((digest.to_vec(), c.clone()));
+    }
+    Ok(c)
 }
 
 fn refused(meta: &PluginMeta, why: String) -> String {
@@ -592,6 +617,9 @@ pub struct ClassifierPlugin {
     pre: bindings::classifier::ClassifierPre<PluginState>,
     failures_in_a_row: std::sync::atomic::AtomicU32,
     open_until: Mutex<Option<std::time::Instant>>,
+    /// Threads' instances of this version hold a `Weak` of it: once the version is
+    /// dropped (swapped out and no request uses it), they are freed.
+    alive: Arc<()>,
 }
 
 /// Consecutive classifier failures that open the breaker...
@@ -600,11 +628,24 @@ const BREAKER_FAILURES: u32 = 3;
 /// that loops costs requests its deadline a few times, not on every request.
 const BREAKER_OPEN: Duration = Duration::from_secs(5);
 
-type Cached = (Store<PluginState>, bindings::classifier::Classifier);
+/// A thread's configured instance of one classifier version.
+struct ThreadInstance {
+    id: u64,
+    alive: std::sync::Weak<()>,
+    store: Store<PluginState>,
+    bindings: bindings::classifier::Classifier,
+}
 
 thread_local! {
-    /// One configured instance per (thread, plugin): the per-request pool.
-    static CLASSIFIERS: RefCell<HashMap<u64, Cached>> = RefCell::new(HashMap::new());
+    /// One configured instance per (thread, plugin version): the per-request pool. A
+    /// handful of entries at most, so a scan beats hashing.
+    static CLASSIFIERS: RefCell<Vec<ThreadInstance>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How many classifier instances this thread holds (diagnostics and tests: after a hot
+/// swap, the old version's instances go with the next call of the new one).
+pub fn classifier_instances_on_this_thread() -> usize {
+    CLASSIFIERS.with(|c| c.borrow().len())
 }
 
 impl ClassifierPlugin {
@@ -616,6 +657,7 @@ impl ClassifierPlugin {
             pre,
             failures_in_a_row: std::sync::atomic::AtomicU32::new(0),
             open_until: Mutex::new(None),
+            alive: Arc::new(()),
         }))
     }
 
@@ -643,18 +685,29 @@ impl ClassifierPlugin {
         self.meta.calls.fetch_add(1, Ordering::Relaxed);
         let result = CLASSIFIERS.with(|cache| {
             let mut cache = cache.borrow_mut();
-            let (store, inst) = match cache.entry(self.meta.id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(configured_for_call::<bindings::classifier::Classifier>(
+            let at = match cache.iter().position(|t| t.id == self.meta.id) {
+                Some(at) => at,
+                None => {
+                    // First call of this version on this thread: instances of versions
+                    // that are gone (hot-swapped out) are dropped now.
+                    cache.retain(|t| t.alive.strong_count() > 0);
+                    let (store, bindings) = configured_for_call::<bindings::classifier::Classifier>(
                         &self.pre,
                         &self.meta.config,
-                    )?)
+                    )?;
+                    cache.push(ThreadInstance {
+                        id: self.meta.id,
+                        alive: Arc::downgrade(&self.alive),
+                        store,
+                        bindings,
+                    });
+                    cache.len() - 1
                 }
             };
-            arm(&mut *store, CLASSIFY_DEADLINE);
-            match inst.keyway_policy_request_classifier().call_classify(
-                &mut *store,
+            let t = &mut cache[at];
+            arm(&mut t.store, CLASSIFY_DEADLINE);
+            match t.bindings.keyway_policy_request_classifier().call_classify(
+                &mut t.store,
                 method,
                 path,
                 host,
@@ -662,9 +715,9 @@ impl ClassifierPlugin {
                 Ok(WasmKind::Read) => Ok(crate::classify::Kind::Read),
                 Ok(WasmKind::Write) => Ok(crate::classify::Kind::Write),
                 Err(e) => {
-                    let err = PluginError::from_call(e, store);
+                    let err = PluginError::from_call(e, &t.store);
                     // A trapped instance is never reused.
-                    cache.remove(&self.meta.id);
+                    cache.swap_remove(at);
                     Err(err)
                 }
             }
