@@ -14,17 +14,8 @@ SECONDS_EACH=${SECONDS_EACH:-10}
 ROUNDS=${ROUNDS:-5}
 CONNS=${CONNS:-32}
 
-cargo build --release -q -p keyway -p keyway-bench
+source bench/common.sh
 bash plugins/build.sh >/dev/null
-bin=target/release
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 1 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "nothing listening on port $1" >&2; exit 1
-}
 cores=$(nproc); front=0; proxy_core=$((cores > 1 ? 1 : 0))
 taskset -c $front "$bin/bench-backend" 127.0.0.1:18080 2>/dev/null & pids+=($!)
 taskset -c $front "$bin/bench-backend" 127.0.0.1:18090 2>/dev/null & pids+=($!)

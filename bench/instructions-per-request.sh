@@ -18,17 +18,8 @@ RATE=${RATE:-400}
 CONFIGS=${CONFIGS:-"pr cls"}
 
 command -v valgrind >/dev/null || { apt-get install -y -qq valgrind >/dev/null 2>&1 || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }; }
-cargo build --release -q -p keyway -p keyway-bench
+source bench/common.sh
 bash plugins/build.sh >/dev/null
-bin=target/release
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 1 900); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.2; done
-  echo "nothing listening on port $1" >&2; exit 1
-}
 "$bin/bench-backend" 127.0.0.1:18080 2>/dev/null & pids+=($!)
 "$bin/bench-backend" 127.0.0.1:18090 2>/dev/null & pids+=($!)
 wait_port 18080; wait_port 18090
@@ -40,7 +31,7 @@ for v in $CONFIGS; do
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$tmp/$v.out" \
     "$bin/keyway" run --config "bench/keyway-$v.toml" >"$tmp/$v.log" 2>&1 &
   vg=$!; pids+=($vg)
-  wait_port "$port"
+  wait_port "$port" 900
   "$bin/loadgen" --addr "127.0.0.1:$port" --rate 200 --seconds 2 --connections 4 >/dev/null
   callgrind_control -i on "$vg" >/dev/null
   out=$("$bin/loadgen" --addr "127.0.0.1:$port" --rate "$RATE" --seconds $((REQUESTS / RATE)) --connections 4)

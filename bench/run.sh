@@ -28,22 +28,7 @@ if ! need wrk || ! need haproxy || ! need nginx; then
   fi
 fi
 
-cargo build --release -q -p keyway -p keyway-bench
-bin=target/release
-
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 100); do
-    (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "bench: nothing listening on port $1" >&2
-  exit 1
-}
+source bench/common.sh
 
 cores=$(nproc)
 front=0
