@@ -2,6 +2,7 @@
 # and gives a temp dir, background processes that stop with the script, and a wait for
 # a listening port. Everything listens on loopback.
 cargo build --release -q -p keyway -p keyway-bench
+mkdir -p bench/results  # results, and the bench configs' state files
 bin=target/release
 tmp=$(mktemp -d)
 pids=()
