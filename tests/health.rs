@@ -8,21 +8,16 @@ use keyway_tests::*;
 async fn two(health: &str, extra: &str) -> (TestBackend, TestBackend, Proxy) {
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
-    let cfg = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "web"
-[cluster.web]
-balance = "round-robin"
+    let cfg = one_cluster(
+        "web",
+        &format!(
+            r#"balance = "round-robin"
 {health}
 {extra}
 backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
 "#,
-        a.addr, b.addr
+            a.addr, b.addr
+        ),
     );
     (a, b, Proxy::start(&cfg).await)
 }

@@ -293,20 +293,15 @@ fn misbehaving_plugins_are_contained() {
 async fn farm(classifier: &str) -> (TestBackend, TestBackend, Proxy) {
     let primary = TestBackend::start("primary").await;
     let replica = TestBackend::start("replica").await;
-    let cfg = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "pam"
-[cluster.pam]
-strategy = "primary-replica"
+    let cfg = one_cluster(
+        "pam",
+        &format!(
+            r#"strategy = "primary-replica"
 {classifier}
 backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
 "#,
-        primary.addr, replica.addr
+            primary.addr, replica.addr
+        ),
     );
     (primary, replica, Proxy::start(&cfg).await)
 }
@@ -400,19 +395,14 @@ async fn a_failing_classifier_never_stops_traffic_and_on_error_applies() {
 async fn health_plugin_judges_backends_with_on_error() {
     let start = |policy: String| async move {
         let a = TestBackend::start("a").await;
-        let cfg = format!(
-            r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "c"
-[cluster.c]
-health = {{ path = "/health", interval = "50ms", {policy} }}
+        let cfg = one_cluster(
+            "c",
+            &format!(
+                r#"health = {{ path = "/health", interval = "50ms", {policy} }}
 backends = [{{ id = "a", address = "{}" }}]
 "#,
-            a.addr
+                a.addr
+            ),
         );
         let p = Proxy::start(&cfg).await;
         (a, p)
@@ -483,29 +473,29 @@ fn plugin_problems_are_config_errors_with_lines() {
     assert_eq!(find("missing.wasm").line, Some(6));
 }
 
-#[tokio::test]
-async fn reload_swaps_the_classifier() {
-    let primary = TestBackend::start("primary").await;
-    let replica = TestBackend::start("replica").await;
-    let cfg = |answer: &str| {
-        format!(
-            r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "pam"
-[cluster.pam]
-strategy = "primary-replica"
+/// A primary-replica farm whose classifier (the `misbehave-classifier` fixture) calls
+/// every request `answer` ("read" or "write"); reads never go to the primary.
+fn classifier_answering(primary: &TestBackend, replica: &TestBackend, answer: &str) -> String {
+    one_cluster(
+        "pam",
+        &format!(
+            r#"strategy = "primary-replica"
+reads_on_primary = "never"
 classifier = {{ policy = "{}", config = {{ mode = "ok", answer = "{answer}" }} }}
 backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
 "#,
             plugin("misbehave-classifier").display(),
             primary.addr,
             replica.addr
-        )
-    };
+        ),
+    )
+}
+
+#[tokio::test]
+async fn reload_swaps_the_classifier() {
+    let primary = TestBackend::start("primary").await;
+    let replica = TestBackend::start("replica").await;
+    let cfg = |answer: &str| classifier_answering(&primary, &replica, answer);
     let file = unique_dir("plugin-reload").join("k.toml");
     let p = Proxy::start_file(&file, &cfg("write")).await;
     assert_eq!(get(p.addr, "h", "/").await.backend(), "primary");
@@ -529,26 +519,7 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "rep
 async fn hot_swap_of_the_classifier_under_load_fails_no_request() {
     let primary = TestBackend::start("primary").await;
     let replica = TestBackend::start("replica").await;
-    let cfg = |answer: &str| {
-        format!(
-            r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "pam"
-[cluster.pam]
-strategy = "primary-replica"
-reads_on_primary = "never"
-classifier = {{ policy = "{}", config = {{ mode = "ok", answer = "{answer}" }} }}
-backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
-"#,
-            plugin("misbehave-classifier").display(),
-            primary.addr,
-            replica.addr
-        )
-    };
+    let cfg = |answer: &str| classifier_answering(&primary, &replica, answer);
     let file = unique_dir("plugin-swap").join("k.toml");
     let p = Proxy::start_file(&file, &cfg("write")).await;
     let load = GetLoop::start(p.addr, 4, "h", "/x");

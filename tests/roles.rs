@@ -17,16 +17,10 @@ async fn farm(extra: &str) -> Farm {
     let primary = TestBackend::start("primary").await;
     let r1 = TestBackend::start("r1").await;
     let r2 = TestBackend::start("r2").await;
-    let cfg = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listener]]
-listen = "127.0.0.1:0"
-[[route]]
-cluster = "pam"
-[cluster.pam]
-strategy = "primary-replica"
+    let cfg = one_cluster(
+        "pam",
+        &format!(
+            r#"strategy = "primary-replica"
 balance = "round-robin"
 health = {{ path = "/health", interval = "50ms", timeout = "500ms", rise = 1, fall = 1, lag_header = "X-Replication-Lag-Ms" }}
 read_routes = ["POST /PasswordVault/api/Accounts/*/Password/Retrieve", "POST /api/sessions/**"]
@@ -38,7 +32,8 @@ backends = [
   {{ id = "r2", address = "{}", role = "replica" }},
 ]
 "#,
-        primary.addr, r1.addr, r2.addr
+            primary.addr, r1.addr, r2.addr
+        ),
     );
     let proxy = Proxy::start(&cfg).await;
     let f = Farm {
