@@ -93,6 +93,22 @@ async fn all_healthy_in(admin: std::net::SocketAddr, name: &str) {
     .await;
 }
 
+/// Starts keyway with `cfg` and waits until every backend of `pam` is healthy.
+async fn started(cfg: &str) -> (Proxy, std::net::SocketAddr) {
+    let proxy = Proxy::start(cfg).await;
+    let admin = proxy.admin.unwrap();
+    all_healthy(admin).await;
+    (proxy, admin)
+}
+
+/// Waits until `/status` names `primary` as the primary of `pam`.
+async fn promoted(admin: std::net::SocketAddr, primary: &str, what: &str) {
+    eventually(Duration::from_secs(10), what, || async {
+        topology(admin).await.1 == primary
+    })
+    .await;
+}
+
 fn write() -> http::Request<http_body_util::Full<bytes::Bytes>> {
     request("POST", "pam", "/api/resources", "{}")
 }
@@ -330,7 +346,7 @@ async fn a_corrupt_state_file_stops_start_up_with_a_clear_message() {
 async fn a_failing_promote_hook_keeps_writes_off_the_candidate_and_repoint_reaches_the_rest() {
     let (p, r1, r2) = three().await;
     r1.set_hook_status(500);
-    let proxy = Proxy::start(&farm(
+    let (proxy, admin) = started(&farm(
         &p,
         &r1,
         &r2,
@@ -339,13 +355,8 @@ async fn a_failing_promote_hook_keeps_writes_off_the_candidate_and_repoint_reach
   on_repoint = { url = "http://{address}/admin/repoint", timeout = "1s" } }"#,
     ))
     .await;
-    let admin = proxy.admin.unwrap();
-    all_healthy(admin).await;
     p.stop();
-    eventually(Duration::from_secs(10), "r2 promoted", || async {
-        topology(admin).await.1 == "r2"
-    })
-    .await;
+    promoted(admin, "r2", "r2 promoted").await;
     assert_eq!(
         r1.hooks().first().map(String::as_str),
         Some("/admin/promote")
@@ -448,7 +459,7 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
     let (p, r1, r2) = three().await;
     r1.set_lag(900);
     r2.set_lag(20);
-    let proxy = Proxy::start(&farm_with(
+    let (_proxy, admin) = started(&farm_with(
         "pam",
         &p,
         &r1,
@@ -457,17 +468,12 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
         r#"promotion = { policy = "least-lag-promotion", hold = "100ms" }"#,
     ))
     .await;
-    let admin = proxy.admin.unwrap();
-    all_healthy(admin).await;
     p.stop();
-    eventually(Duration::from_secs(10), "least lag promoted", || async {
-        topology(admin).await.1 == "r2"
-    })
-    .await;
+    promoted(admin, "r2", "least lag promoted").await;
 
     // The priority-promotion plugin preferring the east site: r2 despite priorities.
     let (p, r1, r2) = three().await;
-    let proxy = Proxy::start(&farm(
+    let (_proxy, admin) = started(&farm(
         &p,
         &r1,
         &r2,
@@ -477,13 +483,8 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
         ),
     ))
     .await;
-    let admin = proxy.admin.unwrap();
-    all_healthy(admin).await;
     p.stop();
-    eventually(Duration::from_secs(10), "east promoted", || async {
-        topology(admin).await.1 == "r2"
-    })
-    .await;
+    promoted(admin, "r2", "east promoted").await;
     let s = status(admin).await;
     let plugins = s["clusters"][0]["plugins"].as_array().unwrap().clone();
     assert!(plugins
@@ -494,7 +495,7 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
     let (p, r1, r2) = three().await;
     r1.set_lag(900);
     r2.set_lag(800);
-    let proxy = Proxy::start(&farm_with(
+    let (proxy, admin) = started(&farm_with(
         "pam",
         &p,
         &r1,
@@ -506,8 +507,6 @@ async fn promotion_policies_choose_as_documented_in_the_proxy() {
         ),
     ))
     .await;
-    let admin = proxy.admin.unwrap();
-    all_healthy(admin).await;
     p.stop();
     eventually(Duration::from_secs(10), "promotion needed", || async {
         status(admin).await["coordination"]["clusters"]["pam"]["promotion_needed"] == true
@@ -531,15 +530,13 @@ async fn randomized_failovers_never_let_a_non_primary_take_a_write() {
         let mut rng = Rng(seed);
         let (p, r1, r2) = three().await;
         let backends = [p.clone(), r1.clone(), r2.clone()];
-        let proxy = Proxy::start(&farm(
+        let (proxy, admin) = started(&farm(
             &p,
             &r1,
             &r2,
             r#"promotion = { hold = "100ms", drain = "500ms" }"#,
         ))
         .await;
-        let admin = proxy.admin.unwrap();
-        all_healthy(admin).await;
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let load = mixed_load(proxy.addr, stop.clone(), log.clone());
