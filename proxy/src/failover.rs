@@ -155,7 +155,6 @@ pub struct FileStore {
     /// The lock beside the state file, held while this process may write it
     /// (`Access::Owner` until [`FileStore::release`]).
     lock: Mutex<Option<std::fs::File>>,
-    owner: bool,
 }
 
 /// How a process uses the decisions it opens.
@@ -198,7 +197,6 @@ impl FileStore {
         };
         Ok(Self {
             path: path.to_path_buf(),
-            owner: lock.is_some(),
             doc: Mutex::new(doc),
             lock: Mutex::new(lock),
         })
@@ -238,12 +236,13 @@ impl FileStore {
         Ok(Commit::Done(next.epoch as i64))
     }
 
+    /// Only the holder of the lock writes: a reader never took it, and an owner gave it
+    /// up at shutdown.
     fn check_owner(&self) -> Result<(), String> {
-        let held = self.lock.lock().is_ok_and(|l| l.is_some());
-        if self.owner && held {
+        if self.lock.lock().is_ok_and(|l| l.is_some()) {
             Ok(())
         } else {
-            Err("this keyway no longer owns the state file (it is shutting down)".into())
+            Err("this keyway does not hold the state file's lock (it is shutting down, or opened the file to read only)".into())
         }
     }
 
