@@ -9,7 +9,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use arc_swap::ArcSwap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -228,7 +227,7 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                 .map(|(i, b)| {
                     let last_error = b.last_error().map(|(at, msg)| {
                         serde_json::json!({
-                            "at_unix_ms": at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                            "at_unix_ms": crate::unix_ms(at),
                             "message": msg,
                         })
                     });

@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,7 @@ impl Topology {
             primary,
             fenced,
             reason,
-            unix_ms: unix_ms(),
+            unix_ms: crate::unix_ms(SystemTime::now()),
         }
     }
 }
@@ -125,12 +125,6 @@ pub struct StateDoc {
     pub version: u32,
     /// By cluster name.
     pub clusters: BTreeMap<String, Topology>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 // === stores ===
@@ -937,7 +931,9 @@ impl Failover {
                         p.drain + p.on_promote.as_ref().map_or(Duration::ZERO, |h| h.timeout)
                     })
                     + Duration::from_secs(2);
-                if unix_ms().saturating_sub(known.topology.unix_ms) < grace.as_millis() as u64 {
+                if crate::unix_ms(SystemTime::now()).saturating_sub(known.topology.unix_ms)
+                    < grace.as_millis() as u64
+                {
                     continue;
                 }
             }
@@ -1467,7 +1463,7 @@ impl Failover {
                 t.epoch = cur_epoch + 1;
             }
             t.reason = format!("imported: {}", t.reason);
-            t.unix_ms = unix_ms();
+            t.unix_ms = crate::unix_ms(SystemTime::now());
             report.push(format!(
                 "{name}: epoch {}, primary {}, fenced {:?}",
                 t.epoch,
@@ -1569,7 +1565,11 @@ fn choose(
                     last_ok_ms: last_ok_ms(c, i),
                 }
             });
-            match plugin.decide(primary.as_ref(), &candidates, unix_ms()) {
+            match plugin.decide(
+                primary.as_ref(),
+                &candidates,
+                crate::unix_ms(SystemTime::now()),
+            ) {
                 Ok(d) => d,
                 Err(e) => match on_error {
                     OnError::FailClosed => {

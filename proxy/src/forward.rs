@@ -183,7 +183,7 @@ async fn proxy(
     let ryw_fresh = kind == Some(Kind::Read)
         && cluster.cfg.split.read_your_writes.is_some()
         && headers::cookie(req.headers(), cluster.ryw_cookie_name())
-            .is_some_and(|t| cluster.ryw_valid(t, unix_ms()));
+            .is_some_and(|t| cluster.ryw_valid(t, crate::unix_ms(std::time::SystemTime::now())));
     let eligible = Eligible::new(cluster, kind, ryw_fresh).map_err(fail)?;
 
     // A sticky cookie is a preference among eligible backends; a write never follows it.
@@ -360,13 +360,6 @@ fn no_backend_left(cluster: &Cluster, last: ProxyError) -> ProxyError {
             cluster.cfg.name, last.detail
         ),
     )
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 // === eligibility ===
@@ -742,7 +735,9 @@ fn respond(
     // Read-your-writes: after a successful write, this client's reads go to the primary.
     if let (Some(Kind::Write), Some(window)) = (kind, cluster.cfg.split.read_your_writes) {
         if status.as_u16() < 400 {
-            let token = cluster.ryw_token(unix_ms() + window.as_millis() as u64);
+            let token = cluster.ryw_token(
+                crate::unix_ms(std::time::SystemTime::now()) + window.as_millis() as u64,
+            );
             let cookie = format!(
                 "{}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
                 cluster.ryw_cookie_name(),

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use metrics::{counter, gauge, Counter, Gauge};
@@ -712,11 +712,7 @@ impl ClusterHealth {
             return serde_json::Value::Null;
         };
         let now = Instant::now();
-        let ms = |t: SystemTime| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0)
-        };
+        let ms = crate::unix_ms;
         let checks: Vec<_> = r
             .history
             .iter()

@@ -27,4 +27,10 @@ pub mod upstream;
 pub mod watch;
 
 pub use config::Config;
+
+/// Milliseconds since the Unix epoch (0 for times before it).
+pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 pub use server::Server;

@@ -333,7 +333,7 @@ impl PluginMeta {
             "name": self.name,
             "path": self.path.display().to_string(),
             "sha256": self.hash,
-            "loaded_at_unix_ms": self.loaded_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "loaded_at_unix_ms": crate::unix_ms(self.loaded_at),
             "calls": self.calls(),
             "errors": self.errors(),
         })
