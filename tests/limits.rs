@@ -1,0 +1,1 @@
+//! Connection limits and passive ejection: clients cannot knock a backend out.
