@@ -40,7 +40,8 @@ async fn forwarded_headers_and_hop_by_hop() {
     assert_eq!(r.status, 200);
     let seen = &a.seen()[0];
     assert_eq!(seen.path, "/PasswordVault/?q=1");
-    assert_eq!(seen.headers["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
+    // The client is no trusted proxy: its X-Forwarded-For is replaced, not appended to.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(seen.headers["x-forwarded-host"], "pvwa.corp.test");
     assert_eq!(seen.headers["host"], "pvwa.corp.test");
@@ -55,6 +56,26 @@ async fn forwarded_headers_and_hop_by_hop() {
     // Response side: backend's Connection header is not passed on, Via is added.
     assert_eq!(r.headers["via"], "1.1 keyway");
     assert_eq!(r.headers["x-backend"], "a");
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_s_forwarded_for_is_appended_to() {
+    let a = TestBackend::start("a").await;
+    let extra = "trusted_proxies = [\"127.0.0.0/8\"]\nforwarded = true";
+    let proxy = Proxy::start(&simple(&a, extra, "")).await;
+    let mut req = request("GET", "pvwa.corp.test", "/", "");
+    let h = req.headers_mut();
+    h.insert("x-forwarded-for", "10.9.9.9".parse().unwrap());
+    h.insert("x-forwarded-proto", "https".parse().unwrap());
+    h.insert("forwarded", "for=10.9.9.9;proto=https".parse().unwrap());
+    assert_eq!(send(proxy.addr, req).await.status, 200);
+    let seen = &a.seen()[0];
+    assert_eq!(seen.headers["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(
+        seen.headers["forwarded"],
+        "for=10.9.9.9;proto=https, for=127.0.0.1;proto=http;host=\"pvwa.corp.test\""
+    );
 }
 
 #[tokio::test]

@@ -30,6 +30,7 @@ fn bench(c: &mut Criterion) {
             path: "/PasswordVault/api/Accounts/*/Password/Retrieve".into(),
         }],
         &[],
+        keyway::config::PathCase::Sensitive,
     );
     let path = "/PasswordVault/api/Accounts/12_3/Password/Retrieve";
     // Warm this thread's instance: the request path reuses it.

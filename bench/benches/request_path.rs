@@ -45,7 +45,13 @@ fn routes() -> (Router, usize) {
     });
     let names: Vec<String> = rs.iter().map(|r| r.cluster.clone()).collect();
     let n = names.len();
-    (Router::new(&rs, |c| names.iter().position(|x| x == c)), n)
+    let router = Router::new(&rs, |c| {
+        names
+            .iter()
+            .position(|x| x == c)
+            .map(|i| (i, keyway::config::PathCase::Sensitive))
+    });
+    (router, n)
 }
 
 fn bench(c: &mut Criterion) {
@@ -100,7 +106,13 @@ fn bench(c: &mut Criterion) {
             || base.clone(),
             |mut h| {
                 headers::strip_hop_by_hop(&mut h, false);
-                headers::add_forwarded(&mut h, ip, true, &host, "1.1 keyway");
+                let who = headers::Identity {
+                    client: ip,
+                    tls: true,
+                    trusted: false,
+                    rfc7239: false,
+                };
+                headers::add_forwarded(&mut h, who, &host, "1.1 keyway");
                 h
             },
             criterion::BatchSize::SmallInput,

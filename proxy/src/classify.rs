@@ -3,11 +3,13 @@
 //!
 //! GET, HEAD and OPTIONS are reads; every other method is a write; `write_routes` then
 //! `read_routes` override that (a write route wins when both match, the safe side).
-//! Patterns are compiled once; matching walks the path without allocating.
+//! Patterns are compiled once; matching walks the path without allocating. The path is
+//! the front door's normal form; a cluster whose backends ignore case (IIS) matches its
+//! globs without case.
 
 use http::Method;
 
-use crate::config::RoutePattern;
+use crate::config::{PathCase, RoutePattern};
 
 /// What a request does to the data behind a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub enum Kind {
 pub struct Classifier {
     reads: Vec<Compiled>,
     writes: Vec<Compiled>,
+    /// Compare without ASCII case.
+    fold: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -40,8 +44,8 @@ enum Segment {
 }
 
 impl Classifier {
-    /// Compiles the patterns.
-    pub fn new(reads: &[RoutePattern], writes: &[RoutePattern]) -> Self {
+    /// Compiles the patterns; `case` says how the backends compare paths.
+    pub fn new(reads: &[RoutePattern], writes: &[RoutePattern], case: PathCase) -> Self {
         let compile = |p: &RoutePattern| Compiled {
             method: p.method.clone(),
             segments: p
@@ -60,15 +64,17 @@ impl Classifier {
         Self {
             reads: reads.iter().map(compile).collect(),
             writes: writes.iter().map(compile).collect(),
+            fold: case == PathCase::Insensitive,
         }
     }
 
     /// Classifies a request by method and path (query excluded).
     pub fn classify(&self, method: &Method, path: &str) -> Kind {
-        if self.writes.iter().any(|c| c.matches(method, path)) {
+        let fold = self.fold;
+        if self.writes.iter().any(|c| c.matches(method, path, fold)) {
             return Kind::Write;
         }
-        if self.reads.iter().any(|c| c.matches(method, path)) {
+        if self.reads.iter().any(|c| c.matches(method, path, fold)) {
             return Kind::Read;
         }
         match *method {
@@ -79,7 +85,7 @@ impl Classifier {
 }
 
 impl Compiled {
-    fn matches(&self, method: &Method, path: &str) -> bool {
+    fn matches(&self, method: &Method, path: &str, fold: bool) -> bool {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
         }
@@ -88,7 +94,7 @@ impl Compiled {
             match seg {
                 Segment::Rest => return true,
                 Segment::Glob(g) => match parts.next() {
-                    Some(p) if glob(g.as_bytes(), p.as_bytes()) => {}
+                    Some(p) if glob(g.as_bytes(), p.as_bytes(), fold) => {}
                     _ => return false,
                 },
             }
@@ -97,9 +103,10 @@ impl Compiled {
     }
 }
 
-/// `*` matches any run of characters within one segment; matching is case-sensitive, as
-/// URL paths are.
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
+/// `*` matches any run of characters within one segment; `fold` compares ASCII letters
+/// without case.
+pub fn glob(pattern: &[u8], text: &[u8], fold: bool) -> bool {
+    let eq = |a: u8, b: u8| a == b || (fold && a.eq_ignore_ascii_case(&b));
     let (mut p, mut t) = (0, 0);
     let (mut star, mut mark) = (None, 0);
     while t < text.len() {
@@ -107,7 +114,7 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
             star = Some(p);
             mark = t;
             p += 1;
-        } else if p < pattern.len() && pattern[p] == text[t] {
+        } else if p < pattern.len() && eq(pattern[p], text[t]) {
             p += 1;
             t += 1;
         } else if let Some(s) = star {
@@ -161,6 +168,7 @@ mod tests {
                 pat("GET", "/PasswordVault/api/Accounts/*/Password/Retrieve"),
                 pat("*", "/admin/**"),
             ],
+            PathCase::Sensitive,
         );
         assert_eq!(
             c.classify(
@@ -201,9 +209,63 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob(b"a*c", b"abbbc"));
-        assert!(glob(b"*", b""));
-        assert!(!glob(b"a*c", b"abd"));
-        assert!(glob(b"*.json", b"x.json"));
+        assert!(glob(b"a*c", b"abbbc", false));
+        assert!(glob(b"*", b"", false));
+        assert!(!glob(b"a*c", b"abd", false));
+        assert!(glob(b"*.json", b"x.json", false));
+        assert!(!glob(b"*.json", b"x.JSON", false));
+        assert!(glob(b"*.json", b"x.JSON", true));
+    }
+
+    #[test]
+    fn case_insensitive_clusters_match_globs_without_case() {
+        let writes = [pat(
+            "GET",
+            "/PasswordVault/api/Accounts/*/Password/Retrieve",
+        )];
+        let iis = Classifier::new(&[], &writes, PathCase::Insensitive);
+        let java = Classifier::new(&[], &writes, PathCase::Sensitive);
+        let path = "/passwordvault/API/accounts/1/PASSWORD/retrieve";
+        assert_eq!(iis.classify(&Method::GET, path), Kind::Write);
+        assert_eq!(java.classify(&Method::GET, path), Kind::Read);
+    }
+}
+
+/// Properties of the glob matcher on generated patterns and paths.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_star_free_pattern_matches_exactly_itself(p in "[a-zA-Z0-9._~-]{0,12}", t in "[a-zA-Z0-9._~-]{0,12}") {
+            prop_assert_eq!(glob(p.as_bytes(), t.as_bytes(), false), p == t);
+            prop_assert_eq!(glob(p.as_bytes(), t.as_bytes(), true), p.eq_ignore_ascii_case(&t));
+        }
+
+        #[test]
+        fn a_star_matches_any_infix(a in "[a-z]{0,6}", mid in "[a-zA-Z*]{0,8}", b in "[a-z]{0,6}") {
+            let pattern = format!("{a}*{b}");
+            let text = format!("{a}{mid}{b}");
+            prop_assert!(glob(pattern.as_bytes(), text.as_bytes(), false));
+        }
+
+        #[test]
+        fn folding_is_matching_the_lower_cased_pattern(p in "[a-zA-Z*]{0,8}", t in "[a-zA-Z]{0,10}") {
+            let folded = glob(p.as_bytes(), t.as_bytes(), true);
+            let lowered = glob(p.to_ascii_lowercase().as_bytes(), t.to_ascii_lowercase().as_bytes(), false);
+            prop_assert_eq!(folded, lowered);
+        }
+
+        #[test]
+        fn a_write_route_always_wins(seg in "[a-zA-Z0-9]{1,8}", rest in "(/[a-z]{1,4}){0,3}") {
+            let pattern = RoutePattern { method: None, path: format!("/{seg}/**") };
+            let c = Classifier::new(std::slice::from_ref(&pattern), std::slice::from_ref(&pattern), PathCase::Sensitive);
+            let path = format!("/{seg}{rest}");
+            for m in [Method::GET, Method::POST, Method::HEAD] {
+                prop_assert_eq!(c.classify(&m, &path), Kind::Write);
+            }
+        }
     }
 }

@@ -228,7 +228,7 @@ impl Cluster {
         Ok(Self {
             balancer: Balancer::new(cfg.balance, &weights),
             health,
-            classifier: Classifier::new(&cfg.split.read_routes, &cfg.split.write_routes),
+            classifier: Classifier::new(&cfg.split.read_routes, &cfg.split.write_routes, cfg.paths),
             ryw_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
             ryw_cookie: format!("keyway_ryw_{}", cfg.name),
             budget: Budget::new(cfg.retry_budget),

@@ -43,6 +43,8 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// The client's request was malformed or its body failed mid-stream.
     BadRequest,
+    /// The method is never forwarded (`CONNECT`, `TRACE` unless allowed).
+    MethodNotAllowed,
 }
 
 /// A request-path failure.
@@ -76,6 +78,7 @@ impl ProxyError {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::ConnectFailed | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::NoBackendAvailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ConnectTimeout | ErrorKind::ProtocolTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -93,6 +96,7 @@ impl ProxyError {
             ErrorKind::NoBackendAvailable => "no-backend-available",
             ErrorKind::BodyTooLarge => "body-too-large",
             ErrorKind::BadRequest => "bad-request",
+            ErrorKind::MethodNotAllowed => "method-not-allowed",
         }
     }
 
@@ -114,6 +118,13 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110 §15.5.6: a 405 lists what the target supports.
+            resp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

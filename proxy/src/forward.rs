@@ -34,11 +34,12 @@ use hyper_util::rt::TokioIo;
 use crate::body::{self, Body, BoxError, Limited};
 use crate::classify::Kind;
 use crate::cluster::{Backend, Cluster, InFlight};
-use crate::config::{Balance, Limits, ReadsOnPrimary, Role, Strategy};
+use crate::config::{Balance, FrontDoorConfig, Limits, ReadsOnPrimary, Role, Strategy};
 use crate::error::{ErrorKind, ProxyError, Side};
+use crate::frontdoor;
 use crate::headers;
 use crate::health::HealthView;
-use crate::router::{self, Router};
+use crate::router::Router;
 use crate::upstream::{self, Purpose, Sender};
 
 /// What the request path reads for every request: routes and clusters. Published as one
@@ -68,6 +69,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The listener's limits.
     pub limits: Arc<Limits>,
+    /// The listener's front-door settings.
+    pub door: Arc<FrontDoorConfig>,
     /// Keeps shutdown waiting while a WebSocket tunnel from this connection is open.
     pub drain: crate::server::DrainGuard,
 }
@@ -128,36 +131,33 @@ async fn proxy(
     mut req: Request<Incoming>,
     log: &mut AccessLog,
 ) -> Result<Response<Body>, Failure> {
-    let host = request_host(&req).ok_or_else(|| {
-        (
-            ProxyError::new(
-                ErrorKind::BadRequest,
-                Side::Downstream,
-                false,
-                "the request names no host (send a Host header)",
-            ),
-            None,
-        )
-    })?;
-    log.host = Some(host.clone());
-    let host_str = host.to_str().unwrap_or("");
-    let Some(ci) = rt
-        .router
-        .route(router::strip_port(host_str), req.uri().path())
-    else {
+    // The front door first: what it admits is what is routed, classified and forwarded.
+    let door = frontdoor::admit(&mut req, &info.door, info.client.ip()).map_err(|e| (e, None))?;
+    log.host = Some(door.host.clone());
+    let host_str = door.host.to_str().unwrap_or("");
+    // Servlet containers cut `;parameters` from segments before they route, so routes
+    // match on that view; a request is a read only if both views say so.
+    let path = req.uri().path();
+    let bare = frontdoor::without_parameters(path);
+    let Some(ci) = rt.router.route(door.host_name(), &bare) else {
         return Err((
             ProxyError::new(
                 ErrorKind::NoRoute,
                 Side::Downstream,
                 false,
-                format!(
-                    "no route for host `{host_str}` and path `{}`",
-                    req.uri().path()
-                ),
+                format!("no route for host `{host_str}` and path `{path}`"),
             ),
             None,
         ));
     };
+    let kind = (rt.clusters[ci].cfg.strategy == Strategy::PrimaryReplica).then(|| {
+        let cluster = &rt.clusters[ci];
+        match cluster.classify(req.method(), path, host_str) {
+            Kind::Read if bare != path => cluster.classify(req.method(), &bare, host_str),
+            k => k,
+        }
+    });
+    drop(bare);
     let cluster = &rt.clusters[ci];
     log.cluster = Some(ci);
     let fail = |e: ProxyError| (e, Some(cluster.cfg.name.clone()));
@@ -174,12 +174,13 @@ async fn proxy(
         return Err(fail(too_large(limit)));
     }
 
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    // Only the cluster's upgrade protocols pass (WebSocket by default); any other is
+    // dropped and the request served as plain HTTP, so no tunnel bypasses the split.
+    let upgrade = req.version() == Version::HTTP_11
+        && headers::allow_upgrade(req.headers_mut(), &cluster.cfg.upgrades);
     let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     // Which backends may take this request: health, then (primary-replica) role and lag.
-    let kind = (cluster.cfg.strategy == Strategy::PrimaryReplica)
-        .then(|| cluster.classify(req.method(), req.uri().path(), host_str));
     let ryw_fresh = kind == Some(Kind::Read)
         && cluster.cfg.split.read_your_writes.is_some()
         && headers::cookie(req.headers(), cluster.ryw_cookie_name())
@@ -203,19 +204,21 @@ async fn proxy(
     };
     let (mut parts, incoming) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarded(&mut parts.headers, info.client.ip(), info.tls, &host, via);
+    let who = headers::Identity {
+        client: info.client.ip(),
+        tls: info.tls,
+        trusted: door.trusted_peer,
+        rfc7239: info.door.forwarded,
+    };
+    let host = door.host;
+    headers::add_forwarded(&mut parts.headers, who, &host, via);
     // A write carries the topology epoch that routed it: a fencing token the backend (or
     // its audit trail) can check. Clients cannot supply their own.
-    match kind {
-        Some(Kind::Write) => {
-            parts
-                .headers
-                .insert(EPOCH_HEADER, eligible.view.epoch_header.clone());
-        }
-        Some(Kind::Read) => {
-            parts.headers.remove(EPOCH_HEADER);
-        }
-        None => {}
+    parts.headers.remove(EPOCH_HEADER);
+    if kind == Some(Kind::Write) {
+        parts
+            .headers
+            .insert(EPOCH_HEADER, eligible.view.epoch_header.clone());
     }
 
     // The limit flag is only needed (and allocated) when there is a body to count.
@@ -495,18 +498,6 @@ impl Eligible {
     fn remaining(&self, cluster: &Cluster, tried: &[usize]) -> bool {
         (0..cluster.backends.len()).any(|i| !tried.contains(&i) && self.allows(i))
     }
-}
-
-/// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
-/// A `HeaderValue` clone shares the header's bytes, so the common case copies nothing.
-fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if let Some(a) = req.uri().authority() {
-        return HeaderValue::from_str(a.as_str()).ok();
-    }
-    req.headers()
-        .get(header::HOST)
-        .filter(|h| !h.is_empty() && h.to_str().is_ok())
-        .cloned()
 }
 
 /// Chooses a backend and gets a connection to it. Failed backends are added to `tried`.
@@ -876,6 +867,7 @@ mod tests {
             client: "127.0.0.1:1".parse().unwrap(),
             tls: false,
             limits: Arc::new(config.listeners[0].limits.clone()),
+            door: Arc::new(config.listeners[0].door.clone()),
             drain: crate::server::DrainGuard(drain),
         };
         // A real `Request<Incoming>` comes only from a hyper connection.

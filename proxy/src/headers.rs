@@ -9,8 +9,9 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1;
+/// `HTTP2-Settings` belongs to an `h2c` upgrade, RFC 7540 §3.2.1).
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -19,6 +20,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes hop-by-hop headers, including any named in `Connection`. `Upgrade` is removed
@@ -27,7 +29,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names records which hop-by-hop headers are present, so only
     // those are removed: hashing all eight names for lookups costs more than the scan.
-    let mut present = [false; 8];
+    let mut present = [false; 9];
     let mut upgrade = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
@@ -79,19 +81,75 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
+/// Which protocols of an HTTP/1.1 upgrade request may pass. Returns `true` when the
+/// request asks for an upgrade and at least one of its protocols is in `allowed` (lower
+/// case); `Upgrade` then names only those. Otherwise the request is plain HTTP and
+/// [`strip_hop_by_hop`] removes its `Upgrade`.
+pub fn allow_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> bool {
+    if !is_upgrade_request(headers) {
+        return false;
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    for v in headers.get_all(header::UPGRADE) {
+        let Ok(v) = v.to_str() else { continue };
+        for token in v.split(',').map(str::trim) {
+            // `websocket` or `name/version`: the name decides.
+            let name = token.split('/').next().unwrap_or("");
+            if allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+                kept.push(token);
+            }
+        }
+    }
+    if kept.is_empty() {
+        return false;
+    }
+    match HeaderValue::from_str(&kept.join(", ")) {
+        Ok(v) => {
+            headers.insert(header::UPGRADE, v);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Who sent a request, for the headers that carry it to the backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    /// The client's address (the peer, or the PROXY protocol's source).
+    pub client: IpAddr,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// Whether the peer is a trusted proxy whose forwarding headers are kept.
+    pub trusted: bool,
+    /// Also write an RFC 7239 `Forwarded` header.
+    pub rfc7239: bool,
+}
+
+static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Writes the client's identity for the backend's audit trail: `X-Forwarded-For`,
+/// `-Proto`, `-Host`, optionally `Forwarded`, and `Via`. From an untrusted peer every
+/// such header the client sent (and `X-Real-IP`) is replaced, so nobody can put another
+/// address in the audit trail; from a trusted proxy `X-Forwarded-For` and `Forwarded`
+/// are appended to and its `-Proto`/`-Host` kept.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
-    tls: bool,
+    who: Identity,
     host: &HeaderValue,
     via: &'static str,
 ) {
-    static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-    // X-Forwarded-For: previous value, ", ", client address, built in one buffer.
+    if !who.trusted {
+        headers.remove(&XFF);
+        headers.remove(&XFP);
+        headers.remove(&XFH);
+        headers.remove(&X_REAL_IP);
+        headers.remove(header::FORWARDED);
+    }
+    let scheme = if who.tls { "https" } else { "http" };
+    // X-Forwarded-For: previous value (trusted peers only), ", ", client address.
     let prev = headers
         .get(&XFF)
         .map(HeaderValue::as_bytes)
@@ -101,15 +159,32 @@ pub fn add_forwarded(
         buf.extend_from_slice(p);
         buf.extend_from_slice(b", ");
     }
-    let _ = write!(buf, "{client}");
+    let _ = write!(buf, "{}", who.client);
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
         headers.insert(XFF.clone(), v);
     }
-    headers.insert(
-        XFP.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
-    headers.insert(XFH.clone(), host.clone());
+    if !headers.contains_key(&XFP) {
+        headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
+    }
+    if !headers.contains_key(&XFH) {
+        headers.insert(XFH.clone(), host.clone());
+    }
+    if who.rfc7239 {
+        // RFC 7239 §6: IPv6 addresses are bracketed and quoted; the host is quoted (it
+        // may carry a port). The host passed the front door's syntax check.
+        let client = who.client.to_canonical();
+        let node = match client {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("\"[{a}]\""),
+        };
+        let element = format!(
+            "for={node};proto={scheme};host=\"{}\"",
+            host.to_str().unwrap_or("")
+        );
+        if let Ok(v) = HeaderValue::from_str(&element) {
+            headers.append(header::FORWARDED, v);
+        }
+    }
     append_via(headers, via);
 }
 
@@ -182,21 +257,82 @@ mod tests {
         assert_eq!(h[header::CONNECTION], "upgrade");
     }
 
-    #[test]
-    fn forwarded_headers_append_xff() {
+    fn who(client: &str, trusted: bool, rfc7239: bool) -> Identity {
+        Identity {
+            client: client.parse().unwrap(),
+            tls: true,
+            trusted,
+            rfc7239,
+        }
+    }
+
+    fn forged() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
-        add_forwarded(
-            &mut h,
-            "127.0.0.1".parse().unwrap(),
-            true,
-            &HeaderValue::from_static("pvwa.corp.test"),
-            "1.1 keyway",
-        );
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.test"));
+        h.insert("x-real-ip", HeaderValue::from_static("10.9.9.9"));
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=10.2.2.2"));
+        h
+    }
+
+    #[test]
+    fn a_trusted_proxy_s_forwarding_headers_are_appended_to() {
+        let mut h = forged();
+        let host = HeaderValue::from_static("pvwa.corp.test");
+        add_forwarded(&mut h, who("127.0.0.1", true, true), &host, "1.1 keyway");
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "pvwa.corp.test");
+        assert_eq!(
+            h["x-forwarded-proto"], "http",
+            "the proxy in front saw http"
+        );
+        assert_eq!(h["x-forwarded-host"], "evil.test");
+        let fwd: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
+        assert_eq!(fwd.len(), 2);
+        assert_eq!(fwd[1], "for=127.0.0.1;proto=https;host=\"pvwa.corp.test\"");
         assert_eq!(h[header::VIA], "1.1 keyway");
+    }
+
+    #[test]
+    fn an_untrusted_client_s_forwarding_headers_are_replaced() {
+        let mut h = forged();
+        let host = HeaderValue::from_static("pvwa.corp.test:8443");
+        add_forwarded(&mut h, who("::1", false, true), &host, "1.1 keyway");
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "pvwa.corp.test:8443");
+        assert!(!h.contains_key("x-real-ip"));
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=\"[::1]\";proto=https;host=\"pvwa.corp.test:8443\""
+        );
+        let mut h = forged();
+        add_forwarded(&mut h, who("192.0.2.1", false, false), &host, "1.1 keyway");
+        assert!(!h.contains_key(header::FORWARDED));
+    }
+
+    #[test]
+    fn only_allowed_upgrades_pass() {
+        let allowed = vec!["websocket".to_string()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        assert!(!allow_upgrade(&mut h, &allowed));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c, WebSocket"));
+        assert!(allow_upgrade(&mut h, &allowed));
+        assert_eq!(h[header::UPGRADE], "WebSocket");
     }
 
     #[test]
@@ -233,15 +369,88 @@ mod adversarial {
             let _ = cookie(&h, "keyway_affinity");
             let _ = is_upgrade_request(&h);
             strip_hop_by_hop(&mut h, rng.bool());
+            let _ = allow_upgrade(&mut h, &["websocket".to_string()]);
             add_forwarded(
                 &mut h,
-                "::1".parse().unwrap(),
-                true,
+                Identity {
+                    client: "::1".parse().unwrap(),
+                    tls: true,
+                    trusted: rng.bool(),
+                    rfc7239: true,
+                },
                 &HeaderValue::from_static("h"),
                 "1.1 keyway",
             );
             let text = String::from_utf8_lossy(&bytes);
             let _ = crate::router::strip_port(&text);
+        }
+    }
+}
+
+/// Properties of cookie parsing and header rewriting on generated headers.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_cookie_is_found_among_others(
+            others in proptest::collection::vec(("[a-z]{1,6}", "[a-zA-Z0-9]{0,8}"), 0..6),
+            value in "[a-zA-Z0-9]{1,16}",
+            at in 0usize..6,
+        ) {
+            let mut pairs: Vec<String> = others
+                .iter()
+                .filter(|(k, _)| k != "keyway_affinity")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            pairs.insert(at.min(pairs.len()), format!("keyway_affinity={value}"));
+            let mut h = HeaderMap::new();
+            h.insert(header::COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
+            prop_assert_eq!(cookie(&h, "keyway_affinity"), Some(value.as_str()));
+        }
+
+        #[test]
+        fn no_hop_by_hop_header_survives(
+            named in proptest::collection::vec("x-[a-z]{1,6}", 0..4),
+            extra in proptest::collection::vec(0usize..9, 0..9),
+        ) {
+            let mut h = HeaderMap::new();
+            for i in &extra {
+                h.append(HOP_BY_HOP[*i].clone(), HeaderValue::from_static("1"));
+            }
+            for n in &named {
+                h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static("v"));
+            }
+            h.append(header::CONNECTION, HeaderValue::from_str(&named.join(", ")).unwrap());
+            h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+            strip_hop_by_hop(&mut h, false);
+            for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+                prop_assert!(!h.contains_key(name), "{name} survived");
+            }
+            for n in &named {
+                prop_assert!(!h.contains_key(n.as_str()), "{n}, named in Connection, survived");
+            }
+            prop_assert_eq!(&h["x-end-to-end"], "kept");
+        }
+
+        #[test]
+        fn an_untrusted_client_cannot_choose_its_audited_address(
+            forged in "[0-9a-f.:, ]{0,40}",
+            client in any::<std::net::IpAddr>(),
+        ) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&forged) {
+                h.insert("x-forwarded-for", v.clone());
+                h.insert("x-real-ip", v.clone());
+                h.insert(header::FORWARDED, v);
+            }
+            let who = Identity { client, tls: false, trusted: false, rfc7239: false };
+            add_forwarded(&mut h, who, &HeaderValue::from_static("a.test"), "1.1 keyway");
+            prop_assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+            prop_assert_eq!(h["x-forwarded-for"].to_str().unwrap(), client.to_string());
+            prop_assert!(!h.contains_key("x-real-ip") && !h.contains_key(header::FORWARDED));
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod etcd;
 pub mod failover;
 pub mod forward;
+pub mod frontdoor;
 pub mod headers;
 pub mod health;
 pub mod oneshot;

@@ -3,9 +3,11 @@
 //! Routes are compiled once into a table ordered by specificity: exact hosts before
 //! `*.suffix` patterns (longest suffix first) before `*`, and within a host the longest
 //! path prefix first. Lookup allocates nothing. Path prefixes match on segment
-//! boundaries, so `/api` matches `/api` and `/api/x` but not `/apix`.
+//! boundaries, so `/api` matches `/api` and `/api/x` but not `/apix`, and without case
+//! when the target cluster says its backends compare paths that way. The path given is
+//! the front door's normal form (see `frontdoor`).
 
-use crate::config::{HostPattern, RouteConfig};
+use crate::config::{HostPattern, PathCase, RouteConfig};
 
 /// A compiled route table.
 #[derive(Debug, Default)]
@@ -19,21 +21,29 @@ struct Compiled {
     path: String,
     /// Index of the target cluster in the runtime's cluster list.
     cluster: usize,
+    /// How the target cluster compares paths.
+    case: PathCase,
 }
 
 impl Router {
-    /// Compiles `routes`; `cluster_index` maps a cluster name to its runtime index.
-    pub fn new(routes: &[RouteConfig], cluster_index: impl Fn(&str) -> Option<usize>) -> Self {
+    /// Compiles `routes`; `cluster_index` maps a cluster name to its runtime index and
+    /// how its backends compare paths.
+    pub fn new(
+        routes: &[RouteConfig],
+        cluster_index: impl Fn(&str) -> Option<(usize, PathCase)>,
+    ) -> Self {
         let mut compiled: Vec<(usize, Compiled)> = routes
             .iter()
             .enumerate()
             .filter_map(|(order, r)| {
+                let (cluster, case) = cluster_index(&r.cluster)?;
                 Some((
                     order,
                     Compiled {
                         host: r.host.clone(),
                         path: r.path.clone(),
-                        cluster: cluster_index(&r.cluster)?,
+                        cluster,
+                        case,
                     },
                 ))
             })
@@ -53,7 +63,7 @@ impl Router {
     pub fn route(&self, host: &str, path: &str) -> Option<usize> {
         self.routes
             .iter()
-            .find(|r| host_matches(&r.host, host) && prefix_matches(&r.path, path))
+            .find(|r| host_matches(&r.host, host) && prefix_matches(&r.path, path, r.case))
             .map(|r| r.cluster)
     }
 }
@@ -79,12 +89,17 @@ fn host_matches(pattern: &HostPattern, host: &str) -> bool {
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+fn prefix_matches(prefix: &str, path: &str, case: PathCase) -> bool {
     if prefix == "/" {
         return true;
     }
     let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
-    path.starts_with(prefix)
+    let head = path.as_bytes().get(..prefix.len());
+    let starts = match case {
+        PathCase::Sensitive => head == Some(prefix.as_bytes()),
+        PathCase::Insensitive => head.is_some_and(|h| h.eq_ignore_ascii_case(prefix.as_bytes())),
+    };
+    starts
         && matches!(
             path.as_bytes().get(prefix.len()),
             None | Some(b'/') | Some(b'?')
@@ -122,7 +137,18 @@ mod tests {
         let names: Vec<String> = routes.iter().map(|r| r.cluster.clone()).collect();
         let n2 = names.clone();
         (
-            Router::new(routes, move |c| n2.iter().position(|n| n == c)),
+            Router::new(routes, move |c| {
+                n2.iter().position(|n| n == c).map(|i| {
+                    (
+                        i,
+                        if c.ends_with("-ci") {
+                            PathCase::Insensitive
+                        } else {
+                            PathCase::Sensitive
+                        },
+                    )
+                })
+            }),
             names,
         )
     }
@@ -145,6 +171,20 @@ mod tests {
         assert_eq!(name("psm.corp.test", "/"), Some("suffix"));
         assert_eq!(name("corp.test", "/"), Some("any"));
         assert_eq!(name("other", "/"), Some("any"));
+    }
+
+    #[test]
+    fn case_follows_the_target_cluster() {
+        let (r, names) = router(&[
+            route("a.test", "/PasswordVault", "iis-ci"),
+            route("a.test", "/api", "java"),
+            route("a.test", "/", "rest"),
+        ]);
+        let name = |p| r.route("a.test", p).map(|i| names[i].as_str());
+        assert_eq!(name("/passwordvault/x"), Some("iis-ci"));
+        assert_eq!(name("/PASSWORDVAULT"), Some("iis-ci"));
+        assert_eq!(name("/api/x"), Some("java"));
+        assert_eq!(name("/API/x"), Some("rest"));
     }
 
     #[test]

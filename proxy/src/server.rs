@@ -66,7 +66,8 @@ pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, St
         })
         .collect::<Result<_, _>>()?;
     let router = Router::new(&config.routes, |name| {
-        clusters.iter().position(|c| c.cfg.name == name)
+        let i = clusters.iter().position(|c| c.cfg.name == name)?;
+        Some((i, clusters[i].cfg.paths))
     });
     Ok(Runtime {
         router,
@@ -427,6 +428,7 @@ impl Server {
 struct ListenerState {
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Arc<crate::config::Limits>,
+    door: Arc<crate::config::FrontDoorConfig>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 }
 
@@ -435,6 +437,7 @@ impl ListenerState {
         Self {
             tls: tls::server_config(&cfg.tls).map(tokio_rustls::TlsAcceptor::from),
             limits: Arc::new(cfg.limits.clone()),
+            door: Arc::new(cfg.door.clone()),
             builder: Arc::new(http_builder(cfg)),
         }
     }
@@ -489,6 +492,7 @@ async fn accept_loop(
                 client,
                 tls: current.tls.is_some(),
                 limits: current.limits.clone(),
+                door: current.door.clone(),
                 drain: DrainGuard(drain.clone()),
             },
             shutdown: shutdown.clone(),

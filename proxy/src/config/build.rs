@@ -161,12 +161,18 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "max_request_body_bytes",
             "header_read_timeout",
             "idle_timeout",
+            "allow_encoded_slashes",
+            "allow_trace",
+            "trusted_proxies",
+            "forwarded",
         ],
         [Some("listener"), None, Some("tls"), None] => &["hosts", "cert", "key"],
         [Some("route"), None] => &["host", "path", "cluster"],
         [Some("cluster"), Some(_)] => &[
             "strategy",
             "balance",
+            "paths",
+            "upgrades",
             "sticky",
             "connect_timeout",
             "connect_stagger",
@@ -592,10 +598,34 @@ fn listener(
             errs,
         ),
     };
+    let trusted_proxies = l
+        .trusted_proxies
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, t)| match crate::frontdoor::Cidr::parse(t) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errs.push(
+                    &path.key("trusted_proxies").index(i),
+                    e,
+                    "list the addresses of your own proxies or L4 balancers, e.g. \"10.0.0.0/8\" or \"192.0.2.7\"",
+                );
+                None
+            }
+        })
+        .collect();
+    let door = FrontDoorConfig {
+        allow_encoded_slashes: l.allow_encoded_slashes.unwrap_or(false),
+        allow_trace: l.allow_trace.unwrap_or(false),
+        trusted_proxies,
+        forwarded: l.forwarded.unwrap_or(false),
+    };
     Some(ListenerConfig {
         listen: listen?,
         tls,
         limits,
+        door,
     })
 }
 
@@ -927,10 +957,51 @@ fn cluster(
         }
     });
 
+    let paths = match c.paths.as_deref().unwrap_or("case-sensitive") {
+        "case-sensitive" => PathCase::Sensitive,
+        "case-insensitive" => PathCase::Insensitive,
+        other => {
+            errs.push(
+                &path.key("paths"),
+                format!("unknown value `{other}`"),
+                "use \"case-insensitive\" for IIS backends (PVWA, PSM) or \"case-sensitive\" (the default; PAM360 and other Java servers)",
+            );
+            PathCase::Sensitive
+        }
+    };
+    let upgrades = match &c.upgrades {
+        None => DEFAULT_UPGRADES.iter().map(|u| u.to_string()).collect(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| {
+                let token = u.trim().to_ascii_lowercase();
+                let valid = !token.is_empty()
+                    && token.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
+                    });
+                if token == "h2c" || !valid {
+                    errs.push(
+                        &path.key("upgrades").index(i),
+                        if valid {
+                            "`h2c` cannot be forwarded: an HTTP/2 connection behind an upgrade would bypass keyway's per-request routing and read/write split".to_string()
+                        } else {
+                            format!("`{u}` is not an Upgrade protocol token")
+                        },
+                        "list protocol names as clients send them in `Upgrade`, e.g. [\"websocket\"]",
+                    );
+                    return None;
+                }
+                Some(token)
+            })
+            .collect(),
+    };
     Some(ClusterConfig {
         name: name.to_string(),
         strategy,
         balance,
+        paths,
+        upgrades,
         sticky,
         connect_timeout: nonzero_duration(
             c.connect_timeout.as_deref(),

@@ -99,6 +99,10 @@ pub struct FileListener {
     pub max_request_body_bytes: Option<u64>,
     pub header_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub allow_encoded_slashes: Option<bool>,
+    pub allow_trace: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub forwarded: Option<bool>,
 }
 
 /// One entry of a listener's `tls = [...]`.
@@ -122,6 +126,8 @@ pub struct FileRoute {
 pub struct FileCluster {
     pub strategy: Option<String>,
     pub balance: Option<String>,
+    pub paths: Option<String>,
+    pub upgrades: Option<Vec<String>>,
     pub sticky: Option<FileSticky>,
     pub connect_timeout: Option<String>,
     pub connect_stagger: Option<String>,

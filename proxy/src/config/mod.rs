@@ -262,6 +262,23 @@ pub struct ListenerConfig {
     pub tls: Vec<TlsCertConfig>,
     /// Size and time limits for client requests.
     pub limits: Limits,
+    /// What the front door lets through and whom it trusts.
+    pub door: FrontDoorConfig,
+}
+
+/// Per-listener settings of the front door (see `frontdoor`). The defaults are the
+/// strict ones: relax each only for a backend that needs it.
+#[derive(Clone, Debug, Default)]
+pub struct FrontDoorConfig {
+    /// Let `%2F` through in paths (kept encoded) instead of answering 400.
+    pub allow_encoded_slashes: bool,
+    /// Forward `TRACE` instead of answering 405.
+    pub allow_trace: bool,
+    /// Peers whose `X-Forwarded-*` and `Forwarded` headers are kept and appended to;
+    /// from every other peer they are replaced.
+    pub trusted_proxies: Vec<crate::frontdoor::Cidr>,
+    /// Also send an RFC 7239 `Forwarded` header.
+    pub forwarded: bool,
 }
 
 /// Per-listener request limits.
@@ -546,6 +563,19 @@ pub enum UpstreamProtocol {
     Auto,
 }
 
+/// How a cluster's backends compare paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathCase {
+    /// `/API` and `/api` are different paths (Java servers, PAM360).
+    Sensitive,
+    /// `/API` and `/api` are the same path (IIS: PVWA, PSM web access); route prefixes
+    /// and read/write globs match without case.
+    Insensitive,
+}
+
+/// Upgrade protocols forwarded when a cluster names none.
+pub const DEFAULT_UPGRADES: [&str; 1] = ["websocket"];
+
 /// `sticky = { cookie = "..." }`
 #[derive(Clone, Debug)]
 pub struct StickyConfig {
@@ -582,6 +612,11 @@ pub struct ClusterConfig {
     pub strategy: Strategy,
     /// Algorithm among equal candidates.
     pub balance: Balance,
+    /// Whether the backends compare paths with or without case.
+    pub paths: PathCase,
+    /// `Upgrade` protocols forwarded (lower case); any other token is dropped and the
+    /// request served as plain HTTP.
+    pub upgrades: Vec<String>,
     /// Session affinity, if enabled.
     pub sticky: Option<StickyConfig>,
     /// TCP + TLS connect bound, per attempt.

@@ -1,0 +1,848 @@
+//! The front door: the one step every client request passes before it is routed or
+//! classified. What it decides is what the backend receives (design invariant 6), so no
+//! encoding trick can make keyway match one request while the backend serves another.
+//!
+//! It owns, in this order:
+//! - **methods**: `CONNECT` is answered 405 and never forwarded; `TRACE` likewise unless
+//!   the listener allows it;
+//! - **the authority**: exactly one `Host` on HTTP/1.x, an absolute-form target's
+//!   authority replacing `Host` (RFC 9112 §3.2.2), on HTTP/2 a `host` header that must
+//!   agree with `:authority`, and a host that is a syntactically valid name or address;
+//! - **the path**: percent-encoded unreserved characters decoded, other escapes
+//!   upper-cased, raw non-ASCII bytes escaped, dot segments removed (RFC 3986 §5.2.4),
+//!   repeated slashes merged; encoded `/` (unless the listener allows it), encoded or raw
+//!   `\`, NUL and control characters refused. The query is left alone.
+//!
+//! The request's URI is rewritten to origin form with the normalised path and its `Host`
+//! header set to the one authority, so routing, classification, plugins and the backend
+//! all see the same request. The common request (already normal) is checked in one pass
+//! and not copied. This module never does I/O and never panics on any input.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Uri, Version};
+
+use crate::config::FrontDoorConfig;
+use crate::error::{ErrorKind, ProxyError, Side};
+
+/// What the front door established about an admitted request.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The request's one authority (`host[:port]`), as forwarded in `Host`.
+    pub host: HeaderValue,
+    /// Whether the peer is a listed trusted proxy (its `X-Forwarded-*` are kept).
+    pub trusted_peer: bool,
+}
+
+impl Admitted {
+    /// The host without its port, for routing.
+    pub fn host_name(&self) -> &str {
+        crate::router::strip_port(self.host.to_str().unwrap_or(""))
+    }
+}
+
+/// Checks and normalises one request in place. An `Err` is the answer to send.
+pub fn admit<B>(
+    req: &mut Request<B>,
+    door: &FrontDoorConfig,
+    peer: IpAddr,
+) -> Result<Admitted, ProxyError> {
+    check_method(req.method(), door)?;
+    let host = authority(req)?;
+    let path = req.uri().path();
+    let normal = if req.uri() == "*" {
+        // asterisk-form: only `OPTIONS *` (RFC 9112 §3.2.4).
+        if req.method() != Method::OPTIONS {
+            return Err(bad("the `*` target is only valid with OPTIONS"));
+        }
+        None
+    } else {
+        match normalize_path(path, door.allow_encoded_slashes) {
+            Ok(Cow::Borrowed(_)) => None,
+            Ok(Cow::Owned(p)) => Some(p),
+            Err(e) => return Err(bad(e.message())),
+        }
+    };
+    // Origin form with the normalised path; the query is kept byte for byte.
+    let absolute = req.uri().authority().is_some() || req.uri().scheme().is_some();
+    if normal.is_some() || (absolute && req.uri() != "*") {
+        let pq = match (&normal, req.uri().path_and_query()) {
+            (Some(path), pq) => match pq.and_then(PathAndQuery::query) {
+                Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
+                None => PathAndQuery::try_from(path.as_str()),
+            }
+            .map_err(|_| bad("the request target is not a valid URI"))?,
+            (None, Some(pq)) => pq.clone(),
+            (None, None) => PathAndQuery::from_static("/"),
+        };
+        *req.uri_mut() = Uri::from(pq);
+    }
+    req.headers_mut().insert(header::HOST, host.clone());
+    Ok(Admitted {
+        host,
+        trusted_peer: door.trusts(peer),
+    })
+}
+
+fn bad(detail: impl Into<String>) -> ProxyError {
+    ProxyError::new(ErrorKind::BadRequest, Side::Downstream, false, detail)
+}
+
+fn check_method(method: &Method, door: &FrontDoorConfig) -> Result<(), ProxyError> {
+    let refused = if method == Method::CONNECT {
+        "CONNECT is not forwarded: keyway opens no tunnels to arbitrary destinations"
+    } else if method == Method::TRACE && !door.allow_trace {
+        "TRACE is refused (it echoes credentials back); set allow_trace = true on the listener to forward it"
+    } else {
+        return Ok(());
+    };
+    Err(ProxyError::new(
+        ErrorKind::MethodNotAllowed,
+        Side::Downstream,
+        false,
+        refused,
+    ))
+}
+
+// === the authority ===
+
+/// The request's one authority, per HTTP version; validates its syntax.
+fn authority<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad(
+            "the request has more than one Host header (RFC 9112 §3.2); send exactly one",
+        ));
+    }
+    let uri_authority = req.uri().authority();
+    let chosen: &[u8] = match (req.version(), uri_authority, first) {
+        // HTTP/2 and later: `:authority`, which a `host` header must not contradict.
+        (v, Some(a), h) if v >= Version::HTTP_2 => {
+            if h.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())) {
+                return Err(bad(
+                    "the host header disagrees with :authority; send one or make them equal",
+                ));
+            }
+            a.as_str().as_bytes()
+        }
+        // HTTP/1.x absolute form: the target's authority replaces Host (RFC 9112 §3.2.2).
+        (_, Some(a), _) => {
+            match req.uri().scheme_str() {
+                Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {}
+                _ => {
+                    return Err(bad(
+                        "an absolute request target must be http:// or https://",
+                    ))
+                }
+            }
+            a.as_str().as_bytes()
+        }
+        (_, None, Some(h)) => h.as_bytes(),
+        (_, None, None) => {
+            return Err(bad("the request names no host (send a Host header)"));
+        }
+    };
+    if !valid_authority(chosen) {
+        return Err(bad(format!(
+            "`{}` is not a valid host (a DNS name, IPv4 address or [IPv6] address, optionally with :port)",
+            String::from_utf8_lossy(chosen).escape_debug()
+        )));
+    }
+    HeaderValue::from_bytes(chosen).map_err(|_| bad("the host is not a valid header value"))
+}
+
+/// `host[:port]` where host is a DNS-style name (letters, digits, `-`, `_`, `.`), an
+/// IPv4 address or a bracketed IPv6 address, and port is 1 to 5 digits up to 65535.
+/// No user info, no percent-encoding, no spaces.
+pub fn valid_authority(a: &[u8]) -> bool {
+    let (host, port) = if a.first() == Some(&b'[') {
+        let Some(end) = a.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inner = &a[1..end];
+        let ok = std::str::from_utf8(inner)
+            .ok()
+            .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok())
+            .is_some();
+        if !ok {
+            return false;
+        }
+        match &a[end + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&a[..=end], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match a.iter().rposition(|&b| b == b':') {
+            Some(i) => (&a[..i], Some(&a[i + 1..])),
+            None => (a, None),
+        }
+    };
+    if let Some(port) = port {
+        let digits = !port.is_empty() && port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+        if !digits
+            || std::str::from_utf8(port)
+                .ok()
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none()
+        {
+            return false;
+        }
+    }
+    if host.first() == Some(&b'[') {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && !host.starts_with(b".")
+        && !host.windows(2).any(|w| w == b"..")
+}
+
+// === the path ===
+
+/// Why a path was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathError {
+    /// Not origin form: it does not start with `/`.
+    NotAbsolute,
+    /// `%` not followed by two hex digits.
+    BadEscape,
+    /// `%2F` while the listener does not allow encoded slashes.
+    EncodedSlash,
+    /// `%5C` or a raw `\`: Windows servers read it as `/`.
+    Backslash,
+    /// `%00`..`%1F`, `%7F` or a raw control byte.
+    Control,
+    /// `.;x` or `..;x`: Java servlet containers read it as a dot segment.
+    DotSegmentWithParameters,
+}
+
+impl PathError {
+    /// The problem, said so that the client's author knows what to change.
+    pub fn message(self) -> &'static str {
+        match self {
+            PathError::NotAbsolute => "the request path must start with `/`",
+            PathError::BadEscape => {
+                "the path has a `%` that is not followed by two hex digits; encode `%` as %25"
+            }
+            PathError::EncodedSlash => {
+                "the path contains an encoded slash (%2F), which keyway refuses by default; the listener's allow_encoded_slashes = true lets it through"
+            }
+            PathError::Backslash => {
+                "the path contains a backslash (raw or %5C); Windows servers read it as `/`, so keyway refuses it"
+            }
+            PathError::Control => "the path contains NUL or a control character",
+            PathError::DotSegmentWithParameters => {
+                "the path has a `.` or `..` segment with `;` parameters, which servlet containers resolve as a dot segment"
+            }
+        }
+    }
+}
+
+const fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The normal form of a request path (see the module doc), or why it is refused.
+/// Borrowed when the path is already normal, which is the common case.
+pub fn normalize_path(path: &str, allow_encoded_slash: bool) -> Result<Cow<'_, str>, PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if already_normal(path.as_bytes(), allow_encoded_slash) {
+        return Ok(Cow::Borrowed(path));
+    }
+    normalize_slow(path, allow_encoded_slash).map(Cow::Owned)
+}
+
+/// One pass: only visible ASCII, no backslash, escapes only for what must stay escaped
+/// (upper-case hex), no empty segment except a trailing one, no dot segment and no dot
+/// segment with parameters.
+fn already_normal(p: &[u8], allow_encoded_slash: bool) -> bool {
+    let mut i = 0;
+    while i < p.len() {
+        let b = p[i];
+        if b == b'%' {
+            let upper = |b: u8| b.is_ascii_digit() || (b'A'..=b'F').contains(&b);
+            let (Some(&h), Some(&l)) = (p.get(i + 1), p.get(i + 2)) else {
+                return false;
+            };
+            if !upper(h) || !upper(l) {
+                return false;
+            }
+            let d = hex_val(h).unwrap_or(0) << 4 | hex_val(l).unwrap_or(0);
+            if is_unreserved(d)
+                || (d == b'/' && !allow_encoded_slash)
+                || d == b'\\'
+                || d < 0x20
+                || d == 0x7f
+            {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        if b <= 0x20 || b >= 0x7f || b == b'\\' {
+            return false;
+        }
+        i += 1;
+    }
+    let mut segments = p[1..].split(|&b| b == b'/').peekable();
+    while let Some(s) = segments.next() {
+        let last = segments.peek().is_none();
+        if (s.is_empty() && !last) || is_dot_like(s) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `.`, `..`, or either followed by `;parameters`.
+fn is_dot_like(s: &[u8]) -> bool {
+    let name = s.split(|&b| b == b';').next().unwrap_or(s);
+    name == b"." || name == b".."
+}
+
+fn normalize_slow(path: &str, allow_encoded_slash: bool) -> Result<String, PathError> {
+    // 1. Escapes: decode unreserved, upper-case the rest, refuse the dangerous ones.
+    let b = path.as_bytes();
+    let mut text: Vec<u8> = Vec::with_capacity(b.len() + 8);
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    b.get(i + 1).copied().and_then(hex_val),
+                    b.get(i + 2).copied().and_then(hex_val),
+                ) else {
+                    return Err(PathError::BadEscape);
+                };
+                let d = h << 4 | l;
+                if is_unreserved(d) {
+                    text.push(d);
+                } else if d == b'/' && !allow_encoded_slash {
+                    return Err(PathError::EncodedSlash);
+                } else if d == b'\\' {
+                    return Err(PathError::Backslash);
+                } else if d < 0x20 || d == 0x7f {
+                    return Err(PathError::Control);
+                } else {
+                    text.extend_from_slice(&[b'%', HEX[usize::from(h)], HEX[usize::from(l)]]);
+                }
+                i += 3;
+                continue;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            0..=0x20 | 0x7f => return Err(PathError::Control),
+            0x80.. => {
+                text.extend_from_slice(&[b'%', HEX[usize::from(c >> 4)], HEX[usize::from(c & 15)]])
+            }
+            _ => text.push(c),
+        }
+        i += 1;
+    }
+    // 2. Segments: merge empty ones, resolve `.` and `..` (never above the root).
+    let mut out: Vec<&[u8]> = Vec::new();
+    let mut trailing = false;
+    let mut segments = text[1..].split(|&b| b == b'/').peekable();
+    while let Some(s) = segments.next() {
+        let last = segments.peek().is_none();
+        match s {
+            b"" | b"." => trailing = last,
+            b".." => {
+                out.pop();
+                trailing = last;
+            }
+            s if is_dot_like(s) => return Err(PathError::DotSegmentWithParameters),
+            s => {
+                out.push(s);
+                trailing = false;
+            }
+        }
+    }
+    let mut normal = String::with_capacity(text.len());
+    for s in &out {
+        normal.push('/');
+        // Only ASCII remains after step 1.
+        normal.push_str(std::str::from_utf8(s).map_err(|_| PathError::Control)?);
+    }
+    if out.is_empty() || trailing {
+        normal.push('/');
+    }
+    Ok(normal)
+}
+
+/// The path as servlet containers resolve it: `;parameters` cut from every segment
+/// (`/a;jsessionid=1/b` is `/a/b` to Tomcat). Borrowed when there are none.
+pub fn without_parameters(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (n, seg) in path.split('/').enumerate() {
+        if n > 0 {
+            out.push('/');
+        }
+        out.push_str(seg.split(';').next().unwrap_or(""));
+    }
+    Cow::Owned(out)
+}
+
+// === client identity ===
+
+/// An address range, `10.0.0.0/8` or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR` or `ADDR/PREFIX`; host bits must be zero.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (a, p) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("`/{p}` is not a prefix length from 0 to {max}"))?,
+        };
+        let cidr = Cidr { addr, prefix };
+        if cidr.mask(addr) != addr {
+            return Err(format!(
+                "`{text}` has host bits set; write the network address (e.g. {}/{prefix})",
+                cidr.mask(addr)
+            ));
+        }
+        Ok(cidr)
+    }
+
+    fn mask(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let m = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & m).into())
+            }
+            IpAddr::V6(v6) => {
+                let m = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & m).into())
+            }
+        }
+    }
+
+    /// Whether `ip` is in this range (an IPv4-mapped IPv6 peer counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && self.mask(ip) == self.addr
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FrontDoorConfig {
+    /// Whether `peer` is a listed trusted proxy.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|c| c.contains(peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<String, PathError> {
+        normalize_path(p, false).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        for (raw, normal) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a//b", "/a/b"),
+            ("//a///b//", "/a/b/"),
+            ("/a/b/../c", "/a/c"),
+            ("/../../a", "/a"),
+            ("/a/..", "/"),
+            ("/a/.", "/a/"),
+            ("/a/%2e%2E/b", "/b"),
+            ("/%4c%4F%67in", "/LOgin"),
+            ("/a%7e%5f%2d", "/a~_-"),
+            ("/a%3b%20b", "/a%3B%20b"),
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/a;jsessionid=1/b", "/a;jsessionid=1/b"),
+        ] {
+            assert_eq!(norm(raw).as_deref(), Ok(normal), "{raw}");
+        }
+    }
+
+    #[test]
+    fn dangerous_paths_are_refused() {
+        for (raw, why) in [
+            ("/a%2fb", PathError::EncodedSlash),
+            ("/a%2Fb", PathError::EncodedSlash),
+            ("/a%5cb", PathError::Backslash),
+            ("/a\\b", PathError::Backslash),
+            ("/a%00b", PathError::Control),
+            ("/a%0d%0aX: y", PathError::Control),
+            ("/a%7f", PathError::Control),
+            ("/a%", PathError::BadEscape),
+            ("/a%zz", PathError::BadEscape),
+            ("/a%u004c", PathError::BadEscape),
+            ("/a/..;/admin", PathError::DotSegmentWithParameters),
+            ("/a/.;x/b", PathError::DotSegmentWithParameters),
+            ("/a/%2e%2e;/b", PathError::DotSegmentWithParameters),
+            ("a/b", PathError::NotAbsolute),
+        ] {
+            assert_eq!(norm(raw), Err(why), "{raw}");
+        }
+        assert_eq!(
+            normalize_path("/a%2fb/%2E", true).as_deref(),
+            Ok("/a%2Fb/"),
+            "allowed encoded slashes stay encoded, upper-cased"
+        );
+    }
+
+    #[test]
+    fn normal_paths_are_not_copied() {
+        assert!(matches!(
+            normalize_path("/PasswordVault/api/Accounts", false),
+            Ok(Cow::Borrowed(_))
+        ));
+        assert!(matches!(normalize_path("/a/", false), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn parameters_are_cut_for_matching() {
+        assert_eq!(without_parameters("/a;x=1/b;c"), "/a/b");
+        assert_eq!(without_parameters("/a/b"), "/a/b");
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "a.test",
+            "A-b_c.test:8443",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:80",
+            "x:65535",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "user@a.test",
+            "a.test:",
+            "a.test:65536",
+            "a.test:8x",
+            "[::1",
+            "[zz]",
+            "[::1]x",
+            "a..test",
+            ".a",
+            "a/b",
+            "a%2eb",
+            "a.test:80:80",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    fn door() -> FrontDoorConfig {
+        FrontDoorConfig::default()
+    }
+
+    fn admit_req(req: http::request::Builder) -> Result<(Request<()>, Admitted), ProxyError> {
+        let mut req = req.body(()).unwrap();
+        let a = admit(&mut req, &door(), "192.0.2.1".parse().unwrap())?;
+        Ok((req, a))
+    }
+
+    #[test]
+    fn one_host_on_http1() {
+        let two = Request::get("/")
+            .header("host", "a.test")
+            .header("host", "b.test");
+        assert_eq!(admit_req(two).unwrap_err().kind, ErrorKind::BadRequest);
+        let none = Request::get("/");
+        assert_eq!(admit_req(none).unwrap_err().kind, ErrorKind::BadRequest);
+        let bad = Request::get("/").header("host", "a.test, b.test");
+        assert_eq!(admit_req(bad).unwrap_err().kind, ErrorKind::BadRequest);
+        let (req, a) = admit_req(Request::get("/x?q=%2f..").header("host", "a.test")).unwrap();
+        assert_eq!(a.host, "a.test");
+        assert_eq!(req.uri(), "/x?q=%2f..", "the query is left alone");
+    }
+
+    #[test]
+    fn absolute_form_replaces_host() {
+        let r = Request::get("http://a.test:81/x/../y?z").header("host", "b.test");
+        let (req, a) = admit_req(r).unwrap();
+        assert_eq!(a.host, "a.test:81");
+        assert_eq!(a.host_name(), "a.test");
+        assert_eq!(req.headers()["host"], "a.test:81");
+        assert_eq!(req.uri(), "/y?z");
+        assert!(req.uri().authority().is_none());
+        let ftp = Request::get("ftp://a.test/x").header("host", "a.test");
+        assert!(admit_req(ftp).is_err());
+    }
+
+    #[test]
+    fn http2_host_must_agree_with_authority() {
+        let agree = Request::get("https://a.test/x")
+            .version(Version::HTTP_2)
+            .header("host", "A.test");
+        let (req, a) = admit_req(agree).unwrap();
+        assert_eq!(a.host, "a.test");
+        assert_eq!(req.uri(), "/x");
+        let disagree = Request::get("https://a.test/x")
+            .version(Version::HTTP_2)
+            .header("host", "b.test");
+        assert!(admit_req(disagree).is_err());
+    }
+
+    #[test]
+    fn connect_and_trace_are_refused() {
+        let c = Request::builder()
+            .method(Method::CONNECT)
+            .uri("a.test:443")
+            .header("host", "a.test:443");
+        assert_eq!(admit_req(c).unwrap_err().kind, ErrorKind::MethodNotAllowed);
+        let t = Request::builder()
+            .method(Method::TRACE)
+            .uri("/")
+            .header("host", "a.test");
+        assert_eq!(admit_req(t).unwrap_err().kind, ErrorKind::MethodNotAllowed);
+        let mut req = Request::builder()
+            .method(Method::TRACE)
+            .uri("/")
+            .header("host", "a.test")
+            .body(())
+            .unwrap();
+        let allow = FrontDoorConfig {
+            allow_trace: true,
+            ..door()
+        };
+        assert!(admit(&mut req, &allow, "192.0.2.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn options_star_only() {
+        let o = Request::builder()
+            .method(Method::OPTIONS)
+            .uri("*")
+            .header("host", "a.test");
+        assert!(admit_req(o).is_ok());
+        let g = Request::get("*").header("host", "a.test");
+        assert!(admit_req(g).is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.200.1.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let one = Cidr::parse("192.0.2.7").unwrap();
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.1/8").is_err(), "host bits set");
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("ten").is_err());
+    }
+}
+
+/// Properties of the normaliser, checked on generated paths (`PROPTEST_CASES` raises
+/// the count; `bench/props.sh` runs millions).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Paths built from the pieces that matter: dots, slashes, escapes of every kind,
+    /// parameters, letters in both cases, non-ASCII.
+    fn path() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("/".to_string()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just(";".to_string()),
+            Just("%2e".to_string()),
+            Just("%2E".to_string()),
+            Just("%2f".to_string()),
+            Just("%5c".to_string()),
+            Just("%00".to_string()),
+            Just("%25".to_string()),
+            Just("%".to_string()),
+            "[a-zA-Z0-9_~-]{1,4}",
+            "%[0-9a-fA-F]{2}",
+            "[\\x21-\\x7e]",
+            "\\PC",
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|v| format!("/{}", v.concat()))
+    }
+
+    /// What a backend that decodes everything and resolves dot segments serves.
+    fn backend_view(p: &str) -> Vec<u8> {
+        let b = p.as_bytes();
+        let mut d = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                if let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+                    d.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+            }
+            d.push(b[i]);
+            i += 1;
+        }
+        let mut out: Vec<&[u8]> = Vec::new();
+        let mut trailing = false;
+        let mut segs = d[1..].split(|&c| c == b'/').peekable();
+        while let Some(s) = segs.next() {
+            let last = segs.peek().is_none();
+            match s {
+                b"" | b"." => trailing = last,
+                b".." => {
+                    out.pop();
+                    trailing = last;
+                }
+                s => {
+                    out.push(s);
+                    trailing = false;
+                }
+            }
+        }
+        let mut v = Vec::new();
+        for s in &out {
+            v.push(b'/');
+            v.extend_from_slice(s);
+        }
+        if out.is_empty() || trailing {
+            v.push(b'/');
+        }
+        v
+    }
+
+    proptest! {
+        #[test]
+        fn normalising_is_idempotent(p in path(), slashes in any::<bool>()) {
+            if let Ok(n) = normalize_path(&p, slashes) {
+                let again = normalize_path(&n, slashes);
+                prop_assert_eq!(again.as_deref(), Ok(n.as_ref()));
+                prop_assert!(matches!(again, Ok(Cow::Borrowed(_))), "a normal path is recognised as normal");
+            }
+        }
+
+        #[test]
+        fn normal_paths_hold_no_dot_segment_double_slash_or_encoded_unreserved(p in path()) {
+            if let Ok(n) = normalize_path(&p, false) {
+                prop_assert!(n.starts_with('/'));
+                prop_assert!(!n.contains("//"), "{}", n);
+                for seg in n.split('/') {
+                    let name = seg.split(';').next().unwrap_or("");
+                    prop_assert!(name != "." && name != "..", "{}", n);
+                }
+                let b = n.as_bytes();
+                for (i, _) in n.match_indices('%') {
+                    let d = hex_val(b[i + 1]).unwrap() << 4 | hex_val(b[i + 2]).unwrap();
+                    prop_assert!(!is_unreserved(d), "{}", n);
+                    prop_assert!(d != b'/' && d != b'\\' && d >= 0x20 && d != 0x7f, "{}", n);
+                    prop_assert!(!b[i + 1].is_ascii_lowercase() && !b[i + 2].is_ascii_lowercase());
+                }
+                prop_assert!(n.bytes().all(|c| c > 0x20 && c < 0x7f && c != b'\\'));
+            }
+        }
+
+        #[test]
+        fn the_fast_path_agrees_with_the_full_normaliser(p in path(), slashes in any::<bool>()) {
+            let fast = normalize_path(&p, slashes).map(Cow::into_owned);
+            let full = normalize_slow(&p, slashes);
+            prop_assert_eq!(fast, full);
+        }
+
+        #[test]
+        fn a_backend_serves_the_path_keyway_classified(p in path()) {
+            // Whatever a decoding backend makes of the raw path, it makes of the normal
+            // form too: the normaliser never changes which resource is meant.
+            if let Ok(n) = normalize_path(&p, false) {
+                prop_assert_eq!(backend_view(&n), backend_view(&p));
+            }
+        }
+
+        #[test]
+        fn a_path_and_its_normal_form_classify_the_same(p in path(), ci in any::<bool>()) {
+            use crate::classify::Classifier;
+            use crate::config::{PathCase, RoutePattern};
+            let case = if ci { PathCase::Insensitive } else { PathCase::Sensitive };
+            let c = Classifier::new(
+                &[RoutePattern { method: Some(Method::POST), path: "/api/*/Retrieve".into() }],
+                &[RoutePattern { method: None, path: "/admin/**".into() }],
+                case,
+            );
+            if let Ok(n) = normalize_path(&p, false) {
+                let n2 = normalize_path(&n, false).unwrap();
+                for m in [Method::GET, Method::POST] {
+                    prop_assert_eq!(c.classify(&m, &n), c.classify(&m, &n2));
+                }
+            }
+        }
+
+        #[test]
+        fn any_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let s = String::from_utf8_lossy(&bytes);
+            let _ = normalize_path(&s, true);
+            let _ = normalize_path(&format!("/{s}"), false);
+            let _ = valid_authority(&bytes);
+            let _ = without_parameters(&s);
+        }
+    }
+}
