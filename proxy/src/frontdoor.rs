@@ -705,13 +705,11 @@ mod props {
     use super::*;
     use proptest::prelude::*;
 
-    /// Paths built from the pieces that matter: dots, slashes, escapes of every kind,
-    /// parameters, letters in both cases, non-ASCII.
+    /// Paths built from the pieces that matter: segments that are empty, dots (plain or
+    /// encoded), parameters, escapes of every kind, letters in both cases, non-ASCII.
     fn path() -> impl Strategy<Value = String> {
         let piece = prop_oneof![
-            Just("/".to_string()),
             Just(".".to_string()),
-            Just("..".to_string()),
             Just(";".to_string()),
             Just("%2e".to_string()),
             Just("%2E".to_string()),
@@ -725,7 +723,17 @@ mod props {
             "[\\x21-\\x7e]",
             "\\PC",
         ];
-        proptest::collection::vec(piece, 0..24).prop_map(|v| format!("/{}", v.concat()))
+        let segment = prop_oneof![
+            Just(String::new()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("%2e%2e".to_string()),
+            Just(".%2E".to_string()),
+            Just("..;x".to_string()),
+            "[a-zA-Z]{1,3}",
+            proptest::collection::vec(piece, 1..4).prop_map(|v| v.concat()),
+        ];
+        proptest::collection::vec(segment, 0..10).prop_map(|v| format!("/{}", v.join("/")))
     }
 
     /// What a backend that decodes everything and resolves dot segments serves.
