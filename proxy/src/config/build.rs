@@ -1765,6 +1765,10 @@ max_request_header_bytes = 16384
 max_request_body_bytes = 1000
 header_read_timeout = "5s"
 idle_timeout = "1m"
+allow_encoded_slashes = true
+allow_trace = true
+trusted_proxies = ["10.0.0.0/8", "::1"]
+forwarded = true
 [[route]]
 host = "*"
 path = "/"
@@ -1772,6 +1776,8 @@ cluster = "c"
 [cluster.c]
 strategy = "ordered"
 balance = "p2c"
+paths = "case-insensitive"
+upgrades = ["websocket", "x-custom/2"]
 sticky = { cookie = "k", max_age = "1h" }
 connect_timeout = "1s"
 connect_stagger = "100ms"
@@ -1784,6 +1790,39 @@ backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls =
         let cfg = build(text, Path::new(".")).expect("valid");
         assert_eq!(cfg.clusters[0].backends[0].weight, 2);
         assert_eq!(cfg.clusters[0].strategy, Strategy::Ordered);
+        assert_eq!(cfg.clusters[0].paths, PathCase::Insensitive);
+        assert_eq!(cfg.clusters[0].upgrades, ["websocket", "x-custom/2"]);
+        assert_eq!(cfg.listeners[0].door.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn front_door_settings_are_checked() {
+        let errors = errors(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.1/8\", \"x\"]\n[[route]]\ncluster = \"c\"\n[cluster.c]\npaths = \"any\"\nupgrades = [\"h2c\", \"a b\"]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
+        );
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "listener[0].trusted_proxies[0]",
+                "listener[0].trusted_proxies[1]",
+                "cluster.c.paths",
+                "cluster.c.upgrades[0]",
+                "cluster.c.upgrades[1]",
+            ],
+            "{errors:?}"
+        );
+        assert!(errors.iter().all(|e| !e.fix.is_empty() && e.line.is_some()));
+        let defaults = build(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(defaults.clusters[0].upgrades, ["websocket"]);
+        assert_eq!(defaults.clusters[0].paths, PathCase::Sensitive);
+        let door = &defaults.listeners[0].door;
+        assert!(!door.allow_encoded_slashes && !door.allow_trace && !door.forwarded);
+        assert!(door.trusted_proxies.is_empty());
     }
 
     #[test]
