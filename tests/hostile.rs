@@ -380,3 +380,40 @@ async fn forged_client_identity_is_replaced() {
         "clients cannot supply an epoch"
     );
 }
+
+/// HTTP/2: `:authority` is the host; a `host` header that disagrees is refused, and the
+/// path is normalised as on HTTP/1.1.
+#[tokio::test]
+async fn http2_authority_and_host_must_agree() {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let f = Farm::start("").await;
+    let stream = tokio::net::TcpStream::connect(f.proxy.addr).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut send = |uri: &str, host: Option<&str>| {
+        let mut b = http::Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        let req = b.body(Full::new(bytes::Bytes::new())).unwrap();
+        let fut = tx.send_request(req);
+        async move { fut.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    assert_eq!(
+        send("http://pam.test/api/Admin/./x", Some("pvwa.test")).await,
+        400
+    );
+    assert_eq!(
+        send("http://pam.test/api//Admin/x", Some("PAM.test")).await,
+        200
+    );
+    assert_eq!(send("http://pam.test/api/%41dmin/y", None).await, 200);
+    assert_eq!(f.pam_replica.hits(), 0, "writes stayed on the primary");
+    let seen: Vec<String> = f.pam_primary.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(seen, ["/api/Admin/x", "/api/Admin/y"]);
+    assert_eq!(f.pam_primary.seen()[0].headers["host"], "pam.test");
+}
