@@ -366,7 +366,8 @@ async fn forged_client_identity_is_replaced() {
         "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n",
         "X-Real-IP: 10.0.0.3\r\nForwarded: for=10.0.0.4\r\n",
         "X-Forwarded-Host: admin.test\r\nX-Forwarded-Proto: https\r\n",
-        "keyway-epoch: 999\r\nConnection: close\r\n\r\n",
+        "keyway-epoch: 999\r\nkeyway_epoch: 998\r\n",
+        "X_Forwarded_For: 10.0.0.5\r\nX-Real_IP: 10.0.0.6\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(f.raw(probe.as_bytes()).await, [200]);
     let h = &f.pam_replica.seen()[0].headers;
@@ -379,6 +380,12 @@ async fn forged_client_identity_is_replaced() {
         !h.contains_key("keyway-epoch"),
         "clients cannot supply an epoch"
     );
+    for lookalike in ["keyway_epoch", "x_forwarded_for", "x-real_ip"] {
+        assert!(
+            !h.contains_key(lookalike),
+            "{lookalike} reached the backend"
+        );
+    }
 }
 
 /// HTTP/2: `:authority` is the host; a `host` header that disagrees is refused, and the

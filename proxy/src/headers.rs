@@ -141,6 +141,7 @@ pub fn add_forwarded(
     host: &HeaderValue,
     via: &'static str,
 ) {
+    drop_lookalikes(headers, who.trusted);
     if !who.trusted {
         headers.remove(&XFF);
         headers.remove(&XFP);
@@ -186,6 +187,40 @@ pub fn add_forwarded(
         }
     }
     append_via(headers, via);
+}
+
+/// Removes headers that spell an identity header with `_` for `-` (`X_Forwarded_For`):
+/// CGI-style servers (IIS server variables, PHP, WSGI) map both spellings to one
+/// variable, so such a header would slip past the replacement above. From trusted
+/// proxies only a `keyway-epoch` lookalike is removed. One scan of the names, and no
+/// work unless a name holds `_`.
+fn drop_lookalikes(headers: &mut HeaderMap, trusted: bool) {
+    const GUARDED: [&str; 6] = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "forwarded",
+        "keyway-epoch",
+    ];
+    let guarded = |name: &str| {
+        let n = name.len();
+        GUARDED.iter().enumerate().any(|(i, g)| {
+            (!trusted || i == GUARDED.len() - 1)
+                && g.len() == n
+                && g.bytes()
+                    .zip(name.bytes())
+                    .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+        })
+    };
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_') && guarded(k.as_str()))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
 }
 
 /// Appends this hop to `Via`.
@@ -273,6 +308,10 @@ mod tests {
         h.insert("x-forwarded-host", HeaderValue::from_static("evil.test"));
         h.insert("x-real-ip", HeaderValue::from_static("10.9.9.9"));
         h.insert(header::FORWARDED, HeaderValue::from_static("for=10.2.2.2"));
+        h.insert("x_forwarded_for", HeaderValue::from_static("10.3.3.3"));
+        h.insert("x-real_ip", HeaderValue::from_static("10.3.3.4"));
+        h.insert("keyway_epoch", HeaderValue::from_static("7"));
+        h.insert("x_custom_header", HeaderValue::from_static("kept"));
         h
     }
 
@@ -290,6 +329,14 @@ mod tests {
         let fwd: Vec<_> = h.get_all(header::FORWARDED).iter().collect();
         assert_eq!(fwd.len(), 2);
         assert_eq!(fwd[1], "for=127.0.0.1;proto=https;host=\"pvwa.corp.test\"");
+        assert_eq!(
+            h["x_forwarded_for"], "10.3.3.3",
+            "a trusted proxy's headers stay"
+        );
+        assert!(
+            !h.contains_key("keyway_epoch"),
+            "but never an epoch lookalike"
+        );
         assert_eq!(h[header::VIA], "1.1 keyway");
     }
 
@@ -302,6 +349,9 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "pvwa.corp.test:8443");
         assert!(!h.contains_key("x-real-ip"));
+        assert!(!h.contains_key("x_forwarded_for") && !h.contains_key("x-real_ip"));
+        assert!(!h.contains_key("keyway_epoch"));
+        assert_eq!(h["x_custom_header"], "kept");
         assert_eq!(
             h[header::FORWARDED],
             "for=\"[::1]\";proto=https;host=\"pvwa.corp.test:8443\""
