@@ -1,1 +1,234 @@
 //! Connection limits and passive ejection: clients cannot knock a backend out.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use keyway_tests::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Generous bound for anything that should happen at once.
+const SOON: Duration = Duration::from_secs(10);
+
+// === a backend that counts what it sees and answers when told ===
+
+struct Counts {
+    /// Requests whose head arrived.
+    started: AtomicUsize,
+    /// Requests whose body failed (the proxy gave up on the upload).
+    body_failed: AtomicUsize,
+    /// Requests being handled now, and the most ever at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    /// While set, each request waits for a `release` before answering.
+    hold: AtomicBool,
+    release: tokio::sync::Semaphore,
+}
+
+/// An HTTP backend that records concurrency from its own side and can hold answers
+/// until the test releases them, so "slow" is a decision of the test, not a sleep.
+#[derive(Clone)]
+struct GateBackend {
+    addr: SocketAddr,
+    counts: Arc<Counts>,
+}
+
+impl GateBackend {
+    async fn start(name: &'static str) -> Self {
+        let sock = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = sock.local_addr().expect("addr");
+        let counts = Arc::new(Counts {
+            started: AtomicUsize::new(0),
+            body_failed: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            hold: AtomicBool::new(false),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let c = counts.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = sock.accept().await {
+                let c = c.clone();
+                let svc = service_fn(move |req| {
+                    let c = c.clone();
+                    async move { Ok::<_, Infallible>(gate_answer(name, c, req).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, counts }
+    }
+
+    fn started(&self) -> usize {
+        self.counts.started.load(Ordering::SeqCst)
+    }
+    fn body_failed(&self) -> usize {
+        self.counts.body_failed.load(Ordering::SeqCst)
+    }
+}
+
+struct Leaving<'a>(&'a Counts);
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn gate_answer(
+    name: &'static str,
+    c: Arc<Counts>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    c.started.fetch_add(1, Ordering::SeqCst);
+    let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    c.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _leaving = Leaving(&c);
+    if req.into_body().collect().await.is_err() {
+        c.body_failed.fetch_add(1, Ordering::SeqCst);
+    }
+    if c.hold.load(Ordering::SeqCst) {
+        if let Ok(p) = c.release.acquire().await {
+            p.forget();
+        }
+    }
+    let mut r = Response::new(Full::new(Bytes::from(name)));
+    r.headers_mut().insert("x-backend", name.parse().unwrap());
+    r
+}
+
+async fn metrics(p: &Proxy) -> String {
+    admin_get(p.admin.unwrap(), "/metrics").await
+}
+
+fn ejections(m: &str, cluster: &str, backend: &str) -> f64 {
+    metric(
+        m,
+        &format!("keyway_backend_ejections_total{{cluster=\"{cluster}\",backend=\"{backend}\"}}"),
+    )
+}
+
+// === passive ejection counts only the backend's failures ===
+
+/// Sends a request head announcing a large body, part of the body, waits until a
+/// backend has the request (the proxy is streaming the upload to it), then vanishes.
+async fn aborted_upload(proxy: SocketAddr, backends: &[&GateBackend]) {
+    let before: usize = backends.iter().map(|b| b.started()).sum();
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[b'x'; 1000]).await.unwrap();
+    eventually(SOON, "the upload reaches a backend", || async {
+        backends.iter().map(|b| b.started()).sum::<usize>() > before
+    })
+    .await;
+    drop(s);
+}
+
+#[tokio::test]
+async fn aborted_uploads_do_not_eject_a_healthy_backend() {
+    let a = GateBackend::start("a").await;
+    let b = GateBackend::start("b").await;
+    let p = Proxy::start(&one_cluster(
+        "uploads",
+        &format!(
+            r#"outlier = {{ consecutive_failures = 3 }}
+backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]"#,
+            a.addr, b.addr
+        ),
+    ))
+    .await;
+
+    // Four times consecutive_failures: every one would count, were it counted.
+    for _ in 0..12 {
+        aborted_upload(p.addr, &[&a, &b]).await;
+    }
+    eventually(SOON, "both backends saw every upload fail", || async {
+        a.body_failed() + b.body_failed() == 12
+    })
+    .await;
+
+    let m = metrics(&p).await;
+    for id in ["a", "b"] {
+        assert_eq!(ejections(&m, "uploads", id), 0.0, "{id} was ejected:\n{m}");
+        let s = backend_status(p.admin.unwrap(), "uploads", id).await;
+        assert!(s["health"]["ejected_for_ms"].is_null(), "{s}");
+        assert!(
+            s["last_error"].is_null(),
+            "a client's abort is not the backend's error: {s}"
+        );
+    }
+    // And both still take traffic.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let r = get(p.addr, "h", "/").await;
+        assert_eq!(r.status, 200);
+        seen.insert(r.headers["x-backend"].to_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "both backends serve: {seen:?}");
+}
+
+#[tokio::test]
+async fn a_backend_that_drops_requests_is_still_ejected() {
+    let good = GateBackend::start("good").await;
+    let bad = DroppingBackend::start().await;
+    let p = Proxy::start(&one_cluster(
+        "dropping",
+        &format!(
+            r#"retries = 0
+outlier = {{ consecutive_failures = 3 }}
+backends = [{{ id = "good", address = "{}" }}, {{ id = "bad", address = "{}" }}]"#,
+            good.addr, bad.addr
+        ),
+    ))
+    .await;
+    for _ in 0..8 {
+        let _ = get(p.addr, "h", "/").await;
+    }
+    let m = metrics(&p).await;
+    assert!(ejections(&m, "dropping", "bad") >= 1.0, "{m}");
+    assert_eq!(ejections(&m, "dropping", "good"), 0.0, "{m}");
+    let s = backend_status(p.admin.unwrap(), "dropping", "bad").await;
+    assert!(s["last_error"]["message"].is_string(), "{s}");
+}
+
+#[tokio::test]
+async fn count_5xx_false_keeps_a_backend_that_answers_500() {
+    let good = TestBackend::start("good").await;
+    let five = TestBackend::start("five").await;
+    five.set_mode(Mode::Status(500));
+    let p = Proxy::start(&one_cluster(
+        "fivexx",
+        &format!(
+            r#"retries = 0
+outlier = {{ consecutive_failures = 2, count_5xx = false }}
+backends = [{{ id = "good", address = "{}" }}, {{ id = "five", address = "{}" }}]"#,
+            good.addr, five.addr
+        ),
+    ))
+    .await;
+    let mut five_hundreds = 0;
+    for _ in 0..8 {
+        if get(p.addr, "h", "/").await.status == 500 {
+            five_hundreds += 1;
+        }
+    }
+    assert_eq!(five_hundreds, 4, "round-robin keeps sending to `five`");
+    let m = metrics(&p).await;
+    assert_eq!(ejections(&m, "fivexx", "five"), 0.0, "{m}");
+}

@@ -16,7 +16,7 @@ use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use crate::balance::{Balancer, Candidate};
 use crate::classify::Classifier;
 use crate::config::{BackendConfig, ClusterConfig, RetryBudget};
-use crate::health::ClusterHealth;
+use crate::health::{ClusterHealth, Fault};
 use crate::upstream::{self, Pool};
 
 /// One backend at run time.
@@ -145,10 +145,24 @@ impl Backend {
         self.health.report(self.index, false);
     }
 
-    /// Reports how an exchange with this backend ended, for passive ejection: `false` for
-    /// a broken exchange, a timeout or a 5xx answer.
-    pub fn report_outcome(&self, ok: bool) {
-        self.health.report(self.index, ok);
+    /// Feeds a response head to passive ejection: an answer that was the backend's fault
+    /// (a counted 5xx) counts against it, any other answer for it; when the client's
+    /// body failed it counts for nothing.
+    pub fn report_answer(&self, fault: Fault) {
+        match fault {
+            Fault::Backend => self.health.report(self.index, false),
+            Fault::None => self.health.report(self.index, true),
+            Fault::Client => {}
+        }
+    }
+
+    /// Feeds a failed exchange to passive ejection. Only a failure that was the
+    /// backend's own counts against it and becomes its `last_error`.
+    pub fn report_failure(&self, fault: Fault, detail: &str) {
+        if fault == Fault::Backend {
+            self.record_error(detail);
+            self.health.report(self.index, false);
+        }
     }
 
     /// Records the latest error seen on this backend (for `/status`).
@@ -161,6 +175,13 @@ impl Backend {
 
 /// Decrements a backend's in-flight count when dropped.
 pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    /// The backend this exchange is with.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

@@ -15,12 +15,12 @@
 //! Every failure becomes a [`ProxyError`] and is answered by `ProxyError::into_response`.
 //! Nothing here may panic on client or backend input.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -31,13 +31,13 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use crate::body::{self, Body, BoxError, Limited};
+use crate::body::{self, Body, BodyWatch, BoxError, Limited};
 use crate::classify::Kind;
 use crate::cluster::{Backend, Cluster, InFlight};
 use crate::config::{Balance, Limits, ReadsOnPrimary, Role, Strategy};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers;
-use crate::health::HealthView;
+use crate::health::{BodyFacts, Ending, Fault, HealthView};
 use crate::router::{self, Router};
 use crate::upstream::{self, Purpose, Sender};
 
@@ -218,12 +218,13 @@ async fn proxy(
         None => {}
     }
 
-    // The limit flag is only needed (and allocated) when there is a body to count.
+    // The body watch (size limit, how the body ended) is only needed (and allocated)
+    // when there is a body.
     let empty_body = incoming.is_end_stream();
-    let tripped = (!empty_body).then(|| Arc::new(AtomicBool::new(false)));
-    let body = match &tripped {
+    let watch = (!empty_body).then(|| Arc::new(BodyWatch::new()));
+    let body = match &watch {
         None => body::empty(),
-        Some(flag) => Limited::new(incoming, limit, flag.clone()).boxed(),
+        Some(w) => Limited::new(incoming, limit, w.clone()).boxed(),
     };
     // Only bodiless safe requests can be rebuilt for a retry after they were sent.
     let replayable = empty_body
@@ -279,9 +280,11 @@ async fn proxy(
         };
         let inflight = backend.start_request();
         prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
-        let result = tokio::time::timeout(cluster.cfg.protocol_timeout, send(sender, req)).await;
-        let failure = match result {
-            Ok(Ok((resp, h1))) => {
+        let pt = cluster.cfg.protocol_timeout;
+        let result = within_protocol_timeout(send(sender, req), pt, watch.as_deref()).await;
+        let count_5xx = cluster.cfg.outlier.count_5xx;
+        let (failure, ending) = match result {
+            Some(Ok((resp, h1))) => {
                 let answer = Answer {
                     pinned,
                     idx,
@@ -289,36 +292,44 @@ async fn proxy(
                     h1,
                     inflight,
                     on_client_upgrade,
+                    watch: watch.clone(),
                 };
                 return Ok(respond(cluster, &backend, info, resp, answer));
             }
-            Ok(Err((e, unsent))) => {
-                backend.record_error(&e.detail);
-                backend.report_outcome(false);
+            Some(Err((e, unsent, ending))) => {
                 if let Some(r) = unsent {
                     // hyper never wrote it: safe to send elsewhere, whatever the method.
                     pending = Some(r);
                 }
-                e
+                (e, ending)
             }
-            Err(_) => {
+            None => {
                 let e = ProxyError::new(
                     ErrorKind::ProtocolTimeout,
                     Side::Upstream,
                     false,
                     format!(
-                        "backend `{}` sent no response headers within {:?}",
-                        backend.cfg.id, cluster.cfg.protocol_timeout
+                        "backend `{}` sent no response headers within {pt:?} of the request",
+                        backend.cfg.id
                     ),
                 );
-                backend.record_error(&e.detail);
-                backend.report_outcome(false);
-                e
+                (e, Ending::TimedOut)
             }
         };
+        // Passive ejection counts only what the backend did, never the client's abort.
+        let fault = Fault::of(ending, body_facts(watch.as_deref()), count_5xx);
+        backend.report_failure(fault, &failure.detail);
         drop(inflight);
-        if tripped.as_ref().is_some_and(|t| t.load(Ordering::Relaxed)) {
+        if watch.as_ref().is_some_and(|w| w.too_large()) {
             return Err(fail(too_large(limit)));
+        }
+        if fault == Fault::Client {
+            return Err(fail(ProxyError::new(
+                ErrorKind::BadRequest,
+                Side::Downstream,
+                false,
+                "the client's request body ended early or was malformed",
+            )));
         }
         // 3. Retry where the rules allow it.
         if pending.is_none() {
@@ -338,6 +349,39 @@ async fn proxy(
             return Err(fail(failure));
         }
         retries_left -= 1;
+    }
+}
+
+/// What the client's body had done when an exchange ended.
+fn body_facts(watch: Option<&BodyWatch>) -> BodyFacts {
+    watch.map_or(BodyFacts::NONE, |w| BodyFacts {
+        client_failed: w.client_failed(),
+        sent: w.sent_at().is_some(),
+    })
+}
+
+/// Waits for a backend's response head. `limit` is the backend's time to answer once
+/// it has the whole request: a body that finished streaming late extends the wait, so a
+/// backend is never timed out (and blamed) for a client's slow upload. The wait still
+/// ends `limit` after sending began if the body is then still streaming (`None`, as
+/// for any timeout; whose fault that is, `Fault::of` decides).
+async fn within_protocol_timeout<F: Future>(
+    fut: F,
+    limit: Duration,
+    body: Option<&BodyWatch>,
+) -> Option<F::Output> {
+    let started = tokio::time::Instant::now();
+    let mut deadline = started + limit;
+    tokio::pin!(fut);
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
+            return Some(out);
+        }
+        let sent = body.map_or(Some(started.into_std()), BodyWatch::sent_at);
+        match sent.map(|at| tokio::time::Instant::from_std(at) + limit) {
+            Some(later) if later > deadline => deadline = later,
+            _ => return None,
+        }
     }
 }
 
@@ -652,32 +696,37 @@ fn prepare_upstream(req: &mut Request<Body>, sender: &Sender, host: &HeaderValue
 }
 
 type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
-type SendFailure = (ProxyError, Option<Request<Body>>);
+type SendFailure = (ProxyError, Option<Request<Body>>, Ending);
 
 async fn send(sender: Sender, req: Request<Body>) -> Result<Sent, SendFailure> {
-    let broken = |e: &hyper::Error| {
-        ProxyError::new(
+    let broken = |e: &hyper::Error, unsent: &Option<Request<Body>>| {
+        let err = ProxyError::new(
             ErrorKind::UpstreamProtocol,
             Side::Upstream,
             false,
             format!("backend failed before answering: {e}"),
-        )
+        );
+        let ending = Ending::Broken {
+            user: e.is_user(),
+            unsent: unsent.is_some(),
+        };
+        (err, ending)
     };
     match sender {
         Sender::H1(mut s) => match s.try_send_request(req).await {
             Ok(resp) => Ok((resp, Some(s))),
             Err(mut e) => {
                 let unsent = e.take_message();
-                let err = e.into_error();
-                Err((broken(&err), unsent))
+                let (err, ending) = broken(e.error(), &unsent);
+                Err((err, unsent, ending))
             }
         },
         Sender::H2(mut s) => match s.try_send_request(req).await {
             Ok(resp) => Ok((resp, None)),
             Err(mut e) => {
                 let unsent = e.take_message();
-                let err = e.into_error();
-                Err((broken(&err), unsent))
+                let (err, ending) = broken(e.error(), &unsent);
+                Err((err, unsent, ending))
             }
         },
     }
@@ -691,6 +740,7 @@ struct Answer {
     h1: Option<http1::SendRequest<Body>>,
     inflight: InFlight,
     on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    watch: Option<Arc<BodyWatch>>,
 }
 
 fn respond(
@@ -707,10 +757,15 @@ fn respond(
         h1,
         inflight,
         on_client_upgrade,
+        watch,
     } = answer;
     let status = resp.status();
     backend.record_response(status.as_u16());
-    backend.report_outcome(status.as_u16() < 500);
+    backend.report_answer(Fault::of(
+        Ending::Answered(status.as_u16()),
+        body_facts(watch.as_deref()),
+        cluster.cfg.outlier.count_5xx,
+    ));
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let on_backend_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, incoming) = resp.into_parts();
@@ -771,7 +826,8 @@ fn respond(
         UpstreamBody {
             inner: incoming,
             conn: h1.map(|s| (backend.clone(), s)),
-            _inflight: inflight,
+            inflight,
+            watch,
         }
         .boxed()
     };
@@ -805,12 +861,15 @@ fn tunnel(
 
 pin_project_lite::pin_project! {
     /// A backend's response body on its way to the client. When it ends, the HTTP/1.1
-    /// connection returns to the pool; dropping it early discards the connection.
+    /// connection returns to the pool; dropping it early (the client went away)
+    /// discards the connection and counts against nobody. A body the backend breaks
+    /// off counts against the backend.
     struct UpstreamBody {
         #[pin]
         inner: Incoming,
         conn: Option<(Arc<Backend>, http1::SendRequest<Body>)>,
-        _inflight: InFlight,
+        inflight: InFlight,
+        watch: Option<Arc<BodyWatch>>,
     }
 }
 
@@ -827,8 +886,12 @@ impl HttpBody for UpstreamBody {
         let done = match &polled {
             Poll::Ready(None) => true,
             Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 this.conn.take();
+                let fault = Fault::of(Ending::BodyBroken, body_facts(this.watch.as_deref()), false);
+                this.inflight
+                    .backend()
+                    .report_failure(fault, &format!("response body broke off: {e}"));
                 false
             }
             Poll::Pending => false,

@@ -220,9 +220,12 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "on_error",
         ],
         [Some("cluster"), Some(_), Some("classifier")] => &["policy", "config", "on_error"],
-        [Some("cluster"), Some(_), Some("outlier")] => {
-            &["consecutive_failures", "base_ejection", "max_ejection"]
-        }
+        [Some("cluster"), Some(_), Some("outlier")] => &[
+            "consecutive_failures",
+            "base_ejection",
+            "max_ejection",
+            "count_5xx",
+        ],
         [Some("cluster"), Some(_), Some("sticky")] => &["cookie", "max_age"],
         [Some("cluster"), Some(_), Some("retry_budget")] => &["ratio", "min_per_second"],
         [Some("cluster"), Some(_), Some("pool")] => &["max_idle", "idle_timeout"],
@@ -924,6 +927,7 @@ fn cluster(
                 DEFAULT_MAX_EJECTION,
                 errs,
             ),
+            count_5xx: o.count_5xx.unwrap_or(true),
         }
     });
 

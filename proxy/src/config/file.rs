@@ -178,6 +178,7 @@ pub struct FileOutlier {
     pub consecutive_failures: Option<u32>,
     pub base_ejection: Option<String>,
     pub max_ejection: Option<String>,
+    pub count_5xx: Option<bool>,
 }
 
 /// `sticky = { cookie = "...", max_age = "..." }`

@@ -78,7 +78,8 @@ pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_FAILED_CHECKS: u32 = 5;
 /// failed-checks: the window (CyberArk PADR: 5 failed checks in 5 minutes).
 pub const DEFAULT_FAILED_CHECKS_WINDOW: Duration = Duration::from_secs(300);
-/// Passive ejection: consecutive connect failures or 5xx answers that eject a backend.
+/// Passive ejection: consecutive failures of the backend's own making (connect failures,
+/// broken exchanges, timeouts, 5xx answers) that eject it.
 pub const DEFAULT_OUTLIER_FAILURES: u32 = 5;
 /// Passive ejection: the first ejection's length; each repeat doubles it.
 pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(10);
@@ -461,6 +462,8 @@ pub struct OutlierConfig {
     pub base_ejection: Duration,
     /// Longest ejection.
     pub max_ejection: Duration,
+    /// Whether a 5xx answer counts as a backend failure.
+    pub count_5xx: bool,
 }
 
 impl Default for OutlierConfig {
@@ -469,6 +472,7 @@ impl Default for OutlierConfig {
             consecutive_failures: DEFAULT_OUTLIER_FAILURES,
             base_ejection: DEFAULT_BASE_EJECTION,
             max_ejection: DEFAULT_MAX_EJECTION,
+            count_5xx: true,
         }
     }
 }
