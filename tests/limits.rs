@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use keyway_tests::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Generous bound for anything that should happen at once.
@@ -78,6 +78,19 @@ impl GateBackend {
     }
     fn body_failed(&self) -> usize {
         self.counts.body_failed.load(Ordering::SeqCst)
+    }
+    fn in_flight(&self) -> usize {
+        self.counts.in_flight.load(Ordering::SeqCst)
+    }
+    fn max_in_flight(&self) -> usize {
+        self.counts.max_in_flight.load(Ordering::SeqCst)
+    }
+    fn hold(&self) {
+        self.counts.hold.store(true, Ordering::SeqCst);
+    }
+    /// Lets `n` held requests answer.
+    fn release(&self, n: usize) {
+        self.counts.release.add_permits(n);
     }
 }
 
@@ -231,4 +244,266 @@ backends = [{{ id = "good", address = "{}" }}, {{ id = "five", address = "{}" }}
     assert_eq!(five_hundreds, 4, "round-robin keeps sending to `five`");
     let m = metrics(&p).await;
     assert_eq!(ejections(&m, "fivexx", "five"), 0.0, "{m}");
+}
+
+// === per-backend max_connections and its queue ===
+
+fn capped(name: &str, b: &GateBackend, limits: &str) -> String {
+    one_cluster(
+        name,
+        &format!(
+            r#"{limits}
+backends = [{{ id = "slow", address = "{}", max_connections = 2 }}]"#,
+            b.addr
+        ),
+    )
+}
+
+fn queued(m: &str, cluster: &str) -> f64 {
+    metric(
+        m,
+        &format!("keyway_upstream_queued{{cluster=\"{cluster}\",backend=\"slow\"}}"),
+    )
+}
+
+#[tokio::test]
+async fn a_request_past_max_connections_waits_for_a_slot() {
+    let b = GateBackend::start("slow").await;
+    b.hold();
+    let p = Proxy::start(&capped("waits", &b, r#"queue_timeout = "30s""#)).await;
+    let addr = p.addr;
+    let first: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
+        .collect();
+    eventually(SOON, "two requests reach the backend", || async {
+        b.started() == 2
+    })
+    .await;
+    let third = tokio::spawn(async move { get(addr, "h", "/").await.status });
+    eventually(SOON, "the third request waits in the queue", || async {
+        queued(&metrics(&p).await, "waits") == 1.0
+    })
+    .await;
+    let s = backend_status(p.admin.unwrap(), "waits", "slow").await;
+    assert_eq!(s["queued"], 1, "{s}");
+    assert_eq!(b.started(), 2, "the backend never sees a third at once");
+
+    b.release(1);
+    eventually(SOON, "the third request gets the freed slot", || async {
+        b.started() == 3
+    })
+    .await;
+    b.release(2);
+    for h in first {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(third.await.unwrap(), 200);
+    assert_eq!(b.max_in_flight(), 2);
+    assert_eq!(queued(&metrics(&p).await, "waits"), 0.0);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let b = GateBackend::start("slow").await;
+    b.hold();
+    let p = Proxy::start(&capped("full", &b, "max_queue = 0")).await;
+    let addr = p.addr;
+    let first: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
+        .collect();
+    eventually(SOON, "two requests reach the backend", || async {
+        b.started() == 2
+    })
+    .await;
+    for _ in 0..5 {
+        let r = get(p.addr, "h", "/").await;
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+        assert!(r.body.contains("backend-busy"), "{}", r.body);
+    }
+    assert_eq!(b.started(), 2);
+    b.release(2);
+    for h in first {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(b.max_in_flight(), 2, "the backend never saw more than 2");
+    let m = metrics(&p).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"keyway_upstream_queue_rejected_total{cluster="full",backend="slow",reason="full"}"#
+        ),
+        5.0,
+        "{m}"
+    );
+    let s = backend_status(p.admin.unwrap(), "full", "slow").await;
+    assert_eq!(s["queue_rejected"], 5, "{s}");
+    // Busy is not broken: nothing counted against the backend.
+    assert!(s["last_error"].is_null(), "{s}");
+}
+
+#[tokio::test]
+async fn a_wait_past_queue_timeout_answers_503() {
+    let b = GateBackend::start("slow").await;
+    b.hold();
+    let p = Proxy::start(&capped("timeout", &b, r#"queue_timeout = "200ms""#)).await;
+    let addr = p.addr;
+    let first: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
+        .collect();
+    eventually(SOON, "two requests reach the backend", || async {
+        b.started() == 2
+    })
+    .await;
+    let r = get(p.addr, "h", "/").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(b.started(), 2);
+    b.release(2);
+    for h in first {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(b.max_in_flight(), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_frees_its_place() {
+    let b = GateBackend::start("slow").await;
+    b.hold();
+    let p = Proxy::start(&capped(
+        "leaves",
+        &b,
+        r#"max_queue = 1
+queue_timeout = "60s""#,
+    ))
+    .await;
+    let addr = p.addr;
+    let first: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
+        .collect();
+    eventually(SOON, "two requests reach the backend", || async {
+        b.started() == 2
+    })
+    .await;
+    // A client queues, then goes away.
+    let mut gone = TcpStream::connect(p.addr).await.unwrap();
+    gone.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(SOON, "the client waits in the queue", || async {
+        queued(&metrics(&p).await, "leaves") == 1.0
+    })
+    .await;
+    drop(gone);
+    eventually(SOON, "its place is free again", || async {
+        queued(&metrics(&p).await, "leaves") == 0.0
+    })
+    .await;
+    // The one place is there for the next client.
+    let next = tokio::spawn(async move { get(addr, "h", "/").await.status });
+    eventually(SOON, "the next client queues", || async {
+        queued(&metrics(&p).await, "leaves") == 1.0
+    })
+    .await;
+    b.release(3);
+    for h in first {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(next.await.unwrap(), 200);
+    assert_eq!(b.max_in_flight(), 2);
+    assert_eq!(b.in_flight(), 0);
+}
+
+// === per-listener max_connections ===
+
+/// Sends one keep-alive GET on `s` and reads until the response's body (the backend's
+/// name) arrives.
+async fn get_on(s: &mut TcpStream, within: Duration) -> bool {
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"lone") {
+                        return true;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_listener_at_max_connections_accepts_no_more_until_one_closes() {
+    let b = GateBackend::start("lone").await;
+    let p = Proxy::start(&format!(
+        r#"[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+max_connections = 2
+[[route]]
+cluster = "c"
+[cluster.c]
+backends = [{{ id = "lone", address = "{}" }}]
+"#,
+        b.addr
+    ))
+    .await;
+    let mut one = TcpStream::connect(p.addr).await.unwrap();
+    let mut two = TcpStream::connect(p.addr).await.unwrap();
+    assert!(get_on(&mut one, SOON).await);
+    assert!(get_on(&mut two, SOON).await);
+
+    // The third connects (the kernel's backlog takes it) but is not served...
+    let mut three = TcpStream::connect(p.addr).await.unwrap();
+    three
+        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let reached = format!(
+        "keyway_listener_limit_reached_total{{listener=\"{}\"}}",
+        p.addr
+    );
+    eventually(SOON, "the listener stops accepting at its cap", || async {
+        metric(&metrics(&p).await, &reached) >= 1.0
+    })
+    .await;
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), three.read(&mut buf)).await;
+    assert!(early.is_err(), "the third connection was served: {early:?}");
+    assert_eq!(b.started(), 2, "only two requests reached the backend");
+
+    // ...until one of the first two closes.
+    drop(one);
+    let mut got = Vec::new();
+    let served = tokio::time::timeout(SOON, async {
+        loop {
+            match three.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if got.ends_with(b"lone") {
+                        return true;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(served, Ok(true), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        get_on(&mut two, SOON).await,
+        "the open connection still works"
+    );
 }

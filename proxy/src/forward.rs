@@ -33,7 +33,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, BodyWatch, BoxError, Limited};
 use crate::classify::Kind;
-use crate::cluster::{Backend, Cluster, InFlight};
+use crate::cluster::{Backend, Cluster, InFlight, Slot};
 use crate::config::{Balance, Limits, ReadsOnPrimary, Role, Strategy};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::headers;
@@ -249,8 +249,8 @@ async fn proxy(
     };
 
     loop {
-        // 1. A connection: the pinned backend first, then the cluster's strategy.
-        let (idx, sender) =
+        // 1. A slot and a connection: the pinned backend first, then the cluster's strategy.
+        let (idx, sender, slot) =
             match pick_and_connect(cluster, pinned, &mut tried, purpose, &eligible).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -278,7 +278,7 @@ async fn proxy(
                 "request was consumed by an earlier attempt",
             )));
         };
-        let inflight = backend.start_request();
+        let inflight = backend.start_request(slot);
         prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
         let pt = cluster.cfg.protocol_timeout;
         let result = within_protocol_timeout(send(sender, req), pt, watch.as_deref()).await;
@@ -395,6 +395,10 @@ fn too_large(limit: u64) -> ProxyError {
 }
 
 fn no_backend_left(cluster: &Cluster, last: ProxyError) -> ProxyError {
+    if last.kind == ErrorKind::BackendBusy {
+        // Say so: the backends are up, just full.
+        return last;
+    }
     ProxyError::new(
         ErrorKind::NoBackendAvailable,
         Side::Upstream,
@@ -553,19 +557,21 @@ fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
         .cloned()
 }
 
-/// Chooses a backend and gets a connection to it. Failed backends are added to `tried`.
+/// Chooses a backend and gets one of its slots and a connection to it. Failed (and
+/// full) backends are added to `tried`.
 async fn pick_and_connect(
     cluster: &Cluster,
     pinned: Option<usize>,
     tried: &mut Vec<usize>,
     purpose: Purpose,
     eligible: &Eligible,
-) -> Result<(usize, Sender), ProxyError> {
+) -> Result<(usize, Sender, Slot), ProxyError> {
     let cfg = &cluster.cfg;
+    let (connect, queue) = (cfg.connect_timeout, cfg.queue_timeout);
     if let Some(p) = pinned.filter(|p| !tried.contains(p)) {
-        match upstream::checkout(&cluster.backends[p], purpose, cfg.connect_timeout).await {
-            Ok(s) => return Ok((p, s)),
-            // The pinned backend is down: fall through to normal selection; the response
+        match upstream::checkout_with_slot(&cluster.backends[p], purpose, connect, queue).await {
+            Ok((s, slot)) => return Ok((p, s, slot)),
+            // The pinned backend is down or full: fall through to normal selection; the response
             // will re-pin the client. This costs no retry: the pin was a preference.
             Err(_) => tried.push(p),
         }
@@ -585,8 +591,9 @@ async fn pick_and_connect(
                     ),
                 ));
             };
-            match upstream::checkout(&cluster.backends[i], purpose, cfg.connect_timeout).await {
-                Ok(s) => Ok((i, s)),
+            match upstream::checkout_with_slot(&cluster.backends[i], purpose, connect, queue).await
+            {
+                Ok((s, slot)) => Ok((i, s, slot)),
                 Err(e) => {
                     tried.push(i);
                     Err(e)
@@ -618,14 +625,20 @@ async fn pick_and_connect(
                 &cluster.backends,
                 &order,
                 cfg.connect_stagger,
-                cfg.connect_timeout,
+                connect,
+                queue,
                 purpose,
             )
             .await
             {
-                Ok((i, sender, _failed)) => Ok((i, sender)),
-                Err(failures) => {
+                Ok((i, sender, slot, _failed)) => Ok((i, sender, slot)),
+                Err(mut failures) => {
                     tried.extend(order);
+                    if failures.iter().all(|e| e.kind == ErrorKind::BackendBusy) {
+                        if let Some(busy) = failures.pop() {
+                            return Err(busy);
+                        }
+                    }
                     let last = failures
                         .into_iter()
                         .last()
@@ -939,7 +952,7 @@ mod tests {
             client: "127.0.0.1:1".parse().unwrap(),
             tls: false,
             limits: Arc::new(config.listeners[0].limits.clone()),
-            drain: crate::server::DrainGuard(drain),
+            drain: crate::server::DrainGuard::new(drain, None),
         };
         // A real `Request<Incoming>` comes only from a hyper connection.
         let (client, server) = tokio::io::duplex(4096);

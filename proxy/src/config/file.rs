@@ -99,6 +99,7 @@ pub struct FileListener {
     pub max_request_body_bytes: Option<u64>,
     pub header_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub max_connections: Option<u32>,
 }
 
 /// One entry of a listener's `tls = [...]`.
@@ -130,6 +131,9 @@ pub struct FileCluster {
     pub retry_budget: Option<FileRetryBudget>,
     pub upstream_ca: Option<String>,
     pub pool: Option<FilePool>,
+    pub max_connections: Option<u32>,
+    pub max_queue: Option<u32>,
+    pub queue_timeout: Option<String>,
     pub health: Option<FileHealth>,
     pub outlier: Option<FileOutlier>,
     pub read_routes: Option<Vec<String>>,
@@ -214,4 +218,6 @@ pub struct FileBackend {
     pub protocol: Option<String>,
     pub role: Option<String>,
     pub location: Option<String>,
+    pub max_connections: Option<u32>,
+    pub max_queue: Option<u32>,
 }
