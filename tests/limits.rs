@@ -102,11 +102,24 @@ impl Drop for Leaving<'_> {
     }
 }
 
+type GateBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
 async fn gate_answer(
     name: &'static str,
     c: Arc<Counts>,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<GateBody> {
+    if req.uri().path() == "/stream" {
+        // One chunk, then a body that never ends: the client decides when it is over.
+        let chunk = futures_util::stream::once(async {
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"first")))
+        });
+        let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(
+            chunk,
+            futures_util::stream::pending(),
+        ));
+        return Response::new(body.boxed());
+    }
     c.started.fetch_add(1, Ordering::SeqCst);
     let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     c.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -119,7 +132,7 @@ async fn gate_answer(
             p.forget();
         }
     }
-    let mut r = Response::new(Full::new(Bytes::from(name)));
+    let mut r = Response::new(Full::new(Bytes::from(name)).boxed());
     r.headers_mut().insert("x-backend", name.parse().unwrap());
     r
 }
@@ -506,4 +519,187 @@ backends = [{{ id = "lone", address = "{}" }}]
         get_on(&mut two, SOON).await,
         "the open connection still works"
     );
+}
+
+#[tokio::test]
+async fn oversized_streamed_bodies_do_not_eject() {
+    let a = GateBackend::start("a").await;
+    let b = GateBackend::start("b").await;
+    let p = Proxy::start(&format!(
+        r#"[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+max_request_body_bytes = 1000
+[[route]]
+cluster = "big"
+[cluster.big]
+outlier = {{ consecutive_failures = 2 }}
+backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
+"#,
+        a.addr, b.addr
+    ))
+    .await;
+    for _ in 0..6 {
+        // Chunked, so the size is only known as the bytes stream through.
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let mut req =
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n".to_vec();
+        req.extend_from_slice(&[b'x'; 5000]);
+        req.extend_from_slice(b"\r\n0\r\n\r\n");
+        s.write_all(&req).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(SOON, s.read_exact(&mut head))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 413");
+    }
+    let m = metrics(&p).await;
+    for id in ["a", "b"] {
+        assert_eq!(ejections(&m, "big", id), 0.0, "{m}");
+        let s = backend_status(p.admin.unwrap(), "big", id).await;
+        assert!(s["last_error"].is_null(), "{s}");
+    }
+}
+
+#[tokio::test]
+async fn an_ordered_cluster_moves_past_a_full_backend() {
+    let a = GateBackend::start("a").await;
+    let b = GateBackend::start("b").await;
+    a.hold();
+    let p = Proxy::start(&one_cluster(
+        "spill",
+        &format!(
+            r#"strategy = "ordered"
+connect_stagger = "10s"
+backends = [{{ id = "a", address = "{}", priority = 0, max_connections = 1, max_queue = 0 }},
+            {{ id = "b", address = "{}", priority = 1 }}]"#,
+            a.addr, b.addr
+        ),
+    ))
+    .await;
+    let addr = p.addr;
+    let first = tokio::spawn(async move { get(addr, "h", "/").await });
+    eventually(SOON, "the first request holds a's only slot", || async {
+        a.started() == 1
+    })
+    .await;
+    // a is full and queues nobody: b takes over at once, not after connect_stagger.
+    let r = tokio::time::timeout(Duration::from_secs(5), get(p.addr, "h", "/"))
+        .await
+        .expect("b answers before the stagger");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-backend"], "b");
+    a.release(1);
+    let r = first.await.unwrap();
+    assert_eq!(r.headers["x-backend"], "a");
+    assert_eq!(a.max_in_flight(), 1);
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_holds_its_backend_and_listener_slots_until_it_closes() {
+    use futures_util::{SinkExt, StreamExt};
+    let ws_backend = TestBackend::start("psm").await;
+    let p = Proxy::start(&format!(
+        r#"[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+max_connections = 1
+[[route]]
+cluster = "tunnel"
+[cluster.tunnel]
+max_connections = 1
+max_queue = 0
+backends = [{{ id = "psm", address = "{}" }}]
+"#,
+        ws_backend.addr
+    ))
+    .await;
+    let capped = p.addrs[1];
+    let (mut ws, resp) = tokio_tungstenite::client_async(
+        "ws://h/gateway",
+        TcpStream::connect(capped).await.unwrap(),
+    )
+    .await
+    .expect("websocket handshake through keyway");
+    assert_eq!(resp.status(), 101);
+    ws.send("hello".into()).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().to_text().unwrap(),
+        "psm:hello"
+    );
+
+    // The tunnel holds the backend's only slot...
+    let r = get(p.addr, "h", "/").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("backend-busy"), "{}", r.body);
+    // ...and its listener's only connection.
+    let mut second = TcpStream::connect(capped).await.unwrap();
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
+    assert!(early.is_err(), "served while the tunnel is open: {early:?}");
+
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let mut head = [0u8; 12];
+    tokio::time::timeout(SOON, second.read_exact(&mut head))
+        .await
+        .expect("served once the tunnel closed")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+}
+
+#[tokio::test]
+async fn clients_leaving_mid_response_do_not_count_and_free_the_slot() {
+    let a = GateBackend::start("a").await;
+    let b = GateBackend::start("b").await;
+    let p = Proxy::start(&one_cluster(
+        "leaving",
+        &format!(
+            r#"outlier = {{ consecutive_failures = 2 }}
+backends = [{{ id = "a", address = "{}", max_connections = 1 }}, {{ id = "b", address = "{}", max_connections = 1 }}]"#,
+            a.addr, b.addr
+        ),
+    ))
+    .await;
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"first\r\n") {
+            let n = tokio::time::timeout(SOON, s.read(&mut buf))
+                .await
+                .expect("the first chunk")
+                .unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(s);
+    }
+    for id in ["a", "b"] {
+        eventually(SOON, "the streams' slots are free again", || async {
+            backend_status(p.admin.unwrap(), "leaving", id).await["in_flight"] == 0
+        })
+        .await;
+        let s = backend_status(p.admin.unwrap(), "leaving", id).await;
+        assert!(s["last_error"].is_null(), "{s}");
+    }
+    let m = metrics(&p).await;
+    assert_eq!(ejections(&m, "leaving", "a"), 0.0, "{m}");
+    assert_eq!(ejections(&m, "leaving", "b"), 0.0, "{m}");
+    // Each backend has its one slot back.
+    for _ in 0..2 {
+        assert_eq!(get(p.addr, "h", "/").await.status, 200);
+    }
 }

@@ -97,7 +97,7 @@ impl BodyWatch {
             .fetch_or(flags | CLIENT_FAILED, Ordering::Relaxed);
     }
 
-    fn mark_sent(&self) {
+    pub(crate) fn mark_sent(&self) {
         if self.sent_ns.load(Ordering::Relaxed) == 0 {
             let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
             let _ = self

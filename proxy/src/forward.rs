@@ -930,6 +930,37 @@ impl HttpBody for UpstreamBody {
 mod tests {
     use super::*;
 
+    /// The backend's time to answer starts when it has the whole request.
+    #[tokio::test]
+    async fn protocol_timeout_runs_from_the_end_of_the_upload() {
+        let ms = Duration::from_millis;
+        let limit = ms(150);
+        let answer = || async move {
+            tokio::time::sleep(ms(200)).await;
+            7
+        };
+        // The upload ends at 100 ms; the answer at 200 ms is within 150 ms of it.
+        let watch = Arc::new(BodyWatch::new());
+        let w = watch.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(100)).await;
+            w.mark_sent();
+        });
+        assert_eq!(
+            within_protocol_timeout(answer(), limit, Some(&watch)).await,
+            Some(7)
+        );
+        // Without a body, sending ended at once: the same answer is late.
+        assert_eq!(within_protocol_timeout(answer(), limit, None).await, None);
+        // A body still streaming when the limit passes is cut.
+        let streaming = BodyWatch::new();
+        let started = Instant::now();
+        let cut =
+            within_protocol_timeout(std::future::pending::<()>(), limit, Some(&streaming)).await;
+        assert_eq!(cut, None);
+        assert!(started.elapsed() >= limit);
+    }
+
     /// hyper moves each request's future into place (`recv_msg`), so its size is paid
     /// in copying on every request. A TCP + TLS handshake inline made it 10 KiB;
     /// rarely taken large branches are boxed. This keeps it that way.

@@ -267,7 +267,7 @@ pub enum Ending {
     /// hyper failed the exchange before a response head. `user`: hyper says the failure
     /// is on our side of the connection (`hyper::Error::is_user()`: the request body we
     /// streamed failed, or a request hyper cannot send); `unsent`: hyper handed the
-    /// request back unwritten (a pooled connection closed under it).
+    /// request back unwritten (the backend closed the connection first).
     Broken {
         /// `hyper::Error::is_user()`.
         user: bool,
@@ -311,8 +311,8 @@ pub enum Fault {
     /// away. Counts neither for nor against the backend.
     Client,
     /// Nobody's: the exchange went well, or failed in a way that says nothing about the
-    /// backend (a pooled connection the backend had closed while idle, a body still
-    /// streaming when the timeout ran out, a request keyway itself could not send).
+    /// backend (a body still streaming when the timeout ran out, a request keyway itself
+    /// could not send).
     None,
 }
 
@@ -327,8 +327,12 @@ impl Fault {
         match ending {
             Ending::Answered(status) if status >= 500 && count_5xx => Fault::Backend,
             Ending::Answered(_) => Fault::None,
-            Ending::Broken { unsent: true, .. } => Fault::None,
-            Ending::Broken { user: true, .. } => Fault::None,
+            // A connection the backend closed before taking the request counts: keyway
+            // cannot tell a stale pooled one from a backend that drops every connection.
+            Ending::Broken {
+                user: true,
+                unsent: false,
+            } => Fault::None,
             Ending::Broken { .. } | Ending::BodyBroken => Fault::Backend,
             Ending::TimedOut if body.sent => Fault::Backend,
             // The backend may have been reading a slow client's body all along.
@@ -920,10 +924,11 @@ mod tests {
                 "{ending:?}"
             );
         }
-        // Nobody's: a timeout while the client still streams, a stale pooled
-        // connection, a request hyper refused to send.
+        // A connection closed before the request was written: the backend's.
+        assert_eq!(Fault::of(stale, sent, true), Fault::Backend);
+        // Nobody's: a timeout while the client still streams, a request hyper refused
+        // to send.
         assert_eq!(Fault::of(Ending::TimedOut, streaming, true), Fault::None);
-        assert_eq!(Fault::of(stale, sent, true), Fault::None);
         assert_eq!(Fault::of(body_error, streaming, true), Fault::None);
     }
 
