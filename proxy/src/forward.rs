@@ -281,7 +281,10 @@ async fn proxy(
         let inflight = backend.start_request(slot);
         prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
         let pt = cluster.cfg.protocol_timeout;
-        let result = within_protocol_timeout(send(sender, req), pt, watch.as_deref()).await;
+        // Pinned here, not inside the helper: moving it in would store it twice in this
+        // future, which hyper moves on every request.
+        let sending = std::pin::pin!(send(sender, req));
+        let result = within_protocol_timeout(sending, pt, watch.as_deref()).await;
         let count_5xx = cluster.cfg.outlier.count_5xx;
         let (failure, ending) = match result {
             Some(Ok((resp, h1))) => {
@@ -366,13 +369,12 @@ fn body_facts(watch: Option<&BodyWatch>) -> BodyFacts {
 /// ends `limit` after sending began if the body is then still streaming (`None`, as
 /// for any timeout; whose fault that is, `Fault::of` decides).
 async fn within_protocol_timeout<F: Future>(
-    fut: F,
+    mut fut: Pin<&mut F>,
     limit: Duration,
     body: Option<&BodyWatch>,
 ) -> Option<F::Output> {
     let started = tokio::time::Instant::now();
     let mut deadline = started + limit;
-    tokio::pin!(fut);
     loop {
         if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
             return Some(out);
@@ -946,17 +948,19 @@ mod tests {
             tokio::time::sleep(ms(100)).await;
             w.mark_sent();
         });
+        let a = std::pin::pin!(answer());
         assert_eq!(
-            within_protocol_timeout(answer(), limit, Some(&watch)).await,
+            within_protocol_timeout(a, limit, Some(&watch)).await,
             Some(7)
         );
         // Without a body, sending ended at once: the same answer is late.
-        assert_eq!(within_protocol_timeout(answer(), limit, None).await, None);
+        let a = std::pin::pin!(answer());
+        assert_eq!(within_protocol_timeout(a, limit, None).await, None);
         // A body still streaming when the limit passes is cut.
         let streaming = BodyWatch::new();
         let started = Instant::now();
-        let cut =
-            within_protocol_timeout(std::future::pending::<()>(), limit, Some(&streaming)).await;
+        let never = std::pin::pin!(std::future::pending::<()>());
+        let cut = within_protocol_timeout(never, limit, Some(&streaming)).await;
         assert_eq!(cut, None);
         assert!(started.elapsed() >= limit);
     }
