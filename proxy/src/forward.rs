@@ -307,15 +307,16 @@ async fn proxy(
                 (e, ending)
             }
             None => {
-                let e = ProxyError::new(
-                    ErrorKind::ProtocolTimeout,
-                    Side::Upstream,
-                    false,
-                    format!(
-                        "backend `{}` sent no response headers within {pt:?} of the request",
-                        backend.cfg.id
+                let id = &backend.cfg.id;
+                let detail = match watch.as_deref().map(BodyWatch::sent_at) {
+                    Some(None) => format!(
+                        "the request body was still streaming to backend `{id}` {pt:?} after sending began"
                     ),
-                );
+                    _ => format!(
+                        "backend `{id}` sent no response headers within {pt:?} of the whole request"
+                    ),
+                };
+                let e = ProxyError::new(ErrorKind::ProtocolTimeout, Side::Upstream, false, detail);
                 (e, Ending::TimedOut)
             }
         };

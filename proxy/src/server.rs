@@ -797,3 +797,43 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listener_cap_resizes_without_cutting_connections() {
+        let limit = ConnLimit::new(3);
+        let mut open: Vec<_> = (0..3)
+            .map(|_| {
+                limit
+                    .free
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("below the cap")
+            })
+            .collect();
+        // Shrink below what is open: nothing is cut, the surplus retires as they close.
+        limit.resize(1);
+        assert_eq!(limit.free.available_permits(), 0);
+        open.truncate(1);
+        tokio::task::yield_now().await;
+        assert!(
+            limit.free.clone().try_acquire_owned().is_err(),
+            "one connection is open and the cap is 1"
+        );
+        open.clear();
+        let one = limit
+            .free
+            .clone()
+            .try_acquire_owned()
+            .expect("a free place");
+        assert!(limit.free.clone().try_acquire_owned().is_err());
+        // Grow: the new places are there at once.
+        limit.resize(4);
+        assert_eq!(limit.free.available_permits(), 3);
+        drop(one);
+        assert_eq!(limit.free.available_permits(), 4);
+    }
+}
