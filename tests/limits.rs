@@ -703,3 +703,45 @@ backends = [{{ id = "a", address = "{}", max_connections = 1 }}, {{ id = "b", ad
         assert_eq!(get(p.addr, "h", "/").await.status, 200);
     }
 }
+
+#[tokio::test]
+async fn a_reload_raises_the_listener_cap_without_a_restart() {
+    let b = GateBackend::start("lone").await;
+    let config = |cap: u32| {
+        format!(
+            r#"[admin]
+listen = "127.0.0.1:0"
+[[listener]]
+listen = "127.0.0.1:0"
+max_connections = {cap}
+[[route]]
+cluster = "c"
+[cluster.c]
+backends = [{{ id = "lone", address = "{}" }}]
+"#,
+            b.addr
+        )
+    };
+    let file = unique_dir("limits-reload").join("keyway.toml");
+    let p = Proxy::start_file(&file, &config(1)).await;
+    let mut one = TcpStream::connect(p.addr).await.unwrap();
+    assert!(get_on(&mut one, SOON).await);
+    let reached = format!(
+        "keyway_listener_limit_reached_total{{listener=\"{}\"}}",
+        p.addr
+    );
+    eventually(SOON, "the listener is at its cap", || async {
+        metric(&metrics(&p).await, &reached) >= 1.0
+    })
+    .await;
+
+    std::fs::write(&file, config(2)).unwrap();
+    p.server().reload().expect("reload");
+    // The open connection stays, and a second one is now served beside it.
+    let mut two = TcpStream::connect(p.addr).await.unwrap();
+    assert!(
+        get_on(&mut two, SOON).await,
+        "served after the cap was raised"
+    );
+    assert!(get_on(&mut one, SOON).await);
+}
