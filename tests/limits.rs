@@ -745,3 +745,34 @@ backends = [{{ id = "lone", address = "{}" }}]
     );
     assert!(get_on(&mut one, SOON).await);
 }
+
+#[tokio::test]
+async fn a_balanced_cluster_prefers_a_backend_with_a_free_slot() {
+    let a = GateBackend::start("a").await;
+    let b = GateBackend::start("b").await;
+    a.hold();
+    let p = Proxy::start(&one_cluster(
+        "prefer",
+        &format!(
+            r#"queue_timeout = "60s"
+backends = [{{ id = "a", address = "{}", max_connections = 1 }}, {{ id = "b", address = "{}" }}]"#,
+            a.addr, b.addr
+        ),
+    ))
+    .await;
+    let addr = p.addr;
+    let first = tokio::spawn(async move { get(addr, "h", "/").await });
+    eventually(SOON, "a's only slot is taken", || async {
+        a.started() == 1
+    })
+    .await;
+    // Round-robin would queue every other request behind a's slot for up to a minute.
+    for _ in 0..4 {
+        let r = tokio::time::timeout(Duration::from_secs(5), get(p.addr, "h", "/"))
+            .await
+            .expect("answered without queueing");
+        assert_eq!(r.headers["x-backend"], "b");
+    }
+    a.release(1);
+    assert_eq!(first.await.unwrap().headers["x-backend"], "a");
+}

@@ -166,6 +166,11 @@ impl Backend {
         self.slots.rejected.load(Ordering::Relaxed)
     }
 
+    /// Whether a slot is free now (a hint: another request may take it first).
+    pub fn has_free_slot(&self) -> bool {
+        self.slots.free.available_permits() > 0
+    }
+
     /// A free slot, if one is free now (no waiting, no allocation).
     pub fn try_slot(&self) -> Option<Slot> {
         self.slots.free.clone().try_acquire_owned().ok().map(Slot)

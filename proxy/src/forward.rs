@@ -581,9 +581,14 @@ async fn pick_and_connect(
     }
     match cfg.strategy {
         Strategy::Balanced | Strategy::PrimaryReplica => {
-            let Some(i) = cluster.balancer.pick(&cluster.backends, |i| {
-                !tried.contains(&i) && eligible.allows(i)
-            }) else {
+            let allowed = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            // A backend with a free slot first: queue only when every candidate is full.
+            let free = |i: usize| allowed(i) && cluster.backends[i].has_free_slot();
+            let picked = cluster
+                .balancer
+                .pick(&cluster.backends, free)
+                .or_else(|| cluster.balancer.pick(&cluster.backends, allowed));
+            let Some(i) = picked else {
                 return Err(ProxyError::new(
                     ErrorKind::NoBackendAvailable,
                     Side::Internal,
