@@ -25,6 +25,8 @@ fn backend() -> BackendConfig {
         protocol: UpstreamProtocol::Http1,
         role: Role::Replica,
         location: String::new(),
+        max_connections: keyway::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
+        max_queue: keyway::config::DEFAULT_BACKEND_MAX_QUEUE,
     }
 }
 

@@ -121,6 +121,25 @@ fn bench(c: &mut Criterion) {
     c.bench_function("headers: sticky cookie lookup", |b| {
         b.iter(|| headers::cookie(black_box(&base), "keyway_affinity"))
     });
+
+    // The front door on a request that is already normal (the common case) and on one
+    // it must rewrite (dot segment, escapes).
+    let door = keyway::config::FrontDoorConfig::default();
+    let peer = "10.1.2.3".parse().expect("ip");
+    for (name, path) in [
+        ("normal path", "/PasswordVault/api/Accounts/12/Password/Retrieve"),
+        ("rewritten path", "/PasswordVault/api/./Accounts/%31%32/Password/Retrieve"),
+    ] {
+        let mut req = http::Request::get(path).body(()).expect("request");
+        *req.headers_mut() = base.clone();
+        c.bench_function(&format!("front door: {name}"), |b| {
+            b.iter_batched(
+                || req.clone(),
+                |mut r| keyway::frontdoor::admit(&mut r, &door, peer).map(|_| r),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
 }
 
 criterion_group!(benches, bench);

@@ -2,12 +2,15 @@
 //!
 //! Bodies are streamed frame by frame in both directions; nothing here buffers a whole
 //! body. [`Limited`] counts request bytes and fails the stream once the listener's
-//! limit is crossed, flagging it so the request path can answer 413.
+//! limit is crossed; it also records in a [`BodyWatch`] how the client's body ended
+//! (sent in full, failed on the client's side, too large), so the request path can
+//! answer 413 and tell a client's failure from a backend's.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -43,23 +46,91 @@ impl std::fmt::Display for TooLarge {
 
 impl std::error::Error for TooLarge {}
 
+// === impl BodyWatch ===
+
+/// How a client's request body fared on its way to a backend. Shared between the
+/// [`Limited`] wrapper (which hyper's client polls) and the request path (which reads it
+/// after the exchange); allocated only for requests that have a body.
+#[derive(Debug)]
+pub struct BodyWatch {
+    flags: AtomicU8,
+    /// Nanoseconds after `base` at which the last byte was handed to the backend's
+    /// connection, plus one; 0 while the body is still streaming.
+    sent_ns: AtomicU64,
+    base: Instant,
+}
+
+const TOO_LARGE: u8 = 1;
+const CLIENT_FAILED: u8 = 2;
+
+impl BodyWatch {
+    /// A watch for a body that has not started streaming.
+    pub fn new() -> Self {
+        Self {
+            flags: AtomicU8::new(0),
+            sent_ns: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
+
+    /// Whether the body crossed the size limit (answer 413).
+    pub fn too_large(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & TOO_LARGE != 0
+    }
+
+    /// Whether the body failed on the client's side: it aborted, sent a malformed or
+    /// truncated body, or crossed the size limit. Never a backend's fault.
+    pub fn client_failed(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & CLIENT_FAILED != 0
+    }
+
+    /// When the whole body had been handed to the backend's connection, if it has.
+    pub fn sent_at(&self) -> Option<Instant> {
+        match self.sent_ns.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    fn fail(&self, flags: u8) {
+        self.flags
+            .fetch_or(flags | CLIENT_FAILED, Ordering::Relaxed);
+    }
+
+    pub(crate) fn mark_sent(&self) {
+        if self.sent_ns.load(Ordering::Relaxed) == 0 {
+            let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+            let _ = self
+                .sent_ns
+                .compare_exchange(0, ns + 1, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Default for BodyWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A request body that fails once more than `remaining` bytes have passed.
+    /// A request body that fails once more than `remaining` bytes have passed, and
+    /// reports to its [`BodyWatch`] how it ended.
     pub struct Limited<B> {
         #[pin]
         inner: B,
         remaining: u64,
-        tripped: Arc<AtomicBool>,
+        watch: Arc<BodyWatch>,
     }
 }
 
 impl<B> Limited<B> {
-    /// Wraps `inner`; `tripped` is set when the limit is crossed.
-    pub fn new(inner: B, limit: u64, tripped: Arc<AtomicBool>) -> Self {
+    /// Wraps `inner`; `watch` learns how the body ends.
+    pub fn new(inner: B, limit: u64, watch: Arc<BodyWatch>) -> Self {
         Self {
             inner,
             remaining: limit,
-            tripped,
+            watch,
         }
     }
 }
@@ -76,27 +147,41 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > *this.remaining {
-                        this.tripped.store(true, Ordering::Relaxed);
+                        this.watch.fail(TOO_LARGE);
                         return Poll::Ready(Some(Err(Box::new(TooLarge))));
                     }
                     *this.remaining -= n;
                 }
+                // hyper stops polling a body whose declared length it has written.
+                if this.inner.is_end_stream() {
+                    this.watch.mark_sent();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                this.watch.fail(0);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.watch.mark_sent();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end {
+            self.watch.mark_sent();
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -110,18 +195,41 @@ mod tests {
 
     #[tokio::test]
     async fn limited_trips_past_limit() {
-        let flag = Arc::new(AtomicBool::new(false));
+        let watch = Arc::new(BodyWatch::new());
         let b = Limited::new(
             Full::new(Bytes::from_static(b"0123456789")),
             5,
-            flag.clone(),
+            watch.clone(),
         );
         assert!(b.collect().await.is_err());
-        assert!(flag.load(Ordering::Relaxed));
+        assert!(watch.too_large() && watch.client_failed());
+        assert!(watch.sent_at().is_none());
 
-        let flag = Arc::new(AtomicBool::new(false));
-        let b = Limited::new(Full::new(Bytes::from_static(b"01234")), 5, flag.clone());
+        let watch = Arc::new(BodyWatch::new());
+        let b = Limited::new(Full::new(Bytes::from_static(b"01234")), 5, watch.clone());
         assert_eq!(b.collect().await.unwrap().to_bytes().len(), 5);
-        assert!(!flag.load(Ordering::Relaxed));
+        assert!(!watch.too_large() && !watch.client_failed());
+        assert!(watch.sent_at().is_some());
+    }
+
+    /// A body whose stream fails (the client aborted mid-upload) is the client's failure.
+    #[tokio::test]
+    async fn a_failing_stream_is_the_clients_failure() {
+        let watch = Arc::new(BodyWatch::new());
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Err("connection reset by client".into()),
+        ];
+        let b = Limited::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
+            1024,
+            watch.clone(),
+        );
+        assert!(b.collect().await.is_err());
+        assert!(watch.client_failed() && !watch.too_large());
+        assert!(
+            watch.sent_at().is_none(),
+            "a failed body was never sent in full"
+        );
     }
 }

@@ -4,6 +4,8 @@
 //! A [`Cluster`] is built from a [`ClusterConfig`] and then shared read-only by every
 //! request (`Arc`); per-request state lives in atomics. Metric handles are registered
 //! once here so the request path increments counters without hashing label sets.
+//! Each backend also owns its exchange slots (`max_connections`) and the bounded queue
+//! of requests waiting for one; a slot is held by the exchange's [`InFlight`] guard.
 //! This module decides nothing about where a request goes (see `forward`) and performs
 //! no I/O.
 
@@ -12,11 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::balance::{Balancer, Candidate};
 use crate::classify::Classifier;
 use crate::config::{BackendConfig, ClusterConfig, RetryBudget};
-use crate::health::ClusterHealth;
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::health::{ClusterHealth, Fault};
 use crate::upstream::{self, Pool};
 
 /// One backend at run time.
@@ -36,6 +40,7 @@ pub struct Backend {
     requests: AtomicU64,
     connect_errors: AtomicU64,
     last_error: Mutex<Option<(SystemTime, String)>>,
+    slots: Slots,
     metrics: BackendMetrics,
 }
 
@@ -43,7 +48,21 @@ struct BackendMetrics {
     responses: [Counter; 5],
     connect_errors: Counter,
     in_flight: Gauge,
+    queued: Gauge,
+    queue_full: Counter,
+    queue_timeout: Counter,
 }
+
+/// A backend's exchange slots and the bounded queue of requests waiting for one.
+struct Slots {
+    free: Arc<Semaphore>,
+    max_queue: u32,
+    queued: AtomicU32,
+    rejected: AtomicU64,
+}
+
+/// One of a backend's `max_connections` slots, held for a whole exchange.
+pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl Candidate for Arc<Backend> {
     fn weight(&self) -> u32 {
@@ -70,6 +89,11 @@ impl Backend {
             l.push(("class", c.to_string()));
             counter!("keyway_upstream_responses_total", &l)
         };
+        let rejected = |why: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("reason", why.to_string()));
+            counter!("keyway_upstream_queue_rejected_total", &l)
+        };
         let tls = if cfg.tls {
             Some(upstream::BackendTls::new(
                 cluster.upstream_ca.as_deref(),
@@ -88,6 +112,12 @@ impl Backend {
             requests: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            slots: Slots {
+                free: Arc::new(Semaphore::new(cfg.max_connections as usize)),
+                max_queue: cfg.max_queue,
+                queued: AtomicU32::new(0),
+                rejected: AtomicU64::new(0),
+            },
             metrics: BackendMetrics {
                 responses: [
                     class("1xx"),
@@ -98,6 +128,9 @@ impl Backend {
                 ],
                 connect_errors: counter!("keyway_upstream_connect_errors_total", &labels),
                 in_flight: gauge!("keyway_upstream_in_flight", &labels),
+                queued: gauge!("keyway_upstream_queued", &labels),
+                queue_full: rejected("full"),
+                queue_timeout: rejected("timeout"),
             },
             cfg,
         })
@@ -123,12 +156,69 @@ impl Backend {
         self.last_error.lock().ok().and_then(|g| g.clone())
     }
 
-    /// Marks a request as started; the guard marks it finished when dropped.
-    pub fn start_request(self: &Arc<Self>) -> InFlight {
+    /// Requests waiting for a slot now.
+    pub fn queued(&self) -> u32 {
+        self.slots.queued.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused since start because the queue was full or the wait ran out.
+    pub fn queue_rejected(&self) -> u64 {
+        self.slots.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Whether a slot is free now (a hint: another request may take it first).
+    pub fn has_free_slot(&self) -> bool {
+        self.slots.free.available_permits() > 0
+    }
+
+    /// A free slot, if one is free now (no waiting, no allocation).
+    pub fn try_slot(&self) -> Option<Slot> {
+        self.slots.free.clone().try_acquire_owned().ok().map(Slot)
+    }
+
+    /// Waits in the backend's bounded queue for a slot, for at most `timeout`. Refused
+    /// at once when `max_queue` requests already wait. A request that gives up (its
+    /// client went away and the future is dropped) leaves the queue at once: the
+    /// semaphore forgets the waiter and the queue place is returned on drop.
+    pub async fn queue_for_slot(self: &Arc<Self>, timeout: Duration) -> Result<Slot, ProxyError> {
+        let ahead = self.slots.queued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.queued.increment(1.0);
+        let _place = QueuePlace(self);
+        if ahead >= self.slots.max_queue {
+            self.metrics.queue_full.increment(1);
+            return Err(self.busy(format!(
+                "backend `{}` carries its max_connections ({}) and {} requests already wait for it",
+                self.cfg.id, self.cfg.max_connections, self.slots.max_queue
+            )));
+        }
+        let got = tokio::time::timeout(timeout, self.slots.free.clone().acquire_owned()).await;
+        match got {
+            Ok(Ok(permit)) => Ok(Slot(permit)),
+            _ => {
+                self.metrics.queue_timeout.increment(1);
+                Err(self.busy(format!(
+                    "no slot of backend `{}` (max_connections = {}) came free within {timeout:?}",
+                    self.cfg.id, self.cfg.max_connections
+                )))
+            }
+        }
+    }
+
+    fn busy(&self, detail: String) -> ProxyError {
+        self.slots.rejected.fetch_add(1, Ordering::Relaxed);
+        ProxyError::new(ErrorKind::BackendBusy, Side::Internal, true, detail)
+    }
+
+    /// Marks a request as started; the guard holds `slot` and marks the request
+    /// finished when dropped.
+    pub fn start_request(self: &Arc<Self>, slot: Slot) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.increment(1.0);
-        InFlight(self.clone())
+        InFlight {
+            backend: self.clone(),
+            _slot: slot,
+        }
     }
 
     /// Counts a response by status class.
@@ -145,10 +235,24 @@ impl Backend {
         self.health.report(self.index, false);
     }
 
-    /// Reports how an exchange with this backend ended, for passive ejection: `false` for
-    /// a broken exchange, a timeout or a 5xx answer.
-    pub fn report_outcome(&self, ok: bool) {
-        self.health.report(self.index, ok);
+    /// Feeds a response head to passive ejection: an answer that was the backend's fault
+    /// (a counted 5xx) counts against it, any other answer for it; when the client's
+    /// body failed it counts for nothing.
+    pub fn report_answer(&self, fault: Fault) {
+        match fault {
+            Fault::Backend => self.health.report(self.index, false),
+            Fault::None => self.health.report(self.index, true),
+            Fault::Client => {}
+        }
+    }
+
+    /// Feeds a failed exchange to passive ejection. Only a failure that was the
+    /// backend's own counts against it and becomes its `last_error`.
+    pub fn report_failure(&self, fault: Fault, detail: &str) {
+        if fault == Fault::Backend {
+            self.record_error(detail);
+            self.health.report(self.index, false);
+        }
     }
 
     /// Records the latest error seen on this backend (for `/status`).
@@ -159,13 +263,36 @@ impl Backend {
     }
 }
 
-/// Decrements a backend's in-flight count when dropped.
-pub struct InFlight(Arc<Backend>);
+/// One exchange with a backend: holds its slot, and decrements the backend's in-flight
+/// count and frees the slot when dropped (response body done, tunnel closed, or the
+/// client gone).
+pub struct InFlight {
+    backend: Arc<Backend>,
+    _slot: Slot,
+}
+
+impl InFlight {
+    /// The backend this exchange is with.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.in_flight.decrement(1.0);
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.metrics.in_flight.decrement(1.0);
+    }
+}
+
+/// A place in a backend's queue, returned when dropped (slot granted, refused, timed
+/// out, or the waiting request cancelled).
+struct QueuePlace<'a>(&'a Backend);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.slots.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.queued.decrement(1.0);
     }
 }
 

@@ -39,6 +39,9 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// Every backend was tried (or none is usable).
     NoBackendAvailable,
+    /// The backend carries `max_connections` exchanges and its queue was full, or no
+    /// slot came free within `queue_timeout`. Nothing reached the backend.
+    BackendBusy,
     /// The request body exceeded `max_request_body_bytes`.
     BodyTooLarge,
     /// The client's request was malformed or its body failed mid-stream.
@@ -80,7 +83,9 @@ impl ProxyError {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::ConnectFailed | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
-            ErrorKind::NoBackendAvailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoBackendAvailable | ErrorKind::BackendBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::ConnectTimeout | ErrorKind::ProtocolTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -94,6 +99,7 @@ impl ProxyError {
             ErrorKind::ProtocolTimeout => "protocol-timeout",
             ErrorKind::UpstreamProtocol => "upstream-protocol-error",
             ErrorKind::NoBackendAvailable => "no-backend-available",
+            ErrorKind::BackendBusy => "backend-busy",
             ErrorKind::BodyTooLarge => "body-too-large",
             ErrorKind::BadRequest => "bad-request",
             ErrorKind::MethodNotAllowed => "method-not-allowed",
@@ -156,6 +162,15 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(e(ErrorKind::BodyTooLarge), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(e(ErrorKind::BackendBusy), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_busy_backend_answers_503_with_retry_after() {
+        let r = ProxyError::new(ErrorKind::BackendBusy, Side::Internal, true, "queue full")
+            .into_response(Some("vault"));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
     }
 
     #[test]

@@ -15,12 +15,12 @@
 //! Every failure becomes a [`ProxyError`] and is answered by `ProxyError::into_response`.
 //! Nothing here may panic on client or backend input.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -31,14 +31,14 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use crate::body::{self, Body, BoxError, Limited};
+use crate::body::{self, Body, BodyWatch, BoxError, Limited};
 use crate::classify::Kind;
-use crate::cluster::{Backend, Cluster, InFlight};
+use crate::cluster::{Backend, Cluster, InFlight, Slot};
 use crate::config::{Balance, FrontDoorConfig, Limits, ReadsOnPrimary, Role, Strategy};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::frontdoor;
 use crate::headers;
-use crate::health::HealthView;
+use crate::health::{BodyFacts, Ending, Fault, HealthView};
 use crate::router::Router;
 use crate::upstream::{self, Purpose, Sender};
 
@@ -221,12 +221,13 @@ async fn proxy(
             .insert(EPOCH_HEADER, eligible.view.epoch_header.clone());
     }
 
-    // The limit flag is only needed (and allocated) when there is a body to count.
+    // The body watch (size limit, how the body ended) is only needed (and allocated)
+    // when there is a body.
     let empty_body = incoming.is_end_stream();
-    let tripped = (!empty_body).then(|| Arc::new(AtomicBool::new(false)));
-    let body = match &tripped {
+    let watch = (!empty_body).then(|| Arc::new(BodyWatch::new()));
+    let body = match &watch {
         None => body::empty(),
-        Some(flag) => Limited::new(incoming, limit, flag.clone()).boxed(),
+        Some(w) => Limited::new(incoming, limit, w.clone()).boxed(),
     };
     // Only bodiless safe requests can be rebuilt for a retry after they were sent.
     let replayable = empty_body
@@ -251,8 +252,8 @@ async fn proxy(
     };
 
     loop {
-        // 1. A connection: the pinned backend first, then the cluster's strategy.
-        let (idx, sender) =
+        // 1. A slot and a connection: the pinned backend first, then the cluster's strategy.
+        let (idx, sender, slot) =
             match pick_and_connect(cluster, pinned, &mut tried, purpose, &eligible).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -280,11 +281,16 @@ async fn proxy(
                 "request was consumed by an earlier attempt",
             )));
         };
-        let inflight = backend.start_request();
+        let inflight = backend.start_request(slot);
         prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
-        let result = tokio::time::timeout(cluster.cfg.protocol_timeout, send(sender, req)).await;
-        let failure = match result {
-            Ok(Ok((resp, h1))) => {
+        let pt = cluster.cfg.protocol_timeout;
+        // Pinned here, not inside the helper: moving it in would store it twice in this
+        // future, which hyper moves on every request.
+        let sending = std::pin::pin!(send(sender, req));
+        let result = within_protocol_timeout(sending, pt, watch.as_deref()).await;
+        let count_5xx = cluster.cfg.outlier.count_5xx;
+        let (failure, ending) = match result {
+            Some(Ok((resp, h1))) => {
                 let answer = Answer {
                     pinned,
                     idx,
@@ -292,36 +298,45 @@ async fn proxy(
                     h1,
                     inflight,
                     on_client_upgrade,
+                    watch: watch.clone(),
                 };
                 return Ok(respond(cluster, &backend, info, resp, answer));
             }
-            Ok(Err((e, unsent))) => {
-                backend.record_error(&e.detail);
-                backend.report_outcome(false);
+            Some(Err((e, unsent, ending))) => {
                 if let Some(r) = unsent {
                     // hyper never wrote it: safe to send elsewhere, whatever the method.
                     pending = Some(r);
                 }
-                e
+                (e, ending)
             }
-            Err(_) => {
-                let e = ProxyError::new(
-                    ErrorKind::ProtocolTimeout,
-                    Side::Upstream,
-                    false,
-                    format!(
-                        "backend `{}` sent no response headers within {:?}",
-                        backend.cfg.id, cluster.cfg.protocol_timeout
+            None => {
+                let id = &backend.cfg.id;
+                let detail = match watch.as_deref().map(BodyWatch::sent_at) {
+                    Some(None) => format!(
+                        "the request body was still streaming to backend `{id}` {pt:?} after sending began"
                     ),
-                );
-                backend.record_error(&e.detail);
-                backend.report_outcome(false);
-                e
+                    _ => format!(
+                        "backend `{id}` sent no response headers within {pt:?} of the whole request"
+                    ),
+                };
+                let e = ProxyError::new(ErrorKind::ProtocolTimeout, Side::Upstream, false, detail);
+                (e, Ending::TimedOut)
             }
         };
+        // Passive ejection counts only what the backend did, never the client's abort.
+        let fault = Fault::of(ending, body_facts(watch.as_deref()), count_5xx);
+        backend.report_failure(fault, &failure.detail);
         drop(inflight);
-        if tripped.as_ref().is_some_and(|t| t.load(Ordering::Relaxed)) {
+        if watch.as_ref().is_some_and(|w| w.too_large()) {
             return Err(fail(too_large(limit)));
+        }
+        if fault == Fault::Client {
+            return Err(fail(ProxyError::new(
+                ErrorKind::BadRequest,
+                Side::Downstream,
+                false,
+                "the client's request body ended early or was malformed",
+            )));
         }
         // 3. Retry where the rules allow it.
         if pending.is_none() {
@@ -344,6 +359,38 @@ async fn proxy(
     }
 }
 
+/// What the client's body had done when an exchange ended.
+fn body_facts(watch: Option<&BodyWatch>) -> BodyFacts {
+    watch.map_or(BodyFacts::NONE, |w| BodyFacts {
+        client_failed: w.client_failed(),
+        sent: w.sent_at().is_some(),
+    })
+}
+
+/// Waits for a backend's response head. `limit` is the backend's time to answer once
+/// it has the whole request: a body that finished streaming late extends the wait, so a
+/// backend is never timed out (and blamed) for a client's slow upload. The wait still
+/// ends `limit` after sending began if the body is then still streaming (`None`, as
+/// for any timeout; whose fault that is, `Fault::of` decides).
+async fn within_protocol_timeout<F: Future>(
+    mut fut: Pin<&mut F>,
+    limit: Duration,
+    body: Option<&BodyWatch>,
+) -> Option<F::Output> {
+    let started = tokio::time::Instant::now();
+    let mut deadline = started + limit;
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
+            return Some(out);
+        }
+        let sent = body.map_or(Some(started.into_std()), BodyWatch::sent_at);
+        match sent.map(|at| tokio::time::Instant::from_std(at) + limit) {
+            Some(later) if later > deadline => deadline = later,
+            _ => return None,
+        }
+    }
+}
+
 fn too_large(limit: u64) -> ProxyError {
     ProxyError::new(
         ErrorKind::BodyTooLarge,
@@ -354,6 +401,10 @@ fn too_large(limit: u64) -> ProxyError {
 }
 
 fn no_backend_left(cluster: &Cluster, last: ProxyError) -> ProxyError {
+    if last.kind == ErrorKind::BackendBusy {
+        // Say so: the backends are up, just full.
+        return last;
+    }
     ProxyError::new(
         ErrorKind::NoBackendAvailable,
         Side::Upstream,
@@ -500,28 +551,35 @@ impl Eligible {
     }
 }
 
-/// Chooses a backend and gets a connection to it. Failed backends are added to `tried`.
+/// Chooses a backend and gets one of its slots and a connection to it. Failed (and
+/// full) backends are added to `tried`.
 async fn pick_and_connect(
     cluster: &Cluster,
     pinned: Option<usize>,
     tried: &mut Vec<usize>,
     purpose: Purpose,
     eligible: &Eligible,
-) -> Result<(usize, Sender), ProxyError> {
+) -> Result<(usize, Sender, Slot), ProxyError> {
     let cfg = &cluster.cfg;
+    let (connect, queue) = (cfg.connect_timeout, cfg.queue_timeout);
     if let Some(p) = pinned.filter(|p| !tried.contains(p)) {
-        match upstream::checkout(&cluster.backends[p], purpose, cfg.connect_timeout).await {
-            Ok(s) => return Ok((p, s)),
-            // The pinned backend is down: fall through to normal selection; the response
+        match upstream::checkout_with_slot(&cluster.backends[p], purpose, connect, queue).await {
+            Ok((s, slot)) => return Ok((p, s, slot)),
+            // The pinned backend is down or full: fall through to normal selection; the response
             // will re-pin the client. This costs no retry: the pin was a preference.
             Err(_) => tried.push(p),
         }
     }
     match cfg.strategy {
         Strategy::Balanced | Strategy::PrimaryReplica => {
-            let Some(i) = cluster.balancer.pick(&cluster.backends, |i| {
-                !tried.contains(&i) && eligible.allows(i)
-            }) else {
+            let allowed = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            // A backend with a free slot first: queue only when every candidate is full.
+            let free = |i: usize| allowed(i) && cluster.backends[i].has_free_slot();
+            let picked = cluster
+                .balancer
+                .pick(&cluster.backends, free)
+                .or_else(|| cluster.balancer.pick(&cluster.backends, allowed));
+            let Some(i) = picked else {
                 return Err(ProxyError::new(
                     ErrorKind::NoBackendAvailable,
                     Side::Internal,
@@ -532,8 +590,9 @@ async fn pick_and_connect(
                     ),
                 ));
             };
-            match upstream::checkout(&cluster.backends[i], purpose, cfg.connect_timeout).await {
-                Ok(s) => Ok((i, s)),
+            match upstream::checkout_with_slot(&cluster.backends[i], purpose, connect, queue).await
+            {
+                Ok((s, slot)) => Ok((i, s, slot)),
                 Err(e) => {
                     tried.push(i);
                     Err(e)
@@ -565,14 +624,20 @@ async fn pick_and_connect(
                 &cluster.backends,
                 &order,
                 cfg.connect_stagger,
-                cfg.connect_timeout,
+                connect,
+                queue,
                 purpose,
             )
             .await
             {
-                Ok((i, sender, _failed)) => Ok((i, sender)),
-                Err(failures) => {
+                Ok((i, sender, slot, _failed)) => Ok((i, sender, slot)),
+                Err(mut failures) => {
                     tried.extend(order);
+                    if failures.iter().all(|e| e.kind == ErrorKind::BackendBusy) {
+                        if let Some(busy) = failures.pop() {
+                            return Err(busy);
+                        }
+                    }
                     let last = failures
                         .into_iter()
                         .last()
@@ -643,32 +708,37 @@ fn prepare_upstream(req: &mut Request<Body>, sender: &Sender, host: &HeaderValue
 }
 
 type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
-type SendFailure = (ProxyError, Option<Request<Body>>);
+type SendFailure = (ProxyError, Option<Request<Body>>, Ending);
 
 async fn send(sender: Sender, req: Request<Body>) -> Result<Sent, SendFailure> {
-    let broken = |e: &hyper::Error| {
-        ProxyError::new(
+    let broken = |e: &hyper::Error, unsent: &Option<Request<Body>>| {
+        let err = ProxyError::new(
             ErrorKind::UpstreamProtocol,
             Side::Upstream,
             false,
             format!("backend failed before answering: {e}"),
-        )
+        );
+        let ending = Ending::Broken {
+            user: e.is_user(),
+            unsent: unsent.is_some(),
+        };
+        (err, ending)
     };
     match sender {
         Sender::H1(mut s) => match s.try_send_request(req).await {
             Ok(resp) => Ok((resp, Some(s))),
             Err(mut e) => {
                 let unsent = e.take_message();
-                let err = e.into_error();
-                Err((broken(&err), unsent))
+                let (err, ending) = broken(e.error(), &unsent);
+                Err((err, unsent, ending))
             }
         },
         Sender::H2(mut s) => match s.try_send_request(req).await {
             Ok(resp) => Ok((resp, None)),
             Err(mut e) => {
                 let unsent = e.take_message();
-                let err = e.into_error();
-                Err((broken(&err), unsent))
+                let (err, ending) = broken(e.error(), &unsent);
+                Err((err, unsent, ending))
             }
         },
     }
@@ -682,6 +752,7 @@ struct Answer {
     h1: Option<http1::SendRequest<Body>>,
     inflight: InFlight,
     on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    watch: Option<Arc<BodyWatch>>,
 }
 
 fn respond(
@@ -698,10 +769,15 @@ fn respond(
         h1,
         inflight,
         on_client_upgrade,
+        watch,
     } = answer;
     let status = resp.status();
     backend.record_response(status.as_u16());
-    backend.report_outcome(status.as_u16() < 500);
+    backend.report_answer(Fault::of(
+        Ending::Answered(status.as_u16()),
+        body_facts(watch.as_deref()),
+        cluster.cfg.outlier.count_5xx,
+    ));
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let on_backend_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, incoming) = resp.into_parts();
@@ -762,7 +838,8 @@ fn respond(
         UpstreamBody {
             inner: incoming,
             conn: h1.map(|s| (backend.clone(), s)),
-            _inflight: inflight,
+            inflight,
+            watch,
         }
         .boxed()
     };
@@ -796,12 +873,15 @@ fn tunnel(
 
 pin_project_lite::pin_project! {
     /// A backend's response body on its way to the client. When it ends, the HTTP/1.1
-    /// connection returns to the pool; dropping it early discards the connection.
+    /// connection returns to the pool; dropping it early (the client went away)
+    /// discards the connection and counts against nobody. A body the backend breaks
+    /// off counts against the backend.
     struct UpstreamBody {
         #[pin]
         inner: Incoming,
         conn: Option<(Arc<Backend>, http1::SendRequest<Body>)>,
-        _inflight: InFlight,
+        inflight: InFlight,
+        watch: Option<Arc<BodyWatch>>,
     }
 }
 
@@ -818,8 +898,12 @@ impl HttpBody for UpstreamBody {
         let done = match &polled {
             Poll::Ready(None) => true,
             Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 this.conn.take();
+                let fault = Fault::of(Ending::BodyBroken, body_facts(this.watch.as_deref()), false);
+                this.inflight
+                    .backend()
+                    .report_failure(fault, &format!("response body broke off: {e}"));
                 false
             }
             Poll::Pending => false,
@@ -845,6 +929,39 @@ impl HttpBody for UpstreamBody {
 mod tests {
     use super::*;
 
+    /// The backend's time to answer starts when it has the whole request.
+    #[tokio::test]
+    async fn protocol_timeout_runs_from_the_end_of_the_upload() {
+        let ms = Duration::from_millis;
+        let limit = ms(150);
+        let answer = || async move {
+            tokio::time::sleep(ms(200)).await;
+            7
+        };
+        // The upload ends at 100 ms; the answer at 200 ms is within 150 ms of it.
+        let watch = Arc::new(BodyWatch::new());
+        let w = watch.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(100)).await;
+            w.mark_sent();
+        });
+        let a = std::pin::pin!(answer());
+        assert_eq!(
+            within_protocol_timeout(a, limit, Some(&watch)).await,
+            Some(7)
+        );
+        // Without a body, sending ended at once: the same answer is late.
+        let a = std::pin::pin!(answer());
+        assert_eq!(within_protocol_timeout(a, limit, None).await, None);
+        // A body still streaming when the limit passes is cut.
+        let streaming = BodyWatch::new();
+        let started = Instant::now();
+        let never = std::pin::pin!(std::future::pending::<()>());
+        let cut = within_protocol_timeout(never, limit, Some(&streaming)).await;
+        assert_eq!(cut, None);
+        assert!(started.elapsed() >= limit);
+    }
+
     /// hyper moves each request's future into place (`recv_msg`), so its size is paid
     /// in copying on every request. A TCP + TLS handshake inline made it 10 KiB;
     /// rarely taken large branches are boxed. This keeps it that way.
@@ -868,7 +985,7 @@ mod tests {
             tls: false,
             limits: Arc::new(config.listeners[0].limits.clone()),
             door: Arc::new(config.listeners[0].door.clone()),
-            drain: crate::server::DrainGuard(drain),
+            drain: crate::server::DrainGuard::new(drain, None),
         };
         // A real `Request<Incoming>` comes only from a hyper connection.
         let (client, server) = tokio::io::duplex(4096);

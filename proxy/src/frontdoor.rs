@@ -80,7 +80,10 @@ pub fn admit<B>(
         };
         *req.uri_mut() = Uri::from(pq);
     }
-    req.headers_mut().insert(header::HOST, host.clone());
+    // Origin form on HTTP/1.x already carries exactly this Host.
+    if absolute {
+        req.headers_mut().insert(header::HOST, host.clone());
+    }
     Ok(Admitted {
         host,
         trusted_peer: door.trusts(peer),

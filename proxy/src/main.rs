@@ -351,6 +351,8 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
                 protocol: keyway::config::UpstreamProtocol::Http1,
                 role: keyway::config::Role::Replica,
                 location: String::new(),
+                max_connections: keyway::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
+                max_queue: keyway::config::DEFAULT_BACKEND_MAX_QUEUE,
             };
             let (health, reason) = policy
                 .evaluate(&backend, current, &probes, epoch)

@@ -1,6 +1,7 @@
 //! Assembles a running keyway from a [`Config`]: binds listeners, builds the runtime
 //! snapshot, serves client connections (plain or TLS, HTTP/1.1 and HTTP/2), enforces
-//! header-read and idle timeouts, and drains on shutdown.
+//! header-read and idle timeouts, caps open connections per listener, and drains on
+//! shutdown.
 //!
 //! Everything the request path reads is published through one `ArcSwap<Runtime>`, so a
 //! later reload builds a new runtime and swaps it in without touching live connections.
@@ -20,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig};
@@ -98,6 +99,7 @@ fn process_secret() -> &'static [u8] {
 pub struct Reloader {
     runtime: Arc<ArcSwap<Runtime>>,
     listeners: Vec<Arc<ArcSwap<ListenerState>>>,
+    conn_limits: Vec<Arc<ConnLimit>>,
     current: std::sync::Mutex<Config>,
     source: std::sync::Mutex<Option<std::path::PathBuf>>,
     shutdown: watch::Receiver<bool>,
@@ -238,6 +240,9 @@ impl Reloader {
         for (state, cfg) in self.listeners.iter().zip(&next.listeners) {
             state.store(Arc::new(ListenerState::new(cfg)));
         }
+        for (limit, cfg) in self.conn_limits.iter().zip(&next.listeners) {
+            limit.resize(cfg.max_connections);
+        }
         *current = next;
         Ok(summary)
     }
@@ -245,9 +250,61 @@ impl Reloader {
 
 // === drain ===
 
-/// Held by every client connection and tunnel; shutdown waits until all are dropped.
+/// Held by every client connection and the tunnels upgraded from it: shutdown waits
+/// until all are dropped, and the connection's slot under its listener's
+/// `max_connections` is free again only when the last of them goes.
 #[derive(Clone)]
-pub struct DrainGuard(#[allow(dead_code)] pub(crate) mpsc::Sender<()>);
+pub struct DrainGuard(#[allow(dead_code)] Arc<(mpsc::Sender<()>, Option<OwnedSemaphorePermit>)>);
+
+impl DrainGuard {
+    /// A guard for one client connection, holding its listener slot if it has one.
+    pub(crate) fn new(drain: mpsc::Sender<()>, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Self(Arc::new((drain, slot)))
+    }
+}
+
+// === connection limits ===
+
+/// A listener's cap on open client connections: a permit is taken *before* `accept`,
+/// so connections past the cap wait in the kernel's backlog instead of being accepted
+/// and dropped. A reload resizes it in place; open connections keep their permits.
+struct ConnLimit {
+    free: Arc<Semaphore>,
+    size: std::sync::Mutex<u32>,
+}
+
+impl ConnLimit {
+    fn new(size: u32) -> Self {
+        Self {
+            free: Arc::new(Semaphore::new(size as usize)),
+            size: std::sync::Mutex::new(size),
+        }
+    }
+
+    fn resize(&self, next: u32) {
+        let Ok(mut size) = self.size.lock() else {
+            return;
+        };
+        let old = std::mem::replace(&mut *size, next);
+        if next > old {
+            self.free.add_permits((next - old) as usize);
+        } else if next < old {
+            let surplus = (old - next) as usize;
+            let gone = self.free.forget_permits(surplus);
+            if gone < surplus {
+                // The rest are held by open connections: retire them as those close.
+                // The semaphore is fair, so no new connection is admitted before.
+                let free = self.free.clone();
+                let rest = u32::try_from(surplus - gone).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(p) = free.acquire_many_owned(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+}
 
 // === Server ===
 
@@ -300,9 +357,15 @@ impl Server {
             .iter()
             .map(|l| Arc::new(ArcSwap::from_pointee(ListenerState::new(l))))
             .collect();
+        let conn_limits: Vec<Arc<ConnLimit>> = config
+            .listeners
+            .iter()
+            .map(|l| Arc::new(ConnLimit::new(l.max_connections)))
+            .collect();
         let reloader = Arc::new(Reloader {
             runtime: runtime.clone(),
             listeners: listener_states.clone(),
+            conn_limits: conn_limits.clone(),
             current: std::sync::Mutex::new(config.clone()),
             source: std::sync::Mutex::new(None),
             shutdown: shutdown.subscribe(),
@@ -329,14 +392,18 @@ impl Server {
             }
             None => None,
         };
-        for (((sock, cfg), addr), state) in
-            bound.into_iter().zip(&listen_addrs).zip(listener_states)
+        for ((((sock, cfg), addr), state), limit) in bound
+            .into_iter()
+            .zip(&listen_addrs)
+            .zip(listener_states)
+            .zip(conn_limits)
         {
             tracing::info!(listen = %addr, tls = !cfg.tls.is_empty(), "listening");
             tokio::spawn(accept_loop(
                 sock,
                 addr.to_string(),
                 state,
+                limit,
                 runtime.clone(),
                 shutdown.subscribe(),
                 drain_tx.clone(),
@@ -464,12 +531,30 @@ async fn accept_loop(
     sock: TcpListener,
     label: String,
     state: Arc<ArcSwap<ListenerState>>,
+    limit: Arc<ConnLimit>,
     runtime: Arc<ArcSwap<Runtime>>,
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
 ) {
     let open = metrics::gauge!("keyway_downstream_connections", "listener" => label.clone());
+    let reached =
+        metrics::counter!("keyway_listener_limit_reached_total", "listener" => label.clone());
     loop {
+        // A slot first: at max_connections, stop accepting until a connection closes.
+        let slot = match limit.free.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                reached.increment(1);
+                tracing::debug!(listen = %label, "max_connections reached; new connections wait in the backlog");
+                tokio::select! {
+                    s = limit.free.clone().acquire_owned() => match s {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
         let (stream, client) = tokio::select! {
             r = sock.accept() => match r {
                 Ok(x) => x,
@@ -493,7 +578,7 @@ async fn accept_loop(
                 tls: current.tls.is_some(),
                 limits: current.limits.clone(),
                 door: current.door.clone(),
-                drain: DrainGuard(drain.clone()),
+                drain: DrainGuard::new(drain.clone(), Some(slot)),
             },
             shutdown: shutdown.clone(),
             open: open.clone(),
@@ -714,5 +799,45 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listener_cap_resizes_without_cutting_connections() {
+        let limit = ConnLimit::new(3);
+        let mut open: Vec<_> = (0..3)
+            .map(|_| {
+                limit
+                    .free
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("below the cap")
+            })
+            .collect();
+        // Shrink below what is open: nothing is cut, the surplus retires as they close.
+        limit.resize(1);
+        assert_eq!(limit.free.available_permits(), 0);
+        open.truncate(1);
+        tokio::task::yield_now().await;
+        assert!(
+            limit.free.clone().try_acquire_owned().is_err(),
+            "one connection is open and the cap is 1"
+        );
+        open.clear();
+        let one = limit
+            .free
+            .clone()
+            .try_acquire_owned()
+            .expect("a free place");
+        assert!(limit.free.clone().try_acquire_owned().is_err());
+        // Grow: the new places are there at once.
+        limit.resize(4);
+        assert_eq!(limit.free.available_permits(), 3);
+        drop(one);
+        assert_eq!(limit.free.available_permits(), 4);
     }
 }

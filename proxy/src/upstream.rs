@@ -20,7 +20,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::body::Body;
-use crate::cluster::Backend;
+use crate::cluster::{Backend, Slot};
 use crate::config::{BackendConfig, PoolConfig, UpstreamProtocol};
 use crate::error::{ErrorKind, ProxyError, Side};
 
@@ -217,6 +217,24 @@ pub async fn checkout(
     }
 }
 
+/// One of `backend`'s slots (waiting up to `queue_timeout` in its bounded queue when
+/// all are taken), then a connection. The slot comes first, so a backend at its
+/// `max_connections` is never opened another connection.
+pub async fn checkout_with_slot(
+    backend: &Arc<Backend>,
+    purpose: Purpose,
+    connect_timeout: Duration,
+    queue_timeout: Duration,
+) -> Result<(Sender, Slot), ProxyError> {
+    let slot = match backend.try_slot() {
+        Some(s) => s,
+        // Boxed: waiting is the rare path, and inline it would grow every request's future.
+        None => Box::pin(backend.queue_for_slot(queue_timeout)).await?,
+    };
+    let sender = checkout(backend, purpose, connect_timeout).await?;
+    Ok((sender, slot))
+}
+
 fn connect_error(backend: &Backend, what: &str, e: impl std::fmt::Display) -> ProxyError {
     ProxyError::new(
         ErrorKind::ConnectFailed,
@@ -293,26 +311,32 @@ where
 
 // === staggered connect ===
 
-type Attempt = Pin<Box<dyn Future<Output = (usize, Result<Sender, ProxyError>)> + Send>>;
+type Attempt = Pin<Box<dyn Future<Output = (usize, Result<(Sender, Slot), ProxyError>)> + Send>>;
 
 /// Races connections to `order` (indices into `backends`, most preferred first), with
 /// BeyondTrust `masterdelay` semantics: start the first; each time `stagger` passes
 /// without a winner, add the next while earlier ones keep trying; a failure adds the
-/// next at once. The first connection up wins; the others are dropped. Returns the
-/// winner's index, its connection, and the failures seen before it won.
+/// next at once. The first connection up wins; the others are dropped. Each attempt
+/// first takes a slot of its backend, so a backend at its `max_connections` waits in
+/// its queue while the next one joins the race. Returns the winner's index, its
+/// connection and slot, and the failures seen before it won.
 pub async fn staggered_connect(
     backends: &[Arc<Backend>],
     order: &[usize],
     stagger: Duration,
     connect_timeout: Duration,
+    queue_timeout: Duration,
     purpose: Purpose,
-) -> Result<(usize, Sender, Vec<ProxyError>), Vec<ProxyError>> {
+) -> Result<(usize, Sender, Slot, Vec<ProxyError>), Vec<ProxyError>> {
     let mut failures = Vec::new();
     let mut pending: FuturesUnordered<Attempt> = FuturesUnordered::new();
     let mut next = 0;
     let start = |i: usize| -> Attempt {
         let b = backends[i].clone();
-        Box::pin(async move { (i, checkout(&b, purpose, connect_timeout).await) })
+        Box::pin(async move {
+            let got = checkout_with_slot(&b, purpose, connect_timeout, queue_timeout).await;
+            (i, got)
+        })
     };
     let mut deadline = tokio::time::Instant::now();
     loop {
@@ -327,7 +351,7 @@ pub async fn staggered_connect(
         tokio::select! {
             biased;
             Some((i, res)) = pending.next() => match res {
-                Ok(sender) => return Ok((i, sender, failures)),
+                Ok((sender, slot)) => return Ok((i, sender, slot, failures)),
                 Err(e) => {
                     failures.push(e);
                     // A refused or failed backend hands over to the next one at once.

@@ -165,6 +165,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "allow_trace",
             "trusted_proxies",
             "forwarded",
+            "max_connections",
         ],
         [Some("listener"), None, Some("tls"), None] => &["hosts", "cert", "key"],
         [Some("route"), None] => &["host", "path", "cluster"],
@@ -181,6 +182,9 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "retry_budget",
             "upstream_ca",
             "pool",
+            "max_connections",
+            "max_queue",
+            "queue_timeout",
             "health",
             "outlier",
             "read_routes",
@@ -226,14 +230,27 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "on_error",
         ],
         [Some("cluster"), Some(_), Some("classifier")] => &["policy", "config", "on_error"],
-        [Some("cluster"), Some(_), Some("outlier")] => {
-            &["consecutive_failures", "base_ejection", "max_ejection"]
-        }
+        [Some("cluster"), Some(_), Some("outlier")] => &[
+            "consecutive_failures",
+            "base_ejection",
+            "max_ejection",
+            "count_5xx",
+        ],
         [Some("cluster"), Some(_), Some("sticky")] => &["cookie", "max_age"],
         [Some("cluster"), Some(_), Some("retry_budget")] => &["ratio", "min_per_second"],
         [Some("cluster"), Some(_), Some("pool")] => &["max_idle", "idle_timeout"],
         [Some("cluster"), Some(_), Some("backends"), None] => &[
-            "id", "address", "weight", "priority", "tls", "sni", "protocol", "role", "location",
+            "id",
+            "address",
+            "weight",
+            "priority",
+            "tls",
+            "sni",
+            "protocol",
+            "role",
+            "location",
+            "max_connections",
+            "max_queue",
         ],
         _ => &[],
     }
@@ -621,11 +638,24 @@ fn listener(
         trusted_proxies,
         forwarded: l.forwarded.unwrap_or(false),
     };
+    let max_connections = l
+        .max_connections
+        .unwrap_or(DEFAULT_LISTENER_MAX_CONNECTIONS);
+    if max_connections == 0 || max_connections > MAX_LISTENER_MAX_CONNECTIONS {
+        errs.push(
+            &path.key("max_connections"),
+            format!("max_connections = {max_connections} is out of range"),
+            format!(
+                "use 1 to {MAX_LISTENER_MAX_CONNECTIONS} (keep it below the process's open-file limit), or remove it to use {DEFAULT_LISTENER_MAX_CONNECTIONS}"
+            ),
+        );
+    }
     Some(ListenerConfig {
         listen: listen?,
         tls,
         limits,
         door,
+        max_connections: max_connections.clamp(1, MAX_LISTENER_MAX_CONNECTIONS),
     })
 }
 
@@ -856,6 +886,42 @@ fn cluster(
         ),
     };
 
+    let slots = SlotDefaults {
+        max_connections: backend_limit(
+            c.max_connections,
+            &path.key("max_connections"),
+            DEFAULT_BACKEND_MAX_CONNECTIONS,
+            1,
+            errs,
+        ),
+        max_queue: backend_limit(
+            c.max_queue,
+            &path.key("max_queue"),
+            DEFAULT_BACKEND_MAX_QUEUE,
+            0,
+            errs,
+        ),
+    };
+    let queue_timeout = nonzero_duration(
+        c.queue_timeout.as_deref(),
+        &path.key("queue_timeout"),
+        DEFAULT_QUEUE_TIMEOUT,
+        errs,
+    );
+    if queue_timeout > MAX_QUEUE_TIMEOUT {
+        errs.push(
+            &path.key("queue_timeout"),
+            format!(
+                "queue_timeout = {} keeps clients waiting for a backend slot too long",
+                humantime::format_duration(queue_timeout)
+            ),
+            format!(
+                "use at most {}; raise max_connections if the backend can take more",
+                humantime::format_duration(MAX_QUEUE_TIMEOUT)
+            ),
+        );
+    }
+
     if c.backends.is_empty() {
         errs.push(
             path,
@@ -881,7 +947,7 @@ fn cluster(
                 "name the backend, e.g. id = \"vault-a\"",
             );
         }
-        if let Some(backend) = backend(b, &bp, strategy, errs) {
+        if let Some(backend) = backend(b, &bp, strategy, &slots, errs) {
             backends.push(backend);
         }
     }
@@ -954,6 +1020,7 @@ fn cluster(
                 DEFAULT_MAX_EJECTION,
                 errs,
             ),
+            count_5xx: o.count_5xx.unwrap_or(true),
         }
     });
 
@@ -1030,6 +1097,7 @@ fn cluster(
         },
         upstream_ca,
         pool,
+        queue_timeout: queue_timeout.min(MAX_QUEUE_TIMEOUT),
         promotion,
         failback_after: c.failback.as_ref().map(|f| {
             let fp = path.key("failback");
@@ -1416,10 +1484,38 @@ fn health(h: &FileHealth, path: &KeyPath, base: &Path, errs: &mut Errors<'_>) ->
     }
 }
 
+/// A cluster's `max_connections` and `max_queue`, which its backends may override.
+struct SlotDefaults {
+    max_connections: u32,
+    max_queue: u32,
+}
+
+/// A backend's `max_connections` (`min` 1) or `max_queue` (`min` 0), checked.
+fn backend_limit(
+    v: Option<u32>,
+    path: &KeyPath,
+    default: u32,
+    min: u32,
+    errs: &mut Errors<'_>,
+) -> u32 {
+    let n = v.unwrap_or(default);
+    if n < min || n > MAX_BACKEND_LIMIT {
+        let key = path.last_key().unwrap_or("limit");
+        let fix = if n < min {
+            "a backend that may carry no exchange takes no traffic: use 1 or more, or remove the backend".to_string()
+        } else {
+            format!("use at most {MAX_BACKEND_LIMIT}, or remove it to use the default ({default})")
+        };
+        errs.push(path, format!("{key} = {n} is out of range"), fix);
+    }
+    n.clamp(min, MAX_BACKEND_LIMIT)
+}
+
 fn backend(
     b: &FileBackend,
     path: &KeyPath,
     strategy: Strategy,
+    slots: &SlotDefaults,
     errs: &mut Errors<'_>,
 ) -> Option<BackendConfig> {
     let role = match (b.role.as_deref(), strategy) {
@@ -1488,6 +1584,20 @@ fn backend(
         protocol,
         role,
         location: b.location.clone().unwrap_or_default(),
+        max_connections: backend_limit(
+            b.max_connections,
+            &path.key("max_connections"),
+            slots.max_connections,
+            1,
+            errs,
+        ),
+        max_queue: backend_limit(
+            b.max_queue,
+            &path.key("max_queue"),
+            slots.max_queue,
+            0,
+            errs,
+        ),
     })
 }
 
@@ -1769,12 +1879,17 @@ allow_encoded_slashes = true
 allow_trace = true
 trusted_proxies = ["10.0.0.0/8", "::1"]
 forwarded = true
+max_connections = 100
 [[route]]
 host = "*"
 path = "/"
 cluster = "c"
 [cluster.c]
 strategy = "ordered"
+max_connections = 8
+max_queue = 16
+queue_timeout = "2s"
+outlier = { consecutive_failures = 3, base_ejection = "5s", max_ejection = "1m", count_5xx = false }
 balance = "p2c"
 paths = "case-insensitive"
 upgrades = ["websocket", "x-custom/2"]
@@ -1785,10 +1900,15 @@ protocol_timeout = "2s"
 retries = 1
 retry_budget = { ratio = 0.5, min_per_second = 3 }
 pool = { max_idle = 4, idle_timeout = "10s" }
-backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls = false, sni = "a.test", protocol = "http1" }]
+backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls = false, sni = "a.test", protocol = "http1", max_connections = 4, max_queue = 0 }]
 "#;
         let cfg = build(text, Path::new(".")).expect("valid");
         assert_eq!(cfg.clusters[0].backends[0].weight, 2);
+        assert_eq!(cfg.listeners[0].max_connections, 100);
+        assert_eq!(cfg.clusters[0].queue_timeout, Duration::from_secs(2));
+        assert!(!cfg.clusters[0].outlier.count_5xx);
+        let a = &cfg.clusters[0].backends[0];
+        assert_eq!((a.max_connections, a.max_queue), (4, 0));
         assert_eq!(cfg.clusters[0].strategy, Strategy::Ordered);
         assert_eq!(cfg.clusters[0].paths, PathCase::Insensitive);
         assert_eq!(cfg.clusters[0].upgrades, ["websocket", "x-custom/2"]);
@@ -1823,6 +1943,49 @@ backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls =
         let door = &defaults.listeners[0].door;
         assert!(!door.allow_encoded_slashes && !door.allow_trace && !door.forwarded);
         assert!(door.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn connection_limits_take_cluster_defaults_and_refuse_absurd_values() {
+        let ok = build(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.c]\nmax_connections = 8\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }, { id = \"b\", address = \"127.0.0.1:2\", max_queue = 3 }]\n",
+            Path::new("."),
+        )
+        .expect("valid");
+        assert_eq!(
+            ok.listeners[0].max_connections,
+            DEFAULT_LISTENER_MAX_CONNECTIONS
+        );
+        let [a, b] = &ok.clusters[0].backends[..] else {
+            panic!("two backends")
+        };
+        assert_eq!(
+            (a.max_connections, a.max_queue),
+            (8, DEFAULT_BACKEND_MAX_QUEUE)
+        );
+        assert_eq!((b.max_connections, b.max_queue), (8, 3));
+        assert_eq!(ok.clusters[0].queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+
+        let e = errors(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_connections = 0\n[cluster.c]\nmax_connections = 0\nmax_queue = 1000000\nqueue_timeout = \"1h\"\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", max_connections = 200000 }]\n",
+        );
+        let at = |path: &str| {
+            e.iter()
+                .find(|e| e.path == path)
+                .unwrap_or_else(|| panic!("no error at {path}: {e:?}"))
+        };
+        assert_eq!(at("listener[0].max_connections").line, Some(3));
+        assert!(at("listener[0].max_connections").fix.contains("use 1 to"));
+        assert!(at("cluster.c.max_connections")
+            .fix
+            .contains("use 1 or more"));
+        assert!(at("cluster.c.max_queue").fix.contains("at most 100000"));
+        assert!(at("cluster.c.queue_timeout").fix.contains("at most 5m"));
+        assert!(at("cluster.c.backends[0].max_connections")
+            .message
+            .contains("200000"));
+        let zero = errors("[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.c]\nqueue_timeout = \"0s\"\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n");
+        assert_eq!(zero[0].path, "cluster.c.queue_timeout", "{zero:?}");
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub struct FileListener {
     pub allow_trace: Option<bool>,
     pub trusted_proxies: Option<Vec<String>>,
     pub forwarded: Option<bool>,
+    pub max_connections: Option<u32>,
 }
 
 /// One entry of a listener's `tls = [...]`.
@@ -136,6 +137,9 @@ pub struct FileCluster {
     pub retry_budget: Option<FileRetryBudget>,
     pub upstream_ca: Option<String>,
     pub pool: Option<FilePool>,
+    pub max_connections: Option<u32>,
+    pub max_queue: Option<u32>,
+    pub queue_timeout: Option<String>,
     pub health: Option<FileHealth>,
     pub outlier: Option<FileOutlier>,
     pub read_routes: Option<Vec<String>>,
@@ -184,6 +188,7 @@ pub struct FileOutlier {
     pub consecutive_failures: Option<u32>,
     pub base_ejection: Option<String>,
     pub max_ejection: Option<String>,
+    pub count_5xx: Option<bool>,
 }
 
 /// `sticky = { cookie = "...", max_age = "..." }`
@@ -219,4 +224,6 @@ pub struct FileBackend {
     pub protocol: Option<String>,
     pub role: Option<String>,
     pub location: Option<String>,
+    pub max_connections: Option<u32>,
+    pub max_queue: Option<u32>,
 }

@@ -78,12 +78,36 @@ pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_FAILED_CHECKS: u32 = 5;
 /// failed-checks: the window (CyberArk PADR: 5 failed checks in 5 minutes).
 pub const DEFAULT_FAILED_CHECKS_WINDOW: Duration = Duration::from_secs(300);
-/// Passive ejection: consecutive connect failures or 5xx answers that eject a backend.
+/// Passive ejection: consecutive failures of the backend's own making (connect failures,
+/// broken exchanges, timeouts, 5xx answers) that eject it.
 pub const DEFAULT_OUTLIER_FAILURES: u32 = 5;
 /// Passive ejection: the first ejection's length; each repeat doubles it.
 pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(10);
 /// Passive ejection: the longest ejection.
 pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Client connections one listener holds open at once. Past it, keyway stops accepting
+/// and new connections wait in the kernel's backlog. Each client connection can need
+/// a second descriptor for its backend connection, so 10 000 stays within the common
+/// `LimitNOFILE` settings (65 536 and up) with room to spare, and bounds the worst-case
+/// memory for request heads to 10 000 × `max_request_header_bytes`.
+pub const DEFAULT_LISTENER_MAX_CONNECTIONS: u32 = 10_000;
+/// Largest `max_connections` a listener accepts.
+pub const MAX_LISTENER_MAX_CONNECTIONS: u32 = 1_000_000;
+/// Exchanges (requests with their response bodies, or WebSocket tunnels) one backend
+/// carries at once (HAProxy's `maxconn` on a server). Far more than a PAM web server
+/// serves concurrently in normal use, yet finite, so a storm of clients cannot
+/// multiply into a storm of backend connections: the excess waits in the queue.
+pub const DEFAULT_BACKEND_MAX_CONNECTIONS: u32 = 512;
+/// Requests that may wait for a backend slot at once (HAProxy's `maxqueue`). Bounded so
+/// waiting requests cannot grow memory without end; past it, requests get 503.
+pub const DEFAULT_BACKEND_MAX_QUEUE: u32 = 1024;
+/// Longest wait for a backend slot before 503 (HAProxy's `timeout queue`).
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest `max_connections` / `max_queue` a backend accepts.
+pub const MAX_BACKEND_LIMIT: u32 = 100_000;
+/// Longest `queue_timeout` accepted: a client waiting longer holds its connection for
+/// nothing.
+pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Smallest request-head limit hyper can enforce.
 pub const MIN_MAX_REQUEST_HEADER_BYTES: usize = 8192;
 
@@ -262,6 +286,8 @@ pub struct ListenerConfig {
     pub tls: Vec<TlsCertConfig>,
     /// Size and time limits for client requests.
     pub limits: Limits,
+    /// Client connections held open at once; more wait in the kernel's backlog.
+    pub max_connections: u32,
     /// What the front door lets through and whom it trusts.
     pub door: FrontDoorConfig,
 }
@@ -478,6 +504,8 @@ pub struct OutlierConfig {
     pub base_ejection: Duration,
     /// Longest ejection.
     pub max_ejection: Duration,
+    /// Whether a 5xx answer counts as a backend failure.
+    pub count_5xx: bool,
 }
 
 impl Default for OutlierConfig {
@@ -486,6 +514,7 @@ impl Default for OutlierConfig {
             consecutive_failures: DEFAULT_OUTLIER_FAILURES,
             base_ejection: DEFAULT_BASE_EJECTION,
             max_ejection: DEFAULT_MAX_EJECTION,
+            count_5xx: true,
         }
     }
 }
@@ -633,6 +662,8 @@ pub struct ClusterConfig {
     pub upstream_ca: Option<Vec<CertificateDer<'static>>>,
     /// Connection pool settings.
     pub pool: PoolConfig,
+    /// Longest wait in a backend's queue for a slot before 503.
+    pub queue_timeout: Duration,
     /// Active health checks, if configured.
     pub health: Option<HealthConfig>,
     /// Passive ejection from live traffic.
@@ -669,6 +700,10 @@ pub struct BackendConfig {
     pub role: Role,
     /// A site label (`location = "east"`) that promotion policies may prefer.
     pub location: String,
+    /// Exchanges this backend carries at once (cluster default or its own).
+    pub max_connections: u32,
+    /// Requests that may wait for one of its slots (cluster default or its own).
+    pub max_queue: u32,
 }
 
 // === errors ===
