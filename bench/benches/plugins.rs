@@ -56,6 +56,8 @@ fn bench(c: &mut Criterion) {
         protocol: UpstreamProtocol::Http1,
         role: Role::Replica,
         location: String::new(),
+        max_connections: keyway::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
+        max_queue: keyway::config::DEFAULT_BACKEND_MAX_QUEUE,
     };
     let history: VecDeque<Probe> = (0..64)
         .map(|i| Probe {

@@ -127,14 +127,23 @@ fn bench(c: &mut Criterion) {
     let door = keyway::config::FrontDoorConfig::default();
     let peer = "10.1.2.3".parse().expect("ip");
     for (name, path) in [
-        ("normal path", "/PasswordVault/api/Accounts/12/Password/Retrieve"),
-        ("rewritten path", "/PasswordVault/api/./Accounts/%31%32/Password/Retrieve"),
+        (
+            "normal path",
+            "/PasswordVault/api/Accounts/12/Password/Retrieve",
+        ),
+        (
+            "rewritten path",
+            "/PasswordVault/api/./Accounts/%31%32/Password/Retrieve",
+        ),
     ] {
-        let mut req = http::Request::get(path).body(()).expect("request");
-        *req.headers_mut() = base.clone();
+        let request = || {
+            let mut req = http::Request::get(path).body(()).expect("request");
+            *req.headers_mut() = base.clone();
+            req
+        };
         c.bench_function(&format!("front door: {name}"), |b| {
             b.iter_batched(
-                || req.clone(),
+                request,
                 |mut r| keyway::frontdoor::admit(&mut r, &door, peer).map(|_| r),
                 criterion::BatchSize::SmallInput,
             )
