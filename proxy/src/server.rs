@@ -550,6 +550,7 @@ impl Connection {
             ..
         } = self;
         let idle_timeout = info.limits.idle_timeout;
+        let info_client = info.client;
         let svc_activity = activity.clone();
         let service = service_fn(move |req| {
             let rt = runtime.load_full();
@@ -570,6 +571,10 @@ impl Connection {
         let mut last_io = activity.io();
         let mut quiet = Duration::ZERO;
         let mut next_check = tokio::time::Instant::now() + tick;
+        // An idle connection gets one more tick to say goodbye (GOAWAY, a finished
+        // response); one that still has not ended (its peer stopped reading, so nothing
+        // can be written) is dropped then, instead of being held for ever.
+        let mut idle_close_by: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 res = conn.as_mut() => {
@@ -592,9 +597,14 @@ impl Connection {
                         quiet += tick;
                         if quiet >= idle_timeout {
                             draining = true;
+                            idle_close_by = Some(tokio::time::Instant::now() + tick);
                             conn.as_mut().graceful_shutdown();
                         }
                     }
+                }
+                _ = tokio::time::sleep_until(idle_close_by.unwrap_or(next_check)), if idle_close_by.is_some() => {
+                    tracing::debug!(client = %info_client, "idle client connection did not close gracefully; dropped");
+                    break;
                 }
             }
         }
