@@ -440,7 +440,15 @@ impl ListenerState {
     }
 }
 
+/// hyper's settings for one listener. Every HTTP/2 limit is set here explicitly (the
+/// values and what h2 does beyond them are in `docs/http2-limits.md`), so a dependency
+/// upgrade that moves a default cannot loosen what keyway promises.
 fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    use crate::config::{
+        H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT, H2_MAX_CONCURRENT_STREAMS,
+        H2_MAX_FRAME_SIZE, H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+        H2_MAX_SEND_BUF_SIZE,
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -453,7 +461,13 @@ fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(
             u32::try_from(cfg.limits.max_request_header_bytes).unwrap_or(u32::MAX),
         )
-        .keep_alive_interval(Duration::from_secs(30));
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_frame_size(H2_MAX_FRAME_SIZE)
+        .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     builder
 }
 
