@@ -27,7 +27,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
 use crate::router::Router;
-use crate::{admin, telemetry, tls};
+use crate::{admin, proxy_protocol, telemetry, tls};
 
 /// Why keyway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -428,6 +428,7 @@ struct ListenerState {
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Arc<crate::config::Limits>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    proxy_protocol: proxy_protocol::Accept,
 }
 
 impl ListenerState {
@@ -436,6 +437,7 @@ impl ListenerState {
             tls: tls::server_config(&cfg.tls).map(tokio_rustls::TlsAcceptor::from),
             limits: Arc::new(cfg.limits.clone()),
             builder: Arc::new(http_builder(cfg)),
+            proxy_protocol: cfg.proxy_protocol,
         }
     }
 }
@@ -498,6 +500,7 @@ async fn accept_loop(
         let conn = Connection {
             builder: current.builder.clone(),
             tls: current.tls.clone(),
+            proxy_protocol: current.proxy_protocol,
             runtime: runtime.clone(),
             info: ConnInfo {
                 client,
@@ -516,6 +519,7 @@ async fn accept_loop(
 struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy_protocol: proxy_protocol::Accept,
     runtime: Arc<ArcSwap<Runtime>>,
     info: ConnInfo,
     shutdown: watch::Receiver<bool>,
@@ -523,8 +527,20 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream) {
+    async fn serve(mut self, mut stream: TcpStream) {
         self.open.increment(1.0);
+        // Behind an L4 balancer: the PROXY header, read exactly (nothing of the client's
+        // own bytes), says who the client is. Without a valid one the connection closes.
+        let timeout = self.info.limits.header_read_timeout;
+        match proxy_protocol::read_header(&mut stream, self.proxy_protocol, timeout).await {
+            Ok(header) => self.info.client = header.client(self.info.client),
+            Err(e) => {
+                tracing::debug!(peer = %self.info.client, error = %e, "connection closed: no valid PROXY header");
+                metrics::counter!("keyway_proxy_protocol_rejected_total").increment(1);
+                self.open.decrement(1.0);
+                return;
+            }
+        }
         let activity = Arc::new(Activity::new());
         let io = Tracked {
             inner: stream,

@@ -84,6 +84,10 @@ fn describe() {
         "keyway_retries_denied_total",
         "Retries refused because the cluster's retry budget was spent"
     );
+    describe_counter!(
+        "keyway_proxy_protocol_rejected_total",
+        "Client connections closed for a missing or invalid PROXY protocol header"
+    );
     describe_gauge!(
         "keyway_requests_in_flight",
         "Requests in flight per cluster"

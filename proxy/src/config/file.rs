@@ -99,6 +99,7 @@ pub struct FileListener {
     pub max_request_body_bytes: Option<u64>,
     pub header_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub proxy_protocol: Option<String>,
 }
 
 /// One entry of a listener's `tls = [...]`.

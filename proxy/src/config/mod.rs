@@ -291,6 +291,8 @@ pub struct ListenerConfig {
     pub tls: Vec<TlsCertConfig>,
     /// Size and time limits for client requests.
     pub limits: Limits,
+    /// Whether connections must start with a PROXY protocol header (and which versions).
+    pub proxy_protocol: crate::proxy_protocol::Accept,
 }
 
 /// Per-listener request limits.
