@@ -20,6 +20,7 @@ pub mod headers;
 pub mod health;
 pub mod oneshot;
 pub mod plugin;
+pub mod proxy_protocol;
 pub mod router;
 pub mod server;
 pub mod telemetry;

@@ -28,7 +28,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
 use crate::router::Router;
-use crate::{admin, telemetry, tls};
+use crate::{admin, proxy_protocol, telemetry, tls};
 
 /// Why keyway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -497,6 +497,7 @@ struct ListenerState {
     limits: Arc<crate::config::Limits>,
     door: Arc<crate::config::FrontDoorConfig>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    proxy_protocol: proxy_protocol::Accept,
 }
 
 impl ListenerState {
@@ -506,11 +507,20 @@ impl ListenerState {
             limits: Arc::new(cfg.limits.clone()),
             door: Arc::new(cfg.door.clone()),
             builder: Arc::new(http_builder(cfg)),
+            proxy_protocol: cfg.proxy_protocol,
         }
     }
 }
 
+/// hyper's settings for one listener. Every HTTP/2 limit is set here explicitly (the
+/// values and what h2 does beyond them are in `docs/http2-limits.md`), so a dependency
+/// upgrade that moves a default cannot loosen what keyway promises.
 fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    use crate::config::{
+        H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT, H2_MAX_CONCURRENT_STREAMS,
+        H2_MAX_FRAME_SIZE, H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+        H2_MAX_SEND_BUF_SIZE,
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -523,7 +533,13 @@ fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(
             u32::try_from(cfg.limits.max_request_header_bytes).unwrap_or(u32::MAX),
         )
-        .keep_alive_interval(Duration::from_secs(30));
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_frame_size(H2_MAX_FRAME_SIZE)
+        .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     builder
 }
 
@@ -572,6 +588,7 @@ async fn accept_loop(
         let conn = Connection {
             builder: current.builder.clone(),
             tls: current.tls.clone(),
+            proxy_protocol: current.proxy_protocol,
             runtime: runtime.clone(),
             info: ConnInfo {
                 client,
@@ -591,6 +608,7 @@ async fn accept_loop(
 struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy_protocol: proxy_protocol::Accept,
     runtime: Arc<ArcSwap<Runtime>>,
     info: ConnInfo,
     shutdown: watch::Receiver<bool>,
@@ -598,8 +616,20 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream) {
+    async fn serve(mut self, mut stream: TcpStream) {
         self.open.increment(1.0);
+        // Behind an L4 balancer: the PROXY header, read exactly (nothing of the client's
+        // own bytes), says who the client is. Without a valid one the connection closes.
+        let timeout = self.info.limits.header_read_timeout;
+        match proxy_protocol::read_header(&mut stream, self.proxy_protocol, timeout).await {
+            Ok(header) => self.info.client = header.client(self.info.client),
+            Err(e) => {
+                tracing::debug!(peer = %self.info.client, error = %e, "connection closed: no valid PROXY header");
+                metrics::counter!("keyway_proxy_protocol_rejected_total").increment(1);
+                self.open.decrement(1.0);
+                return;
+            }
+        }
         let activity = Arc::new(Activity::new());
         let io = Tracked {
             inner: stream,
@@ -639,6 +669,7 @@ impl Connection {
             ..
         } = self;
         let idle_timeout = info.limits.idle_timeout;
+        let info_client = info.client;
         let svc_activity = activity.clone();
         let service = service_fn(move |req| {
             let rt = runtime.load_full();
@@ -659,6 +690,10 @@ impl Connection {
         let mut last_io = activity.io();
         let mut quiet = Duration::ZERO;
         let mut next_check = tokio::time::Instant::now() + tick;
+        // An idle connection gets one more tick to say goodbye (GOAWAY, a finished
+        // response); one that still has not ended (its peer stopped reading, so nothing
+        // can be written) is dropped then, instead of being held for ever.
+        let mut idle_close_by: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 res = conn.as_mut() => {
@@ -681,9 +716,14 @@ impl Connection {
                         quiet += tick;
                         if quiet >= idle_timeout {
                             draining = true;
+                            idle_close_by = Some(tokio::time::Instant::now() + tick);
                             conn.as_mut().graceful_shutdown();
                         }
                     }
+                }
+                _ = tokio::time::sleep_until(idle_close_by.unwrap_or(next_check)), if idle_close_by.is_some() => {
+                    tracing::debug!(client = %info_client, "idle client connection did not close gracefully; dropped");
+                    break;
                 }
             }
         }

@@ -166,6 +166,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "trusted_proxies",
             "forwarded",
             "max_connections",
+            "proxy_protocol",
         ],
         [Some("listener"), None, Some("tls"), None] => &["hosts", "cert", "key"],
         [Some("route"), None] => &["host", "path", "cluster"],
@@ -650,13 +651,41 @@ fn listener(
             ),
         );
     }
+    let proxy_protocol = proxy_protocol(
+        l.proxy_protocol.as_deref(),
+        &path.key("proxy_protocol"),
+        errs,
+    );
     Some(ListenerConfig {
         listen: listen?,
         tls,
         limits,
         door,
         max_connections: max_connections.clamp(1, MAX_LISTENER_MAX_CONNECTIONS),
+        proxy_protocol,
     })
+}
+
+fn proxy_protocol(
+    text: Option<&str>,
+    path: &KeyPath,
+    errs: &mut Errors<'_>,
+) -> crate::proxy_protocol::Accept {
+    use crate::proxy_protocol::Accept;
+    match text.unwrap_or("off") {
+        "off" => Accept::Off,
+        "v1" => Accept::V1,
+        "v2" => Accept::V2,
+        "v1-or-v2" => Accept::V1OrV2,
+        other => {
+            errs.push(
+                path,
+                format!("unknown proxy_protocol `{other}`"),
+                "use \"off\" (no header), \"v1\", \"v2\" or \"v1-or-v2\": what the load balancer in front sends (HAProxy `send-proxy` is v1, `send-proxy-v2` and AWS NLB are v2)",
+            );
+            Accept::Off
+        }
+    }
 }
 
 fn tls_cert(
@@ -1880,6 +1909,7 @@ allow_trace = true
 trusted_proxies = ["10.0.0.0/8", "::1"]
 forwarded = true
 max_connections = 100
+proxy_protocol = "v1-or-v2"
 [[route]]
 host = "*"
 path = "/"
@@ -2052,6 +2082,35 @@ mod adversarial {
             let _ = build(&text, Path::new("."));
             let _ = host_pattern(&text);
         }
+    }
+}
+
+#[cfg(test)]
+mod listener_config {
+    use super::*;
+
+    #[test]
+    fn proxy_protocol_values_and_a_fix_for_a_wrong_one() {
+        let cfg = |v: &str| {
+            format!("[[listener]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = \"{v}\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"127.0.0.1:1\" }}]\n")
+        };
+        use crate::proxy_protocol::Accept;
+        for (v, want) in [
+            ("off", Accept::Off),
+            ("v1", Accept::V1),
+            ("v2", Accept::V2),
+            ("v1-or-v2", Accept::V1OrV2),
+        ] {
+            let c = build(&cfg(v), Path::new(".")).expect("valid");
+            assert_eq!(c.listeners[0].proxy_protocol, want);
+        }
+        let e = build(&cfg("any"), Path::new(".")).expect_err("rejected");
+        let bad = e
+            .iter()
+            .find(|e| e.message.contains("unknown proxy_protocol `any`"))
+            .expect("reported");
+        assert_eq!(bad.line, Some(3));
+        assert!(bad.fix.contains("\"v1-or-v2\""), "{}", bad.fix);
     }
 }
 

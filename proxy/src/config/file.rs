@@ -104,6 +104,7 @@ pub struct FileListener {
     pub trusted_proxies: Option<Vec<String>>,
     pub forwarded: Option<bool>,
     pub max_connections: Option<u32>,
+    pub proxy_protocol: Option<String>,
 }
 
 /// One entry of a listener's `tls = [...]`.

@@ -111,6 +111,35 @@ pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Smallest request-head limit hyper can enforce.
 pub const MIN_MAX_REQUEST_HEADER_BYTES: usize = 8192;
 
+// === HTTP/2 limits for clients (not configurable; see docs/http2-limits.md) ===
+
+/// Streams one HTTP/2 client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+/// A stream opened beyond it is refused with RST_STREAM(REFUSED_STREAM), which counts
+/// towards [`H2_MAX_LOCAL_ERROR_RESET_STREAMS`]. 100 is the floor RFC 9113 §6.5.2
+/// recommends, and more than a browser uses.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Streams a client may open and reset before keyway has accepted them (the "rapid
+/// reset" attack, CVE-2023-44487). One more and the connection ends with
+/// GOAWAY(ENHANCE_YOUR_CALM, "too_many_resets"). h2's default, set here so it is ours.
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams keyway itself may reset because of the client's errors (refused streams,
+/// oversized headers, malformed frames: "MadeYouReset", CVE-2025-8671) over the life of one
+/// connection. One more and the connection ends with GOAWAY(ENHANCE_YOUR_CALM,
+/// "too_many_internal_resets"). Well-behaved clients never come near it.
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+/// Largest frame payload keyway accepts (SETTINGS_MAX_FRAME_SIZE): the protocol's minimum,
+/// so one frame never costs more than 16 KiB of buffer.
+pub const H2_MAX_FRAME_SIZE: u32 = 16 * 1024;
+/// Response bytes keyway buffers per stream ahead of the client's flow-control window.
+/// A client that stops reading holds at most this times [`H2_MAX_CONCURRENT_STREAMS`]
+/// (6.4 MiB) of keyway's memory; the backend is back-pressured beyond it.
+pub const H2_MAX_SEND_BUF_SIZE: usize = 64 * 1024;
+/// After this long without receiving a frame, keyway PINGs the client.
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A client that does not answer keyway's PING within this is closed: a dead peer (or one
+/// that floods without reading) holds its connection for at most interval + timeout.
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 // === the validated config ===
 
 /// A complete, validated keyway configuration.
@@ -286,6 +315,8 @@ pub struct ListenerConfig {
     pub tls: Vec<TlsCertConfig>,
     /// Size and time limits for client requests.
     pub limits: Limits,
+    /// Whether connections must start with a PROXY protocol header (and which versions).
+    pub proxy_protocol: crate::proxy_protocol::Accept,
     /// Client connections held open at once; more wait in the kernel's backlog.
     pub max_connections: u32,
     /// What the front door lets through and whom it trusts.
