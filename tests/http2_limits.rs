@@ -207,19 +207,7 @@ impl Attacker {
 /// stops moving bytes is closed within the test's bounds.
 async fn start() -> (TestBackend, Proxy) {
     let backend = TestBackend::start("a").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-[[listener]]
-listen = "127.0.0.1:0"
-idle_timeout = "1s"
-[[route]]
-cluster = "pvwa"
-[cluster.pvwa]
-backends = [{{ id = "a", address = "{}" }}]
-"#,
-        backend.addr
-    ))
-    .await;
+    let proxy = Proxy::start(&one_backend(r#"idle_timeout = "1s""#, backend.addr)).await;
     (backend, proxy)
 }
 

@@ -279,19 +279,28 @@ fn queued(m: &str, cluster: &str) -> f64 {
     )
 }
 
-#[tokio::test]
-async fn a_request_past_max_connections_waits_for_a_slot() {
-    let b = GateBackend::start("slow").await;
-    b.hold();
-    let p = Proxy::start(&capped("waits", &b, r#"queue_timeout = "30s""#)).await;
-    let addr = p.addr;
-    let first: Vec<_> = (0..2)
+/// Sends two requests and waits until both hold one of the (held) backend's two slots.
+async fn fill_both_slots(
+    addr: SocketAddr,
+    b: &GateBackend,
+) -> Vec<tokio::task::JoinHandle<http::StatusCode>> {
+    let first = (0..2)
         .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
         .collect();
     eventually(SOON, "two requests reach the backend", || async {
         b.started() == 2
     })
     .await;
+    first
+}
+
+#[tokio::test]
+async fn a_request_past_max_connections_waits_for_a_slot() {
+    let b = GateBackend::start("slow").await;
+    b.hold();
+    let p = Proxy::start(&capped("waits", &b, r#"queue_timeout = "30s""#)).await;
+    let addr = p.addr;
+    let first = fill_both_slots(addr, &b).await;
     let third = tokio::spawn(async move { get(addr, "h", "/").await.status });
     eventually(SOON, "the third request waits in the queue", || async {
         queued(&metrics(&p).await, "waits") == 1.0
@@ -321,13 +330,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
     b.hold();
     let p = Proxy::start(&capped("full", &b, "max_queue = 0")).await;
     let addr = p.addr;
-    let first: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
-        .collect();
-    eventually(SOON, "two requests reach the backend", || async {
-        b.started() == 2
-    })
-    .await;
+    let first = fill_both_slots(addr, &b).await;
     for _ in 0..5 {
         let r = get(p.addr, "h", "/").await;
         assert_eq!(r.status, 503, "{}", r.body);
@@ -361,13 +364,7 @@ async fn a_wait_past_queue_timeout_answers_503() {
     b.hold();
     let p = Proxy::start(&capped("timeout", &b, r#"queue_timeout = "200ms""#)).await;
     let addr = p.addr;
-    let first: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
-        .collect();
-    eventually(SOON, "two requests reach the backend", || async {
-        b.started() == 2
-    })
-    .await;
+    let first = fill_both_slots(addr, &b).await;
     let r = get(p.addr, "h", "/").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.headers.contains_key("retry-after"));
@@ -391,13 +388,7 @@ queue_timeout = "60s""#,
     ))
     .await;
     let addr = p.addr;
-    let first: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(async move { get(addr, "h", "/").await.status }))
-        .collect();
-    eventually(SOON, "two requests reach the backend", || async {
-        b.started() == 2
-    })
-    .await;
+    let first = fill_both_slots(addr, &b).await;
     // A client queues, then goes away.
     let mut gone = TcpStream::connect(p.addr).await.unwrap();
     gone.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")

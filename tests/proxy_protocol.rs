@@ -12,20 +12,8 @@ use tokio::net::TcpStream;
 
 async fn start(mode: &str) -> (TestBackend, Proxy) {
     let backend = TestBackend::start("a").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-[[listener]]
-listen = "127.0.0.1:0"
-proxy_protocol = "{mode}"
-header_read_timeout = "2s"
-[[route]]
-cluster = "pvwa"
-[cluster.pvwa]
-backends = [{{ id = "a", address = "{}" }}]
-"#,
-        backend.addr
-    ))
-    .await;
+    let listener = format!("proxy_protocol = \"{mode}\"\nheader_read_timeout = \"2s\"");
+    let proxy = Proxy::start(&one_backend(&listener, backend.addr)).await;
     (backend, proxy)
 }
 

@@ -1144,6 +1144,14 @@ impl GetLoop {
     }
 }
 
+/// A config with one listener (its extra keys `listener_extra`) routing everything to
+/// one cluster `pvwa` with one backend `a`: for tests of what a listener does.
+pub fn one_backend(listener_extra: &str, backend: SocketAddr) -> String {
+    format!(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n{listener_extra}\n[[route]]\ncluster = \"pvwa\"\n[cluster.pvwa]\nbackends = [{{ id = \"a\", address = \"{backend}\" }}]\n"
+    )
+}
+
 /// A config with an admin listener, one listener, and one route to one cluster `name`
 /// whose keys are `body` (everything under `[cluster.NAME]`). The common shape of the
 /// suites' configs; append more tables after it when a test needs them.
