@@ -79,6 +79,7 @@ pub struct ConnInfo {
 pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     // Only what the access log needs is copied, and only when it is on.
+    // The method, and the path as sent (replaced by its normal form once admitted).
     let logged = rt
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
@@ -91,7 +92,8 @@ pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) ->
             e.into_response(cluster.as_deref())
         }
     };
-    if let Some((method, path)) = logged {
+    if let Some((method, sent)) = logged {
+        let path = log.path.as_deref().unwrap_or(&sent);
         let cluster = log.cluster.map(|c| &rt.clusters[c]);
         tracing::info!(
             target: "keyway::access",
@@ -117,6 +119,8 @@ pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) ->
 #[derive(Default)]
 struct AccessLog {
     host: Option<HeaderValue>,
+    /// The admitted path (its normal form), once the front door admitted it.
+    path: Option<String>,
     cluster: Option<usize>,
     backend: Option<usize>,
     attempts: u32,
@@ -134,6 +138,9 @@ async fn proxy(
     // The front door first: what it admits is what is routed, classified and forwarded.
     let door = frontdoor::admit(&mut req, &info.door, info.client.ip()).map_err(|e| (e, None))?;
     log.host = Some(door.host.clone());
+    if rt.access_log {
+        log.path = Some(req.uri().path().to_owned());
+    }
     let host_str = door.host.to_str().unwrap_or("");
     // Servlet containers cut `;parameters` from segments before they route, so routes
     // match on that view; a request is a read only if both views say so.

@@ -115,6 +115,46 @@ fn run_serves_and_exits_cleanly_on_sigterm() {
     assert!(rest.iter().any(|l| l.contains("drained")), "{rest:?}");
 }
 
+/// The access log records the path keyway routed (the front door's normal form), and the
+/// path as sent for a request the front door refused.
+#[test]
+fn the_access_log_records_the_admitted_path() {
+    use std::io::{Read, Write};
+
+    let dir = std::env::temp_dir().join(format!("keyway-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("log.toml");
+    std::fs::write(
+        &cfg,
+        "[proxy]\naccess_log = true\ndrain_timeout = \"2s\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\nhost = \"only.test\"\ncluster = \"c\"\n[cluster.c]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
+    )
+    .unwrap();
+    let (mut child, addr, lines) = start_run(&cfg);
+    for (head, status) in [
+        ("GET /a/./b//%63 HTTP/1.1\r\nhost: other.test\r\n", "404"),
+        (
+            "GET /x/../y HTTP/1.1\r\nhost: a.test\r\nhost: b.test\r\n",
+            "400",
+        ),
+    ] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{resp}");
+    }
+    stop_run(&mut child);
+    let paths: Vec<String> = lines
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .filter(|v| v["target"] == "keyway::access")
+        .map(|v| v["fields"]["path"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(paths, ["/a/b/c", "/x/../y"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The bundled plugins, built once for this test binary.
 fn plugins_dist() -> std::path::PathBuf {
     static DIST: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
