@@ -122,6 +122,13 @@ fn authority<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> {
         ));
     }
     let uri_authority = req.uri().authority();
+    // Origin form: the Host header is the authority; its value is shared, not copied.
+    if let (None, Some(h)) = (uri_authority, first) {
+        if !valid_authority(h.as_bytes()) {
+            return Err(invalid_host(h.as_bytes()));
+        }
+        return Ok(h.clone());
+    }
     let chosen: &[u8] = match (req.version(), uri_authority, first) {
         // HTTP/2 and later: `:authority`, which a `host` header must not contradict.
         (v, Some(a), h) if v >= Version::HTTP_2 => {
@@ -150,12 +157,16 @@ fn authority<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> {
         }
     };
     if !valid_authority(chosen) {
-        return Err(bad(format!(
-            "`{}` is not a valid host (a DNS name, IPv4 address or [IPv6] address, optionally with :port)",
-            String::from_utf8_lossy(chosen).escape_debug()
-        )));
+        return Err(invalid_host(chosen));
     }
     HeaderValue::from_bytes(chosen).map_err(|_| bad("the host is not a valid header value"))
+}
+
+fn invalid_host(host: &[u8]) -> ProxyError {
+    bad(format!(
+        "`{}` is not a valid host (a DNS name, IPv4 address or [IPv6] address, optionally with :port)",
+        String::from_utf8_lossy(host).escape_debug()
+    ))
 }
 
 /// `host[:port]` where host is a DNS-style name (letters, digits, `-`, `_`, `.`), an

@@ -141,18 +141,33 @@ pub fn add_forwarded(
     host: &HeaderValue,
     via: &'static str,
 ) {
-    drop_lookalikes(headers, who.trusted);
+    // One pass over the names finds which identity headers are present (and whether
+    // any name holds `_`), so only those are touched: hashing every name for a removal
+    // or a lookup costs more than the scan.
+    let identity: [&HeaderName; 5] = [&XFF, &XFP, &XFH, &X_REAL_IP, &header::FORWARDED];
+    let mut present = [false; 5];
+    let mut underscore = false;
+    for name in headers.keys() {
+        if let Some(i) = identity.iter().position(|h| *h == name) {
+            present[i] = true;
+        } else if name.as_str().contains('_') {
+            underscore = true;
+        }
+    }
+    if underscore {
+        drop_lookalikes(headers, who.trusted);
+    }
     if !who.trusted {
-        headers.remove(&XFF);
-        headers.remove(&XFP);
-        headers.remove(&XFH);
-        headers.remove(&X_REAL_IP);
-        headers.remove(header::FORWARDED);
+        for (h, _) in identity.iter().zip(present).filter(|(_, p)| *p) {
+            headers.remove(*h);
+        }
+        present = [false; 5];
     }
     let scheme = if who.tls { "https" } else { "http" };
     // X-Forwarded-For: previous value (trusted peers only), ", ", client address.
-    let prev = headers
-        .get(&XFF)
+    let prev = present[0]
+        .then(|| headers.get(&XFF))
+        .flatten()
         .map(HeaderValue::as_bytes)
         .filter(|p| !p.is_empty());
     let mut buf = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
@@ -164,10 +179,10 @@ pub fn add_forwarded(
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
         headers.insert(XFF.clone(), v);
     }
-    if !headers.contains_key(&XFP) {
+    if !present[1] {
         headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
     }
-    if !headers.contains_key(&XFH) {
+    if !present[2] {
         headers.insert(XFH.clone(), host.clone());
     }
     if who.rfc7239 {
@@ -192,8 +207,7 @@ pub fn add_forwarded(
 /// Removes headers that spell an identity header with `_` for `-` (`X_Forwarded_For`):
 /// CGI-style servers (IIS server variables, PHP, WSGI) map both spellings to one
 /// variable, so such a header would slip past the replacement above. From trusted
-/// proxies only a `keyway-epoch` lookalike is removed. One scan of the names, and no
-/// work unless a name holds `_`.
+/// proxies only a `keyway-epoch` lookalike is removed. Called only when a name holds `_`.
 fn drop_lookalikes(headers: &mut HeaderMap, trusted: bool) {
     const GUARDED: [&str; 6] = [
         "x-forwarded-for",
