@@ -675,11 +675,14 @@ impl Connection {
             let rt = runtime.load_full();
             let info = info.clone();
             let guard = RequestGuard::new(svc_activity.clone());
-            async move {
+            // Boxed: hyper keeps a slot for the request future in every connection,
+            // idle ones included, so an inline future would cost its full size (a few
+            // KiB) per idle connection; boxed, it costs a pointer until a request comes.
+            Box::pin(async move {
                 let resp = forward::handle(rt, info, req).await;
                 drop(guard);
                 Ok::<_, std::convert::Infallible>(resp)
-            }
+            })
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
