@@ -18,6 +18,7 @@ pub mod forward;
 pub mod frontdoor;
 pub mod headers;
 pub mod health;
+mod http_conn;
 pub mod oneshot;
 pub mod plugin;
 pub mod proxy_protocol;

@@ -17,8 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -28,7 +27,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
 use crate::router::Router;
-use crate::{admin, proxy_protocol, telemetry, tls};
+use crate::{admin, http_conn, proxy_protocol, telemetry, tls};
 
 /// Why keyway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -496,7 +495,7 @@ struct ListenerState {
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Arc<crate::config::Limits>,
     door: Arc<crate::config::FrontDoorConfig>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http_conn::Builder>,
     proxy_protocol: proxy_protocol::Accept,
 }
 
@@ -515,20 +514,20 @@ impl ListenerState {
 /// hyper's settings for one listener. Every HTTP/2 limit is set here explicitly (the
 /// values and what h2 does beyond them are in `docs/http2-limits.md`), so a dependency
 /// upgrade that moves a default cannot loosen what keyway promises.
-fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+fn http_builder(cfg: &ListenerConfig) -> http_conn::Builder {
     use crate::config::{
         H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT, H2_MAX_CONCURRENT_STREAMS,
         H2_MAX_FRAME_SIZE, H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS,
         H2_MAX_SEND_BUF_SIZE,
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http_conn::Builder::new();
     builder
-        .http1()
+        .http1
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.limits.header_read_timeout)
         .max_buf_size(cfg.limits.max_request_header_bytes);
     builder
-        .http2()
+        .http2
         .timer(TokioTimer::new())
         .max_header_list_size(
             u32::try_from(cfg.limits.max_request_header_bytes).unwrap_or(u32::MAX),
@@ -606,7 +605,7 @@ async fn accept_loop(
 }
 
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http_conn::Builder>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     proxy_protocol: proxy_protocol::Accept,
     runtime: Arc<ArcSwap<Runtime>>,
@@ -675,13 +674,16 @@ impl Connection {
             let rt = runtime.load_full();
             let info = info.clone();
             let guard = RequestGuard::new(svc_activity.clone());
-            async move {
+            // Boxed: hyper keeps a slot for the request future in every connection,
+            // idle ones included, so an inline future would cost its full size (a few
+            // KiB) per idle connection; boxed, it costs a pointer until a request comes.
+            Box::pin(async move {
                 let resp = forward::handle(rt, info, req).await;
                 drop(guard);
                 Ok::<_, std::convert::Infallible>(resp)
-            }
+            })
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = builder.serve(io, service);
         tokio::pin!(conn);
         let mut draining = false;
         // Idle check: every quarter of the timeout, see whether any byte moved or any
