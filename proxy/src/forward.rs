@@ -78,12 +78,13 @@ pub struct ConnInfo {
 /// Handles one client request. Never fails: errors become HTTP answers.
 pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    // Only what the access log needs is copied, and only when it is on.
-    // The method, and the path as sent (replaced by its normal form once admitted).
-    let logged = rt
-        .access_log
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let mut log = AccessLog::default();
+    // Only what the access log needs is copied, and only when it is on: the method
+    // here, the path in `proxy` (as sent, then as admitted).
+    let logged = rt.access_log.then(|| req.method().clone());
+    let mut log = AccessLog {
+        path: rt.access_log.then(|| req.uri().path().to_owned()),
+        ..AccessLog::default()
+    };
     let resp = match proxy(&rt, &info, req, &mut log).await {
         Ok(r) => r,
         Err((e, cluster)) => {
@@ -92,8 +93,8 @@ pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) ->
             e.into_response(cluster.as_deref())
         }
     };
-    if let Some((method, sent)) = logged {
-        let path = log.path.as_deref().unwrap_or(&sent);
+    if let Some(method) = logged {
+        let path = log.path.as_deref().unwrap_or("");
         let cluster = log.cluster.map(|c| &rt.clusters[c]);
         tracing::info!(
             target: "keyway::access",
@@ -119,7 +120,7 @@ pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) ->
 #[derive(Default)]
 struct AccessLog {
     host: Option<HeaderValue>,
-    /// The admitted path (its normal form), once the front door admitted it.
+    /// The path as sent, replaced by its normal form once the front door admitted it.
     path: Option<String>,
     cluster: Option<usize>,
     backend: Option<usize>,
@@ -138,7 +139,9 @@ async fn proxy(
     // The front door first: what it admits is what is routed, classified and forwarded.
     let door = frontdoor::admit(&mut req, &info.door, info.client.ip()).map_err(|e| (e, None))?;
     log.host = Some(door.host.clone());
-    if rt.access_log {
+    // The access log records the path routed; it is copied again only if the front
+    // door changed it.
+    if log.path.as_deref().is_some_and(|p| p != req.uri().path()) {
         log.path = Some(req.uri().path().to_owned());
     }
     let host_str = door.host.to_str().unwrap_or("");
