@@ -1516,8 +1516,8 @@ fn index(c: &Cluster, id: &str) -> Option<usize> {
     c.backends.iter().position(|b| b.cfg.id == id)
 }
 
-/// Asks the promotion policy for a candidate: healthy, not fenced, not the primary,
-/// not one whose promote hook just failed.
+/// Asks the promotion policy for a candidate: healthy (degraded only when no candidate
+/// is healthy), not fenced, not the primary, not one whose promote hook just failed.
 fn choose(
     c: &Cluster,
     view: &HealthView,
@@ -1534,16 +1534,15 @@ fn choose(
                 && !hook_failed.contains_key(&b.cfg.id)
                 && view.backends.get(*i).is_some()
         })
-        .map(|(i, b)| {
-            let healthy = view.backends[i].health == Health::Healthy;
-            PromotionCandidate {
-                id: b.cfg.id.clone(),
-                priority: b.cfg.priority,
-                location: b.cfg.location.clone(),
-                healthy,
-                lag_ms: view.backends[i].lag_ms,
-                last_ok_ms: last_ok_ms(c, i),
-            }
+        .map(|(i, b)| PromotionCandidate {
+            id: b.cfg.id.clone(),
+            priority: b.cfg.priority,
+            location: b.cfg.location.clone(),
+            weight: b.cfg.weight,
+            healthy: view.backends[i].health == Health::Healthy,
+            degraded: view.backends[i].health == Health::Degraded,
+            lag_ms: view.backends[i].lag_ms,
+            last_ok_ms: last_ok_ms(c, i),
         })
         .collect();
     let policy = c.cfg.promotion.as_ref()?;
@@ -1560,7 +1559,9 @@ fn choose(
                     id: b.id.clone(),
                     priority: b.priority,
                     location: b.location.clone(),
+                    weight: b.weight,
                     healthy: view.backends[i].health == Health::Healthy,
+                    degraded: view.backends[i].health == Health::Degraded,
                     lag_ms: view.backends[i].lag_ms,
                     last_ok_ms: last_ok_ms(c, i),
                 }
@@ -1584,8 +1585,12 @@ fn choose(
     match decision {
         PromotionDecision::Promote(id) => {
             let chosen = candidates.iter().find(|c| c.id == id)?;
-            if !chosen.healthy {
+            if !chosen.healthy && !chosen.degraded {
                 tracing::warn!(cluster = %c.cfg.name, backend = %id, "the promotion policy chose an unhealthy backend; refused");
+                return None;
+            }
+            if !chosen.healthy && candidates.iter().any(|c| c.healthy) {
+                tracing::warn!(cluster = %c.cfg.name, backend = %id, "the promotion policy chose a degraded backend while a candidate is healthy; refused");
                 return None;
             }
             index(c, &id)
@@ -1594,12 +1599,11 @@ fn choose(
     }
 }
 
-/// When backend `i` last passed a check, in milliseconds since keyway started (0: never),
-/// as the WIT's `candidate.last-ok-ms` says.
+/// When backend `i` last passed a check, in Unix milliseconds by that check's wall clock
+/// (0: never), as the WIT's `candidate.last-ok-ms` says: the clock of `now-ms` and of the
+/// probes' `at-ms`, unchanged by reloads.
 fn last_ok_ms(c: &Cluster, i: usize) -> u64 {
-    c.health.last_ok(i).map_or(0, |at| {
-        at.saturating_duration_since(started()).as_millis().max(1) as u64
-    })
+    c.health.last_ok_unix_ms(i)
 }
 
 /// The instant keyway started (first use).
@@ -1609,20 +1613,28 @@ fn started() -> Instant {
 }
 
 /// Native `priority-promotion`: the first healthy candidate by priority (config order
-/// breaks ties), those at `prefer` first.
+/// breaks ties), those at `prefer` first; a degraded one only when none is healthy.
 pub fn native_priority(cands: &[PromotionCandidate], prefer: Option<&str>) -> PromotionDecision {
     cands
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.healthy)
-        .min_by_key(|(i, c)| (prefer.is_some_and(|p| c.location != p), c.priority, *i))
+        .filter(|(_, c)| c.healthy || c.degraded)
+        .min_by_key(|(i, c)| {
+            (
+                !c.healthy,
+                prefer.is_some_and(|p| c.location != p),
+                c.priority,
+                *i,
+            )
+        })
         .map_or(PromotionDecision::None, |(_, c)| {
             PromotionDecision::Promote(c.id.clone())
         })
 }
 
 /// Native `least-lag-promotion`: the healthy candidate with the least reported lag
-/// (none reported: last; then priority), never one beyond `max_lag_ms`.
+/// (none reported: last; then priority), never one beyond `max_lag_ms`; a degraded one
+/// only when none is healthy.
 pub fn native_least_lag(
     cands: &[PromotionCandidate],
     max_lag_ms: Option<u64>,
@@ -1630,10 +1642,11 @@ pub fn native_least_lag(
     cands
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.healthy)
+        .filter(|(_, c)| c.healthy || c.degraded)
         .filter(|(_, c)| max_lag_ms.is_none_or(|m| c.lag_ms.is_some_and(|l| l <= m)))
         .min_by_key(|(i, c)| {
             (
+                !c.healthy,
                 c.lag_ms.is_none(),
                 c.lag_ms.unwrap_or(u64::MAX),
                 c.priority,
@@ -1744,7 +1757,9 @@ mod tests {
             id: id.into(),
             priority,
             location: loc.into(),
+            weight: 1,
             healthy,
+            degraded: false,
             lag_ms: lag,
             last_ok_ms: 0,
         }

@@ -492,8 +492,10 @@ impl Eligible {
             }
             (Some(Kind::Read), Some(p)) if ryw_fresh && usable(p) => Mode::Primary(p),
             (Some(Kind::Read), primary) => {
+                // With max_lag, a replica whose lag is unknown (its check failed or
+                // reported none) is as good as too far behind.
                 let lag_ok = |i: usize| {
-                    max_lag_ms.is_none_or(|max| view.backends[i].lag_ms.is_none_or(|l| l <= max))
+                    max_lag_ms.is_none_or(|max| view.backends[i].lag_ms.is_some_and(|l| l <= max))
                 };
                 let replicas = (0..n)
                     .any(|i| view.backends[i].role == Role::Replica && usable(i) && lag_ok(i));
@@ -511,8 +513,9 @@ impl Eligible {
                         Side::Upstream,
                         false,
                         format!(
-                            "no backend of cluster `{}` can serve reads: no healthy replica within max_lag{}",
+                            "no backend of cluster `{}` can serve reads: no healthy replica within max_lag{}{}",
                             cluster.cfg.name,
+                            lag_detail(cluster, &view, max_lag_ms, |i| usable(i)),
                             match cluster.cfg.split.reads_on_primary {
                                 ReadsOnPrimary::Never => " and reads_on_primary = \"never\"",
                                 _ => " and no healthy primary",
@@ -542,7 +545,7 @@ impl Eligible {
                         && self.is_replica(i)
                         && self.view.usable(i, self.now)
                         && self.max_lag_ms.is_none_or(|max| {
-                            self.view.backends[i].lag_ms.is_none_or(|l| l <= max)
+                            self.view.backends[i].lag_ms.is_some_and(|l| l <= max)
                         }))
             }
         }
@@ -582,7 +585,10 @@ async fn pick_and_connect(
     }
     match cfg.strategy {
         Strategy::Balanced | Strategy::PrimaryReplica => {
-            let allowed = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            let eligible_now = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            // Degraded backends are standbys: only when no healthy one is allowed.
+            let healthy_left = healthy_left(cluster, &eligible.view, &eligible_now);
+            let allowed = |i: usize| eligible_now(i) && !(healthy_left && eligible.view.standby(i));
             // A backend with a free slot first: queue only when every candidate is full.
             let free = |i: usize| allowed(i) && cluster.backends[i].has_free_slot();
             let picked = cluster
@@ -610,11 +616,14 @@ async fn pick_and_connect(
             }
         }
         Strategy::Ordered => {
+            let allowed = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            // Degraded backends are standbys: only when no healthy one is allowed.
+            let healthy_left = healthy_left(cluster, &eligible.view, &allowed);
             let mut order: Vec<usize> = cluster
                 .by_priority
                 .iter()
                 .copied()
-                .filter(|&i| !tried.contains(&i) && eligible.allows(i))
+                .filter(|&i| allowed(i) && !(healthy_left && eligible.view.standby(i)))
                 .collect();
             if cfg.balance == Balance::Random {
                 shuffle_within_priority(cluster, &mut order);
@@ -665,6 +674,41 @@ async fn pick_and_connect(
                 }
             }
         }
+    }
+}
+
+/// Whether a healthy (not degraded) backend is `allowed`: then degraded ones, the
+/// standbys, get nothing from this request.
+fn healthy_left(cluster: &Cluster, view: &HealthView, allowed: &dyn Fn(usize) -> bool) -> bool {
+    (0..cluster.backends.len()).any(|i| allowed(i) && !view.standby(i))
+}
+
+/// For the 503 of a read that no replica can serve under `max_lag`: which usable
+/// replicas reported no lag or too much.
+fn lag_detail(
+    cluster: &Cluster,
+    view: &HealthView,
+    max_lag_ms: Option<u64>,
+    usable: impl Fn(usize) -> bool,
+) -> String {
+    let Some(max) = max_lag_ms else {
+        return String::new();
+    };
+    let why: Vec<String> = (0..cluster.backends.len())
+        .filter(|&i| view.backends[i].role == Role::Replica && usable(i))
+        .filter_map(|i| {
+            let id = &cluster.backends[i].cfg.id;
+            match view.backends[i].lag_ms {
+                None => Some(format!("`{id}` reported no lag")),
+                Some(l) if l > max => Some(format!("`{id}` lags {l} ms")),
+                Some(_) => None,
+            }
+        })
+        .collect();
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} ms: {})", max, why.join(", "))
     }
 }
 

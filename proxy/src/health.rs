@@ -9,9 +9,14 @@
 //! ejected: the cluster is then in *panic mode* for that role — it keeps routing there,
 //! logs it and exports `keyway_panic_mode`.
 //!
+//! A `degraded` backend is a *standby*: it stays usable, but the balancers (and `ordered`
+//! clusters) give it a request only when no healthy backend is eligible for that request
+//! ([`HealthView::standby`]), and promotion picks it only when no candidate is healthy.
+//!
 //! Writers (probe tasks, the passive path on a threshold) take a mutex and publish a new
 //! [`HealthView`] through `ArcSwap`; the request path only loads the view, lock-free.
-//! Nothing here routes requests.
+//! The health policy (possibly a plugin running to its deadline) is never called with
+//! that mutex held: it judges a copy of the history. Nothing here routes requests.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -32,6 +37,8 @@ pub enum Health {
     Unknown,
     /// Receives traffic.
     Healthy,
+    /// A standby: receives traffic only when no healthy backend is eligible.
+    Degraded,
     /// Receives nothing.
     Unhealthy,
 }
@@ -42,6 +49,7 @@ impl Health {
         match self {
             Health::Unknown => "unknown",
             Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
             Health::Unhealthy => "unhealthy",
         }
     }
@@ -50,9 +58,10 @@ impl Health {
 /// One probe result.
 #[derive(Clone, Debug)]
 pub struct Probe {
-    /// When it finished.
+    /// When it finished (monotonic: the native policies' windows).
     pub at: Instant,
-    /// Wall-clock time, for `/status`.
+    /// When it finished, by the wall clock: `/status` and the plugins' `at-ms` (Unix
+    /// milliseconds), which therefore survive reloads unchanged.
     pub at_wall: SystemTime,
     /// Whether it passed.
     pub ok: bool,
@@ -64,6 +73,12 @@ pub struct Probe {
     pub error: Option<String>,
     /// Replication lag the backend reported, in milliseconds.
     pub lag_ms: Option<u64>,
+}
+
+/// Now, in Unix milliseconds: the clock of the plugins' `now-ms`, `at-ms` and
+/// `last-ok-ms`.
+pub fn unix_ms_now() -> u64 {
+    crate::unix_ms(SystemTime::now())
 }
 
 /// Turns probe history into a state. Must be cheap and must not panic.
@@ -210,7 +225,6 @@ pub fn policy_for(kind: &HealthPolicyKind) -> Box<dyn HealthPolicy> {
                 rise: *rise,
                 fall: *fall,
             },
-            epoch: Instant::now(),
         }),
     }
 }
@@ -220,7 +234,6 @@ struct PluginPolicy {
     plugin: Arc<crate::plugin::HealthPlugin>,
     on_error: crate::plugin::OnError,
     fallback: RiseFall,
-    epoch: Instant,
 }
 
 impl HealthPolicy for PluginPolicy {
@@ -233,7 +246,8 @@ impl HealthPolicy for PluginPolicy {
     ) -> (Health, String) {
         use crate::plugin::OnError;
         let name = &self.plugin.meta.name;
-        match self.plugin.evaluate(b, current, history, self.epoch) {
+        let now_ms = crate::unix_ms(SystemTime::now());
+        match self.plugin.evaluate(b, current, history, now_ms) {
             Ok(v) => v,
             Err(e) => match self.on_error {
                 OnError::Fallback => {
@@ -383,7 +397,7 @@ impl HealthView {
         let Some(b) = self.backends.get(i) else {
             return false;
         };
-        if b.health != Health::Healthy || b.fenced {
+        if !matches!(b.health, Health::Healthy | Health::Degraded) || b.fenced {
             return false;
         }
         match (b.ejected_until, now) {
@@ -392,6 +406,14 @@ impl HealthView {
             (Some(until), Some(now)) => now >= until,
             (Some(_), None) => false,
         }
+    }
+
+    /// Whether backend `i` is degraded: a standby, to be given a request only when no
+    /// healthy backend is eligible for it.
+    pub fn standby(&self, i: usize) -> bool {
+        self.backends
+            .get(i)
+            .is_some_and(|b| b.health == Health::Degraded)
     }
 
     /// Whether backend `i` has a state from a probe or from trust (not `Unknown`).
@@ -411,7 +433,11 @@ impl HealthView {
 
 struct Record {
     health: Health,
+    /// The latest non-empty reason (a verdict's, an ejection's...) and when it was given.
     reason: String,
+    reason_at: SystemTime,
+    /// The latest verdict of the health policy, whatever it said.
+    verdict: Option<(Health, String, SystemTime)>,
     since: SystemTime,
     history: VecDeque<Probe>,
     lag_ms: Option<u64>,
@@ -425,7 +451,9 @@ struct Record {
 
 struct BackendMetrics {
     healthy: Gauge,
+    degraded: Gauge,
     to_healthy: Counter,
+    to_degraded: Counter,
     to_unhealthy: Counter,
     ejections: Counter,
 }
@@ -469,6 +497,8 @@ impl ClusterHealth {
                     Health::Unknown => "waiting for the first probe".into(),
                     _ => "initial state".into(),
                 },
+                reason_at: SystemTime::now(),
+                verdict: None,
                 since: SystemTime::now(),
                 history: VecDeque::with_capacity(HISTORY),
                 lag_ms: None,
@@ -490,7 +520,9 @@ impl ClusterHealth {
                 };
                 BackendMetrics {
                     healthy: gauge!("keyway_backend_healthy", &l),
+                    degraded: gauge!("keyway_backend_degraded", &l),
                     to_healthy: to("healthy"),
+                    to_degraded: to("degraded"),
                     to_unhealthy: to("unhealthy"),
                     ejections: counter!("keyway_backend_ejections_total", &l),
                 }
@@ -569,6 +601,11 @@ impl ClusterHealth {
                     0.0
                 },
             );
+            m.degraded.set(if r.health == Health::Degraded {
+                1.0
+            } else {
+                0.0
+            });
         }
         let panic = |role| records.iter().any(|r| r.role == role && r.kept_in_panic);
         self.panic_primary
@@ -590,9 +627,13 @@ impl ClusterHealth {
         let from = r.health;
         r.health = to;
         r.since = SystemTime::now();
-        r.reason = reason;
+        if !reason.is_empty() {
+            r.reason = reason;
+            r.reason_at = r.since;
+        }
         match to {
             Health::Healthy => self.metrics[i].to_healthy.increment(1),
+            Health::Degraded => self.metrics[i].to_degraded.increment(1),
             Health::Unhealthy => self.metrics[i].to_unhealthy.increment(1),
             Health::Unknown => {}
         }
@@ -622,6 +663,22 @@ impl ClusterHealth {
         }
         self.epoch.store(epoch, Ordering::Relaxed);
         self.publish(&records);
+    }
+
+    /// When backend `i` last passed an active check (within the kept history), in Unix
+    /// milliseconds by that check's wall clock (0: never): the promotion plugins'
+    /// `last-ok-ms`, on the same clock as their `now-ms` and the probes' `at-ms`.
+    pub fn last_ok_unix_ms(&self, i: usize) -> u64 {
+        let Ok(records) = self.records.lock() else {
+            return 0;
+        };
+        records.get(i).map_or(0, |r| {
+            r.history
+                .iter()
+                .rev()
+                .find(|p| p.ok)
+                .map_or(0, |p| crate::unix_ms(p.at_wall).max(1))
+        })
     }
 
     /// When backend `i` last passed an active check (within the kept history).
@@ -654,6 +711,8 @@ impl ClusterHealth {
             if let (Some(dst), Some(src)) = (new.get_mut(n), old_records.get(o)) {
                 dst.health = src.health;
                 dst.reason.clone_from(&src.reason);
+                dst.reason_at = src.reason_at;
+                dst.verdict.clone_from(&src.verdict);
                 dst.since = src.since;
                 dst.history.clone_from(&src.history);
                 dst.lag_ms = src.lag_ms;
@@ -665,41 +724,61 @@ impl ClusterHealth {
         self.publish(&new);
     }
 
-    /// Records an active probe of backend `i` and re-evaluates it.
+    /// Records an active probe of backend `i` and re-evaluates it. The policy judges a
+    /// copy of the history without the lock held (the passive path on the request path
+    /// takes it); the probes of one backend come one at a time from its prober.
     pub fn record_probe(&self, i: usize, probe: Probe) {
+        let now = probe.at;
+        let ok = probe.ok;
+        let (backend, current, history) = {
+            let Ok(mut records) = self.records.lock() else {
+                return;
+            };
+            let Some(r) = records.get_mut(i) else { return };
+            // Every probe sets the lag: a check that failed or stopped reporting lag
+            // makes it unknown, never leaves an old value standing.
+            let lag_changed = r.lag_ms != probe.lag_ms;
+            r.lag_ms = probe.lag_ms;
+            if r.history.len() == HISTORY {
+                r.history.pop_front();
+            }
+            r.history.push_back(probe);
+            if lag_changed {
+                self.publish(&records);
+            }
+            let r = &records[i];
+            // The policy sees the backend as it is now: its current role.
+            let mut backend = self.backend_cfgs[i].clone();
+            backend.role = r.role;
+            (backend, r.health, r.history.clone())
+        };
+        let (to, reason) = self.policy.evaluate(&backend, current, &history, now);
         let Ok(mut records) = self.records.lock() else {
             return;
         };
         let Some(r) = records.get_mut(i) else { return };
-        let now = probe.at;
-        let ok = probe.ok;
-        if probe.lag_ms.is_some() || !ok {
-            r.lag_ms = probe.lag_ms;
-        }
-        if r.history.len() == HISTORY {
-            r.history.pop_front();
-        }
-        r.history.push_back(probe);
-        let (to, reason) = self
-            .policy
-            .evaluate(&self.backend_cfgs[i], r.health, &r.history, now);
+        let at = SystemTime::now();
+        r.verdict = Some((to, reason.clone(), at));
         let mut changed = false;
         if to != r.health {
             self.transition(i, r, to, reason);
             changed = true;
+        } else if !reason.is_empty() {
+            r.reason = reason;
+            r.reason_at = at;
         }
         // An ejected backend returns through a passing probe once its ejection is over.
         if let Some(until) = r.ejected_until {
             if ok && now >= until {
                 r.ejected_until = None;
                 r.reason = "ejection over and a probe passed".into();
+                r.reason_at = at;
                 self.consecutive[i].store(0, Ordering::Relaxed);
                 tracing::info!(cluster = %self.cluster, backend = %self.ids[i], "backend returns after ejection");
                 changed = true;
             }
         }
-        // Lag is part of the view: publish every probe that reports it.
-        if changed || r.lag_ms.is_some() {
+        if changed {
             self.publish(&records);
         }
     }
@@ -743,7 +822,7 @@ impl ClusterHealth {
                 *j != i
                     && r.role == role
                     && !r.fenced
-                    && r.health == Health::Healthy
+                    && matches!(r.health, Health::Healthy | Health::Degraded)
                     && r.ejected_until
                         .is_none_or(|u| self.active.is_none() && u <= now)
             })
@@ -781,6 +860,7 @@ impl ClusterHealth {
             "ejected for {} after {n} consecutive failures",
             humantime::format_duration(length)
         );
+        r.reason_at = SystemTime::now();
         c.store(0, Ordering::Relaxed);
         self.metrics[i].ejections.increment(1);
         tracing::warn!(cluster = %self.cluster, backend = %self.ids[i], ejection = ?length, failures = n, "backend ejected");
@@ -816,6 +896,12 @@ impl ClusterHealth {
         serde_json::json!({
             "health": r.health.as_str(),
             "reason": r.reason,
+            "reason_at_unix_ms": ms(r.reason_at),
+            "verdict": r.verdict.as_ref().map(|(h, why, at)| serde_json::json!({
+                "health": h.as_str(),
+                "reason": why,
+                "at_unix_ms": ms(*at),
+            })),
             "since_unix_ms": ms(r.since),
             "ejected_for_ms": r.ejected_until.map(|u| u.saturating_duration_since(now).as_millis() as u64),
             "ejections": r.ejections,

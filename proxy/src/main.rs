@@ -77,18 +77,25 @@ enum StateCommand {
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Test a health policy: `keyway plugin test P.wasm --config '{..}' --history probes.json`.
+    /// Prints the verdict and what the plugin wrote to stdout and stderr.
     Test {
         /// The plugin (.wasm component).
         plugin: PathBuf,
         /// Its configuration, as JSON.
         #[arg(long, default_value = "{}")]
         config: String,
-        /// JSON list of checks, oldest first: [{"ok": true, "status": 200, "at_ms": 0, "latency_us": 900, "lag_ms": 5}, ...].
+        /// JSON list of checks, oldest first: [{"ok": true, "status": 200, "at_ms": 1700000000000, "latency_us": 900, "lag_ms": 5}, ...]; `at_ms` in Unix milliseconds, as keyway passes them.
         #[arg(long)]
         history: PathBuf,
-        /// State before the newest check: healthy, unhealthy or unknown.
+        /// State before the newest check: healthy, degraded, unhealthy or unknown.
         #[arg(long, default_value = "healthy")]
         current: String,
+        /// The backend judged, as JSON: {"id": "vault-a", "role": "primary", "priority": 0, "location": "east", "weight": 1}.
+        #[arg(long, default_value = "{}")]
+        backend: String,
+        /// The call's `now-ms` (Unix milliseconds); default: the newest check's `at_ms`.
+        #[arg(long)]
+        now_ms: Option<u64>,
     },
     /// Test a request classifier: `keyway plugin classify P.wasm --config '{..}' POST /path [host]`.
     Classify {
@@ -112,9 +119,12 @@ enum PluginCommand {
         /// Its configuration, as JSON.
         #[arg(long, default_value = "{}")]
         config: String,
-        /// JSON: {"primary": {..} | null, "candidates": [{"id": "ro-1", "priority": 1, "location": "east", "healthy": true, "lag_ms": 20, "last_ok_ms": 1000}, ...]}.
+        /// JSON: {"primary": {..} | null, "candidates": [{"id": "ro-1", "priority": 1, "location": "east", "weight": 1, "health": "healthy", "lag_ms": 20, "last_ok_ms": 1700000000000}, ...]}; `health` is healthy, degraded or unhealthy (or `"healthy": true|false`).
         #[arg(long)]
         candidates: PathBuf,
+        /// The call's `now-ms` (Unix milliseconds); default: now.
+        #[arg(long)]
+        now_ms: Option<u64>,
     },
 }
 
@@ -310,54 +320,86 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
             config,
             history,
             current,
+            backend,
+            now_ms,
         } => {
+            use keyway::health::Health;
             let policy = HealthPlugin::load(plugin, config).map_err(|e| anyhow!(e))?;
-            let epoch = std::time::Instant::now();
             let list = read_json(history)?;
             let list = list
                 .as_array()
                 .ok_or_else(|| anyhow!("--history must hold a JSON list of checks"))?;
+            let newest = list.iter().filter_map(|p| p["at_ms"].as_u64()).max();
+            let now_ms = now_ms
+                .or(newest)
+                .unwrap_or_else(|| keyway::health::unix_ms_now());
+            let now = std::time::Instant::now();
             let probes: std::collections::VecDeque<keyway::health::Probe> = list
                 .iter()
-                .map(|p| keyway::health::Probe {
-                    at: epoch + std::time::Duration::from_millis(p["at_ms"].as_u64().unwrap_or(0)),
-                    at_wall: std::time::SystemTime::now(),
-                    ok: p["ok"].as_bool().unwrap_or(false),
-                    status: p["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
-                    latency: std::time::Duration::from_micros(
-                        p["latency_us"].as_u64().unwrap_or(0),
-                    ),
-                    error: p["error"].as_str().map(str::to_string),
-                    lag_ms: p["lag_ms"].as_u64(),
+                .map(|p| {
+                    let at_ms = p["at_ms"].as_u64().unwrap_or(0);
+                    keyway::health::Probe {
+                        at: now
+                            .checked_sub(std::time::Duration::from_millis(
+                                now_ms.saturating_sub(at_ms),
+                            ))
+                            .unwrap_or(now),
+                        at_wall: std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms),
+                        ok: p["ok"].as_bool().unwrap_or(false),
+                        status: p["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
+                        latency: std::time::Duration::from_micros(
+                            p["latency_us"].as_u64().unwrap_or(0),
+                        ),
+                        error: p["error"].as_str().map(str::to_string),
+                        lag_ms: p["lag_ms"].as_u64(),
+                    }
                 })
                 .collect();
             let current = match current.as_str() {
-                "healthy" => keyway::health::Health::Healthy,
-                "unhealthy" => keyway::health::Health::Unhealthy,
-                "unknown" => keyway::health::Health::Unknown,
+                "healthy" => Health::Healthy,
+                "degraded" => Health::Degraded,
+                "unhealthy" => Health::Unhealthy,
+                "unknown" => Health::Unknown,
                 other => {
                     return Err(anyhow!(
-                        "--current `{other}`: use healthy, unhealthy or unknown"
+                        "--current `{other}`: use healthy, degraded, unhealthy or unknown"
                     ))
                 }
             };
+            let b: Value = serde_json::from_str(backend).with_context(|| {
+                "--backend is not JSON (e.g. {\"id\": \"a\", \"location\": \"east\"})"
+            })?;
+            let role = match b["role"].as_str().unwrap_or("replica") {
+                "primary" => keyway::config::Role::Primary,
+                "replica" => keyway::config::Role::Replica,
+                other => return Err(anyhow!("--backend role `{other}`: use primary or replica")),
+            };
+            let id = b["id"].as_str().unwrap_or("backend").to_string();
             let backend = keyway::config::BackendConfig {
-                id: "backend".into(),
+                sni: id.clone(),
+                id,
                 address: "127.0.0.1:1".parse()?,
-                weight: 1,
-                priority: 0,
+                weight: b["weight"]
+                    .as_u64()
+                    .map_or(1, |w| w.clamp(1, u64::from(u32::MAX)) as u32),
+                priority: b["priority"]
+                    .as_u64()
+                    .map_or(0, |p| p.min(u64::from(u32::MAX)) as u32),
                 tls: false,
-                sni: "backend".into(),
                 protocol: keyway::config::UpstreamProtocol::Http1,
-                role: keyway::config::Role::Replica,
-                location: String::new(),
+                role,
+                location: b["location"].as_str().unwrap_or("").to_string(),
                 max_connections: keyway::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
                 max_queue: keyway::config::DEFAULT_BACKEND_MAX_QUEUE,
             };
-            let (health, reason) = policy
-                .evaluate(&backend, current, &probes, epoch)
-                .map_err(|e| anyhow!("the plugin {e}"))?;
-            Ok(json!({ "health": health.as_str(), "reason": reason }).to_string())
+            let traced = policy.evaluate_traced(&backend, current, &probes, now_ms);
+            let (health, reason) = traced
+                .result
+                .map_err(|e| anyhow!("the plugin {e}{}", output_note(&traced.output)))?;
+            Ok(
+                json!({ "health": health.as_str(), "reason": reason, "output": traced.output })
+                    .to_string(),
+            )
         }
         PluginCommand::Classify {
             plugin,
@@ -367,29 +409,45 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
             host,
         } => {
             let c = ClassifierPlugin::load(plugin, config).map_err(|e| anyhow!(e))?;
-            let kind = c
-                .classify(&method.to_ascii_uppercase(), path, host)
-                .map_err(|e| anyhow!("the plugin {e}"))?;
+            let traced = c.classify_traced(&method.to_ascii_uppercase(), path, host);
+            let kind = traced
+                .result
+                .map_err(|e| anyhow!("the plugin {e}{}", output_note(&traced.output)))?;
             let kind = match kind {
                 keyway::classify::Kind::Read => "read",
                 keyway::classify::Kind::Write => "write",
             };
-            Ok(json!({ "kind": kind }).to_string())
+            Ok(json!({ "kind": kind, "output": traced.output }).to_string())
         }
         PluginCommand::Promote {
             plugin,
             config,
             candidates,
+            now_ms,
         } => {
             let p = PromotionPlugin::load(plugin, config).map_err(|e| anyhow!(e))?;
             let doc = read_json(candidates)?;
-            let cand = |v: &Value| PromotionCandidate {
-                id: v["id"].as_str().unwrap_or("").to_string(),
-                priority: v["priority"].as_u64().unwrap_or(0) as u32,
-                location: v["location"].as_str().unwrap_or("").to_string(),
-                healthy: v["healthy"].as_bool().unwrap_or(false),
-                lag_ms: v["lag_ms"].as_u64(),
-                last_ok_ms: v["last_ok_ms"].as_u64().unwrap_or(0),
+            let cand = |v: &Value| {
+                let health =
+                    v["health"]
+                        .as_str()
+                        .unwrap_or(if v["healthy"].as_bool().unwrap_or(false) {
+                            "healthy"
+                        } else {
+                            "unhealthy"
+                        });
+                PromotionCandidate {
+                    id: v["id"].as_str().unwrap_or("").to_string(),
+                    priority: v["priority"].as_u64().unwrap_or(0) as u32,
+                    location: v["location"].as_str().unwrap_or("").to_string(),
+                    weight: v["weight"]
+                        .as_u64()
+                        .map_or(1, |w| w.clamp(1, u64::from(u32::MAX)) as u32),
+                    healthy: health == "healthy",
+                    degraded: health == "degraded",
+                    lag_ms: v["lag_ms"].as_u64(),
+                    last_ok_ms: v["last_ok_ms"].as_u64().unwrap_or(0),
+                }
             };
             let primary = doc.get("primary").filter(|v| !v.is_null()).map(cand);
             let list: Vec<PromotionCandidate> = doc["candidates"]
@@ -398,16 +456,28 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
                 .iter()
                 .map(cand)
                 .collect();
-            let d = p
-                .decide(primary.as_ref(), &list, 0)
-                .map_err(|e| anyhow!("the plugin {e}"))?;
-            Ok(match d {
+            let now_ms = now_ms.unwrap_or_else(keyway::health::unix_ms_now);
+            let traced = p.decide_traced(primary.as_ref(), &list, now_ms);
+            let d = traced
+                .result
+                .map_err(|e| anyhow!("the plugin {e}{}", output_note(&traced.output)))?;
+            let mut out = match d {
                 PromotionDecision::Keep => json!({ "decision": "keep" }),
                 PromotionDecision::None => json!({ "decision": "none" }),
                 PromotionDecision::Promote(id) => json!({ "decision": "promote", "backend": id }),
-            }
-            .to_string())
+            };
+            out["output"] = json!(traced.output);
+            Ok(out.to_string())
         }
+    }
+}
+
+/// What a failed plugin wrote, for the error message.
+fn output_note(output: &str) -> String {
+    if output.is_empty() {
+        String::new()
+    } else {
+        format!("\nthe plugin's output:\n{output}")
     }
 }
 

@@ -7,8 +7,13 @@
 //!   plugin's allocation then fails inside the guest and the call traps. The limiter
 //!   remembers that it refused, so the error is reported as `memory`.
 //! - **Capabilities**: plugins get WASI preview 2 with an *empty* context — no files, no
-//!   sockets, no environment, no arguments, no stdio — only so ordinary Rust `std` code
+//!   sockets, no environment, no arguments, no stdin — only so ordinary Rust `std` code
 //!   links. Clocks and randomness remain, which a policy cannot misuse.
+//! - **Output**: a plugin's stdout and stderr go into a buffer of [`OUTPUT_LIMIT`] bytes
+//!   per call (the rest is counted, not kept). A trap reports the guest's panic message
+//!   from it rather than a wasm backtrace, and the log line of a failed call carries the
+//!   output. The blocking stream calls are answered synchronously here (wasmtime-wasi's
+//!   own would start a Tokio runtime, which panics on keyway's async workers).
 //! - **Compilation** happens once, when a plugin is loaded (config load or reload), never
 //!   on the request path. Loading also instantiates the plugin and runs its `configure`,
 //!   so a plugin that refuses its configuration is refused before it can be used.
@@ -17,8 +22,9 @@
 //!   call (they run once per probe). After any trap or interruption the instance is
 //!   discarded and a fresh one is made on the next call.
 //! - **Errors** never escape as panics: every failure is a [`PluginError`], counted in
-//!   `keyway_plugin_errors_total{plugin,kind}` and logged once per plugin and kind; the
-//!   caller then applies the cluster's `on_error` rule.
+//!   `keyway_plugin_errors_total{plugin,kind}` and logged at most once a minute per plugin
+//!   and kind (with the number of failures not logged since); the caller then applies
+//!   the cluster's `on_error` rule.
 //!
 //! The pooling allocator is not used yet: instantiation is off the request path except
 //! for a classifier's first call on each thread.
@@ -29,8 +35,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime::component::{Component, Linker, Resource, ResourceTable, ResourceType};
+use wasmtime::{Engine, ResourceLimiter, Store, StoreContextMut, Trap};
+use wasmtime_wasi::p2::{DynOutputStream, OutputStream, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// Generated bindings for the three worlds of `wit/policy.wit`.
@@ -66,6 +73,10 @@ pub const POLICY_DEADLINE: Duration = Duration::from_millis(500);
 const MAX_PLUGIN_BYTES: u64 = 64 << 20;
 /// Longest health reason accepted from a plugin.
 pub const MAX_REASON_BYTES: usize = 1024;
+/// Bytes of a plugin's stdout and stderr kept per call.
+pub const OUTPUT_LIMIT: usize = 4096;
+/// A plugin's failures of one kind (and its output) are logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 // === engine ===
 
@@ -137,11 +148,133 @@ fn ticks(d: Duration) -> u64 {
 
 // === store state ===
 
-/// Per-store state: an empty WASI context and the memory limiter.
+/// Per-store state: an empty WASI context, the captured output and the memory limiter.
 pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
+    out: Capture,
+}
+
+// === captured output ===
+
+/// A plugin's stdout and stderr (one buffer, in the order written): the first
+/// [`OUTPUT_LIMIT`] bytes are kept, the rest only counted.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<CaptureBuf>>);
+
+#[derive(Default)]
+struct CaptureBuf {
+    kept: Vec<u8>,
+    dropped: usize,
+}
+
+impl Capture {
+    fn push(&self, bytes: &[u8]) {
+        if let Ok(mut b) = self.0.lock() {
+            let room = OUTPUT_LIMIT.saturating_sub(b.kept.len());
+            let n = room.min(bytes.len());
+            b.kept.extend_from_slice(&bytes[..n]);
+            b.dropped += bytes.len() - n;
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut b) = self.0.lock() {
+            b.kept.clear();
+            b.dropped = 0;
+        }
+    }
+
+    /// The output as text (lossy UTF-8), saying how much was not kept.
+    fn text(&self) -> String {
+        let Ok(b) = self.0.lock() else {
+            return String::new();
+        };
+        let mut t = String::from_utf8_lossy(&b.kept).into_owned();
+        if b.dropped > 0 {
+            t.push_str(&format!("… ({} more bytes not kept)", b.dropped));
+        }
+        t
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for Capture {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for Capture {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+        self.push(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        // Always writable: what does not fit is counted, never waited for.
+        Ok(64 << 10)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for Capture {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The message of a Rust panic in `output` ("panicked at src/lib.rs:9:5: the message"),
+/// without the hint lines that follow it.
+fn panic_message(output: &str) -> Option<String> {
+    let at = output.find("panicked at ")?;
+    let rest = &output[at..];
+    let mut lines = rest.lines();
+    let mut msg = lines.next()?.trim_end().to_string();
+    for line in lines {
+        if line.starts_with("note: ") || line.starts_with("stack backtrace") {
+            break;
+        }
+        if !msg.ends_with(':') {
+            msg.push('\n');
+        } else {
+            msg.push(' ');
+        }
+        msg.push_str(line);
+    }
+    Some(msg.trim_end().chars().take(MAX_REASON_BYTES).collect())
 }
 
 impl WasiView for PluginState {
@@ -184,15 +317,20 @@ impl ResourceLimiter for Limiter {
 }
 
 fn new_store(deadline: Duration) -> Store<PluginState> {
+    let out = Capture::default();
     let mut store = Store::new(
         engine(),
         PluginState {
-            wasi: WasiCtx::builder().build(),
+            wasi: WasiCtx::builder()
+                .stdout(out.clone())
+                .stderr(out.clone())
+                .build(),
             table: ResourceTable::new(),
             limiter: Limiter {
                 max: MEMORY_LIMIT,
                 refused: false,
             },
+            out,
         },
     );
     store.limiter(|s| &mut s.limiter);
@@ -205,27 +343,80 @@ fn linker() -> Result<Linker<PluginState>, String> {
     let mut linker = Linker::new(engine());
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
         .map_err(|e| format!("cannot provide WASI: {e}"))?;
-    // No stdio for plugins. Getting a stdio stream traps instead: besides being a
-    // capability a policy does not need, WASI's synchronous stream code blocks on a
-    // runtime, which would panic on keyway's async workers (a panicking guest writes
-    // its message to stderr).
+    // No stdin for plugins: getting it traps (a policy reads nothing, and WASI's
+    // blocking read would start a Tokio runtime, which panics on keyway's async workers).
     linker.allow_shadowing(true);
-    for (iface, func) in [
-        ("wasi:cli/stdin@0.2.12", "get-stdin"),
-        ("wasi:cli/stdout@0.2.12", "get-stdout"),
-        ("wasi:cli/stderr@0.2.12", "get-stderr"),
-    ] {
-        linker
-            .instance(iface)
-            .and_then(|mut i| {
-                i.func_new(func, |_store, _ty, _params, _results| {
-                    Err(wasmtime::format_err!("keyway plugins have no stdio"))
-                })
+    linker
+        .instance("wasi:cli/stdin@0.2.12")
+        .and_then(|mut i| {
+            i.func_new("get-stdin", |_store, _ty, _params, _results| {
+                Err(wasmtime::format_err!("keyway plugins have no stdin"))
             })
-            .map_err(|e| format!("cannot restrict {iface}: {e}"))?;
-    }
+        })
+        .map_err(|e| format!("cannot restrict stdin: {e}"))?;
+    // stdout and stderr are captured (`Capture`). The blocking calls on output streams
+    // (and dropping one) are answered here, synchronously: wasmtime-wasi's versions
+    // block on a Tokio runtime, which panics on an async worker (the classifier runs
+    // on the request path). A captured stream never has to wait.
+    linker
+        .instance("wasi:io/streams@0.2.12")
+        .and_then(|mut i| {
+            i.resource(
+                "output-stream",
+                ResourceType::host::<DynOutputStream>(),
+                |mut store: StoreContextMut<'_, PluginState>, rep| {
+                    let own = Resource::<DynOutputStream>::new_own(rep);
+                    store.data_mut().table.delete(own)?;
+                    Ok(())
+                },
+            )?;
+            i.func_wrap(
+                "[method]output-stream.blocking-write-and-flush",
+                |mut store: StoreContextMut<'_, PluginState>,
+                 (s, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
+                    Ok((write_now(store.data_mut(), &s, bytes)?,))
+                },
+            )?;
+            i.func_wrap(
+                "[method]output-stream.blocking-write-zeroes-and-flush",
+                |mut store: StoreContextMut<'_, PluginState>,
+                 (s, len): (Resource<DynOutputStream>, u64)| {
+                    let zeroes = vec![0u8; len.min(OUTPUT_LIMIT as u64) as usize];
+                    Ok((write_now(store.data_mut(), &s, zeroes)?,))
+                },
+            )?;
+            i.func_wrap(
+                "[method]output-stream.blocking-flush",
+                |mut store: StoreContextMut<'_, PluginState>,
+                 (s,): (Resource<DynOutputStream>,)| {
+                    Ok((write_now(store.data_mut(), &s, Vec::new())?,))
+                },
+            )
+        })
+        .map_err(|e| format!("cannot capture plugin output: {e}"))?;
     Ok(linker)
 }
+
+/// `blocking-write-and-flush` on a stream that never waits (a [`Capture`]).
+fn write_now(
+    state: &mut PluginState,
+    s: &Resource<DynOutputStream>,
+    bytes: Vec<u8>,
+) -> wasmtime::Result<Result<(), WasiStreamError>> {
+    let stream = state.table.get_mut(s)?;
+    let written = if bytes.is_empty() {
+        Ok(())
+    } else {
+        stream.write(bytes.into())
+    };
+    match written.and_then(|()| stream.flush()) {
+        Ok(()) => Ok(Ok(())),
+        Err(StreamError::Trap(e)) => Err(e),
+        Err(_) => Ok(Err(WasiStreamError::Closed)),
+    }
+}
+
+use wasmtime_wasi::p2::bindings::sync::io::streams::StreamError as WasiStreamError;
 
 // === errors ===
 
@@ -253,13 +444,19 @@ impl PluginError {
         }
     }
 
+    /// Classifies a failed call. A trap is described by the guest's panic message when
+    /// its output has one, else by the trap itself: never by a wasm backtrace.
     fn from_call(err: wasmtime::Error, store: &Store<PluginState>) -> Self {
         if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             PluginError::Timeout
         } else if store.data().limiter.refused {
             PluginError::Memory
+        } else if let Some(msg) = panic_message(&store.data().out.text()) {
+            PluginError::Trap(msg)
+        } else if let Some(trap) = err.downcast_ref::<Trap>() {
+            PluginError::Trap(trap.to_string())
         } else {
-            PluginError::Trap(format!("{err:#}"))
+            PluginError::Trap(err.root_cause().to_string())
         }
     }
 }
@@ -294,7 +491,23 @@ pub struct PluginMeta {
     id: u64,
     calls: AtomicU64,
     errors: AtomicU64,
-    logged: Mutex<Vec<&'static str>>,
+    logged: Mutex<Vec<LogSlot>>,
+}
+
+/// When a plugin's lines of one kind were last logged, and how many were not since.
+struct LogSlot {
+    kind: &'static str,
+    last: std::time::Instant,
+    unlogged: u64,
+}
+
+/// One call's answer and what the plugin wrote meanwhile.
+#[derive(Debug)]
+pub struct Traced<T> {
+    /// The answer, or how the call failed.
+    pub result: Result<T, PluginError>,
+    /// The plugin's stdout and stderr during the call (at most [`OUTPUT_LIMIT`] bytes).
+    pub output: String,
 }
 
 impl PluginMeta {
@@ -308,22 +521,48 @@ impl PluginMeta {
         self.errors.load(Ordering::Relaxed)
     }
 
-    fn record_error(&self, e: &PluginError) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("keyway_plugin_errors_total", "plugin" => self.name.clone(), "kind" => e.kind()).increment(1);
-        let first = self
-            .logged
-            .lock()
-            .map(|mut l| {
-                let new = !l.contains(&e.kind());
-                if new {
-                    l.push(e.kind());
+    /// Whether a line of `kind` may be logged now (at most once per [`LOG_EVERY`]), and
+    /// how many were held back since the last one.
+    fn may_log(&self, kind: &'static str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut slots = self.logged.lock().ok()?;
+        match slots.iter_mut().find(|s| s.kind == kind) {
+            None => {
+                slots.push(LogSlot {
+                    kind,
+                    last: now,
+                    unlogged: 0,
+                });
+                Some(0)
+            }
+            Some(s) if now.duration_since(s.last) >= LOG_EVERY => {
+                s.last = now;
+                Some(std::mem::take(&mut s.unlogged))
+            }
+            Some(s) => {
+                s.unlogged += 1;
+                None
+            }
+        }
+    }
+
+    /// Counts a call's failure and logs it (rate-limited), with the plugin's output; or
+    /// logs the output of a call that went well (rate-limited too).
+    fn record<T>(&self, traced: &Traced<T>) {
+        match &traced.result {
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("keyway_plugin_errors_total", "plugin" => self.name.clone(), "kind" => e.kind()).increment(1);
+                if let Some(unlogged) = self.may_log(e.kind()) {
+                    tracing::warn!(plugin = %self.name, kind = e.kind(), error = %e, output = %traced.output, unlogged, "plugin call failed; on_error applies (logged at most once a minute per plugin and kind)");
                 }
-                new
-            })
-            .unwrap_or(false);
-        if first {
-            tracing::warn!(plugin = %self.name, kind = e.kind(), error = %e, "plugin call failed; on_error applies (further errors of this kind are only counted)");
+            }
+            Ok(_) if !traced.output.is_empty() => {
+                if let Some(unlogged) = self.may_log("output") {
+                    tracing::info!(plugin = %self.name, output = %traced.output, unlogged, "plugin wrote output (logged at most once a minute)");
+                }
+            }
+            Ok(_) => {}
         }
     }
 
@@ -538,20 +777,34 @@ impl HealthPlugin {
         Ok(Arc::new(Self { meta, pre }))
     }
 
-    /// Runs the policy for one backend.
+    /// Runs the policy for one backend. `backend` carries its current role; `now_ms` and
+    /// every probe's `at-ms` are Unix milliseconds (wall clock), as the WIT says.
     pub fn evaluate(
         &self,
         backend: &crate::config::BackendConfig,
         current: crate::health::Health,
         history: &std::collections::VecDeque<crate::health::Probe>,
-        epoch: std::time::Instant,
+        now_ms: u64,
     ) -> Result<HealthVerdict, PluginError> {
+        self.evaluate_traced(backend, current, history, now_ms)
+            .result
+    }
+
+    /// [`Self::evaluate`], with what the plugin wrote to stdout and stderr.
+    pub fn evaluate_traced(
+        &self,
+        backend: &crate::config::BackendConfig,
+        current: crate::health::Health,
+        history: &std::collections::VecDeque<crate::health::Probe>,
+        now_ms: u64,
+    ) -> Traced<HealthVerdict> {
+        use crate::health::Health as H;
         use bindings::health::keyway::policy::types as t;
         self.meta.calls.fetch_add(1, Ordering::Relaxed);
+        let mut output = String::new();
         let result = (|| {
             let (mut store, inst) =
                 configured_for_call::<bindings::health::Health>(&self.pre, &self.meta.config)?;
-            let ms = |i: std::time::Instant| i.saturating_duration_since(epoch).as_millis() as u64;
             let wasm_backend = t::Backend {
                 id: backend.id.clone(),
                 role: match backend.role {
@@ -559,13 +812,13 @@ impl HealthPlugin {
                     crate::config::Role::Replica => t::Role::Replica,
                 },
                 priority: backend.priority,
-                location: String::new(),
+                location: backend.location.clone(),
                 weight: backend.weight,
             };
             let probes: Vec<t::Probe> = history
                 .iter()
                 .map(|p| t::Probe {
-                    at_ms: ms(p.at),
+                    at_ms: crate::unix_ms(p.at_wall),
                     ok: p.ok,
                     status: p.status,
                     latency_us: p.latency.as_micros().min(u128::from(u32::MAX)) as u32,
@@ -574,21 +827,19 @@ impl HealthPlugin {
                 })
                 .collect();
             let cur = match current {
-                crate::health::Health::Healthy => t::Health::Healthy,
-                crate::health::Health::Unknown | crate::health::Health::Unhealthy => {
-                    t::Health::Unhealthy
-                }
+                H::Healthy => t::Health::Healthy,
+                H::Degraded => t::Health::Degraded,
+                H::Unknown | H::Unhealthy => t::Health::Unhealthy,
             };
-            let verdict = inst
-                .keyway_policy_health_policy()
-                .call_evaluate(
-                    &mut store,
-                    &wasm_backend,
-                    cur,
-                    &probes,
-                    ms(std::time::Instant::now()),
-                )
-                .map_err(|e| PluginError::from_call(e, &store))?;
+            let called = inst.keyway_policy_health_policy().call_evaluate(
+                &mut store,
+                &wasm_backend,
+                cur,
+                &probes,
+                now_ms,
+            );
+            output = store.data().out.text();
+            let verdict = called.map_err(|e| PluginError::from_call(e, &store))?;
             if verdict.reason.len() > MAX_REASON_BYTES {
                 return Err(PluginError::InvalidOutput(format!(
                     "a reason of {} bytes (at most {MAX_REASON_BYTES})",
@@ -596,15 +847,15 @@ impl HealthPlugin {
                 )));
             }
             let health = match verdict.health {
-                t::Health::Healthy | t::Health::Degraded => crate::health::Health::Healthy,
-                t::Health::Unhealthy => crate::health::Health::Unhealthy,
+                t::Health::Healthy => H::Healthy,
+                t::Health::Degraded => H::Degraded,
+                t::Health::Unhealthy => H::Unhealthy,
             };
             Ok((health, verdict.reason))
         })();
-        if let Err(e) = &result {
-            self.meta.record_error(e);
-        }
-        result
+        let traced = Traced { result, output };
+        self.meta.record(&traced);
+        traced
     }
 }
 
@@ -668,14 +919,27 @@ impl ClassifierPlugin {
         path: &str,
         host: &str,
     ) -> Result<crate::classify::Kind, PluginError> {
+        self.classify_traced(method, path, host).result
+    }
+
+    /// [`Self::classify`], with what the plugin wrote to stdout and stderr.
+    pub fn classify_traced(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+    ) -> Traced<crate::classify::Kind> {
         if self.failures_in_a_row.load(Ordering::Relaxed) >= BREAKER_FAILURES {
             let now = std::time::Instant::now();
             if let Ok(mut open) = self.open_until.lock() {
                 match *open {
                     Some(until) if now < until => {
-                        return Err(PluginError::Trap(
-                            "skipped: the plugin failed repeatedly (breaker open)".into(),
-                        ))
+                        return Traced {
+                            result: Err(PluginError::Trap(
+                                "skipped: the plugin failed repeatedly (breaker open)".into(),
+                            )),
+                            output: String::new(),
+                        };
                     }
                     // Half-open: this call tries the plugin again.
                     _ => *open = Some(now + BREAKER_OPEN),
@@ -683,6 +947,7 @@ impl ClassifierPlugin {
             }
         }
         self.meta.calls.fetch_add(1, Ordering::Relaxed);
+        let mut output = String::new();
         let result = CLASSIFIERS.with(|cache| {
             let mut cache = cache.borrow_mut();
             let at = match cache.iter().position(|t| t.id == self.meta.id) {
@@ -706,12 +971,15 @@ impl ClassifierPlugin {
             };
             let t = &mut cache[at];
             arm(&mut t.store, CLASSIFY_DEADLINE);
-            match t.bindings.keyway_policy_request_classifier().call_classify(
+            t.store.data().out.clear();
+            let called = t.bindings.keyway_policy_request_classifier().call_classify(
                 &mut t.store,
                 method,
                 path,
                 host,
-            ) {
+            );
+            output = t.store.data().out.text();
+            match called {
                 Ok(WasmKind::Read) => Ok(crate::classify::Kind::Read),
                 Ok(WasmKind::Write) => Ok(crate::classify::Kind::Write),
                 Err(e) => {
@@ -722,12 +990,13 @@ impl ClassifierPlugin {
                 }
             }
         });
-        match &result {
+        let traced = Traced { result, output };
+        self.meta.record(&traced);
+        match &traced.result {
             Ok(_) => {
                 self.failures_in_a_row.store(0, Ordering::Relaxed);
             }
-            Err(e) => {
-                self.meta.record_error(e);
+            Err(_) => {
                 if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 == BREAKER_FAILURES {
                     if let Ok(mut open) = self.open_until.lock() {
                         *open = Some(std::time::Instant::now() + BREAKER_OPEN);
@@ -735,7 +1004,7 @@ impl ClassifierPlugin {
                 }
             }
         }
-        result
+        traced
     }
 }
 
@@ -757,11 +1026,16 @@ pub struct PromotionCandidate {
     pub priority: u32,
     /// Its location label.
     pub location: String,
-    /// Healthy or not.
+    /// Its `weight`.
+    pub weight: u32,
+    /// Healthy.
     pub healthy: bool,
+    /// Degraded (a standby: promoted only when no candidate is healthy). Ignored when
+    /// `healthy`.
+    pub degraded: bool,
     /// Last reported lag.
     pub lag_ms: Option<u64>,
-    /// Last passing check, ms since start (0: never).
+    /// Last passing check, Unix milliseconds (0: never).
     pub last_ok_ms: u64,
 }
 
@@ -784,12 +1058,23 @@ impl PromotionPlugin {
     }
 
     /// Asks the policy for a decision. A `promote` naming no candidate is rejected.
+    /// `now_ms` is Unix milliseconds, like every candidate's `last_ok_ms`.
     pub fn decide(
         &self,
         primary: Option<&PromotionCandidate>,
         candidates: &[PromotionCandidate],
         now_ms: u64,
     ) -> Result<PromotionDecision, PluginError> {
+        self.decide_traced(primary, candidates, now_ms).result
+    }
+
+    /// [`Self::decide`], with what the plugin wrote to stdout and stderr.
+    pub fn decide_traced(
+        &self,
+        primary: Option<&PromotionCandidate>,
+        candidates: &[PromotionCandidate],
+        now_ms: u64,
+    ) -> Traced<PromotionDecision> {
         use bindings::promotion::exports::keyway::policy::promotion_policy as p;
         use bindings::promotion::keyway::policy::types as t;
         self.meta.calls.fetch_add(1, Ordering::Relaxed);
@@ -799,16 +1084,19 @@ impl PromotionPlugin {
                 role,
                 priority: c.priority,
                 location: c.location.clone(),
-                weight: 1,
+                weight: c.weight,
             },
             health: if c.healthy {
                 t::Health::Healthy
+            } else if c.degraded {
+                t::Health::Degraded
             } else {
                 t::Health::Unhealthy
             },
             lag_ms: c.lag_ms,
             last_ok_ms: c.last_ok_ms,
         };
+        let mut output = String::new();
         let result = (|| {
             let (mut store, inst) = configured_for_call::<bindings::promotion::Promotion>(
                 &self.pre,
@@ -820,9 +1108,9 @@ impl PromotionPlugin {
                 .iter()
                 .map(|c| convert(c, t::Role::Replica))
                 .collect();
-            let d = api
-                .call_decide(&mut store, prim.as_ref(), &cands, now_ms)
-                .map_err(|e| PluginError::from_call(e, &store))?;
+            let called = api.call_decide(&mut store, prim.as_ref(), &cands, now_ms);
+            output = store.data().out.text();
+            let d = called.map_err(|e| PluginError::from_call(e, &store))?;
             Ok(match d {
                 p::Decision::Keep => PromotionDecision::Keep,
                 p::Decision::None => PromotionDecision::None,
@@ -836,10 +1124,9 @@ impl PromotionPlugin {
                 }
             })
         })();
-        if let Err(e) = &result {
-            self.meta.record_error(e);
-        }
-        result
+        let traced = Traced { result, output };
+        self.meta.record(&traced);
+        traced
     }
 }
 
