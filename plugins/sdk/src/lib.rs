@@ -30,7 +30,7 @@ pub use wit_bindgen as __rt;
 pub mod health {
     wit_bindgen::generate!({
         world: "health",
-        path: "../../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_health",
         default_bindings_module: "keyway_plugin_sdk::health",
@@ -59,7 +59,7 @@ pub mod health {
 pub mod promotion {
     wit_bindgen::generate!({
         world: "promotion",
-        path: "../../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_promotion",
         default_bindings_module: "keyway_plugin_sdk::promotion",
@@ -87,7 +87,7 @@ pub mod promotion {
 pub mod classifier {
     wit_bindgen::generate!({
         world: "classifier",
-        path: "../../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_classifier",
         default_bindings_module: "keyway_plugin_sdk::classifier",

@@ -1022,6 +1022,15 @@ fn cluster(
         .health
         .as_ref()
         .map(|h| health(h, &path.key("health"), base, errs));
+    // Replicas of unknown lag serve no reads under max_lag: without a lag source every
+    // replica's lag is unknown, and no read would ever reach one.
+    if split.max_lag.is_some() && health.as_ref().is_none_or(|h| h.lag.is_none()) {
+        errs.push(
+            &path.key("max_lag"),
+            "max_lag is set but no health check reports replication lag, so every replica's lag is unknown and none would serve reads",
+            "add lag_header = \"X-Replication-Lag\" (or lag_json = \"lag_ms\" for a JSON health body) to this cluster's `health`, or remove max_lag",
+        );
+    }
     let promotion = c.promotion.as_ref().and_then(|p| {
         promotion(
             p,
