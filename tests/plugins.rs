@@ -48,7 +48,7 @@ fn history(results: &[bool]) -> VecDeque<Probe> {
 #[test]
 fn rise_fall_and_failed_checks_plugins() {
     let rf = HealthPlugin::load(&plugin("rise-fall"), r#"{"rise": 2, "fall": 3}"#).unwrap();
-    let e = Instant::now();
+    let e = keyway::health::unix_ms_now();
     let b = backend();
     let eval = |cur, h: &[bool]| rf.evaluate(&b, cur, &history(h), e).unwrap().0;
     assert_eq!(
@@ -57,8 +57,8 @@ fn rise_fall_and_failed_checks_plugins() {
     );
     assert_eq!(
         eval(Health::Healthy, &[true, false, false]),
-        Health::Healthy,
-        "degraded still routes"
+        Health::Degraded,
+        "failing, not yet down: a standby"
     );
     assert_eq!(eval(Health::Unhealthy, &[false, true]), Health::Unhealthy);
     assert_eq!(
@@ -106,7 +106,9 @@ fn cand(
         id: id.into(),
         priority,
         location: location.into(),
+        weight: 1,
         healthy,
+        degraded: false,
         lag_ms: lag,
         last_ok_ms: 1,
     }
@@ -268,7 +270,7 @@ fn misbehaving_plugins_are_contained() {
         &backend(),
         Health::Healthy,
         &history(&[true]),
-        Instant::now(),
+        keyway::health::unix_ms_now(),
     );
     assert!(matches!(r, Err(PluginError::InvalidOutput(_))), "{r:?}");
 
@@ -680,4 +682,326 @@ backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]"#,
     let (done, fails) = load.stop().await;
     assert_eq!(fails, 0, "{done} requests across six swaps");
     assert!(done > 100, "{done}");
+}
+
+// === the plugin contract, told true ===
+
+/// A cluster `name` of backends `a` and `b` (and the rest of `body`), judged every 50 ms
+/// by the `misbehave-health` fixture with `config`.
+fn judged(name: &str, config: &str, body: &str, a: &TestBackend, b: &TestBackend) -> String {
+    one_cluster(
+        name,
+        &format!(
+            r#"health = {{ path = "/health", interval = "50ms", timeout = "500ms", policy = "{}", config = {config} }}
+{body}
+backends = [{{ id = "a", address = "{}", priority = 1 }}, {{ id = "b", address = "{}", priority = 0 }}]"#,
+            plugin("misbehave-health").display(),
+            a.addr,
+            b.addr
+        ),
+    )
+}
+
+async fn health_of(admin: std::net::SocketAddr, cluster: &str, id: &str) -> serde_json::Value {
+    backend_status(admin, cluster, id).await["health"].clone()
+}
+
+/// Who served `n` GETs in a row.
+async fn served(p: &Proxy, n: usize) -> Vec<String> {
+    let mut who = Vec::new();
+    for _ in 0..n {
+        let r = get(p.addr, "h", "/x").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        who.push(r.backend());
+    }
+    who
+}
+
+#[tokio::test]
+async fn a_degraded_backend_is_a_standby_for_every_balancer_and_ordered_clusters() {
+    for (name, body) in [
+        ("deg-rr", r#"balance = "round-robin""#),
+        ("deg-lr", r#"balance = "least-requests""#),
+        ("deg-p2c", r#"balance = "p2c""#),
+        ("deg-random", r#"balance = "random""#),
+        // b has the better priority: an ordered cluster would try it first.
+        ("deg-ordered", r#"strategy = "ordered""#),
+    ] {
+        let a = TestBackend::start("a").await;
+        let b = TestBackend::start("b").await;
+        let p = Proxy::start(&judged(
+            name,
+            r#"{ mode = "ok", degraded = ["b"] }"#,
+            body,
+            &a,
+            &b,
+        ))
+        .await;
+        let admin = p.admin.unwrap();
+        eventually(Duration::from_secs(10), "a healthy, b degraded", || async {
+            health_of(admin, name, "a").await["health"] == "healthy"
+                && health_of(admin, name, "b").await["health"] == "degraded"
+        })
+        .await;
+        let who = served(&p, 20).await;
+        assert!(
+            who.iter().all(|w| w == "a"),
+            "{name}: the degraded b took requests while a is healthy: {who:?}"
+        );
+        // No healthy backend left: the standby serves.
+        a.set_health(500);
+        eventually(Duration::from_secs(10), "a unhealthy", || async {
+            health_of(admin, name, "a").await["health"] == "unhealthy"
+        })
+        .await;
+        let who = served(&p, 5).await;
+        assert!(who.iter().all(|w| w == "b"), "{name}: {who:?}");
+        // Shown and exported as degraded.
+        let m = admin_get(admin, "/metrics").await;
+        let labels = format!("{{cluster=\"{name}\",backend=\"b\"}}");
+        assert_eq!(metric(&m, &format!("keyway_backend_degraded{labels}")), 1.0);
+        assert_eq!(metric(&m, &format!("keyway_backend_healthy{labels}")), 0.0);
+        assert!(
+            metric(
+                &m,
+                &format!(
+                    "keyway_backend_health_transitions_total{{cluster=\"{name}\",backend=\"b\",to=\"degraded\"}}"
+                )
+            ) >= 1.0,
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn native_promotion_takes_a_degraded_candidate_only_when_none_is_healthy() {
+    use keyway::failover::{native_least_lag, native_priority};
+    let c = |id: &str, priority: u32, healthy: bool, degraded: bool, lag: u64| PromotionCandidate {
+        id: id.into(),
+        priority,
+        location: String::new(),
+        weight: 1,
+        healthy,
+        degraded,
+        lag_ms: Some(lag),
+        last_ok_ms: 1,
+    };
+    let promote = |id: &str| PromotionDecision::Promote(id.into());
+    // The degraded one has the better priority and the least lag: not chosen.
+    let mixed = [c("deg", 0, false, true, 0), c("ok", 5, true, false, 900)];
+    assert_eq!(native_priority(&mixed, None), promote("ok"));
+    assert_eq!(native_least_lag(&mixed, None), promote("ok"));
+    // Nobody healthy: the standby rather than no primary.
+    let standby = [c("down", 0, false, false, 0), c("deg", 5, false, true, 50)];
+    assert_eq!(native_priority(&standby, None), promote("deg"));
+    assert_eq!(native_least_lag(&standby, None), promote("deg"));
+}
+
+/// The `echo` fixture's reason, split into its `key=value` fields.
+fn echoed(reason: &str) -> std::collections::HashMap<String, String> {
+    reason
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn health_plugins_get_location_current_role_and_unix_times_kept_across_reloads() {
+    let p = TestBackend::start("primary").await;
+    let r = TestBackend::start("r1").await;
+    let started = keyway::health::unix_ms_now();
+    let cfg = one_cluster(
+        "echo",
+        &format!(
+            r#"strategy = "primary-replica"
+health = {{ path = "/health", interval = "50ms", timeout = "500ms", policy = "{}", config = {{ mode = "echo" }} }}
+backends = [
+  {{ id = "primary", address = "{}", role = "primary", location = "east", weight = 3 }},
+  {{ id = "r1", address = "{}", role = "replica", location = "west", weight = 7 }},
+]"#,
+            plugin("misbehave-health").display(),
+            p.addr,
+            r.addr
+        ),
+    );
+    let file = unique_dir("echo").join("k.toml");
+    let proxy = Proxy::start_file(&file, &cfg).await;
+    let admin = proxy.admin.unwrap();
+    // Two checks judged, so the history has two times.
+    eventually(Duration::from_secs(10), "two checks echoed", || async {
+        let v = health_of(admin, "echo", "r1").await;
+        echoed(v["reason"].as_str().unwrap_or(""))
+            .get("at")
+            .is_some_and(|a| a.split(',').count() >= 2)
+    })
+    .await;
+    let primary = echoed(
+        health_of(admin, "echo", "primary").await["reason"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(primary["location"], "east");
+    assert_eq!(primary["weight"], "3");
+    assert_eq!(primary["role"], "Role::Primary");
+    let v = health_of(admin, "echo", "r1").await;
+    let r1 = echoed(v["reason"].as_str().unwrap());
+    assert_eq!(r1["location"], "west", "{v}");
+    assert_eq!(r1["role"], "Role::Replica");
+    // One clock: Unix milliseconds, probe times no later than the call's now.
+    let now: u64 = r1["now"].parse().unwrap();
+    let at: Vec<u64> = r1["at"].split(',').map(|t| t.parse().unwrap()).collect();
+    let end = keyway::health::unix_ms_now();
+    assert!(now >= started && now <= end, "now-ms {now} not in [{started}, {end}]");
+    assert!(
+        at.iter().all(|&t| t >= started && t <= now),
+        "at-ms {at:?} not in [{started}, {now}]"
+    );
+    assert!(at.windows(2).all(|w| w[0] <= w[1]), "oldest first: {at:?}");
+    // /status: the latest verdict with its time.
+    let verdict = &v["verdict"];
+    assert_eq!(verdict["health"], "healthy");
+    assert_eq!(verdict["reason"], v["reason"]);
+    assert!(verdict["at_unix_ms"].as_u64().unwrap() >= now);
+
+    // A reload keeps the history, and its times: the first probe keeps its time.
+    let first = at[0];
+    let r = send(admin, request("POST", "admin", "/reload", "")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(Duration::from_secs(10), "a check after the reload", || async {
+        let v = health_of(admin, "echo", "r1").await;
+        echoed(v["reason"].as_str().unwrap_or(""))
+            .get("now")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > end)
+    })
+    .await;
+    let v = health_of(admin, "echo", "r1").await;
+    let after: Vec<u64> = echoed(v["reason"].as_str().unwrap())["at"]
+        .split(',')
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert!(
+        after.contains(&first) && after.iter().all(|&t| t >= started),
+        "probe times changed across the reload: {at:?} then {after:?}"
+    );
+
+    // After a promotion the plugin sees the new primary's role.
+    let r = send(admin, request("POST", "admin", "/clusters/echo/promote/r1", "")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(Duration::from_secs(10), "r1 judged as the primary", || async {
+        let v = health_of(admin, "echo", "r1").await;
+        echoed(v["reason"].as_str().unwrap_or(""))
+            .get("role")
+            .is_some_and(|r| r == "Role::Primary")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn promotion_plugins_get_the_configured_weight() {
+    let p = TestBackend::start("primary").await;
+    let r1 = TestBackend::start("r1").await;
+    let r2 = TestBackend::start("r2").await;
+    let cfg = one_cluster(
+        "weights",
+        &format!(
+            r#"strategy = "primary-replica"
+health = {{ path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }}
+promotion = {{ policy = "{}", hold = "100ms" }}
+backends = [
+  {{ id = "primary", address = "{}", role = "primary" }},
+  {{ id = "r1", address = "{}", role = "replica", weight = 1 }},
+  {{ id = "r2", address = "{}", role = "replica", weight = 5 }},
+]"#,
+            plugin("weight-promotion").display(),
+            p.addr,
+            r1.addr,
+            r2.addr
+        ),
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let admin = proxy.admin.unwrap();
+    eventually(Duration::from_secs(10), "all healthy", || async {
+        for id in ["primary", "r1", "r2"] {
+            if health_of(admin, "weights", id).await["health"] != "healthy" {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    p.stop();
+    eventually(Duration::from_secs(10), "the heavier r2 promoted", || async {
+        let s: serde_json::Value =
+            serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+        s["coordination"]["clusters"]["weights"]["primary"] == "r2"
+    })
+    .await;
+}
+
+#[test]
+fn a_plugin_s_output_is_captured_bounded_and_a_trap_names_its_panic() {
+    let b = backend();
+    let now = keyway::health::unix_ms_now();
+    let chatty = HealthPlugin::load(
+        &plugin("misbehave-health"),
+        r#"{"mode": "ok", "say": "checking"}"#,
+    )
+    .unwrap();
+    let t = chatty.evaluate_traced(&b, Health::Healthy, &history(&[true]), now);
+    assert_eq!(t.result.unwrap().0, Health::Healthy);
+    assert_eq!(t.output, "stdout: checking\nstderr: checking\n");
+
+    let trap = HealthPlugin::load(
+        &plugin("misbehave-health"),
+        r#"{"mode": "trap", "say": "about to fail"}"#,
+    )
+    .unwrap();
+    let t = trap.evaluate_traced(&b, Health::Healthy, &history(&[true]), now);
+    let Err(PluginError::Trap(why)) = &t.result else {
+        panic!("{:?}", t.result)
+    };
+    assert!(why.contains("trapping on purpose"), "{why}");
+    assert!(why.contains("lib.rs"), "the panic's location: {why}");
+    assert!(
+        !why.contains("backtrace") && why.lines().count() <= 2,
+        "no wasm backtrace: {why}"
+    );
+    assert!(t.output.contains("stderr: about to fail"), "{}", t.output);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classifier_that_prints_on_the_request_path_is_captured_not_fatal() {
+    // Called right here, on an async worker: WASI's own blocking stream calls would
+    // panic here ("cannot start a runtime from within a runtime").
+    let c = ClassifierPlugin::load(
+        &plugin("misbehave-classifier"),
+        r#"{"mode": "chatty", "answer": "read"}"#,
+    )
+    .unwrap();
+    let t = c.classify_traced("GET", "/x", "h");
+    assert_eq!(t.result, Ok(Kind::Read));
+    assert!(t.output.starts_with("classifying /x\n"), "{}", t.output);
+    assert!(
+        t.output.len() < 4096 + 100 && t.output.ends_with("more bytes not kept)"),
+        "bounded at 4 KiB: {} bytes",
+        t.output.len()
+    );
+    // The next call starts a fresh buffer.
+    let t = c.classify_traced("GET", "/y", "h");
+    assert!(t.output.starts_with("classifying /y\n"), "{}", &t.output[..40]);
+
+    // And in the proxy: every request served.
+    let (_p, _r, proxy) = farm(&classifier(
+        "misbehave-classifier",
+        r#"{ mode = "chatty", answer = "read" }"#,
+        "fail-closed",
+    ))
+    .await;
+    for _ in 0..10 {
+        let r = get(proxy.addr, "h", "/x").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.backend(), "replica");
+    }
 }
