@@ -237,3 +237,147 @@ async fn lag_can_come_from_a_json_field() {
     .await;
     assert_eq!(state(&p, "a").await["last_checks"][0]["lag_ms"], 1234);
 }
+
+/// A primary and two replicas serving reads under `max_lag = "1s"`, never the primary.
+/// `fall = 1000` keeps a replica healthy through failed checks, so the lag rule alone
+/// decides.
+async fn lag_farm() -> (TestBackend, TestBackend, TestBackend, Proxy) {
+    let p = TestBackend::start("primary").await;
+    let r1 = TestBackend::start("r1").await;
+    let r2 = TestBackend::start("r2").await;
+    let cfg = one_cluster(
+        "lag",
+        &format!(
+            r#"strategy = "primary-replica"
+max_lag = "1s"
+reads_on_primary = "never"
+health = {{ path = "/health", interval = "50ms", timeout = "500ms", rise = 1, fall = 1000, lag_header = "x-replication-lag-ms" }}
+backends = [
+  {{ id = "primary", address = "{}", role = "primary" }},
+  {{ id = "r1", address = "{}", role = "replica" }},
+  {{ id = "r2", address = "{}", role = "replica" }},
+]"#,
+            p.addr, r1.addr, r2.addr
+        ),
+    );
+    let proxy = Proxy::start(&cfg).await;
+    (p, r1, r2, proxy)
+}
+
+async fn lag_state(p: &Proxy, id: &str) -> serde_json::Value {
+    backend_status(p.admin.unwrap(), "lag", id).await["health"].clone()
+}
+
+#[tokio::test]
+async fn a_replica_of_unknown_lag_leaves_the_read_set_under_max_lag() {
+    let (_p, r1, r2, proxy) = lag_farm().await;
+    eventually(
+        Duration::from_secs(10),
+        "replicas healthy, lag 0",
+        || async {
+            for id in ["r1", "r2"] {
+                let s = lag_state(&proxy, id).await;
+                if s["health"] != "healthy" || s["lag_ms"] != 0 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+
+    // A passing check that stops reporting lag: unknown, so no reads for r1.
+    r1.set_lag(NO_LAG);
+    eventually(Duration::from_secs(10), "r1's lag unknown", || async {
+        lag_state(&proxy, "r1").await["lag_ms"].is_null()
+    })
+    .await;
+    for _ in 0..10 {
+        let r = get(proxy.addr, "h", "/x").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.backend(), "r2", "r1 reported no lag");
+    }
+    assert_eq!(lag_state(&proxy, "r1").await["health"], "healthy");
+
+    // A failed check carries no lag either: r2 stays healthy (fall = 1000) but its lag
+    // is unknown now, and no replica is left for reads.
+    r2.set_health(500);
+    eventually(Duration::from_secs(10), "r2's lag unknown", || async {
+        let s = lag_state(&proxy, "r2").await;
+        s["lag_ms"].is_null() && s["last_checks"][0]["ok"] == false
+    })
+    .await;
+    assert_eq!(lag_state(&proxy, "r2").await["health"], "healthy");
+    let r = get(proxy.addr, "h", "/x").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body.contains("`r1` reported no lag") && r.body.contains("`r2` reported no lag"),
+        "the 503 names the replicas of unknown lag: {}",
+        r.body
+    );
+
+    // Lag reported again: back in the read set.
+    r1.set_lag(10);
+    eventually(Duration::from_secs(10), "r1 serves reads again", || async {
+        let r = get(proxy.addr, "h", "/x").await;
+        r.status == 200 && r.backend() == "r1"
+    })
+    .await;
+}
+
+#[test]
+fn max_lag_without_a_lag_source_is_a_config_error_with_a_fix() {
+    let text = one_cluster(
+        "pam",
+        r#"strategy = "primary-replica"
+max_lag = "1s"
+health = { path = "/health" }
+backends = [{ id = "p", address = "127.0.0.1:1", role = "primary" }, { id = "r", address = "127.0.0.1:2" }]"#,
+    );
+    let err = keyway::Config::from_str_with_base(&text, "t.toml", std::path::Path::new("."))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("max_lag") && err.contains("no health check reports replication lag"),
+        "{err}"
+    );
+    assert!(err.contains("lag_header"), "the fix: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_path_never_waits_for_a_health_policy() {
+    // A health policy that runs to its 500 ms deadline on every check (fail-open keeps
+    // the backend healthy), and a backend whose every answer is a 500: each request's
+    // failure reaches the passive-ejection path, which takes the health lock.
+    let a = TestBackend::start("a").await;
+    a.set_mode(Mode::Status(500));
+    let cfg = one_cluster(
+        "slowpolicy",
+        &format!(
+            r#"health = {{ path = "/health", interval = "10ms", timeout = "500ms", policy = "{}", config = {{ mode = "spin" }}, on_error = "fail-open" }}
+outlier = {{ consecutive_failures = 1 }}
+retries = 0
+backends = [{{ id = "a", address = "{}" }}]"#,
+            plugin("misbehave-health").display(),
+            a.addr
+        ),
+    );
+    let p = Proxy::start(&cfg).await;
+    let admin = p.admin.unwrap();
+    eventually(Duration::from_secs(10), "judged by the policy", || async {
+        let s = backend_status(admin, "slowpolicy", "a").await["health"].clone();
+        s["health"] == "healthy" && s["reason"].as_str().unwrap_or("").contains("fail-open")
+    })
+    .await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(p.addr, "h", "/x").await.status, 500);
+    }
+    let took = started.elapsed();
+    // With the lock held through each 500 ms evaluation, the requests wait for it.
+    assert!(
+        took < Duration::from_millis(2500),
+        "20 requests took {took:?}: the request path waited for the health policy"
+    );
+}

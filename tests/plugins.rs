@@ -852,7 +852,10 @@ backends = [
     let now: u64 = r1["now"].parse().unwrap();
     let at: Vec<u64> = r1["at"].split(',').map(|t| t.parse().unwrap()).collect();
     let end = keyway::health::unix_ms_now();
-    assert!(now >= started && now <= end, "now-ms {now} not in [{started}, {end}]");
+    assert!(
+        now >= started && now <= end,
+        "now-ms {now} not in [{started}, {end}]"
+    );
     assert!(
         at.iter().all(|&t| t >= started && t <= now),
         "at-ms {at:?} not in [{started}, {now}]"
@@ -868,13 +871,17 @@ backends = [
     let first = at[0];
     let r = send(admin, request("POST", "admin", "/reload", "")).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    eventually(Duration::from_secs(10), "a check after the reload", || async {
-        let v = health_of(admin, "echo", "r1").await;
-        echoed(v["reason"].as_str().unwrap_or(""))
-            .get("now")
-            .and_then(|n| n.parse::<u64>().ok())
-            .is_some_and(|n| n > end)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "a check after the reload",
+        || async {
+            let v = health_of(admin, "echo", "r1").await;
+            echoed(v["reason"].as_str().unwrap_or(""))
+                .get("now")
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > end)
+        },
+    )
     .await;
     let v = health_of(admin, "echo", "r1").await;
     let after: Vec<u64> = echoed(v["reason"].as_str().unwrap())["at"]
@@ -887,14 +894,22 @@ backends = [
     );
 
     // After a promotion the plugin sees the new primary's role.
-    let r = send(admin, request("POST", "admin", "/clusters/echo/promote/r1", "")).await;
+    let r = send(
+        admin,
+        request("POST", "admin", "/clusters/echo/promote/r1", ""),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    eventually(Duration::from_secs(10), "r1 judged as the primary", || async {
-        let v = health_of(admin, "echo", "r1").await;
-        echoed(v["reason"].as_str().unwrap_or(""))
-            .get("role")
-            .is_some_and(|r| r == "Role::Primary")
-    })
+    eventually(
+        Duration::from_secs(10),
+        "r1 judged as the primary",
+        || async {
+            let v = health_of(admin, "echo", "r1").await;
+            echoed(v["reason"].as_str().unwrap_or(""))
+                .get("role")
+                .is_some_and(|r| r == "Role::Primary")
+        },
+    )
     .await;
 }
 
@@ -932,11 +947,15 @@ backends = [
     })
     .await;
     p.stop();
-    eventually(Duration::from_secs(10), "the heavier r2 promoted", || async {
-        let s: serde_json::Value =
-            serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
-        s["coordination"]["clusters"]["weights"]["primary"] == "r2"
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the heavier r2 promoted",
+        || async {
+            let s: serde_json::Value =
+                serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+            s["coordination"]["clusters"]["weights"]["primary"] == "r2"
+        },
+    )
     .await;
 }
 
@@ -990,7 +1009,11 @@ async fn a_classifier_that_prints_on_the_request_path_is_captured_not_fatal() {
     );
     // The next call starts a fresh buffer.
     let t = c.classify_traced("GET", "/y", "h");
-    assert!(t.output.starts_with("classifying /y\n"), "{}", &t.output[..40]);
+    assert!(
+        t.output.starts_with("classifying /y\n"),
+        "{}",
+        &t.output[..40]
+    );
 
     // And in the proxy: every request served.
     let (_p, _r, proxy) = farm(&classifier(

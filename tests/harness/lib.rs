@@ -58,6 +58,9 @@ pub struct Seen {
     pub body_len: usize,
 }
 
+/// [`TestBackend::set_lag`]: a health answer that reports no lag.
+pub const NO_LAG: u64 = u64::MAX;
+
 struct BackendState {
     name: String,
     health_status: std::sync::atomic::AtomicU16,
@@ -190,7 +193,7 @@ impl TestBackend {
         self.state.health_status.store(status, Ordering::SeqCst);
     }
 
-    /// Replication lag `GET /health` reports from now on.
+    /// Replication lag `GET /health` reports from now on ([`NO_LAG`]: none at all).
     pub fn set_lag(&self, ms: u64) {
         self.state.lag_ms.store(ms, Ordering::SeqCst);
     }
@@ -339,6 +342,9 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
         st.health_checks.fetch_add(1, Ordering::SeqCst);
         let status = st.health_status.load(Ordering::SeqCst);
         let lag = st.lag_ms.load(Ordering::SeqCst);
+        if lag == NO_LAG {
+            return text(status, "{}".into());
+        }
         let mut r = text(status, format!("{{\"lag_ms\": {lag}}}"));
         r.headers_mut()
             .insert("x-replication-lag-ms", lag.to_string().parse().unwrap());
