@@ -23,6 +23,7 @@ pub mod oneshot;
 pub mod plugin;
 pub mod proxy_protocol;
 pub mod router;
+pub mod scaffold;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -76,6 +76,18 @@ enum StateCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Make a new plugin crate that builds on its own (outside any keyway checkout):
+    /// `keyway plugin new my-health --kind health --dir ~/src`.
+    New {
+        /// Crate name (lower-case letters, digits, `-`, `_`).
+        name: String,
+        /// health, promotion or classifier.
+        #[arg(long)]
+        kind: String,
+        /// Where to create the crate's folder (default: the current directory).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Test a health policy: `keyway plugin test P.wasm --config '{..}' --history probes.json`.
     /// Prints the verdict and what the plugin wrote to stdout and stderr.
     Test {
@@ -315,6 +327,15 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
     };
     match cmd {
+        PluginCommand::New { name, kind, dir } => {
+            let kind = keyway::scaffold::Kind::parse(kind).map_err(|e| anyhow!(e))?;
+            let root = keyway::scaffold::create(dir, name, kind).map_err(|e| anyhow!(e))?;
+            Ok(format!(
+                "created {root}\nbuild it:  cd {root} && cargo build --release --target wasm32-wasip2\nthe plugin: {root}/target/wasm32-wasip2/release/{file}.wasm",
+                root = root.display(),
+                file = name.replace('-', "_"),
+            ))
+        }
         PluginCommand::Test {
             plugin,
             config,

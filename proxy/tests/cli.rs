@@ -426,3 +426,136 @@ fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
     }
     stop_run(&mut child);
 }
+
+#[test]
+fn the_sdk_carries_the_wit_keyway_speaks() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let keyway = std::fs::read(root.join("wit/policy.wit")).unwrap();
+    let sdk = std::fs::read(root.join("plugins/sdk/wit/policy.wit")).unwrap();
+    assert!(
+        keyway == sdk,
+        "plugins/sdk/wit/policy.wit differs from wit/policy.wit (the one source of truth): cp wit/policy.wit plugins/sdk/wit/"
+    );
+}
+
+/// Runs `keyway ARGS`, expecting success, and returns its stdout as JSON.
+fn keyway_json(args: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = keyway(args);
+    assert_eq!(code, 0, "keyway {args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+/// `keyway plugin new` makes crates that build for wasm32-wasip2 outside the repository,
+/// as made (pinned lock file, `--locked`), and load as plugins of their kind. The three
+/// share one target dir, so the SDK's dependencies are built once.
+#[test]
+fn plugin_new_scaffolds_crates_that_build_alone_and_load() {
+    let installed = std::process::Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-wasip2"))
+        .unwrap_or(false);
+    if !installed {
+        let st = std::process::Command::new("rustup")
+            .args(["target", "add", "wasm32-wasip2"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "rustup target add wasm32-wasip2");
+    }
+    let dir = std::env::temp_dir().join(format!("keyway-plugin-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let d = dir.to_str().unwrap();
+    for (name, kind) in [
+        ("kw-health", "health"),
+        ("kw-promotion", "promotion"),
+        ("kw-classifier", "classifier"),
+    ] {
+        let (code, _, stderr) = keyway(&["plugin", "new", name, "--kind", kind, "--dir", d]);
+        assert_eq!(code, 0, "{stderr}");
+        let out = std::process::Command::new(&cargo)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "wasm32-wasip2",
+            ])
+            .current_dir(dir.join(name))
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name} does not build as made:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let wasm = |file: &str| {
+        target
+            .join("wasm32-wasip2/release")
+            .join(format!("{file}.wasm"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // The health policy: two failed checks in a row make a standby, three a fall.
+    let history = dir.join("history.json");
+    let check = |ok: bool, at: u64| serde_json::json!({ "ok": ok, "at_ms": at });
+    std::fs::write(
+        &history,
+        serde_json::json!([check(true, 1), check(false, 2), check(false, 3)]).to_string(),
+    )
+    .unwrap();
+    let h = wasm("kw_health");
+    let v = keyway_json(&["plugin", "test", &h, "--history", history.to_str().unwrap()]);
+    assert_eq!(v["health"], "degraded", "{v}");
+    let v = keyway_json(&[
+        "plugin",
+        "test",
+        &h,
+        "--config",
+        r#"{"failures": 2}"#,
+        "--history",
+        history.to_str().unwrap(),
+    ]);
+    assert_eq!(v["health"], "unhealthy", "{v}");
+
+    // The promotion policy: a healthy candidate before a degraded one of better priority.
+    let cands = dir.join("candidates.json");
+    std::fs::write(
+        &cands,
+        r#"{"primary": {"id": "p", "health": "unhealthy"}, "candidates": [
+            {"id": "standby", "priority": 0, "health": "degraded"},
+            {"id": "ok", "priority": 5, "health": "healthy"}]}"#,
+    )
+    .unwrap();
+    let v = keyway_json(&[
+        "plugin",
+        "promote",
+        &wasm("kw_promotion"),
+        "--candidates",
+        cands.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (v["decision"].as_str(), v["backend"].as_str()),
+        (Some("promote"), Some("ok")),
+        "{v}"
+    );
+
+    // The classifier.
+    let c = wasm("kw_classifier");
+    let kind =
+        |method: &str| keyway_json(&["plugin", "classify", &c, method, "/x"])["kind"].clone();
+    assert_eq!(kind("GET"), "read");
+    assert_eq!(kind("POST"), "write");
+
+    // An existing crate is never overwritten.
+    let (code, _, stderr) = keyway(&["plugin", "new", "kw-health", "--kind", "health", "--dir", d]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("exists"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
