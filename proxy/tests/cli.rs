@@ -559,3 +559,60 @@ fn plugin_new_scaffolds_crates_that_build_alone_and_load() {
     assert!(stderr.contains("exists"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Builds keyway's plugins (`plugins/build.sh`) and returns the path of `name`'s.
+fn bundled_plugin(name: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("plugins/build.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "plugins/build.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = root.join("plugins/dist").join(format!("{name}.wasm"));
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn plugin_test_shows_degraded_and_the_plugin_s_own_output() {
+    let wasm = bundled_plugin("misbehave-health");
+    let dir = std::env::temp_dir().join(format!("keyway-cli-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let history = dir.join("h.json");
+    std::fs::write(&history, r#"[{"ok": true, "at_ms": 1700000000000}]"#).unwrap();
+    let h = history.to_str().unwrap();
+    let v = keyway_json(&[
+        "plugin",
+        "test",
+        &wasm,
+        "--config",
+        r#"{"mode": "ok", "degraded": ["b"], "say": "hello"}"#,
+        "--backend",
+        r#"{"id": "b"}"#,
+        "--history",
+        h,
+    ]);
+    assert_eq!(v["health"], "degraded", "{v}");
+    assert_eq!(v["output"], "stdout: hello\nstderr: hello\n", "{v}");
+
+    // A trap: its panic message and the output, no wasm backtrace.
+    let (code, _, stderr) = keyway(&[
+        "plugin",
+        "test",
+        &wasm,
+        "--config",
+        r#"{"mode": "trap", "say": "hello"}"#,
+        "--history",
+        h,
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("trapped: panicked at") && stderr.contains("trapping on purpose"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("stderr: hello"), "{stderr}");
+    assert!(!stderr.contains("wasm backtrace"), "{stderr}");
+}
