@@ -334,10 +334,11 @@ max_lag = "1s"
 health = { path = "/health" }
 backends = [{ id = "p", address = "127.0.0.1:1", role = "primary" }, { id = "r", address = "127.0.0.1:2" }]"#,
     );
-    let err = keyway::Config::from_str_with_base(&text, "t.toml", std::path::Path::new("."))
-        .err()
-        .expect("refused")
-        .to_string();
+    let Err(err) = keyway::Config::from_str_with_base(&text, "t.toml", std::path::Path::new("."))
+    else {
+        panic!("max_lag without a lag source was accepted");
+    };
+    let err = err.to_string();
     assert!(
         err.contains("max_lag") && err.contains("no health check reports replication lag"),
         "{err}"

@@ -70,10 +70,10 @@ fn bench(c: &mut Criterion) {
             lag_ms: Some(12),
         })
         .collect();
-    let epoch = Instant::now();
+    let now_ms = keyway::health::unix_ms_now();
     c.bench_function(
         "plugin: rise-fall evaluation, 64 checks (instantiate + configure + call)",
-        |b| b.iter(|| health.evaluate(&backend, Health::Healthy, &history, epoch)),
+        |b| b.iter(|| health.evaluate(&backend, Health::Healthy, &history, now_ms)),
     );
 }
 

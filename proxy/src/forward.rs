@@ -515,7 +515,7 @@ impl Eligible {
                         format!(
                             "no backend of cluster `{}` can serve reads: no healthy replica within max_lag{}{}",
                             cluster.cfg.name,
-                            lag_detail(cluster, &view, max_lag_ms, |i| usable(i)),
+                            lag_detail(cluster, &view, max_lag_ms, usable),
                             match cluster.cfg.split.reads_on_primary {
                                 ReadsOnPrimary::Never => " and reads_on_primary = \"never\"",
                                 _ => " and no healthy primary",

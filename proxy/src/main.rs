@@ -353,7 +353,7 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
             let newest = list.iter().filter_map(|p| p["at_ms"].as_u64()).max();
             let now_ms = now_ms
                 .or(newest)
-                .unwrap_or_else(|| keyway::health::unix_ms_now());
+                .unwrap_or_else(keyway::health::unix_ms_now);
             let now = std::time::Instant::now();
             let probes: std::collections::VecDeque<keyway::health::Probe> = list
                 .iter()
