@@ -6,10 +6,16 @@ use std::time::Duration;
 use keyway_tests::*;
 
 async fn two(health: &str, extra: &str) -> (TestBackend, TestBackend, Proxy) {
+    two_in("web", health, extra).await
+}
+
+/// [`two`] as cluster `name`: a test that reads the process-wide metrics needs a cluster
+/// name of its own, or another test's `web` sets the same gauges meanwhile.
+async fn two_in(name: &str, health: &str, extra: &str) -> (TestBackend, TestBackend, Proxy) {
     let a = TestBackend::start("a").await;
     let b = TestBackend::start("b").await;
     let cfg = one_cluster(
-        "web",
+        name,
         &format!(
             r#"balance = "round-robin"
 {health}
@@ -23,29 +29,38 @@ backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
 }
 
 async fn state(p: &Proxy, backend: &str) -> serde_json::Value {
-    backend_status(p.admin.unwrap(), "web", backend).await["health"].clone()
+    state_in(p, "web", backend).await
+}
+
+async fn state_in(p: &Proxy, cluster: &str, backend: &str) -> serde_json::Value {
+    backend_status(p.admin.unwrap(), cluster, backend).await["health"].clone()
 }
 
 async fn wait(p: &Proxy, backend: &str, want: &str) {
+    wait_in(p, "web", backend, want).await
+}
+
+async fn wait_in(p: &Proxy, cluster: &str, backend: &str, want: &str) {
     eventually(
         Duration::from_secs(10),
         &format!("{backend} {want}"),
-        || async { state(p, backend).await["health"] == want },
+        || async { state_in(p, cluster, backend).await["health"] == want },
     )
     .await;
 }
 
 #[tokio::test]
 async fn rise_and_fall_drive_transitions_metrics_and_status() {
-    let (a, _b, p) = two(
+    let (a, _b, p) = two_in(
+        "rise-fall",
         r#"health = { path = "/health", interval = "50ms", timeout = "500ms", rise = 2, fall = 3 }"#,
         "",
     )
     .await;
-    wait(&p, "a", "healthy").await;
+    wait_in(&p, "rise-fall", "a", "healthy").await;
     a.set_health(500);
-    wait(&p, "a", "unhealthy").await;
-    let s = state(&p, "a").await;
+    wait_in(&p, "rise-fall", "a", "unhealthy").await;
+    let s = state_in(&p, "rise-fall", "a").await;
     assert!(
         s["reason"]
             .as_str()
@@ -71,18 +86,20 @@ async fn rise_and_fall_drive_transitions_metrics_and_status() {
         );
     }
     a.set_health(200);
-    wait(&p, "a", "healthy").await;
-    assert!(state(&p, "a").await["reason"]
+    wait_in(&p, "rise-fall", "a", "healthy").await;
+    assert!(state_in(&p, "rise-fall", "a").await["reason"]
         .as_str()
         .unwrap()
         .contains("rise = 2"));
 
     let m = admin_get(p.admin.unwrap(), "/metrics").await;
-    let to_unhealthy =
-        r#"keyway_backend_health_transitions_total{cluster="web",backend="a",to="unhealthy"}"#;
+    let to_unhealthy = r#"keyway_backend_health_transitions_total{cluster="rise-fall",backend="a",to="unhealthy"}"#;
     assert!(metric(&m, to_unhealthy) >= 1.0, "{m}");
     assert_eq!(
-        metric(&m, r#"keyway_backend_healthy{cluster="web",backend="a"}"#),
+        metric(
+            &m,
+            r#"keyway_backend_healthy{cluster="rise-fall",backend="a"}"#
+        ),
         1.0
     );
 }
