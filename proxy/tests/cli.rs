@@ -219,7 +219,7 @@ fn plugin_commands_run_policies_offline() {
         "POST",
         "/PasswordVault/api/Accounts/1/Password/Retrieve",
     ]);
-    assert_eq!((code, out.trim()), (0, r#"{"kind":"read"}"#));
+    assert_eq!((code, out.trim()), (0, r#"{"kind":"read","output":""}"#));
 
     let cands = dir.join("c.json");
     std::fs::write(
@@ -560,25 +560,12 @@ fn plugin_new_scaffolds_crates_that_build_alone_and_load() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Builds keyway's plugins (`plugins/build.sh`) and returns the path of `name`'s.
-fn bundled_plugin(name: &str) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new("bash")
-        .arg(root.join("plugins/build.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "plugins/build.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = root.join("plugins/dist").join(format!("{name}.wasm"));
-    path.to_str().unwrap().to_string()
-}
-
 #[test]
 fn plugin_test_shows_degraded_and_the_plugin_s_own_output() {
-    let wasm = bundled_plugin("misbehave-health");
+    let wasm = plugins_dist()
+        .join("misbehave-health.wasm")
+        .display()
+        .to_string();
     let dir = std::env::temp_dir().join(format!("keyway-cli-out-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let history = dir.join("h.json");
