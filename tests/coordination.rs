@@ -60,7 +60,8 @@ impl Drop for Instance {
 }
 
 /// The farm's promotion table when a test sets none.
-const PROMOTION: &str = r#"promotion = { hold = "300ms" }"#;
+/// `hold` must exceed the 2 s lease: a cut-off instance stops writing first.
+const PROMOTION: &str = r#"promotion = { hold = "2500ms" }"#;
 
 fn config(
     dir: &Path,
@@ -227,11 +228,11 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     ready(&inst).await;
 
     // 1. The primary dies: every instance routes writes to the same new primary in the
-    // same epoch.
+    // same epoch (epoch 1 drained the old primary, epoch 2 names the new one).
     let killed = Instant::now();
     p.stop();
     let all: Vec<&Instance> = inst.iter().collect();
-    all_agree(&all, (1, "r1"), "all instances on r1 in epoch 1").await;
+    all_agree(&all, (2, "r1"), "all instances on r1 in epoch 2").await;
     println!(
         "three instances agreed on the promoted primary {} ms after the kill",
         killed.elapsed().as_millis()
@@ -240,7 +241,10 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
         let r = send(i.addr, write()).await;
         assert_eq!(r.backend(), "r1");
     }
-    assert!(r1.write_epochs().iter().all(|&e| e == 1));
+    assert!(r1.write_epochs().iter().all(|&e| e == 2));
+    for i in &inst {
+        assert_eq!(epochs(i.admin).await.last(), Some(&(2, "r1".to_string())));
+    }
 
     // 2. The leader crashes while the new primary dies: another instance takes the
     // lease and promotes; the survivors agree.
@@ -248,7 +252,7 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     inst[l].kill();
     r1.stop();
     let survivors = except(&inst, l);
-    all_agree(&survivors, (2, "r2"), "the survivors on r2 in epoch 2").await;
+    all_agree(&survivors, (4, "r2"), "the survivors on r2 in epoch 4").await;
     for i in &survivors {
         assert_eq!(send(i.addr, write()).await.backend(), "r2");
     }
@@ -269,13 +273,19 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     for i in &survivors {
         assert_eq!(
             topology(i.admin).await,
-            (2, "r2".into()),
+            (4, "r2".into()),
             "no promotion without etcd"
         );
         let w = send(i.addr, write()).await;
         assert_eq!(
             w.status, 503,
             "the known primary is down and nobody may promote"
+        );
+        assert_eq!(
+            w.json()["type"],
+            "urn:keyway:error:coordination-lost",
+            "without etcd the lease ran out: {}",
+            w.body
         );
         assert_eq!(
             get(i.addr, "pam", "/api/read").await.status,
@@ -288,14 +298,14 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
     etcd.restart().await;
     all_agree(
         &survivors,
-        (3, "r3"),
-        "convergence on r3 in epoch 3 after etcd returns",
+        (6, "r3"),
+        "convergence on r3 in epoch 6 after etcd returns",
     )
     .await;
     for i in &survivors {
         assert_eq!(send(i.addr, write()).await.backend(), "r3");
     }
-    assert!(r3.write_epochs().iter().all(|&e| e == 3));
+    assert!(r3.write_epochs().iter().all(|&e| e == 6));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,7 +343,7 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     let b = farm().await;
     let (p, r1, r2) = (&b[0], &b[1], &b[2]);
     // Hooks that answer after 3 s hold a promotion open longer than the 2 s lease.
-    let promotion = r#"promotion = { hold = "300ms", on_promote = { url = "http://{address}/admin/promote", timeout = "10s" } }"#;
+    let promotion = r#"promotion = { hold = "2500ms", on_promote = { url = "http://{address}/admin/promote", timeout = "10s" } }"#;
     let dir = unique_dir("coordination-mid-promotion");
     let mut inst: Vec<Instance> = (0..3)
         .map(|n| Instance::start(&config(&dir, n, &etcd, &b, promotion)))
@@ -346,13 +356,13 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     let l = leader(&all).await.expect("a leader");
     assert_eq!(
         topology(inst[l].admin).await,
-        (0, "primary".into()),
-        "nothing is committed before the hook answers"
+        (1, "".into()),
+        "only the drain epoch (no primary) is committed before the hook answers"
     );
     inst[l].kill();
     r1.set_hook_delay(Duration::ZERO);
     let survivors = except(&inst, l);
-    all_agree(&survivors, (1, "r1"), "the survivors on r1 in epoch 1").await;
+    all_agree(&survivors, (2, "r1"), "the survivors on r1 in epoch 2").await;
     assert!(
         r1.hooks().len() >= 2,
         "the successor called the hook again: {:?}",
@@ -361,7 +371,7 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     for i in &survivors {
         assert_eq!(send(i.addr, write()).await.backend(), "r1");
     }
-    assert!(r1.write_epochs().iter().all(|&e| e == 1));
+    assert!(r1.write_epochs().iter().all(|&e| e == 2));
 
     // 2. The new leader is stopped while r2's promote hook is in flight, longer than
     // its lease; the other survivor takes the lease and promotes r2; then the stalled
@@ -371,13 +381,13 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
     let (stalled, other) = (survivors[l], survivors[1 - l]);
     stalled.signal("STOP");
     r2.set_hook_delay(Duration::ZERO);
-    all_agree(&[other], (2, "r2"), "the other survivor promotes r2").await;
+    all_agree(&[other], (4, "r2"), "the other survivor promotes r2").await;
     stalled.signal("CONT");
-    all_agree(&survivors, (2, "r2"), "the woken leader adopts epoch 2").await;
+    all_agree(&survivors, (4, "r2"), "the woken leader adopts epoch 4").await;
     // Give a stale commit every chance to land.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in &survivors {
-        assert_eq!(topology(i.admin).await, (2, "r2".into()));
+        assert_eq!(topology(i.admin).await, (4, "r2".into()));
         let history = epochs(i.admin).await;
         let mut seen: Vec<u64> = history.iter().map(|(e, _)| *e).collect();
         seen.dedup();
@@ -388,13 +398,13 @@ async fn a_leader_lost_in_the_middle_of_a_promotion_leaves_exactly_one_decision(
         );
         assert_eq!(
             history.last(),
-            Some(&(2, "r2".to_string())),
-            "no epoch after 2: {history:?}"
+            Some(&(4, "r2".to_string())),
+            "no epoch after 4: {history:?}"
         );
         assert_eq!(send(i.addr, write()).await.backend(), "r2");
     }
     assert!(r2.hooks().len() >= 2, "{:?}", r2.hooks());
-    assert!(r2.write_epochs().iter().all(|&e| e == 2));
+    assert!(r2.write_epochs().iter().all(|&e| e == 4));
 }
 
 /// etcd as production runs it: TLS on the client port and `--client-cert-auth`. keyway
@@ -416,7 +426,7 @@ async fn etcd_over_tls_with_a_client_certificate_and_https_hooks() {
                 r#"strategy = "primary-replica"
 upstream_ca = "{ca}"
 health = {{ path = "/health", interval = "50ms", timeout = "300ms", rise = 1, fall = 2 }}
-promotion = {{ hold = "300ms", on_promote = {{ url = "https://{{address}}/admin/promote", timeout = "2s" }} }}
+promotion = {{ hold = "2500ms", on_promote = {{ url = "https://{{address}}/admin/promote", timeout = "2s" }} }}
 backends = [
   {{ id = "primary", address = "{}", role = "primary", tls = true }},
   {{ id = "r1", address = "{}", role = "replica", tls = true }},
@@ -450,7 +460,7 @@ ca = "{ca}"
 
     p.stop();
     eventually(Duration::from_secs(15), "r1 promoted", || async {
-        topology(admin).await == (1, "r1".to_string())
+        topology(admin).await == (2, "r1".to_string())
     })
     .await;
     assert_eq!(r1.hooks(), vec!["/admin/promote".to_string()]);
@@ -479,7 +489,7 @@ ca = "{ca}"
     let t: serde_json::Value = serde_json::from_slice(&stored).unwrap();
     assert_eq!(
         (t["epoch"].as_u64(), t["primary"].as_str()),
-        (Some(1), Some("r1"))
+        (Some(2), Some("r1"))
     );
 
     // No client certificate: etcd refuses the handshake; keyway says so and decides nothing.
