@@ -977,3 +977,72 @@ async fn a_switchover_waits_for_writes_in_flight_on_every_instance() {
 fn ended_before(a: Instant, b: Instant) -> bool {
     a <= b + Duration::from_millis(50)
 }
+
+// === the etcd client ===
+
+fn endpoint(addr: SocketAddr) -> keyway::config::EtcdEndpoint {
+    keyway::config::EtcdEndpoint {
+        addr,
+        authority: addr.to_string(),
+        tls: false,
+    }
+}
+
+/// A compare-and-swap whose answer is lost (the transaction reached etcd and committed)
+/// is read back, not re-sent blindly: the client reports it done, with the revision it
+/// committed at, and the key holds the value once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_transaction_is_read_back_not_sent_again() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let lossy = Forwarder::start(etcd.addr).await;
+    lossy.set(Link::OneWay);
+    let client = keyway::etcd::Client::new(
+        vec![endpoint(lossy.addr), endpoint(etcd.addr)],
+        None,
+        Duration::from_millis(500),
+    );
+    let seed = keyway::etcd::Client::new(vec![endpoint(etcd.addr)], None, Duration::from_secs(2));
+    let before = match seed.swap("/t/key", 0, b"v1", None).await.unwrap() {
+        keyway::etcd::Swap::Done(rev) => rev,
+        keyway::etcd::Swap::Lost(kv) => panic!("seed lost: {kv:?}"),
+    };
+    // The swap reaches etcd through the one-way endpoint, commits, and its answer is
+    // lost; a blind re-send to the second endpoint would fail its compare.
+    match client.swap("/t/key", before, b"v2", None).await.unwrap() {
+        keyway::etcd::Swap::Done(rev) => assert!(rev > before),
+        keyway::etcd::Swap::Lost(kv) => panic!("a committed swap reported lost: {kv:?}"),
+    }
+    let kv = seed.get("/t/key").await.unwrap().unwrap();
+    assert_eq!(kv.value, b"v2");
+    // A swap that really lost says so, with the current value.
+    match client.swap("/t/key", before, b"v3", None).await.unwrap() {
+        keyway::etcd::Swap::Lost(Some(kv)) => assert_eq!(kv.value, b"v2"),
+        other => panic!("a stale swap must lose: {other:?}"),
+    }
+}
+
+/// Lease keep-alives reuse one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_reuse_one_connection() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let fwd = Forwarder::start(etcd.addr).await;
+    let client = keyway::etcd::Client::new(vec![endpoint(fwd.addr)], None, Duration::from_secs(2));
+    let (lease, ttl) = client.grant(5).await.unwrap();
+    assert_eq!(ttl, 5);
+    for _ in 0..20 {
+        assert!(client.keep_alive(lease).await.unwrap() > 0);
+    }
+    assert_eq!(
+        fwd.accepted(),
+        1,
+        "one connection for a grant and 20 keep-alives"
+    );
+    client.revoke(lease).await.unwrap();
+    assert_eq!(
+        client.keep_alive(lease).await.unwrap(),
+        0,
+        "a revoked lease has no TTL"
+    );
+}

@@ -1106,7 +1106,22 @@ impl Failover {
                 continue;
             };
             hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
-            let Some(target) = choose(c, &view, &known.topology, &hook_failed) else {
+            // A plugin policy runs to its deadline: off the async workers.
+            let chosen = {
+                let (c, view, t, failed) = (
+                    c.clone(),
+                    view.clone(),
+                    known.topology.clone(),
+                    hook_failed.clone(),
+                );
+                tokio::task::spawn_blocking(move || choose(&c, &view, &t, &failed))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(cluster = %name, error = %e, "the promotion policy task failed; no promotion");
+                        None
+                    })
+            };
+            let Some(target) = chosen else {
                 if !said_no_candidate {
                     said_no_candidate = true;
                     tracing::warn!(cluster = %name, "promotion needed but the policy found no candidate; writes stay refused");

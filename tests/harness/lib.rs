@@ -1191,6 +1191,9 @@ pub enum Link {
     /// Connections are accepted and held, but no byte passes either way (a partition
     /// that drops packets: the peer only notices through its own timeouts).
     BlackHoled,
+    /// New connections carry the client's bytes to the server, but no answer comes back
+    /// (a request that arrives and commits while its response is lost).
+    OneWay,
 }
 
 /// A TCP forwarder in front of one address (e.g. one instance's way to etcd), whose
@@ -1200,6 +1203,7 @@ pub struct Forwarder {
     pub addr: SocketAddr,
     path: tokio::sync::watch::Sender<Link>,
     task: tokio::task::JoinHandle<()>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Forwarder {
@@ -1208,8 +1212,25 @@ impl Forwarder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (path, rx) = tokio::sync::watch::channel(Link::Open);
-        let task = tokio::spawn(Self::serve(Some(listener), addr, target, rx));
-        Self { addr, path, task }
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(Self::serve(
+            Some(listener),
+            addr,
+            target,
+            rx,
+            accepted.clone(),
+        ));
+        Self {
+            addr,
+            path,
+            task,
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Changes the path: open connections are reset (`Refused`) or frozen (`BlackHoled`).
@@ -1222,6 +1243,7 @@ impl Forwarder {
         addr: SocketAddr,
         target: SocketAddr,
         mut rx: tokio::sync::watch::Receiver<Link>,
+        accepted: Arc<AtomicUsize>,
     ) {
         loop {
             let path = *rx.borrow_and_update();
@@ -1253,6 +1275,7 @@ impl Forwarder {
             tokio::select! {
                 r = l.accept() => {
                     let Ok((client, _)) = r else { continue };
+                    accepted.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(Self::pipe(client, target, rx.clone()));
                 }
                 r = rx.changed() => if r.is_err() { return },
@@ -1274,6 +1297,21 @@ impl Forwarder {
         let Ok(server) = tokio::net::TcpStream::connect(target).await else {
             return;
         };
+        if first == Link::OneWay {
+            let (mut cr, _cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let drain = async {
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut sr, &mut sink).await;
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                _ = drain => {}
+                _ = rx.changed() => {}
+            }
+            return;
+        }
         let (mut c, mut s) = (client, server);
         let cut = tokio::select! {
             _ = tokio::io::copy_bidirectional(&mut c, &mut s) => None,
