@@ -170,6 +170,18 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_lease_answers_503_coordination_lost_with_retry_after() {
+        let r = ProxyError::new(ErrorKind::CoordinationLost, Side::Internal, false, "lost")
+            .into_response(Some("pam"));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(
+            ProxyError::new(ErrorKind::CoordinationLost, Side::Internal, false, "").reason(),
+            "coordination-lost"
+        );
+    }
+
+    #[test]
     fn a_busy_backend_answers_503_with_retry_after() {
         let r = ProxyError::new(ErrorKind::BackendBusy, Side::Internal, true, "queue full")
             .into_response(Some("vault"));

@@ -2306,7 +2306,54 @@ mod failover_config {
                 assert_eq!(e.prefix, "/keyway");
                 assert_eq!(e.instance, "kw-a");
                 assert_eq!(e.lease_ttl, DEFAULT_LEASE_TTL);
+                assert!(e.failsafe_peers.is_empty());
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn automatic_promotion_with_etcd_holds_longer_than_the_lease() {
+        let top = "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"3s\"";
+        let pr = format!("{PR}\nhealth = {{ path = \"/health\" }}");
+        let e = build_text(top, &format!("{pr}\npromotion = {{ hold = \"2s\" }}")).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "cluster.c.promotion.hold");
+        assert!(
+            e[0].message
+                .contains("longer than [coordination] lease_ttl"),
+            "{e:?}"
+        );
+        assert!(e[0].fix.contains("3500ms"), "{e:?}");
+        assert!(e[0].line.is_some(), "{e:?}");
+        // Longer than the lease, manual promotion, or one instance: fine.
+        build_text(top, &format!("{pr}\npromotion = {{ hold = \"4s\" }}")).unwrap();
+        build_text(
+            top,
+            &format!("{pr}\npromotion = {{ hold = \"1s\", auto = false }}"),
+        )
+        .unwrap();
+        build_text("", &format!("{pr}\npromotion = {{ hold = \"1s\" }}")).unwrap();
+    }
+
+    #[test]
+    fn failsafe_peers_are_plain_http_admin_addresses() {
+        let top = |peers: &str| {
+            format!("[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nfailsafe = {{ peers = [{peers}] }}")
+        };
+        let e = build_text(&top("\"https://kw2:9900\", \"kw3\""), PR).unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[0].path, "coordination.failsafe.peers[0]");
+        assert!(e[0].message.contains("plain HTTP"), "{e:?}");
+        assert!(e[1].message.contains("not an admin address"), "{e:?}");
+        let e = build_text(&top(""), PR).unwrap_err();
+        assert!(e[0].message.contains("lists no peer"), "{e:?}");
+        let cfg = build_text(&top("\"http://127.0.0.1:9901/\", \"127.0.0.1:9902\""), PR).unwrap();
+        match cfg.state {
+            StateConfig::Etcd(e) => assert_eq!(
+                e.failsafe_peers,
+                vec!["http://127.0.0.1:9901", "http://127.0.0.1:9902"]
+            ),
             other => panic!("{other:?}"),
         }
     }
