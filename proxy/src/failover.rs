@@ -367,6 +367,8 @@ struct EtcdStatus {
     watch_revision: i64,
     /// The failsafe holds this instance's permit now (etcd unreachable for all).
     failsafe: Option<String>,
+    /// The acknowledgements last written to the registration.
+    published: BTreeMap<String, u64>,
 }
 
 /// What an instance keeps under its lease at `PREFIX/instances/NAME`.
@@ -962,6 +964,11 @@ impl Failover {
         };
         for name in names {
             if running.insert(name.clone()) {
+                // Nothing is in flight for a cluster not served before: its current
+                // epoch is acknowledged at once (a drain may be waiting for it).
+                if let (Some(t), Some(gate)) = (self.topology(&name), self.gate(&name)) {
+                    self.acknowledge_when_drained(&name, t.epoch, gate);
+                }
                 tokio::spawn(self.clone().control(name, shutdown.clone()));
             }
         }
@@ -1045,6 +1052,9 @@ impl Failover {
             };
             if self.unconfirmed(&name) {
                 continue; // nothing is known until etcd answers
+            }
+            if self.lock_of(&name).is_some_and(|l| l.try_lock().is_err()) {
+                continue; // a switchover is running here; it ends with a primary
             }
             let view = c.health.view_full();
             let primary = known.topology.primary.as_ref().and_then(|id| index(c, id));
@@ -1631,20 +1641,50 @@ impl Failover {
         }
     }
 
-    fn registration(&self, e: &EtcdStore) -> Vec<u8> {
+    /// The acknowledgements to publish: this instance's own, except while it vouched
+    /// for a peer's failsafe, when the ones published before stand (that peer may still
+    /// write to the old primary on the strength of it).
+    fn publishable_acks(&self, e: &EtcdStore) -> BTreeMap<String, u64> {
+        let vouched = self
+            .vouched_until
+            .lock()
+            .ok()
+            .and_then(|v| *v)
+            .is_some_and(|until| Instant::now() < until);
+        let published = e
+            .status
+            .lock()
+            .map(|s| s.published.clone())
+            .unwrap_or_default();
+        if vouched {
+            published
+        } else {
+            self.acks()
+        }
+    }
+
+    fn registration(&self, acks: &BTreeMap<String, u64>, e: &EtcdStore) -> Vec<u8> {
         serde_json::to_vec(&Registration {
             instance: e.cfg.instance.clone(),
-            acks: self.acks(),
+            acks: acks.clone(),
         })
         .unwrap_or_default()
     }
 
-    /// Rewrites this instance's registration (its acknowledgements) under `lease`.
+    /// Rewrites this instance's registration under `lease` when its acknowledgements
+    /// changed.
     async fn write_registration(&self, e: &EtcdStore, lease: i64) -> Result<(), String> {
+        let acks = self.publishable_acks(e);
+        if e.status.lock().is_ok_and(|s| s.published == acks) {
+            return Ok(());
+        }
         if e.client
-            .put_under(&e.instance_key(), &self.registration(e), lease)
+            .put_under(&e.instance_key(), &self.registration(&acks, e), lease)
             .await?
         {
+            if let Ok(mut s) = e.status.lock() {
+                s.published = acks;
+            }
             Ok(())
         } else {
             self.set_registered(e, false);
@@ -1690,13 +1730,17 @@ impl Failover {
             self.write_registration(e, id).await?;
         }
         if !self.registered() {
+            let acks = self.publishable_acks(e);
             match e
                 .client
-                .claim(&e.instance_key(), &self.registration(e), id)
+                .claim(&e.instance_key(), &self.registration(&acks, e), id)
                 .await?
             {
                 etcd::Claim::Ours => {
                     tracing::info!(instance = %e.cfg.instance, lease = id, "registered in etcd");
+                    if let Ok(mut s) = e.status.lock() {
+                        s.published = acks;
+                    }
                 }
                 etcd::Claim::Taken { lease: other } => {
                     return Err(format!(
