@@ -569,7 +569,7 @@ fn tagged_load(
                 let mut k = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && log.len() < 100_000 {
                     k += 1;
-                    let write = k % 2 == 0;
+                    let write = k.is_multiple_of(2);
                     let mut req = if write {
                         write_req()
                     } else {
