@@ -1174,3 +1174,62 @@ const _: () = {
     check::<ClassifierPlugin>();
     check::<PromotionPlugin>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> PluginMeta {
+        PluginMeta {
+            name: "p".into(),
+            path: PathBuf::from("p.wasm"),
+            hash: String::new(),
+            loaded_at: SystemTime::now(),
+            config: String::new(),
+            id: 0,
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            logged: Mutex::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn logs_are_rate_limited_per_kind_and_count_what_they_held_back() {
+        let m = meta();
+        assert_eq!(m.may_log("trap"), Some(0), "the first of a kind is logged");
+        assert_eq!(m.may_log("trap"), None);
+        assert_eq!(m.may_log("trap"), None);
+        assert_eq!(m.may_log("timeout"), Some(0), "kinds are limited apart");
+        // A minute later: logged again, saying how many were held back.
+        if let Ok(mut slots) = m.logged.lock() {
+            for s in slots.iter_mut() {
+                s.last -= LOG_EVERY;
+            }
+        }
+        assert_eq!(m.may_log("trap"), Some(2));
+        assert_eq!(m.may_log("trap"), None);
+        assert_eq!(m.may_log("timeout"), Some(0));
+    }
+
+    #[test]
+    fn the_panic_message_is_found_in_the_output_and_the_buffer_is_bounded() {
+        let out = "before\nthread '<unnamed>' (1) panicked at src/lib.rs:9:5:\nno config\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            panic_message(out).as_deref(),
+            Some("panicked at src/lib.rs:9:5: no config")
+        );
+        assert_eq!(panic_message("just output\n"), None);
+        let c = Capture::default();
+        c.push(&[b'x'; OUTPUT_LIMIT - 1]);
+        c.push(b"yz");
+        let t = c.text();
+        assert!(t.starts_with(&"x".repeat(OUTPUT_LIMIT - 1)) && t.contains('y'));
+        assert!(
+            t.ends_with("… (1 more bytes not kept)"),
+            "{}",
+            &t[OUTPUT_LIMIT - 8..]
+        );
+        c.clear();
+        assert_eq!(c.text(), "");
+    }
+}

@@ -585,8 +585,10 @@ fn plugin_test_shows_degraded_and_the_plugin_s_own_output() {
     assert_eq!(v["health"], "degraded", "{v}");
     assert_eq!(v["output"], "stdout: hello\nstderr: hello\n", "{v}");
 
-    // A trap: its panic message and the output, no wasm backtrace.
+    // A trap: its panic message and the output, no wasm backtrace; the log line of the
+    // failure carries the output too.
     let (code, _, stderr) = keyway(&[
+        "--log-json",
         "plugin",
         "test",
         &wasm,
@@ -602,4 +604,17 @@ fn plugin_test_shows_degraded_and_the_plugin_s_own_output() {
     );
     assert!(stderr.contains("stderr: hello"), "{stderr}");
     assert!(!stderr.contains("wasm backtrace"), "{stderr}");
+    let logged = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["kind"] == "trap")
+        .unwrap_or_else(|| panic!("no log line for the trap: {stderr}"));
+    let fields = &logged["fields"];
+    assert!(
+        fields["output"]
+            .as_str()
+            .is_some_and(|o| o.contains("stdout: hello") && o.contains("trapping on purpose")),
+        "{logged}"
+    );
+    assert_eq!(fields["unlogged"], 0, "{logged}");
 }
