@@ -393,6 +393,7 @@ backends = [{{ id = "a", address = "{}" }}]"#,
         assert_eq!(get(p.addr, "h", "/x").await.status, 500);
     }
     let took = started.elapsed();
+    eprintln!("20 requests beside a 500 ms health policy took {took:?}");
     // With the lock held through each 500 ms evaluation, the requests wait for it.
     assert!(
         took < Duration::from_millis(2500),

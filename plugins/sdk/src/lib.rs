@@ -14,7 +14,9 @@
 //! ```
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file is the
-//! plugin. The contract is `wit/policy.wit` (`keyway:policy@0.1.0`); this crate wraps
+//! plugin. The contract is `wit/policy.wit` (`keyway:policy@0.1.0`), of which this crate
+//! carries its own copy (a test keeps it byte-identical to keyway's), so it builds
+//! outside keyway's repository too (`keyway plugin new`); this crate wraps
 //! its generated bindings. `configure` runs once per plugin instance with the plugin's
 //! TOML table as JSON; what it returns is the policy value later calls use.
 
