@@ -1032,3 +1032,73 @@ async fn a_classifier_that_prints_on_the_request_path_is_captured_not_fatal() {
         assert_eq!(r.backend(), "replica");
     }
 }
+
+#[tokio::test]
+async fn a_promotion_plugin_s_degraded_choice_waits_until_no_candidate_is_healthy() {
+    let p = TestBackend::start("primary").await;
+    let r1 = TestBackend::start("r1").await;
+    let r2 = TestBackend::start("r2").await;
+    // r2 is degraded and the heaviest: the plugin wants it.
+    let cfg = one_cluster(
+        "standby-promo",
+        &format!(
+            r#"strategy = "primary-replica"
+health = {{ path = "/health", interval = "50ms", timeout = "300ms", policy = "{}", config = {{ mode = "ok", degraded = ["r2"] }} }}
+promotion = {{ policy = "{}", hold = "100ms" }}
+backends = [
+  {{ id = "primary", address = "{}", role = "primary" }},
+  {{ id = "r1", address = "{}", role = "replica", weight = 1 }},
+  {{ id = "r2", address = "{}", role = "replica", weight = 5 }},
+]"#,
+            plugin("misbehave-health").display(),
+            plugin("weight-promotion").display(),
+            p.addr,
+            r1.addr,
+            r2.addr
+        ),
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let admin = proxy.admin.unwrap();
+    let status = || async {
+        serde_json::from_str::<serde_json::Value>(&admin_get(admin, "/status").await).unwrap()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "r2 degraded, the rest healthy",
+        || async {
+            health_of(admin, "standby-promo", "primary").await["health"] == "healthy"
+                && health_of(admin, "standby-promo", "r1").await["health"] == "healthy"
+                && health_of(admin, "standby-promo", "r2").await["health"] == "degraded"
+        },
+    )
+    .await;
+    p.stop();
+    // Readiness: the policy was asked (and answered r2) several times.
+    eventually(
+        Duration::from_secs(10),
+        "the policy asked 3 times",
+        || async {
+            let s = status().await;
+            s["clusters"][0]["plugins"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|pl| pl["kind"] == "promotion" && pl["calls"].as_u64() >= Some(3))
+        },
+    )
+    .await;
+    let s = status().await;
+    let t = &s["coordination"]["clusters"]["standby-promo"];
+    assert!(
+        t["primary"] == "primary" && t["promotion_needed"] == true,
+        "a degraded candidate promoted while r1 is healthy: {t}"
+    );
+    // No healthy candidate left: the standby is promoted.
+    r1.stop();
+    eventually(
+        Duration::from_secs(10),
+        "the standby r2 promoted",
+        || async { status().await["coordination"]["clusters"]["standby-promo"]["primary"] == "r2" },
+    )
+    .await;
+}
