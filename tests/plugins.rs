@@ -1073,17 +1073,19 @@ backends = [
     )
     .await;
     p.stop();
-    // Readiness: the policy was asked (and answered r2) several times.
+    // Readiness: the policy was asked (and answered r2) several times, or a decision
+    // was taken.
     eventually(
         Duration::from_secs(10),
         "the policy asked 3 times",
         || async {
             let s = status().await;
-            s["clusters"][0]["plugins"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|pl| pl["kind"] == "promotion" && pl["calls"].as_u64() >= Some(3))
+            s["coordination"]["clusters"]["standby-promo"]["primary"] != "primary"
+                || s["clusters"][0]["plugins"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|pl| pl["kind"] == "promotion" && pl["calls"].as_u64() >= Some(3))
         },
     )
     .await;
