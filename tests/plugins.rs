@@ -1104,3 +1104,50 @@ backends = [
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_degraded_primary_keeps_its_writes_and_is_not_replaced() {
+    let p = TestBackend::start("primary").await;
+    let r1 = TestBackend::start("r1").await;
+    let cfg = one_cluster(
+        "deg-primary",
+        &format!(
+            r#"strategy = "primary-replica"
+health = {{ path = "/health", interval = "50ms", timeout = "300ms", policy = "{}", config = {{ mode = "ok", degraded = ["primary"] }} }}
+promotion = {{ hold = "100ms" }}
+backends = [
+  {{ id = "primary", address = "{}", role = "primary" }},
+  {{ id = "r1", address = "{}", role = "replica" }},
+]"#,
+            plugin("misbehave-health").display(),
+            p.addr,
+            r1.addr
+        ),
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let admin = proxy.admin.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "primary degraded, r1 healthy",
+        || async {
+            health_of(admin, "deg-primary", "primary").await["health"] == "degraded"
+                && health_of(admin, "deg-primary", "r1").await["health"] == "healthy"
+        },
+    )
+    .await;
+    // Readiness: ten more checks of the primary, each a chance to promote r1.
+    let checks = p.health_checks();
+    eventually(Duration::from_secs(10), "ten more checks", || async {
+        p.health_checks() >= checks + 10
+    })
+    .await;
+    let s: serde_json::Value = serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+    let t = &s["coordination"]["clusters"]["deg-primary"];
+    assert!(
+        t["primary"] == "primary" && t["epoch"] == 0 && t["promotion_needed"] == false,
+        "a degraded primary was replaced: {t}"
+    );
+    let w = send(proxy.addr, request("POST", "h", "/x", "")).await;
+    assert_eq!(w.status, 200, "{}", w.body);
+    assert_eq!(w.backend(), "primary");
+}
