@@ -411,8 +411,9 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
     let mut r = text(200, doc.to_string());
     r.headers_mut()
         .insert("x-backend", st.name.parse().unwrap());
+    // Hop-by-hop headers a proxy must not pass on: `Connection` and the header it names.
     r.headers_mut()
-        .insert("connection", "keep-alive".parse().unwrap());
+        .insert("connection", "keep-alive, x-hop".parse().unwrap());
     r.headers_mut().insert("x-hop", "secret".parse().unwrap());
     r
 }
