@@ -84,6 +84,7 @@ struct BackendState {
     hooks: Mutex<Vec<String>>,
     mode: Mutex<Mode>,
     seen: Mutex<Vec<Seen>>,
+    heads: AtomicUsize,
     connections: AtomicUsize,
     tls_handshake_delay: Mutex<Duration>,
     /// The running server's stop signal; replaced on restart, shared by every handle.
@@ -132,6 +133,7 @@ impl TestBackend {
             hooks: Mutex::new(Vec::new()),
             mode: Mutex::new(Mode::Normal),
             seen: Mutex::new(Vec::new()),
+            heads: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             tls_handshake_delay: Mutex::new(opts.tls_handshake_delay),
             stop: Mutex::new(Arc::new(tokio::sync::watch::channel(false).0)),
@@ -266,6 +268,12 @@ impl TestBackend {
         self.state.seen.lock().unwrap().len()
     }
 
+    /// Request heads received (health checks and hooks aside), including requests whose
+    /// body then failed, which [`TestBackend::seen`] leaves out.
+    pub fn heads(&self) -> usize {
+        self.state.heads.load(Ordering::SeqCst)
+    }
+
     /// Number of TCP connections accepted.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
@@ -362,6 +370,7 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
         return r;
     }
 
+    st.heads.fetch_add(1, Ordering::SeqCst);
     let mut headers = BTreeMap::new();
     for (k, v) in req.headers() {
         let v = v.to_str().unwrap_or("").to_string();
