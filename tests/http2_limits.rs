@@ -211,6 +211,8 @@ fn request_block(extra: &[(&str, &str)]) -> Vec<u8> {
 struct Observed {
     /// GOAWAY error code and debug data.
     goaway: Option<(u32, String)>,
+    /// The GOAWAY's last stream id: the highest stream keyway processed.
+    goaway_last_stream: Option<u32>,
     /// RST_STREAM error codes received, in order.
     resets: Vec<u32>,
     /// HEADERS frames received (responses).
@@ -280,6 +282,9 @@ impl Attacker {
                             let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
                             let debug = String::from_utf8_lossy(&payload[8..]).into_owned();
                             seen.goaway = Some((code, debug));
+                            seen.goaway_last_stream = Some(
+                                u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff,
+                            );
                         }
                         RST_STREAM if len == 4 => {
                             seen.resets
@@ -415,7 +420,14 @@ async fn rapid_reset_ends_the_connection() {
     let (code, debug) = seen.goaway.clone().expect("GOAWAY before close");
     assert_eq!(code, ENHANCE_YOUR_CALM, "{seen:?}");
     assert_eq!(debug, "too_many_resets");
-    assert!(batches < 200, "all 10 000 streams were taken");
+    // Not every stream was taken: keyway stopped processing long before the last one
+    // (how many batches the kernel buffered before the close says nothing about that).
+    let last = seen.goaway_last_stream.expect("GOAWAY's last stream");
+    println!("{batches} batches written; the GOAWAY's last stream id: {last}");
+    assert!(
+        last < 2_000,
+        "streams up to id {last} of 20 000 were taken ({batches} batches written)"
+    );
     // Far fewer requests than streams reached the backend.
     assert!(
         attacker_hits(&backend) < 1000,
