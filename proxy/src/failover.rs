@@ -1566,7 +1566,19 @@ impl Failover {
                     continue;
                 }
                 _ = shutdown.changed() => {
+                    // No new writes; the registration goes only once the writes in
+                    // flight have ended (or one lease has passed), so a promotion that
+                    // stops waiting for this instance finds none of its writes left.
                     self.permit.revoke();
+                    let gates: Vec<Arc<WriteGate>> = self
+                        .cells
+                        .lock()
+                        .map(|c| c.values().map(|c| c.gate.clone()).collect())
+                        .unwrap_or_default();
+                    let deadline = Instant::now() + e.cfg.lease_ttl;
+                    for gate in gates {
+                        gate.fence(deadline).await;
+                    }
                     if let Some(id) = lease {
                         let _ = e.client.revoke(id).await;
                     }
