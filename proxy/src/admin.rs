@@ -190,7 +190,14 @@ fn route(
         (&Method::GET, "/coordination/failsafe") => reply(
             StatusCode::OK,
             "application/json",
-            reloader.failover().failsafe_answer().to_string(),
+            reloader
+                .failover()
+                .failsafe_answer(
+                    req.headers()
+                        .get(crate::failover::FAILSAFE_FROM)
+                        .and_then(|v| v.to_str().ok()),
+                )
+                .to_string(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,
