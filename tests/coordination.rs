@@ -1201,3 +1201,29 @@ async fn a_write_still_uploading_when_the_lease_lapses_is_cut_off() {
         "the primary received the whole write after the lease ran out"
     );
 }
+
+/// One etcd endpoint black-holed: the client learns which endpoint answers and goes
+/// there first, so each call does not pay the dead one's timeout again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_etcd_endpoint_costs_one_timeout_not_one_per_call() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let dead = Forwarder::start(etcd.addr).await;
+    dead.set(Link::BlackHoled);
+    let client = keyway::etcd::Client::new(
+        vec![endpoint(dead.addr), endpoint(etcd.addr)],
+        None,
+        Duration::from_millis(500),
+    );
+    let (lease, _) = client.grant(5).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..10 {
+        assert!(client.keep_alive(lease).await.unwrap() > 0);
+    }
+    // Ten calls each paying the 500 ms timeout would take 5 s.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "10 keep-alives took {:?}",
+        started.elapsed()
+    );
+}
