@@ -545,36 +545,7 @@ async fn a_hundred_megabytes_each_way() {
     ))
     .await;
     let started = Instant::now();
-    let c = TcpStream::connect(proxy.server().tcp_addrs()[0])
-        .await
-        .unwrap();
-    let (mut r, mut w) = c.into_split();
-    let send = async {
-        let chunk = vec![9u8; 64 * 1024];
-        let mut left = SIZE;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            w.write_all(&chunk[..n]).await.unwrap();
-            left -= n as u64;
-        }
-        w.shutdown().await.unwrap();
-    };
-    let receive = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                return total;
-            }
-            total += n as u64;
-        }
-    };
-    let ((), down) = tokio::time::timeout(Duration::from_secs(60), async {
-        tokio::join!(send, receive)
-    })
-    .await
-    .expect("200 MB within 60 s");
+    let down = transfer(proxy.server().tcp_addrs()[0], SIZE).await;
     let took = started.elapsed();
     assert_eq!(down, SIZE + b"ready\n".len() as u64);
     eventually(
@@ -606,6 +577,98 @@ async fn a_hundred_megabytes_each_way() {
     )
     .await;
     eprintln!("100 MB each way through keyway in {took:?}");
+}
+
+/// Sends `size` bytes to `addr` while reading what comes back until the end; returns
+/// the count read.
+async fn transfer(addr: SocketAddr, size: u64) -> u64 {
+    let c = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = c.into_split();
+    let send = async {
+        let chunk = vec![9u8; 64 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            w.write_all(&chunk[..n]).await.unwrap();
+            left -= n as u64;
+        }
+        w.shutdown().await.unwrap();
+    };
+    let receive = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return total;
+            }
+            total += n as u64;
+        }
+    };
+    let ((), down) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send, receive)
+    })
+    .await
+    .expect("the transfer within 60 s");
+    down
+}
+
+/// The peak resident memory of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test]
+async fn memory_stays_bounded_while_a_hundred_megabytes_pass_each_way() {
+    // keyway in its own process, so its memory is its own.
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let bulk = Server::start(Behaviour::Bulk(SIZE)).await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let file = unique_dir("tcp-memory").join("keyway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[tcp_listener]]\nlisten = \"127.0.0.1:{port}\"\ncluster = \"bulk\"\n[cluster.bulk]\nbackends = [{{ id = \"a\", address = \"{}\" }}]\n",
+            bulk.addr
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyway-instance"))
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start keyway-instance");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening"), "{line}");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // A first transfer warms up the runtime, the allocator and the metric handles.
+    transfer(addr, SIZE / 10).await;
+    let before = peak_rss_kib(child.id());
+    let down = transfer(addr, SIZE).await;
+    let after = peak_rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(down, SIZE + 6);
+    eprintln!("keyway's peak RSS: {before} KiB, then {after} KiB after 100 MB each way");
+    let grew = after.saturating_sub(before);
+    assert!(
+        grew < 16 * 1024,
+        "peak RSS grew by {grew} KiB while 200 MB passed"
+    );
 }
 
 // === PROXY protocol, SNI, TLS ===
