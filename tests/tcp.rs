@@ -377,6 +377,51 @@ async fn ordered_fallback_passes_a_refused_and_a_silent_backend_and_delivers_byt
 }
 
 #[tokio::test]
+async fn only_a_silence_the_client_cannot_have_caused_ejects_a_backend() {
+    let silent = Server::start(Behaviour::Silent).await;
+    let vault = Server::start(Behaviour::Greet("vault-b".into())).await;
+    let proxy = Proxy::start(&tcp_config(
+        "cluster = \"quiet\"",
+        &format!(
+            "[cluster.quiet]\nstrategy = \"ordered\"\nprotocol_timeout = \"200ms\"\noutlier = {{ consecutive_failures = 2, base_ejection = \"1h\" }}\nbackends = [\n  {{ id = \"vault-a\", address = \"{}\", priority = 0 }},\n  {{ id = \"vault-b\", address = \"{}\", priority = 1 }},\n]\n",
+            silent.addr, vault.addr
+        ),
+    ))
+    .await;
+    let (addr, admin) = (proxy.server().tcp_addrs()[0], proxy.admin.unwrap());
+    let ejected = || async move {
+        !backend_status(admin, "quiet", "vault-a").await["health"]["ejected_for_ms"].is_null()
+    };
+    // A client whose bytes the backend may be waiting on: its silence is nobody's fault.
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"partial request").await.unwrap();
+        assert_eq!(greeted_by(&mut c).await, "vault-b");
+    }
+    assert!(
+        !ejected().await,
+        "a client's bytes cannot get vault-a ejected"
+    );
+    assert_eq!(
+        backend_status(admin, "quiet", "vault-a").await["connect_errors"],
+        0
+    );
+    // Silence before any client byte is the backend's own: two in a row eject it.
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(greeted_by(&mut c).await, "vault-b");
+    }
+    assert!(ejected().await, "vault-a ejected after two silent attempts");
+    let started = Instant::now();
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(greeted_by(&mut c).await, "vault-b");
+    assert!(
+        started.elapsed() < Duration::from_millis(150),
+        "the ejected backend is skipped"
+    );
+}
+
+#[tokio::test]
 async fn the_stagger_adds_the_next_backend_while_a_black_hole_is_pending() {
     let (hole, _held, _l) = black_hole().await;
     let log = Server::start(Behaviour::GreetLate(
