@@ -2467,3 +2467,69 @@ mod failover_config {
         }
     }
 }
+
+#[cfg(test)]
+mod tcp_config {
+    use super::*;
+
+    #[test]
+    fn every_tcp_key_is_known_and_read() {
+        let text = r#"
+[[tcp_listener]]
+listen = "127.0.0.1:0"
+cluster = "psm"
+sni = [{ hosts = ["logs.corp.test", "*.corp.test"], cluster = "psm" }]
+idle_timeout = "8h"
+handshake_timeout = "3s"
+max_connections = 50
+proxy_protocol = "v2"
+[cluster.psm]
+balance = "least-connections"
+affinity = "client-ip"
+protocol_check = "tls"
+health = { kind = "tcp", port = 8080 }
+backends = [{ id = "a", address = "127.0.0.1:1", proxy_protocol = "v1" }, { id = "b", address = "127.0.0.1:2" }]
+"#;
+        let cfg = build(text, Path::new(".")).expect("valid");
+        let l = &cfg.tcp_listeners[0];
+        assert_eq!(l.cluster.as_deref(), Some("psm"));
+        assert_eq!(l.sni[0].hosts.len(), 2);
+        assert_eq!(l.idle_timeout, Duration::from_secs(8 * 3600));
+        assert_eq!(l.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(l.max_connections, 50);
+        assert_eq!(l.proxy_protocol, crate::proxy_protocol::Accept::V2);
+        let c = &cfg.clusters[0];
+        assert_eq!(c.balance, Balance::LeastConnections);
+        assert_eq!(c.tcp.affinity, Affinity::ClientIp);
+        assert_eq!(c.tcp.protocol_check, ProtocolCheck::Tls);
+        assert_eq!(c.tcp.send_proxy, [SendProxy::V1, SendProxy::Off]);
+        assert_eq!(c.health.as_ref().unwrap().port, Some(8080));
+    }
+
+    #[test]
+    fn tcp_listener_mistakes_are_reported_with_fixes() {
+        let e = build(
+            "[[tcp_listener]]\nlisten = \"127.0.0.1:0\"\ncluster = \"v\"\ntls = [{ hosts = [\"v.test\"], cert = \"no.pem\", key = \"no.key\" }]\nidle_timout = \"1h\"\n[[tcp_listener]]\nlisten = \"127.0.0.1:0\"\nsni = [{ hosts = [\"bad host\"], cluster = \"v\" }]\ntls = [{ hosts = [\"v.test\"], cert = \"no.pem\", key = \"no.key\" }]\n[cluster.v]\nhealth = { port = 0 }\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", tls = true }]\n",
+            Path::new("."),
+        )
+        .expect_err("rejected");
+        let has = |needle: &str| {
+            e.iter()
+                .find(|x| x.message.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in {e:?}"))
+        };
+        assert!(has("unknown key `idle_timout`")
+            .fix
+            .contains("idle_timeout"));
+        assert!(has("does not originate TLS").line.is_some());
+        assert!(has("`bad host` is not a host name").line.is_some());
+        assert!(has("names none").fix.contains("cluster"));
+        assert!(has("port = 0").fix.contains("port"));
+        // A config with only TCP listeners is a valid config.
+        assert!(build(
+            "[[tcp_listener]]\nlisten = \"127.0.0.1:0\"\ncluster = \"v\"\n[cluster.v]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
+            Path::new(".")
+        )
+        .is_ok());
+    }
+}
