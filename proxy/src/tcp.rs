@@ -130,7 +130,12 @@ impl TcpListenerHandle {
             "cluster": c.cluster,
             "sni": sni,
             "tls": !c.tls.is_empty(),
-            "proxy_protocol": format!("{:?}", c.proxy_protocol).to_ascii_lowercase(),
+            "proxy_protocol": match c.proxy_protocol {
+                proxy_protocol::Accept::Off => "off",
+                proxy_protocol::Accept::V1 => "v1",
+                proxy_protocol::Accept::V2 => "v2",
+                proxy_protocol::Accept::V1OrV2 => "v1-or-v2",
+            },
             "idle_timeout_ms": c.idle_timeout.as_millis() as u64,
             "max_connections": c.max_connections,
             "open": self.open.load(Ordering::Relaxed),
