@@ -681,7 +681,7 @@ async fn memory_stays_bounded_while_a_hundred_megabytes_pass_each_way() {
     std::fs::write(
         &file,
         format!(
-            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[tcp_listener]]\nlisten = \"127.0.0.1:{port}\"\ncluster = \"bulk\"\n[cluster.bulk]\nbackends = [{{ id = \"a\", address = \"{}\" }}]\n",
+            "[proxy]\naccess_log = true\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[tcp_listener]]\nlisten = \"127.0.0.1:{port}\"\ncluster = \"bulk\"\n[cluster.bulk]\nbackends = [{{ id = \"a\", address = \"{}\" }}]\n",
             bulk.addr
         ),
     )
@@ -689,7 +689,8 @@ async fn memory_stays_bounded_while_a_hundred_megabytes_pass_each_way() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyway-instance"))
         .arg(&file)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(file.with_extension("log")).unwrap())
+        .env("RUST_LOG", "info")
         .spawn()
         .expect("start keyway-instance");
     let mut line = String::new();
@@ -705,6 +706,19 @@ async fn memory_stays_bounded_while_a_hundred_megabytes_pass_each_way() {
     let before = peak_rss_kib(child.id());
     let down = transfer(addr, SIZE).await;
     let after = peak_rss_kib(child.id());
+    let log_file = file.with_extension("log");
+    let access_lines = || {
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("keyway::access") && l.contains("kind=\"tcp\""))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    // The line is written once both sides are done, just after the client saw the end.
+    eventually(Duration::from_secs(5), "two access lines", || async {
+        access_lines().len() == 2
+    })
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(down, SIZE + 6);
@@ -714,6 +728,20 @@ async fn memory_stays_bounded_while_a_hundred_megabytes_pass_each_way() {
         grew < 16 * 1024,
         "peak RSS grew by {grew} KiB while 200 MB passed"
     );
+    // One access line per connection, with the bytes each way and why it closed.
+    let lines = access_lines();
+    let big = &lines[1];
+    for want in [
+        "cluster=\"bulk\"",
+        "backend=\"a\"",
+        &format!("up={SIZE} "),
+        &format!("down={} ", SIZE + 6),
+        "close=\"done\"",
+        "client=127.0.0.1:",
+        &format!("listener=127.0.0.1:{port}"),
+    ] {
+        assert!(big.contains(want), "{want} missing in {big}");
+    }
 }
 
 // === PROXY protocol, SNI, TLS ===
