@@ -252,7 +252,7 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
         .all(|o| o.backend == "r1"));
     assert_eq!(
         topology(admin).await,
-        (1, "r1".into(), vec!["primary".into()])
+        (2, "r1".into(), vec!["primary".into()])
     );
 
     // The old primary comes back: healthy, fenced, no traffic.
@@ -272,7 +272,7 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
         );
     }
     assert_eq!(p.hits(), before, "a fenced primary takes nothing");
-    assert_eq!(r1.write_epochs().last(), Some(&1));
+    assert_eq!(r1.write_epochs().last(), Some(&2));
 
     // Restart keyway: the same primary, epoch and fence.
     assert!(proxy.shutdown().await);
@@ -283,7 +283,7 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
     let admin = proxy.admin.unwrap();
     assert_eq!(
         topology(admin).await,
-        (1, "r1".into(), vec!["primary".into()])
+        (2, "r1".into(), vec!["primary".into()])
     );
     all_healthy(admin).await;
     assert_eq!(send(proxy.addr, write()).await.backend(), "r1");
@@ -295,10 +295,10 @@ async fn killing_the_primary_under_load_promotes_a_replica_fences_the_old_one_an
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(topology(admin).await, (3, "primary".into(), vec![]));
+    assert_eq!(topology(admin).await, (4, "primary".into(), vec![]));
     let w = send(proxy.addr, write()).await;
     assert_eq!(w.backend(), "primary");
-    assert_eq!(p.write_epochs().last(), Some(&3));
+    assert_eq!(p.write_epochs().last(), Some(&4));
     let again = send(
         admin,
         request("POST", "admin", "/clusters/pam/failback", ""),
@@ -652,7 +652,7 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
     all_healthy_in(admin, "pam-failback").await;
     p.stop();
     eventually(Duration::from_secs(10), "r1 promoted", || async {
-        topology_in(admin, "pam-failback").await == (1, "r1".into(), vec!["primary".into()])
+        topology_in(admin, "pam-failback").await == (2, "r1".into(), vec!["primary".into()])
     })
     .await;
 
@@ -676,12 +676,12 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
     let returned = Instant::now();
     let p = p.restart().await;
     eventually(Duration::from_secs(10), "automatic failback", || async {
-        topology_in(admin, "pam-failback").await == (3, "primary".into(), vec![])
+        topology_in(admin, "pam-failback").await == (4, "primary".into(), vec![])
     })
     .await;
     assert!(returned.elapsed() >= Duration::from_millis(700));
     assert_eq!(send(proxy.addr, write()).await.backend(), "primary");
-    assert_eq!(p.write_epochs().last(), Some(&3));
+    assert_eq!(p.write_epochs().last(), Some(&4));
     let m = admin_get(admin, "/metrics").await;
     assert_eq!(
         metric(
@@ -693,6 +693,6 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
     );
     assert_eq!(
         metric(&m, "keyway_topology_epoch{cluster=\"pam-failback\"}"),
-        3.0
+        4.0
     );
 }

@@ -186,6 +186,13 @@ fn route(
             },
         ),
         (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        // Asked by peers whose etcd is gone (`[coordination] failsafe`): no token, it
+        // reveals what /status shows.
+        (&Method::GET, "/coordination/failsafe") => reply(
+            StatusCode::OK,
+            "application/json",
+            reloader.failover().failsafe_answer().to_string(),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",

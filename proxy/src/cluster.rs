@@ -21,6 +21,7 @@ use crate::classify::Classifier;
 use crate::config::{BackendConfig, ClusterConfig, RetryBudget};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::health::{ClusterHealth, Fault};
+use crate::permit::{WriteGate, WriteTicket};
 use crate::upstream::{self, Pool};
 
 /// One backend at run time.
@@ -218,6 +219,7 @@ impl Backend {
         InFlight {
             backend: self.clone(),
             _slot: slot,
+            write: None,
         }
     }
 
@@ -269,9 +271,17 @@ impl Backend {
 pub struct InFlight {
     backend: Arc<Backend>,
     _slot: Slot,
+    /// A write stays counted in its cluster's gate until its exchange ends (body,
+    /// tunnel and all), so a drain never misses it.
+    write: Option<WriteTicket>,
 }
 
 impl InFlight {
+    /// Carries a write's ticket for as long as this exchange lasts.
+    pub fn carry(&mut self, ticket: Option<WriteTicket>) {
+        self.write = ticket;
+    }
+
     /// The backend this exchange is with.
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
@@ -326,6 +336,9 @@ pub struct Cluster {
     ryw_cookie: String,
     budget: Budget,
     metrics: ClusterMetrics,
+    /// Writes in flight (`primary-replica`): shared with the failover manager, so it
+    /// outlives reloads and counts writes of every runtime that served this cluster.
+    pub gate: Arc<WriteGate>,
 }
 
 struct ClusterMetrics {
@@ -359,6 +372,7 @@ impl Cluster {
             ryw_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
             ryw_cookie: format!("keyway_ryw_{}", cfg.name),
             budget: Budget::new(cfg.retry_budget),
+            gate: Arc::default(),
             metrics: ClusterMetrics {
                 requests: counter!("keyway_requests_total", &labels),
                 retries: counter!("keyway_retries_total", &labels),

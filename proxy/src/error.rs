@@ -39,6 +39,9 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// Every backend was tried (or none is usable).
     NoBackendAvailable,
+    /// A write while this instance does not hold its write permit (its etcd lease may
+    /// have expired): another instance may be promoting, so no primary is trusted.
+    CoordinationLost,
     /// The backend carries `max_connections` exchanges and its queue was full, or no
     /// slot came free within `queue_timeout`. Nothing reached the backend.
     BackendBusy,
@@ -83,9 +86,9 @@ impl ProxyError {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::ConnectFailed | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
-            ErrorKind::NoBackendAvailable | ErrorKind::BackendBusy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorKind::NoBackendAvailable
+            | ErrorKind::BackendBusy
+            | ErrorKind::CoordinationLost => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ConnectTimeout | ErrorKind::ProtocolTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -99,6 +102,7 @@ impl ProxyError {
             ErrorKind::ProtocolTimeout => "protocol-timeout",
             ErrorKind::UpstreamProtocol => "upstream-protocol-error",
             ErrorKind::NoBackendAvailable => "no-backend-available",
+            ErrorKind::CoordinationLost => "coordination-lost",
             ErrorKind::BackendBusy => "backend-busy",
             ErrorKind::BodyTooLarge => "body-too-large",
             ErrorKind::BadRequest => "bad-request",
@@ -163,6 +167,18 @@ mod tests {
         );
         assert_eq!(e(ErrorKind::BodyTooLarge), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(e(ErrorKind::BackendBusy), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_lost_lease_answers_503_coordination_lost_with_retry_after() {
+        let r = ProxyError::new(ErrorKind::CoordinationLost, Side::Internal, false, "lost")
+            .into_response(Some("pam"));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(
+            ProxyError::new(ErrorKind::CoordinationLost, Side::Internal, false, "").reason(),
+            "coordination-lost"
+        );
     }
 
     #[test]

@@ -1,5 +1,17 @@
 //! A small etcd v3 client over etcd's JSON gateway (`/v3/kv/*`, `/v3/lease/*`,
-//! `/v3/watch`), which every etcd server since 3.3 serves on its client port.
+//! `/v3/watch`), which every etcd server since 3.4 serves on its client port (3.3 served
+//! only `/v3beta/`).
+//!
+//! Three rules keep it safe on a bad network:
+//! - A transaction that was sent but not answered is never re-sent blindly to another
+//!   endpoint: the key is read back first. Holding our value: it committed. Unchanged:
+//!   the next endpoint is tried. Anything else: someone else won.
+//! - Unary calls reuse one idle connection per endpoint (lease keep-alives run every
+//!   few hundred milliseconds); a connection found closed is replaced before anything
+//!   is sent on it.
+//! - Watches ask for progress notifications, and a watch that hears nothing (no event,
+//!   no progress) for [`WATCH_SILENCE`] is given up, so the caller re-reads and watches
+//!   again instead of trusting a dead connection.
 //!
 //! Why not the gRPC `etcd-client` crate: it generates its bindings with `protoc` at build
 //! time, and the README's promise is that `cargo test` works on a fresh machine with
@@ -12,7 +24,7 @@
 //! JSON mapping says; fields equal to their default are omitted (an absent `succeeded`
 //! means false, absent `kvs` means none).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -32,7 +44,13 @@ pub struct Kv {
     pub value: Vec<u8>,
     /// Revision of its last change (its compare-and-swap token).
     pub mod_revision: i64,
+    /// The lease it is attached to (0: none).
+    pub lease: i64,
 }
+
+/// A watch that hears nothing (no event, no progress notification) for this long is
+/// given up and re-established after a full read.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(30);
 
 /// The outcome of a compare-and-swap.
 #[derive(Debug)]
@@ -44,12 +62,23 @@ pub enum Swap {
 }
 
 /// A client for a list of endpoints: each call tries them in order.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     endpoints: Vec<EtcdEndpoint>,
     /// For `https://` endpoints.
     tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
+    /// One idle connection per endpoint, for unary calls.
+    idle: Arc<Mutex<Vec<Option<oneshot::Conn>>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.endpoints)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// An event of a watch stream.
@@ -58,6 +87,22 @@ pub enum WatchEvent {
     Put(Kv),
     /// A key was deleted.
     Delete(String),
+    /// Nothing changed up to this store revision (a progress notification, or the
+    /// header of any message).
+    Progress(i64),
+}
+
+/// The outcome of registering an instance's key under its lease.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is ours (created now, or already under our lease).
+    Ours,
+    /// Another lease holds the key: another process uses this name, or an earlier run of
+    /// this one whose lease has not expired yet.
+    Taken {
+        /// The other holder's lease.
+        lease: i64,
+    },
 }
 
 impl Client {
@@ -68,26 +113,71 @@ impl Client {
         tls: Option<Arc<rustls::ClientConfig>>,
         timeout: Duration,
     ) -> Self {
+        let idle = Arc::new(Mutex::new(endpoints.iter().map(|_| None).collect()));
         Self {
             endpoints,
             tls,
             timeout,
+            idle,
         }
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers.
+    /// POSTs `body` to `path` on the first endpoint that answers. Only for calls that
+    /// may safely be sent twice (reads, keep-alives, grants: a stray lease expires by
+    /// itself); transactions go through [`Client::txn_once`] and a read-back.
     async fn call(&self, path: &str, body: &Value) -> Result<Value, String> {
         let mut last = String::from("no etcd endpoint configured");
-        for ep in &self.endpoints {
-            match tokio::time::timeout(self.timeout, self.post(ep, path, body)).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => last = format!("etcd {}{path}: {e}", ep.url()),
-                Err(_) => {
-                    last = format!(
-                        "etcd {}{path}: no answer within {:?}",
-                        ep.url(),
-                        self.timeout
-                    )
+        for i in 0..self.endpoints.len() {
+            match self.post_within(i, path, body).await {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// One POST to endpoint `i`, bounded by the client's timeout.
+    async fn post_within(&self, i: usize, path: &str, body: &Value) -> Result<Value, String> {
+        let ep = &self.endpoints[i];
+        match tokio::time::timeout(self.timeout, self.post(i, path, body)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!("etcd {}{path}: {e}", ep.url())),
+            Err(_) => Err(format!(
+                "etcd {}{path}: no answer within {:?}",
+                ep.url(),
+                self.timeout
+            )),
+        }
+    }
+
+    /// A transaction: sent to one endpoint after another, but never again after an
+    /// attempt that may have reached etcd, unless `unchanged` (reading the key back)
+    /// says it did not commit.
+    async fn txn(
+        &self,
+        body: &Value,
+        key: &str,
+        ours: &[u8],
+        unchanged: impl Fn(&Option<Kv>) -> bool,
+    ) -> Result<TxnOutcome, String> {
+        let mut last = String::from("no etcd endpoint configured");
+        for i in 0..self.endpoints.len() {
+            match self.post_within(i, "/v3/kv/txn", body).await {
+                Ok(v) => return Ok(TxnOutcome::Answered(v)),
+                Err(e) => last = e,
+            }
+            // Sent, maybe committed: read back before anything else.
+            match self.get(key).await {
+                Ok(Some(kv)) if kv.value == ours => {
+                    tracing::info!(key, "an unanswered etcd transaction had committed");
+                    return Ok(TxnOutcome::Committed(kv));
+                }
+                Ok(current) if unchanged(&current) => continue,
+                Ok(current) => return Ok(TxnOutcome::Superseded(current)),
+                Err(e) => {
+                    return Err(format!(
+                        "{last}; reading the key back failed too ({e}), so whether it committed is unknown"
+                    ))
                 }
             }
         }
@@ -132,21 +222,27 @@ impl Client {
         if let Some((gk, gv)) = guard {
             compare.push(json!({ "key": B64.encode(gk), "result": "EQUAL", "target": "VALUE", "value": B64.encode(gv) }));
         }
-        let v = self
-            .call(
-                "/v3/kv/txn",
-                &json!({
-                    "compare": compare,
-                    "success": [{ "request_put": { "key": B64.encode(key), "value": B64.encode(value) } }],
-                    "failure": [{ "request_range": { "key": B64.encode(key) } }],
-                }),
-            )
-            .await?;
-        if v["succeeded"].as_bool() == Some(true) {
-            Ok(Swap::Done(int(&v["header"]["revision"])))
-        } else {
-            let current = v["responses"][0]["response_range"].clone();
-            Ok(Swap::Lost(kvs(&current).into_iter().next()))
+        let body = json!({
+            "compare": compare,
+            "success": [{ "request_put": { "key": B64.encode(key), "value": B64.encode(value) } }],
+            "failure": [{ "request_range": { "key": B64.encode(key) } }],
+        });
+        let unchanged =
+            |cur: &Option<Kv>| cur.as_ref().map_or(0, |kv| kv.mod_revision) == mod_revision;
+        match self.txn(&body, key, value, unchanged).await? {
+            TxnOutcome::Committed(kv) => Ok(Swap::Done(kv.mod_revision)),
+            TxnOutcome::Superseded(cur) => Ok(Swap::Lost(cur)),
+            TxnOutcome::Answered(v) if v["succeeded"].as_bool() == Some(true) => {
+                Ok(Swap::Done(int(&v["header"]["revision"])))
+            }
+            TxnOutcome::Answered(v) => {
+                let current = kvs(&v["responses"][0]["response_range"]).into_iter().next();
+                // An earlier attempt that went unanswered may have committed after all.
+                match current {
+                    Some(kv) if kv.value == value => Ok(Swap::Done(kv.mod_revision)),
+                    other => Ok(Swap::Lost(other)),
+                }
+            }
         }
     }
 
@@ -173,23 +269,70 @@ impl Client {
             .unwrap_or_default())
     }
 
-    /// Grants a lease of `ttl` seconds.
-    pub async fn grant(&self, ttl: u64) -> Result<i64, String> {
+    /// Grants a lease of `ttl` seconds. Returns its id and the TTL etcd granted.
+    pub async fn grant(&self, ttl: u64) -> Result<(i64, u64), String> {
         let v = self
             .call("/v3/lease/grant", &json!({ "TTL": ttl.to_string() }))
             .await?;
         match int(&v["ID"]) {
             0 => Err(format!("etcd granted no lease: {v}")),
-            id => Ok(id),
+            id => Ok((id, int(&v["TTL"]).max(0) as u64)),
         }
     }
 
-    /// Refreshes a lease; `false` when it has expired.
-    pub async fn keep_alive(&self, lease: i64) -> Result<bool, String> {
+    /// Refreshes a lease. Returns the TTL it has again, in seconds (0: it had expired).
+    pub async fn keep_alive(&self, lease: i64) -> Result<u64, String> {
         let v = self
             .call("/v3/lease/keepalive", &json!({ "ID": lease.to_string() }))
             .await?;
-        Ok(int(&v["result"]["TTL"]) > 0)
+        Ok(int(&v["result"]["TTL"]).max(0) as u64)
+    }
+
+    /// Creates `key` with `value` under `lease`, or rewrites it if it is already under
+    /// that lease. A key under another lease is left alone.
+    pub async fn claim(&self, key: &str, value: &[u8], lease: i64) -> Result<Claim, String> {
+        let put = json!({ "request_put": { "key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string() } });
+        let body = json!({
+            "compare": [{ "key": B64.encode(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
+            "success": [put],
+            "failure": [{ "request_range": { "key": B64.encode(key) } }],
+        });
+        let absent = |cur: &Option<Kv>| cur.is_none();
+        let holder = match self.txn(&body, key, value, absent).await? {
+            TxnOutcome::Committed(_) => return Ok(Claim::Ours),
+            TxnOutcome::Answered(v) if v["succeeded"].as_bool() == Some(true) => {
+                return Ok(Claim::Ours)
+            }
+            TxnOutcome::Answered(v) => kvs(&v["responses"][0]["response_range"]).into_iter().next(),
+            TxnOutcome::Superseded(cur) => cur,
+        };
+        match holder {
+            Some(kv) if kv.lease == lease => {
+                if self.put_under(key, value, lease).await? {
+                    Ok(Claim::Ours)
+                } else {
+                    Ok(Claim::Taken { lease: 0 })
+                }
+            }
+            Some(kv) => Ok(Claim::Taken { lease: kv.lease }),
+            None => Ok(Claim::Taken { lease: 0 }),
+        }
+    }
+
+    /// Rewrites `key` only while it is attached to `lease`. `false`: it is not (the
+    /// lease expired and the key went with it, or another holder took it).
+    pub async fn put_under(&self, key: &str, value: &[u8], lease: i64) -> Result<bool, String> {
+        let body = json!({
+            "compare": [{ "key": B64.encode(key), "result": "EQUAL", "target": "LEASE", "lease": lease.to_string() }],
+            "success": [{ "request_put": { "key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string() } }],
+            "failure": [],
+        });
+        let not_ours = |cur: &Option<Kv>| cur.as_ref().is_none_or(|kv| kv.lease != lease);
+        Ok(match self.txn(&body, key, value, not_ours).await? {
+            TxnOutcome::Committed(_) => true,
+            TxnOutcome::Answered(v) => v["succeeded"].as_bool() == Some(true),
+            TxnOutcome::Superseded(cur) => cur.is_some_and(|kv| kv.lease == lease),
+        })
     }
 
     /// Gives a lease up (its keys go at once).
@@ -212,6 +355,7 @@ impl Client {
             "key": B64.encode(prefix),
             "range_end": B64.encode(range_end(prefix)),
             "start_revision": from.to_string(),
+            "progress_notify": true,
         }});
         let mut last = String::from("no etcd endpoint configured");
         for ep in &self.endpoints {
@@ -232,7 +376,16 @@ impl Client {
                     }
                 };
             let mut buf: Vec<u8> = Vec::new();
-            while let Some(frame) = resp.frame().await {
+            loop {
+                let frame = match tokio::time::timeout(WATCH_SILENCE, resp.frame()).await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(format!(
+                            "etcd watch silent for {WATCH_SILENCE:?} (no event, no progress notification): re-reading"
+                        ))
+                    }
+                };
                 let frame = frame.map_err(|e| format!("etcd watch stream: {e}"))?;
                 let Some(data) = frame.data_ref() else {
                     continue;
@@ -253,6 +406,10 @@ impl Client {
                             "etcd cancelled the watch: {}",
                             result["cancel_reason"]
                         ));
+                    }
+                    let revision = int(&result["header"]["revision"]);
+                    if revision > 0 {
+                        on_event(WatchEvent::Progress(revision));
                     }
                     for ev in result["events"].as_array().into_iter().flatten() {
                         let Some(kv) = kv(&ev["kv"]) else { continue };
@@ -303,6 +460,7 @@ fn kv(v: &Value) -> Option<Kv> {
         key: String::from_utf8(key).ok()?,
         value,
         mod_revision: int(&v["mod_revision"]),
+        lease: int(&v["lease"]),
     })
 }
 
@@ -313,40 +471,60 @@ fn kvs(v: &Value) -> Vec<Kv> {
         .unwrap_or_default()
 }
 
+/// What became of a transaction.
+enum TxnOutcome {
+    /// etcd answered (the transaction's own response).
+    Answered(Value),
+    /// Unanswered, but reading back found our value: it committed.
+    Committed(Kv),
+    /// Unanswered, and the key changed to something else: another writer won.
+    Superseded(Option<Kv>),
+}
+
 impl Client {
+    fn target<'a>(&'a self, ep: &'a EtcdEndpoint) -> oneshot::Target<'a, std::net::SocketAddr> {
+        oneshot::Target {
+            connect: ep.addr,
+            authority: &ep.authority,
+            tls: if ep.tls { self.tls.as_ref() } else { None },
+        }
+    }
+
+    /// A streaming call (watch) on a connection of its own.
     async fn open(
         &self,
         ep: &EtcdEndpoint,
         path: &str,
         body: &Value,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let target = oneshot::Target {
-            connect: ep.addr,
-            authority: &ep.authority,
-            tls: if ep.tls { self.tls.as_ref() } else { None },
-        };
-        let resp = oneshot::post_json(target, path, body.to_string()).await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default();
-            return Err(format!("HTTP {status}: {}", text.trim()));
-        }
-        Ok(resp)
+        let resp = oneshot::post_json(self.target(ep), path, body.to_string()).await?;
+        check_status(resp).await
     }
 
-    async fn post(&self, ep: &EtcdEndpoint, path: &str, body: &Value) -> Result<Value, String> {
-        let resp = self.open(ep, path, body).await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+    /// A unary call on endpoint `i`'s idle connection (or a new one), which goes back
+    /// to idle once its answer is read.
+    async fn post(&self, i: usize, path: &str, body: &Value) -> Result<Value, String> {
+        let ep = &self.endpoints[i];
+        let reused = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.get_mut(i).and_then(Option::take))
+            .filter(oneshot::Conn::is_open);
+        let mut conn = match reused {
+            Some(c) => c,
+            None => oneshot::connect(&self.target(ep)).await?,
+        };
+        let resp = oneshot::post_on(&mut conn, &ep.authority, path, body.to_string()).await?;
+        let resp = check_status(resp).await?;
+        let bytes = read_limited(resp.into_body(), MAX_ANSWER).await?;
+        if conn.is_open() {
+            if let Ok(mut idle) = self.idle.lock() {
+                if let Some(slot) = idle.get_mut(i) {
+                    *slot = Some(conn);
+                }
+            }
+        }
         // Streaming endpoints (keepalive) answer with one message per line.
         let first = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
         let v: Value =
@@ -356,6 +534,39 @@ impl Client {
         }
         Ok(v)
     }
+}
+
+/// The largest unary answer read (keyway's keys are small; a larger answer is an error,
+/// not an allocation).
+const MAX_ANSWER: usize = 16 << 20;
+
+async fn check_status(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let text = read_limited(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    Err(format!("HTTP {status}: {}", text.trim()))
+}
+
+/// Reads a body, refusing one larger than `limit`.
+async fn read_limited(mut body: hyper::body::Incoming, limit: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Some(data) = frame.data_ref() {
+            if out.len() + data.len() > limit {
+                return Err(format!("etcd answer larger than {limit} bytes"));
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -380,7 +591,8 @@ mod tests {
             vec![Kv {
                 key: "/k/a".into(),
                 value: b"hi".to_vec(),
-                mod_revision: 5
+                mod_revision: 5,
+                lease: 0,
             }]
         );
         assert_eq!(int(&v["header"]["revision"]), 7);

@@ -17,9 +17,18 @@
 //!   primary it knew.
 //! - A demoted primary is fenced: no traffic, whatever its health, until an explicit
 //!   failback or promotion names it.
-//! - A planned switchover (manual promotion, failback) first commits an epoch with no
-//!   primary, waits for the old primary's in-flight requests, then commits the new one;
-//!   so two primaries never take writes in one epoch.
+//! - Every change of primary takes two epochs: first one with no primary (the drain
+//!   epoch), then, once every instance has acknowledged it, the new primary. An
+//!   acknowledgement says that the instance applied the drain epoch to its serving
+//!   runtime and that every write it routed under an older epoch has ended (its
+//!   [`WriteGate`] fenced). With etcd, an instance that cannot acknowledge (cut off)
+//!   is waited for until its registration's lease expires in etcd, and by then its
+//!   own [`Permit`] has run out, so it routes no writes either. So no two backends
+//!   ever take writes routed by keyway at the same time (invariant 3).
+//! - With etcd, an instance routes writes only while it holds its permit: a lease
+//!   renewal etcd answered, younger than the lease by its own clock (`permit.rs`),
+//!   or the failsafe (every listed peer reachable, all cut off from etcd, all agreeing
+//!   on every primary).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -37,13 +46,11 @@ use crate::config::{
 use crate::etcd;
 use crate::forward::Runtime;
 use crate::health::{Health, HealthView};
+use crate::permit::{self, Grant, Permit, WriteGate};
 use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
 
 /// Decisions kept per cluster for `/status`.
 const HISTORY: usize = 64;
-
-/// A watch is re-established (after a full read) at least this often.
-const WATCH_RENEW: Duration = Duration::from_secs(10);
 
 /// How often a controller looks at its cluster.
 const TICK: Duration = Duration::from_millis(100);
@@ -66,6 +73,9 @@ pub struct Topology {
     /// When (Unix milliseconds).
     #[serde(default)]
     pub unix_ms: u64,
+    /// The instance that made the decision (with etcd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 impl Topology {
@@ -77,6 +87,7 @@ impl Topology {
             fenced: Vec::new(),
             reason: "as configured".into(),
             unix_ms: 0,
+            by: None,
         }
     }
 
@@ -113,6 +124,7 @@ impl Topology {
             fenced,
             reason,
             unix_ms: crate::unix_ms(SystemTime::now()),
+            by: None,
         }
     }
 }
@@ -344,9 +356,28 @@ pub struct EtcdStore {
 struct EtcdStatus {
     connected: bool,
     last_error: Option<String>,
-    /// The lease this instance campaigns with, and until when it is surely valid.
-    lease: Option<(i64, Instant)>,
+    /// The lease this instance registers and campaigns with.
+    lease: Option<i64>,
     leader: Option<String>,
+    /// This instance's key is in etcd under its lease.
+    registered: bool,
+    /// The instances registered at the last read (names), this one included.
+    instances: Vec<String>,
+    /// The store revision the watch has seen up to (events and progress).
+    watch_revision: i64,
+    /// The failsafe holds this instance's permit now (etcd unreachable for all).
+    failsafe: Option<String>,
+    /// The acknowledgements last written to the registration.
+    published: BTreeMap<String, u64>,
+}
+
+/// What an instance keeps under its lease at `PREFIX/instances/NAME`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Registration {
+    instance: String,
+    /// Per cluster, the epoch this instance applied and drained the older writes of.
+    #[serde(default)]
+    acks: BTreeMap<String, u64>,
 }
 
 impl EtcdStore {
@@ -356,6 +387,14 @@ impl EtcdStore {
 
     fn leader_key(&self) -> String {
         format!("{}/leader", self.cfg.prefix)
+    }
+
+    fn instances_prefix(&self) -> String {
+        format!("{}/instances/", self.cfg.prefix)
+    }
+
+    fn instance_key(&self) -> String {
+        format!("{}{}", self.instances_prefix(), self.cfg.instance)
     }
 
     fn note<T>(&self, r: &Result<T, String>) {
@@ -379,12 +418,10 @@ impl EtcdStore {
         metrics::gauge!("keyway_coordination_connected").set(if r.is_ok() { 1.0 } else { 0.0 });
     }
 
-    /// Whether this instance holds the leader lease (and it has not run out).
+    /// Whether this instance holds the leader key (its permit is checked apart).
     fn is_leader(&self) -> bool {
         self.status.lock().is_ok_and(|s| {
-            s.connected
-                && s.leader.as_deref() == Some(self.cfg.instance.as_str())
-                && s.lease.is_some_and(|(_, until)| Instant::now() < until)
+            s.connected && s.registered && s.leader.as_deref() == Some(self.cfg.instance.as_str())
         })
     }
 }
@@ -500,7 +537,7 @@ impl Store {
         }
     }
 
-    /// Whether this instance may promote on its own now.
+    /// Whether this instance may promote on its own now (its permit is checked apart).
     fn may_decide(&self) -> bool {
         match self {
             Store::File(_) => true,
@@ -521,19 +558,23 @@ impl Store {
             }),
             Store::Etcd(e) => {
                 let decides = e.is_leader();
-                let (connected, last_error, leader) =
-                    e.status.lock().map_or((false, None, None), |s| {
-                        (s.connected, s.last_error.clone(), s.leader.clone())
-                    });
+                let s = e.status.lock();
+                let s = s.as_deref();
                 serde_json::json!({
                     "kind": "etcd",
                     "endpoints": e.cfg.endpoints.iter().map(|a| a.url()).collect::<Vec<_>>(),
                     "prefix": e.cfg.prefix,
                     "instance": e.cfg.instance,
-                    "connected": connected,
-                    "leader": leader,
+                    "connected": s.is_ok_and(|s| s.connected),
+                    "leader": s.ok().and_then(|s| s.leader.clone()),
                     "decides": decides,
-                    "last_error": last_error,
+                    "last_error": s.ok().and_then(|s| s.last_error.clone()),
+                    "lease": s.ok().and_then(|s| s.lease),
+                    "registered": s.is_ok_and(|s| s.registered),
+                    "instances": s.map(|s| s.instances.clone()).unwrap_or_default(),
+                    "watch_current_revision": s.map_or(0, |s| s.watch_revision),
+                    "failsafe": s.ok().and_then(|s| s.failsafe.clone()),
+                    "failsafe_peers": e.cfg.failsafe_peers,
                 })
             }
         }
@@ -554,6 +595,10 @@ struct Cell {
     /// Serializes decisions about this cluster (controller, admin calls).
     lock: Arc<tokio::sync::Mutex<()>>,
     promotion_needed: bool,
+    /// This cluster's writes in flight, across reloads.
+    gate: Arc<WriteGate>,
+    /// The newest epoch applied whose older writes have all ended.
+    acked: u64,
 }
 
 /// Promotion, fencing and failback for every `primary-replica` cluster of one instance.
@@ -563,6 +608,16 @@ pub struct Failover {
     controllers: Mutex<HashSet<String>>,
     /// The server's live runtime, set once by [`Failover::start`].
     runtime: std::sync::OnceLock<Arc<ArcSwap<Runtime>>>,
+    /// Whether this instance may route writes.
+    permit: Arc<Permit>,
+    /// Held while a topology is applied to the live runtime or a runtime is swapped in,
+    /// so a reload never serves a topology older than one already acknowledged.
+    applying: Mutex<()>,
+    /// An acknowledgement changed: the registration in etcd is rewritten.
+    acks_changed: tokio::sync::Notify,
+    /// This instance vouched for a peer's failsafe permit until then: it neither
+    /// acknowledges a drain nor commits a promotion before.
+    vouched_until: Mutex<Option<Instant>>,
 }
 
 /// Why an admin request could not switch the primary.
@@ -602,11 +657,20 @@ impl Failover {
             }
             Err(e) => return Err(e),
         };
+        let permit = Arc::new(if store.is_etcd() {
+            Permit::coordinated()
+        } else {
+            Permit::always()
+        });
         let me = Arc::new(Self {
             store,
             cells: Mutex::new(HashMap::new()),
             controllers: Mutex::new(HashSet::new()),
             runtime: std::sync::OnceLock::new(),
+            permit,
+            applying: Mutex::new(()),
+            acks_changed: tokio::sync::Notify::new(),
+            vouched_until: Mutex::new(None),
         });
         me.adopt_config(config, &stored)?;
         if unconfirmed {
@@ -678,10 +742,22 @@ impl Failover {
                     history: std::collections::VecDeque::new(),
                     lock: Arc::new(tokio::sync::Mutex::new(())),
                     promotion_needed: false,
+                    gate: Arc::default(),
+                    acked: 0,
                 },
             );
         }
         Ok(())
+    }
+
+    /// This instance's write permit (shared with every runtime it builds).
+    pub fn permit(&self) -> &Arc<Permit> {
+        &self.permit
+    }
+
+    /// The write gate of a `primary-replica` cluster (shared across reloads).
+    pub fn gate(&self, cluster: &str) -> Option<Arc<WriteGate>> {
+        self.cells.lock().ok()?.get(cluster).map(|c| c.gate.clone())
     }
 
     /// The topology a cluster has now.
@@ -736,8 +812,9 @@ impl Failover {
 
     /// Records a newer topology (from a commit or from etcd) and applies it to the
     /// running cluster. Older epochs are ignored.
-    fn adopt(&self, cluster: &str, known: Known) -> bool {
-        {
+    fn adopt(self: &Arc<Self>, cluster: &str, known: Known) -> bool {
+        let applying = self.applying.lock();
+        let gate = {
             let Ok(mut cells) = self.cells.lock() else {
                 return false;
             };
@@ -759,7 +836,8 @@ impl Failover {
                 }
                 cell.history.push_back(known.topology.clone());
             }
-        }
+            cell.gate.clone()
+        };
         if let Some(rt) = self.live() {
             if let Some(c) = rt.cluster(cluster) {
                 if let Err(e) = known.topology.validate(&c.cfg) {
@@ -769,6 +847,8 @@ impl Failover {
                 apply(c, &known.topology);
             }
         }
+        drop(applying);
+        self.acknowledge_when_drained(cluster, known.topology.epoch, gate);
         metrics::gauge!("keyway_topology_epoch", "cluster" => cluster.to_string())
             .set(known.topology.epoch as f64);
         tracing::info!(
@@ -790,6 +870,60 @@ impl Failover {
         }
     }
 
+    /// Installs a reloaded runtime: under the lock that applies decisions, so the new
+    /// runtime starts with every decision made so far and none is applied to the old
+    /// one alone. Then starts controllers for new clusters.
+    pub fn swap_in(
+        self: &Arc<Self>,
+        live: &ArcSwap<Runtime>,
+        rt: Arc<Runtime>,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        {
+            let _applying = self.applying.lock();
+            self.reapply(&rt);
+            live.store(rt);
+        }
+        self.ensure_controllers(shutdown);
+    }
+
+    /// Once every write routed under an epoch older than `epoch` has ended, records
+    /// `epoch` as acknowledged (and, with etcd, has the registration rewritten).
+    fn acknowledge_when_drained(self: &Arc<Self>, cluster: &str, epoch: u64, gate: Arc<WriteGate>) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.clone();
+        let cluster = cluster.to_string();
+        handle.spawn(async move {
+            // Writes are bounded by protocol_timeout, bodies and tunnels by their
+            // clients; a fence that never completes only means no acknowledgement.
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            if !gate.fence(deadline).await {
+                tracing::warn!(%cluster, epoch, "writes of an older epoch still in flight after an hour; not acknowledging");
+                return;
+            }
+            let changed = me.cells.lock().is_ok_and(|mut cells| {
+                cells.get_mut(&cluster).is_some_and(|c| {
+                    let newer = epoch > c.acked;
+                    c.acked = c.acked.max(epoch);
+                    newer
+                })
+            });
+            if changed {
+                me.acks_changed.notify_one();
+            }
+        });
+    }
+
+    /// Per cluster, the epoch this instance acknowledges.
+    fn acks(&self) -> BTreeMap<String, u64> {
+        self.cells
+            .lock()
+            .map(|cells| cells.iter().map(|(n, c)| (n.clone(), c.acked)).collect())
+            .unwrap_or_default()
+    }
+
     /// Starts the per-cluster controllers and, with etcd, the election and the watch.
     pub fn start(
         self: &Arc<Self>,
@@ -803,7 +937,7 @@ impl Failover {
         }
         self.ensure_controllers(&shutdown);
         if let Store::Etcd(_) = &self.store {
-            tokio::spawn(self.clone().campaign(shutdown.clone()));
+            tokio::spawn(self.clone().coordinate(shutdown.clone()));
             tokio::spawn(self.clone().watch_etcd(shutdown));
         }
     }
@@ -813,13 +947,6 @@ impl Failover {
     pub fn prepare(&self, config: &Config) -> Result<(), String> {
         self.check_config(config)?;
         self.adopt_config(config, &HashMap::new())
-    }
-
-    /// After a reload swapped its runtime in: re-applies decisions made meanwhile and
-    /// starts controllers for new clusters.
-    pub fn after_swap(self: &Arc<Self>, rt: &Runtime, shutdown: &watch::Receiver<bool>) {
-        self.reapply(rt);
-        self.ensure_controllers(shutdown);
     }
 
     fn ensure_controllers(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
@@ -837,6 +964,11 @@ impl Failover {
         };
         for name in names {
             if running.insert(name.clone()) {
+                // Nothing is in flight for a cluster not served before: its current
+                // epoch is acknowledged at once (a drain may be waiting for it).
+                if let (Some(t), Some(gate)) = (self.topology(&name), self.gate(&name)) {
+                    self.acknowledge_when_drained(&name, t.epoch, gate);
+                }
                 tokio::spawn(self.clone().control(name, shutdown.clone()));
             }
         }
@@ -845,12 +977,15 @@ impl Failover {
     /// `/status`: the store and every cluster's topology.
     pub fn status_json(&self) -> serde_json::Value {
         let mut v = self.store.status_json();
+        v["write_permit"] = self.permit.status_json();
         if let Ok(cells) = self.cells.lock() {
             let clusters: serde_json::Map<String, serde_json::Value> = cells
                 .iter()
                 .map(|(name, c)| {
                     let mut t = serde_json::to_value(&c.known.topology).unwrap_or_default();
                     t["promotion_needed"] = c.promotion_needed.into();
+                    t["acknowledged_epoch"] = c.acked.into();
+                    t["writes_in_flight"] = c.gate.in_flight().into();
                     t["history"] = serde_json::to_value(&c.history).unwrap_or_default();
                     (name.clone(), t)
                 })
@@ -858,6 +993,17 @@ impl Failover {
             v["clusters"] = clusters.into();
         }
         v
+    }
+
+    /// Whether the instance that decided `t` is another one, still registered (and so
+    /// perhaps still completing a change of primary).
+    fn decider_alive(&self, t: &Topology) -> bool {
+        match (&self.store, &t.by) {
+            (Store::Etcd(e), Some(by)) if *by != e.cfg.instance => {
+                e.status.lock().is_ok_and(|s| s.instances.contains(by))
+            }
+            _ => false,
+        }
     }
 
     fn set_needed(&self, cluster: &str, needed: bool) -> bool {
@@ -907,6 +1053,9 @@ impl Failover {
             if self.unconfirmed(&name) {
                 continue; // nothing is known until etcd answers
             }
+            if self.lock_of(&name).is_some_and(|l| l.try_lock().is_err()) {
+                continue; // a switchover is running here; it ends with a primary
+            }
             let view = c.health.view_full();
             let primary = known.topology.primary.as_ref().and_then(|id| index(c, id));
             let down = primary.is_none_or(|p| view.backends[p].health == Health::Unhealthy);
@@ -920,16 +1069,16 @@ impl Failover {
                     .await;
                 continue;
             }
-            if primary.is_none() && known.topology.epoch > 0 {
-                // A switchover (here or on another instance) may be draining: give it
-                // time to name the new primary before treating this as a failure.
-                let grace = c
-                    .cfg
-                    .promotion
-                    .as_ref()
-                    .map_or(crate::config::DEFAULT_SWITCHOVER_DRAIN, |p| {
-                        p.drain + p.on_promote.as_ref().map_or(Duration::ZERO, |h| h.timeout)
-                    })
+            if primary.is_none() && known.topology.epoch > 0 && self.decider_alive(&known.topology)
+            {
+                // Another instance's change of primary may be draining: give it time to
+                // name the new primary before taking over.
+                let grace = self.drain_wait(c)
+                    + c.cfg
+                        .promotion
+                        .as_ref()
+                        .and_then(|p| p.on_promote.as_ref())
+                        .map_or(Duration::ZERO, |h| h.timeout)
                     + Duration::from_secs(2);
                 if crate::unix_ms(SystemTime::now()).saturating_sub(known.topology.unix_ms)
                     < grace.as_millis() as u64
@@ -953,7 +1102,7 @@ impl Failover {
             let Some(p) = c.cfg.promotion.as_ref().filter(|p| p.auto) else {
                 continue;
             };
-            if !self.store.may_decide() {
+            if !(self.store.may_decide() && self.permit.holds()) {
                 continue;
             }
             let Some(lock) = self.lock_of(&name) else {
@@ -967,7 +1116,22 @@ impl Failover {
                 continue;
             };
             hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
-            let Some(target) = choose(c, &view, &known.topology, &hook_failed) else {
+            // A plugin policy runs to its deadline: off the async workers.
+            let chosen = {
+                let (c, view, t, failed) = (
+                    c.clone(),
+                    view.clone(),
+                    known.topology.clone(),
+                    hook_failed.clone(),
+                );
+                tokio::task::spawn_blocking(move || choose(&c, &view, &t, &failed))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(cluster = %name, error = %e, "the promotion policy task failed; no promotion");
+                        None
+                    })
+            };
+            let Some(target) = chosen else {
                 if !said_no_candidate {
                     said_no_candidate = true;
                     tracing::warn!(cluster = %name, "promotion needed but the policy found no candidate; writes stay refused");
@@ -988,8 +1152,20 @@ impl Failover {
                 known.topology.primary.as_deref().unwrap_or("no primary"),
                 since.elapsed().min(Duration::from_secs(86_400))
             );
+            // The drain epoch already fences the old primary: it is dead, and it must not
+            // take writes from anyone once it comes back.
+            let drain_fenced = fenced.clone();
             match self
-                .decide(c, &known, Some(target), fenced, reason, "failover", true)
+                .change_primary(
+                    c,
+                    &known,
+                    target,
+                    drain_fenced,
+                    fenced,
+                    reason,
+                    "failover",
+                    true,
+                )
                 .await
             {
                 Ok(_) => {
@@ -1006,7 +1182,7 @@ impl Failover {
     }
 
     async fn maybe_fail_back(
-        &self,
+        self: &Arc<Self>,
         c: &Arc<Cluster>,
         view: &HealthView,
         known: &Known,
@@ -1023,7 +1199,7 @@ impl Failover {
         };
         if view.primary == Some(home)
             || view.backends[home].health != Health::Healthy
-            || !self.store.may_decide()
+            || !(self.store.may_decide() && self.permit.holds())
         {
             return;
         }
@@ -1059,7 +1235,7 @@ impl Failover {
     /// then the durable write, then the local apply, then the repoint hooks.
     #[allow(clippy::too_many_arguments)]
     async fn decide(
-        &self,
+        self: &Arc<Self>,
         c: &Arc<Cluster>,
         seen: &Known,
         primary: Option<usize>,
@@ -1067,10 +1243,13 @@ impl Failover {
         reason: String,
         kind: &'static str,
         as_leader: bool,
-    ) -> Result<Topology, Refused> {
+    ) -> Result<Known, Refused> {
         let name = c.cfg.name.as_str();
         let primary_id = primary.map(|p| c.backends[p].cfg.id.clone());
-        let next = seen.topology.next(primary_id.clone(), fenced, reason);
+        let mut next = seen.topology.next(primary_id.clone(), fenced, reason);
+        if let Store::Etcd(e) = &self.store {
+            next.by = Some(e.cfg.instance.clone());
+        }
         let promotion = c.cfg.promotion.as_ref();
         if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_promote.as_ref())) {
             if let Err(e) = call_hook(hook, "on_promote", c, p, next.epoch).await {
@@ -1083,18 +1262,17 @@ impl Failover {
                 tracing::warn!(cluster = name, error = %e, "on_promote hook failed; promoting anyway (require_hook_ok = false)");
             }
         }
-        match self.store.commit(name, seen, &next, as_leader).await {
+        let committed = match self.store.commit(name, seen, &next, as_leader).await {
             Ok(Commit::Done(revision)) => {
-                self.adopt(
-                    name,
-                    Known {
-                        topology: next.clone(),
-                        revision,
-                    },
-                );
+                let known = Known {
+                    topology: next.clone(),
+                    revision,
+                };
+                self.adopt(name, known.clone());
                 if primary.is_some() {
                     metrics::counter!("keyway_promotions_total", "cluster" => name.to_string(), "kind" => kind).increment(1);
                 }
+                known
             }
             Ok(Commit::Lost(current)) => {
                 if let Some(cur) = current {
@@ -1111,7 +1289,7 @@ impl Failover {
                     format!("the decision could not be made durable ({e}); nothing changed"),
                 ))
             }
-        }
+        };
         if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_repoint.as_ref())) {
             for (i, b) in c.backends.iter().enumerate() {
                 if i == p || next.fenced.contains(&b.cfg.id) {
@@ -1123,14 +1301,147 @@ impl Failover {
                 });
             }
         }
-        Ok(next)
+        Ok(committed)
+    }
+
+    /// How long a change of primary waits for every instance to acknowledge its drain
+    /// epoch: the cluster's `drain`, and with etcd the lease of an instance that cannot
+    /// answer (it must expire) plus two etcd round trips.
+    fn drain_wait(&self, c: &Cluster) -> Duration {
+        let drain = c
+            .cfg
+            .promotion
+            .as_ref()
+            .map_or(crate::config::DEFAULT_SWITCHOVER_DRAIN, |p| p.drain);
+        match &self.store {
+            Store::File(_) => drain,
+            Store::Etcd(e) => drain + e.cfg.lease_ttl + e.cfg.timeout * 2,
+        }
+    }
+
+    /// Changes the primary in two epochs: `drain` (no primary, `drain_fenced` fenced)
+    /// unless the cluster already has no primary, then, once every instance has
+    /// acknowledged that epoch, `target` with `fenced`. Not acknowledged in time: the
+    /// drain epoch stays (writes refused) and the error says who did not answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn change_primary(
+        self: &Arc<Self>,
+        c: &Arc<Cluster>,
+        seen: &Known,
+        target: usize,
+        drain_fenced: Vec<String>,
+        fenced: Vec<String>,
+        reason: String,
+        kind: &'static str,
+        as_leader: bool,
+    ) -> Result<Known, Refused> {
+        let name = c.cfg.name.as_str();
+        let mut known = seen.clone();
+        if let Some(old) = known.topology.primary.clone() {
+            known = self
+                .decide(
+                    c,
+                    &known,
+                    None,
+                    drain_fenced,
+                    format!("{reason}: draining writes from {old}"),
+                    kind,
+                    as_leader,
+                )
+                .await?;
+        }
+        let epoch = known.topology.epoch;
+        let deadline = Instant::now() + self.drain_wait(c);
+        if let Err(who) = self.await_acks(name, epoch, deadline).await {
+            return Err(refused(
+                503,
+                format!("epoch {epoch} (no primary) was not acknowledged in time ({who}); no new primary, writes stay refused"),
+            ));
+        }
+        // Nothing else may have been decided meanwhile.
+        let known = self
+            .known(name)
+            .filter(|k| k.topology.epoch == epoch)
+            .ok_or_else(|| {
+                refused(
+                    409,
+                    "another decision was made while the drain epoch was acknowledged; check /status",
+                )
+            })?;
+        self.decide(c, &known, Some(target), fenced, reason, kind, as_leader)
+            .await
+    }
+
+    /// Waits until every instance has acknowledged `epoch` of `cluster` (with etcd: every
+    /// registered instance, or its registration expired; alone: this instance's own
+    /// writes). `Err` names who had not by `deadline`.
+    async fn await_acks(&self, cluster: &str, epoch: u64, deadline: Instant) -> Result<(), String> {
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let pending: Vec<String> = match &self.store {
+                Store::File(_) => {
+                    let acked = self.acks().get(cluster).copied().unwrap_or(0);
+                    if acked >= epoch {
+                        vec![]
+                    } else {
+                        vec![format!(
+                            "this instance's {} write(s) in flight",
+                            self.gate(cluster).map_or(0, |g| g.in_flight())
+                        )]
+                    }
+                }
+                Store::Etcd(e) => {
+                    let mut pending = Vec::new();
+                    if self
+                        .vouched_until
+                        .lock()
+                        .ok()
+                        .and_then(|v| *v)
+                        .is_some_and(|until| Instant::now() < until)
+                    {
+                        pending.push(
+                            "a peer may still write under a failsafe this instance vouched for"
+                                .to_string(),
+                        );
+                    }
+                    match e.client.get_prefix(&e.instances_prefix()).await {
+                        Ok((kvs, _)) => {
+                            for kv in kvs {
+                                let reg: Registration =
+                                    serde_json::from_slice(&kv.value).unwrap_or_default();
+                                if reg.acks.get(cluster).copied().unwrap_or(0) < epoch {
+                                    let name = kv
+                                        .key
+                                        .strip_prefix(&e.instances_prefix())
+                                        .unwrap_or(&kv.key)
+                                        .to_string();
+                                    pending.push(format!("instance `{name}`"));
+                                }
+                            }
+                        }
+                        Err(err) => pending.push(format!("etcd: {err}")),
+                    }
+                    pending
+                }
+            };
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("waiting for {}", pending.join(", ")));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
     }
 
     /// A planned switchover to `target` (manual promotion or failback): an epoch
-    /// without a primary while in-flight requests to the old one finish, then the new
-    /// primary in the next epoch. The old primary becomes a replica (not fenced).
+    /// without a primary until every instance has acknowledged that its writes to the
+    /// old one ended, then the new primary in the next epoch. The old primary becomes a
+    /// replica (not fenced). If the drain is not acknowledged in time or the new
+    /// primary's hook refuses, the old primary returns.
     pub async fn switchover(
-        &self,
+        self: &Arc<Self>,
         cluster: &str,
         target: &str,
         reason: &str,
@@ -1143,13 +1454,19 @@ impl Failover {
                 format!("cluster `{cluster}` has no backend `{target}`"),
             )
         })?;
+        if !self.permit.holds() {
+            return Err(refused(
+                503,
+                "this instance does not hold its write lease (etcd unreachable); nothing changed",
+            ));
+        }
         let lock = self
             .lock_of(cluster)
             .ok_or_else(|| refused(404, format!("no topology for `{cluster}`")))?;
         let _guard = tokio::time::timeout(Duration::from_secs(30), lock.lock())
             .await
             .map_err(|_| refused(409, "another switchover of this cluster is still running"))?;
-        let mut known = self
+        let known = self
             .known(cluster)
             .ok_or_else(|| refused(404, format!("no topology for `{cluster}`")))?;
         if known.topology.primary.as_deref() == Some(target) {
@@ -1171,78 +1488,52 @@ impl Failover {
                 ),
             ));
         }
-        let drain = c
-            .cfg
-            .promotion
-            .as_ref()
-            .map_or(crate::config::DEFAULT_SWITCHOVER_DRAIN, |p| p.drain);
         let mut fenced = known.topology.fenced.clone();
         fenced.retain(|f| f != target);
-        if let Some(old) = known.topology.primary.clone() {
-            // 1. No primary: writes get 503 everywhere while the old one drains.
-            let next = self
-                .decide(
-                    &c,
-                    &known,
-                    None,
-                    known.topology.fenced.clone(),
-                    format!("{reason}: draining writes from {old}"),
-                    kind,
-                    false,
-                )
-                .await?;
-            let deadline = Instant::now() + drain;
-            // Other instances apply the drain epoch through their watch.
-            if self.store.is_etcd() {
-                tokio::time::sleep(drain.min(Duration::from_secs(1))).await;
-            }
-            if let Some(o) = index(&c, &old) {
-                while c.backends[o].in_flight() > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+        let old = known.topology.primary.clone();
+        let result = self
+            .change_primary(
+                &c,
+                &known,
+                t,
+                known.topology.fenced.clone(),
+                fenced,
+                reason.to_string(),
+                kind,
+                false,
+            )
+            .await;
+        match result {
+            Ok(k) => Ok(k.topology),
+            Err(e) if e.status == 502 || e.status == 503 => {
+                // The old primary (alive: this is a planned switchover) takes writes again.
+                if let (Some(old), Some(now)) = (&old, self.known(cluster)) {
+                    if now.topology.primary.is_none() && now.topology.epoch > known.topology.epoch {
+                        let back = index(&c, old);
+                        let _ = self
+                            .decide(
+                                &c,
+                                &now,
+                                back,
+                                now.topology.fenced.clone(),
+                                format!(
+                                    "switchover to {target} not made ({}); {old} stays primary",
+                                    e.message
+                                ),
+                                kind,
+                                false,
+                            )
+                            .await;
+                    }
                 }
+                Err(e)
             }
-            known = self
-                .known(cluster)
-                .filter(|k| k.topology == next)
-                .ok_or_else(|| {
-                    refused(
-                        409,
-                        "another decision was made during the switchover; check /status",
-                    )
-                })?;
-            // 2. The new primary (its hook first); on refusal the old one returns.
-            match self
-                .decide(&c, &known, Some(t), fenced, reason.to_string(), kind, false)
-                .await
-            {
-                Ok(t) => Ok(t),
-                Err(e) if e.status == 502 => {
-                    let back = index(&c, &old);
-                    let _ = self
-                        .decide(
-                            &c,
-                            &known,
-                            back,
-                            known.topology.fenced.clone(),
-                            format!(
-                                "switchover to {target} refused by its hook; {old} stays primary"
-                            ),
-                            kind,
-                            false,
-                        )
-                        .await;
-                    Err(e)
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            self.decide(&c, &known, Some(t), fenced, reason.to_string(), kind, false)
-                .await
+            Err(e) => Err(e),
         }
     }
 
     /// Fails back to the configured primary.
-    pub async fn fail_back(&self, cluster: &str) -> Result<Topology, Refused> {
+    pub async fn fail_back(self: &Arc<Self>, cluster: &str) -> Result<Topology, Refused> {
         let c = self.split_cluster(cluster)?;
         let home = home(&c.cfg)
             .map(|i| c.backends[i].cfg.id.clone())
@@ -1253,53 +1544,45 @@ impl Failover {
 
     // --- etcd: election and watch ---
 
-    async fn campaign(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// With etcd: keeps this instance's lease, its registration (with its
+    /// acknowledgements) and its write permit; campaigns for the leader key; re-reads
+    /// every decision on each renewal; falls back to the failsafe when etcd is gone.
+    async fn coordinate(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let Store::Etcd(e) = &self.store else { return };
         let ttl = e.cfg.lease_ttl.as_secs().max(1);
         let period = Duration::from_millis((ttl * 1000 / 3).max(300));
         let mut lease: Option<i64> = None;
+        let mut next = Instant::now();
         loop {
-            let step = async {
-                let id = match lease {
-                    Some(id) => {
-                        let r = e.client.keep_alive(id).await;
-                        e.note(&r);
-                        if r? {
-                            id
-                        } else {
-                            e.client.grant(ttl).await?
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = self.acks_changed.notified() => {
+                    if let Some(id) = lease {
+                        if self.registered() {
+                            let r = self.write_registration(e, id).await;
+                            e.note(&r);
                         }
                     }
-                    None => {
-                        let r = e.client.grant(ttl).await;
-                        e.note(&r);
-                        r?
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    self.permit.revoke();
+                    if let Some(id) = lease {
+                        let _ = e.client.revoke(id).await;
                     }
-                };
-                // The lease is surely valid for ttl from before this call.
-                let valid_until = Instant::now() + Duration::from_secs(ttl) - period;
-                let holder = e
-                    .client
-                    .campaign(&e.leader_key(), &e.cfg.instance, id)
-                    .await?;
-                Ok::<_, String>((id, valid_until, holder))
-            };
-            match step.await {
-                Ok((id, until, holder)) => {
-                    lease = Some(id);
+                    return;
+                }
+            }
+            next = Instant::now() + period;
+            let sent = Instant::now();
+            match self.renew(e, &mut lease, ttl).await {
+                Ok(granted) => {
+                    self.permit
+                        .extend(sent + permit::valid_for(granted), Grant::Etcd);
                     if let Ok(mut s) = e.status.lock() {
-                        let was = s.leader.as_deref() == Some(e.cfg.instance.as_str());
-                        let now = holder == e.cfg.instance;
-                        if was != now {
-                            tracing::info!(instance = %e.cfg.instance, leader = %holder, "promotion leader changed");
+                        if s.failsafe.take().is_some() {
+                            tracing::info!("etcd reachable again: the failsafe ends");
                         }
-                        s.lease = Some((id, until));
-                        s.leader = Some(holder.clone());
-                        metrics::gauge!("keyway_coordination_leader").set(if now {
-                            1.0
-                        } else {
-                            0.0
-                        });
                     }
                 }
                 Err(err) => {
@@ -1309,26 +1592,333 @@ impl Failover {
                         s.leader = None;
                     }
                     metrics::gauge!("keyway_coordination_leader").set(0.0);
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(period) => {}
-                _ = shutdown.changed() => {
-                    if let Some(id) = lease {
-                        let _ = e.client.revoke(id).await;
+                    if !e.cfg.failsafe_peers.is_empty() {
+                        let asked = Instant::now();
+                        match self.failsafe(e).await {
+                            Ok(()) => {
+                                self.permit.extend(
+                                    asked + permit::valid_for(e.cfg.lease_ttl),
+                                    Grant::Failsafe,
+                                );
+                                if let Ok(mut s) = e.status.lock() {
+                                    if s.failsafe.replace("active".into()).is_none() {
+                                        tracing::warn!("etcd unreachable for every instance; the failsafe keeps the last primaries (all peers reached and agree)");
+                                    }
+                                }
+                            }
+                            Err(why) => {
+                                if let Ok(mut s) = e.status.lock() {
+                                    if s.failsafe.as_deref() != Some(why.as_str()) {
+                                        tracing::warn!(reason = %why, "failsafe refused: writes stop when the permit runs out");
+                                    }
+                                    s.failsafe = Some(why);
+                                }
+                            }
+                        }
                     }
-                    return;
                 }
             }
+            metrics::gauge!("keyway_write_permit").set(if self.permit.holds() { 1.0 } else { 0.0 });
         }
     }
 
+    fn registered(&self) -> bool {
+        match &self.store {
+            Store::Etcd(e) => e.status.lock().is_ok_and(|s| s.registered),
+            Store::File(_) => true,
+        }
+    }
+
+    fn set_registered(&self, e: &EtcdStore, registered: bool) {
+        if let Ok(mut s) = e.status.lock() {
+            if s.registered && !registered {
+                tracing::warn!(instance = %e.cfg.instance, "this instance's registration in etcd is gone: writes stop until it is restored");
+            }
+            s.registered = registered;
+        }
+        if !registered {
+            self.permit.revoke();
+        }
+    }
+
+    /// The acknowledgements to publish: this instance's own, except while it vouched
+    /// for a peer's failsafe, when the ones published before stand (that peer may still
+    /// write to the old primary on the strength of it).
+    fn publishable_acks(&self, e: &EtcdStore) -> BTreeMap<String, u64> {
+        let vouched = self
+            .vouched_until
+            .lock()
+            .ok()
+            .and_then(|v| *v)
+            .is_some_and(|until| Instant::now() < until);
+        let published = e
+            .status
+            .lock()
+            .map(|s| s.published.clone())
+            .unwrap_or_default();
+        if vouched {
+            published
+        } else {
+            self.acks()
+        }
+    }
+
+    fn registration(&self, acks: &BTreeMap<String, u64>, e: &EtcdStore) -> Vec<u8> {
+        serde_json::to_vec(&Registration {
+            instance: e.cfg.instance.clone(),
+            acks: acks.clone(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// Rewrites this instance's registration under `lease` when its acknowledgements
+    /// changed.
+    async fn write_registration(&self, e: &EtcdStore, lease: i64) -> Result<(), String> {
+        let acks = self.publishable_acks(e);
+        if e.status.lock().is_ok_and(|s| s.published == acks) {
+            return Ok(());
+        }
+        if e.client
+            .put_under(&e.instance_key(), &self.registration(&acks, e), lease)
+            .await?
+        {
+            if let Ok(mut s) = e.status.lock() {
+                s.published = acks;
+            }
+            Ok(())
+        } else {
+            self.set_registered(e, false);
+            Err("this instance's registration disappeared from etcd".into())
+        }
+    }
+
+    /// One renewal: the lease, the registration, every decision, the election.
+    /// Returns the TTL etcd granted (the permit is counted from before the call).
+    async fn renew(
+        self: &Arc<Self>,
+        e: &EtcdStore,
+        lease: &mut Option<i64>,
+        ttl: u64,
+    ) -> Result<Duration, String> {
+        let (id, granted) = match *lease {
+            Some(id) => match e.client.keep_alive(id).await? {
+                0 => {
+                    // Expired in etcd: the registration went with it. Start over; until
+                    // registered and caught up again, no writes.
+                    tracing::warn!(instance = %e.cfg.instance, "this instance's etcd lease expired; registering again");
+                    self.set_registered(e, false);
+                    *lease = None;
+                    let (id, g) = e.client.grant(ttl).await?;
+                    *lease = Some(id);
+                    (id, g)
+                }
+                left => (id, left),
+            },
+            None => {
+                self.set_registered(e, false);
+                let (id, g) = e.client.grant(ttl).await?;
+                *lease = Some(id);
+                (id, g)
+            }
+        };
+        if let Ok(mut s) = e.status.lock() {
+            s.lease = Some(id);
+        }
+        // Registered before the decisions are read: a promotion that lists instances
+        // after this point waits for this one's acknowledgement.
+        if self.registered() {
+            self.write_registration(e, id).await?;
+        }
+        if !self.registered() {
+            let acks = self.publishable_acks(e);
+            match e
+                .client
+                .claim(&e.instance_key(), &self.registration(&acks, e), id)
+                .await?
+            {
+                etcd::Claim::Ours => {
+                    tracing::info!(instance = %e.cfg.instance, lease = id, "registered in etcd");
+                    if let Ok(mut s) = e.status.lock() {
+                        s.published = acks;
+                    }
+                }
+                etcd::Claim::Taken { lease: other } => {
+                    return Err(format!(
+                        "the instance name `{}` is registered by another process (lease {other}): give every keyway its own [coordination] instance name. If this is a restart, the old registration expires within lease_ttl",
+                        e.cfg.instance
+                    ));
+                }
+            }
+        }
+        // Every decision, and who is registered, as of now.
+        let (kvs, _) = e.client.get_prefix(&format!("{}/", e.cfg.prefix)).await?;
+        let clusters = format!("{}/clusters/", e.cfg.prefix);
+        let mut instances = Vec::new();
+        let mut listed = HashSet::new();
+        let mut ours = false;
+        for kv in kvs {
+            if let Some(name) = kv.key.strip_prefix(&e.instances_prefix()) {
+                ours |= name == e.cfg.instance && kv.lease == id;
+                instances.push(name.to_string());
+            } else if kv.key.starts_with(&clusters) {
+                if let Some(n) = kv
+                    .key
+                    .strip_prefix(&clusters)
+                    .and_then(|k| k.strip_suffix("/topology"))
+                {
+                    listed.insert(n.to_string());
+                }
+                self.on_etcd_put(&clusters, kv);
+            }
+        }
+        if !ours {
+            self.set_registered(e, false);
+            return Err("this instance's registration is not in etcd after claiming it".into());
+        }
+        self.confirm_undecided(&listed);
+        let holder = e
+            .client
+            .campaign(&e.leader_key(), &e.cfg.instance, id)
+            .await?;
+        if let Ok(mut s) = e.status.lock() {
+            s.registered = true;
+            s.instances = instances;
+            let was = s.leader.as_deref() == Some(e.cfg.instance.as_str());
+            let now = holder == e.cfg.instance;
+            if was != now {
+                tracing::info!(instance = %e.cfg.instance, leader = %holder, "promotion leader changed");
+            }
+            s.leader = Some(holder);
+            metrics::gauge!("keyway_coordination_leader").set(if now { 1.0 } else { 0.0 });
+        }
+        e.note::<()>(&Ok(()));
+        Ok(Duration::from_secs(granted))
+    }
+
+    /// Clusters that started unconfirmed and that etcd has no decision for: the
+    /// configured primary stands.
+    fn confirm_undecided(self: &Arc<Self>, listed: &HashSet<String>) {
+        let pending: Vec<(String, Topology)> = self
+            .cells
+            .lock()
+            .map(|cells| {
+                cells
+                    .iter()
+                    .filter(|(n, c)| c.unconfirmed && !listed.contains(*n))
+                    .map(|(n, c)| (n.clone(), c.configured.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (name, t) in pending {
+            self.adopt(
+                &name,
+                Known {
+                    topology: t,
+                    revision: 0,
+                },
+            );
+        }
+    }
+
+    // --- the failsafe ---
+
+    /// What this instance tells a peer asking for the failsafe
+    /// (`GET /coordination/failsafe`). Answering "cut off too" is a promise: for one
+    /// lease this instance neither acknowledges a drain nor commits a promotion, since
+    /// the asking peer may keep writing on the strength of it.
+    pub fn failsafe_answer(&self) -> serde_json::Value {
+        let Store::Etcd(e) = &self.store else {
+            return serde_json::json!({ "error": "this keyway keeps its decisions in a state file; it has no failsafe" });
+        };
+        let connected = e.status.lock().is_ok_and(|s| s.connected);
+        if !connected {
+            if let Ok(mut v) = self.vouched_until.lock() {
+                *v = Some(Instant::now() + e.cfg.lease_ttl);
+            }
+        }
+        serde_json::json!({
+            "instance": e.cfg.instance,
+            "etcd_reachable": connected,
+            "clusters": self.primaries(),
+        })
+    }
+
+    /// Every cluster's epoch and primary, as the failsafe compares them.
+    fn primaries(&self) -> BTreeMap<String, (u64, Option<String>)> {
+        self.cells
+            .lock()
+            .map(|cells| {
+                cells
+                    .iter()
+                    .map(|(n, c)| {
+                        (
+                            n.clone(),
+                            (c.known.topology.epoch, c.known.topology.primary.clone()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Asks every failsafe peer at once. `Ok` only when all answered, all lost etcd
+    /// too, all know the same epoch and primary of every cluster, and every instance
+    /// last seen registered is among them.
+    async fn failsafe(&self, e: &EtcdStore) -> Result<(), String> {
+        let known = e
+            .status
+            .lock()
+            .map(|s| s.instances.clone())
+            .unwrap_or_default();
+        if known.is_empty() {
+            return Err(
+                "this instance never saw the registered instances (it started without etcd)".into(),
+            );
+        }
+        let ours = self.primaries();
+        let asks = e.cfg.failsafe_peers.iter().map(|peer| async move {
+            let answer =
+                tokio::time::timeout(e.cfg.timeout, get_json(peer, "/coordination/failsafe"))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", e.cfg.timeout)));
+            (peer, answer)
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let mut seen = vec![e.cfg.instance.clone()];
+        for (peer, answer) in answers {
+            let v = answer.map_err(|err| format!("peer {peer}: {err}"))?;
+            if v["etcd_reachable"].as_bool() != Some(false) {
+                return Err(format!("peer {peer} still reaches etcd (or did not say): this instance alone is cut off"));
+            }
+            let theirs: BTreeMap<String, (u64, Option<String>)> =
+                serde_json::from_value(v["clusters"].clone())
+                    .map_err(|err| format!("peer {peer}: unreadable answer ({err})"))?;
+            if theirs != ours {
+                return Err(format!(
+                    "peer {peer} knows other primaries or epochs than this instance"
+                ));
+            }
+            if let Some(name) = v["instance"].as_str() {
+                seen.push(name.to_string());
+            }
+        }
+        if let Some(missing) = known.iter().find(|k| !seen.contains(k)) {
+            return Err(format!(
+                "instance `{missing}` was registered but is not among the failsafe peers"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Follows every decision in etcd as it is made: a full read, then a watch from the
+    /// next revision (no change is missed between the two). A watch that ends, fails or
+    /// goes silent (`etcd::WATCH_SILENCE`) is re-established the same way; each lease
+    /// renewal also re-reads everything, so a lost watch delays but never hides a
+    /// decision.
     async fn watch_etcd(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let Store::Etcd(e) = &self.store else { return };
         let prefix = format!("{}/clusters/", e.cfg.prefix);
         loop {
-            // Read everything, then watch from the next revision: no change is missed
-            // between the two.
             let from = match e.client.get_prefix(&prefix).await {
                 Ok((kvs, rev)) => {
                     e.note::<()>(&Ok(()));
@@ -1344,27 +1934,7 @@ impl Failover {
                     for kv in kvs {
                         self.on_etcd_put(&prefix, kv);
                     }
-                    // Nothing decided yet for these: the configured primary stands.
-                    let pending: Vec<(String, Topology)> = self
-                        .cells
-                        .lock()
-                        .map(|cells| {
-                            cells
-                                .iter()
-                                .filter(|(n, c)| c.unconfirmed && !listed.contains(*n))
-                                .map(|(n, c)| (n.clone(), c.configured.clone()))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    for (name, t) in pending {
-                        self.adopt(
-                            &name,
-                            Known {
-                                topology: t,
-                                revision: 0,
-                            },
-                        );
-                    }
+                    self.confirm_undecided(&listed);
                     Some(rev + 1)
                 }
                 Err(err) => {
@@ -1375,20 +1945,23 @@ impl Failover {
             if let Some(from) = from {
                 let this = self.clone();
                 let prefix2 = prefix.clone();
-                let watch = e.client.watch(&prefix, from, move |ev| {
-                    if let etcd::WatchEvent::Put(kv) = ev {
-                        this.on_etcd_put(&prefix2, kv);
+                let watch = e.client.watch(&prefix, from, move |ev| match ev {
+                    etcd::WatchEvent::Put(kv) => this.on_etcd_put(&prefix2, kv),
+                    etcd::WatchEvent::Progress(rev) => {
+                        if let Store::Etcd(e) = &this.store {
+                            if let Ok(mut s) = e.status.lock() {
+                                s.watch_revision = s.watch_revision.max(rev);
+                            }
+                        }
                     }
+                    etcd::WatchEvent::Delete(_) => {}
                 });
-                // Re-list now and then: a watch on a connection that died silently
-                // (a partition, not a reset) would otherwise wait forever.
                 tokio::select! {
                     r = watch => {
                         if let Err(err) = r {
-                            e.note::<()>(&Err(err));
+                            tracing::info!(error = %err, "etcd watch ended; re-reading");
                         }
                     }
-                    _ = tokio::time::sleep(WATCH_RENEW) => {}
                     _ = shutdown.changed() => return,
                 }
             }
@@ -1399,7 +1972,7 @@ impl Failover {
         }
     }
 
-    fn on_etcd_put(&self, prefix: &str, kv: etcd::Kv) {
+    fn on_etcd_put(self: &Arc<Self>, prefix: &str, kv: etcd::Kv) {
         let Some(name) = kv
             .key
             .strip_prefix(prefix)
@@ -1696,6 +2269,36 @@ async fn call_hook(
     result
 }
 
+/// GETs a small JSON document from a failsafe peer's admin listener (`http://`).
+async fn get_json(peer: &str, path: &str) -> Result<serde_json::Value, String> {
+    use http_body_util::BodyExt;
+    let authority = peer
+        .strip_prefix("http://")
+        .unwrap_or(peer)
+        .trim_end_matches('/');
+    let host = crate::oneshot::host_of(authority);
+    let port: u16 = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .ok_or_else(|| format!("no port in {peer}"))?;
+    let target = crate::oneshot::Target {
+        connect: (host, port),
+        authority,
+        tls: None,
+    };
+    let resp = crate::oneshot::get(target, path).await?;
+    if !resp.status().is_success() {
+        return Err(format!("answered {}", resp.status()));
+    }
+    // An answer is a few hundred bytes; a peer that sends more is refused, not buffered.
+    let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+}
+
 async fn post_json(url: &str, hook: &HookConfig, body: &serde_json::Value) -> Result<(), String> {
     use http_body_util::BodyExt;
     let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
@@ -1779,6 +2382,7 @@ mod tests {
             fenced: vec!["a".into()],
             reason: "test".into(),
             unix_ms: 1,
+            by: None,
         };
         assert!(matches!(f.commit("c", 0, &t).unwrap(), Commit::Done(1)));
         // A stale writer loses.

@@ -39,6 +39,7 @@ use crate::error::{ErrorKind, ProxyError, Side};
 use crate::frontdoor;
 use crate::headers;
 use crate::health::{BodyFacts, Ending, Fault, HealthView};
+use crate::permit::{Permit, WriteTicket};
 use crate::router::Router;
 use crate::upstream::{self, Purpose, Sender};
 
@@ -51,6 +52,8 @@ pub struct Runtime {
     pub clusters: Vec<Arc<Cluster>>,
     /// Emit one access-log line per request.
     pub access_log: bool,
+    /// Whether this instance may route writes now (shared across reloads).
+    pub permit: Arc<Permit>,
 }
 
 impl Runtime {
@@ -195,7 +198,7 @@ async fn proxy(
         && cluster.cfg.split.read_your_writes.is_some()
         && headers::cookie(req.headers(), cluster.ryw_cookie_name())
             .is_some_and(|t| cluster.ryw_valid(t, crate::unix_ms(std::time::SystemTime::now())));
-    let eligible = Eligible::new(cluster, kind, ryw_fresh).map_err(fail)?;
+    let mut eligible = Eligible::new(cluster, kind, ryw_fresh, &rt.permit).map_err(fail)?;
 
     // A sticky cookie is a preference among eligible backends; a write never follows it.
     let pinned = cluster
@@ -277,6 +280,28 @@ async fn proxy(
                     return Err(fail(e));
                 }
             };
+        if !eligible.still_valid(cluster, &rt.permit) {
+            // The write waited (for a slot or a connection) while the topology moved
+            // on or the permit ran out: its decision is stale, so it is not sent.
+            cluster.count_write_refused();
+            let (kind, why) = if rt.permit.holds() {
+                (
+                    ErrorKind::NoBackendAvailable,
+                    "the primary changed while this write waited for a connection; it was not sent, send it again",
+                )
+            } else {
+                (
+                    ErrorKind::CoordinationLost,
+                    "this instance lost its write lease while the write waited for a connection; it was not sent",
+                )
+            };
+            return Err(fail(ProxyError::new(
+                kind,
+                Side::Internal,
+                false,
+                format!("cluster `{}`: {why}", cluster.cfg.name),
+            )));
+        }
         let backend = cluster.backends[idx].clone();
         tried.push(idx);
         log.attempts += 1;
@@ -301,6 +326,8 @@ async fn proxy(
         let count_5xx = cluster.cfg.outlier.count_5xx;
         let (failure, ending) = match result {
             Some(Ok((resp, h1))) => {
+                let mut inflight = inflight;
+                inflight.carry(eligible.ticket.take());
                 let answer = Answer {
                     pinned,
                     idx,
@@ -439,6 +466,9 @@ struct Eligible {
     now: Option<Instant>,
     mode: Mode,
     max_lag_ms: Option<u64>,
+    /// A write is counted in its cluster's gate from before the snapshot was read until
+    /// its exchange ends; taken by the exchange that sends it.
+    ticket: Option<WriteTicket>,
 }
 
 enum Mode {
@@ -454,13 +484,25 @@ enum Mode {
 }
 
 impl Eligible {
-    fn new(cluster: &Cluster, kind: Option<Kind>, ryw_fresh: bool) -> Result<Self, ProxyError> {
+    fn new(
+        cluster: &Cluster,
+        kind: Option<Kind>,
+        ryw_fresh: bool,
+        permit: &Permit,
+    ) -> Result<Self, ProxyError> {
+        // Counted before the snapshot is read: a drain that applies a new topology and
+        // then fences the gate either sees this write or this write sees that topology.
+        let ticket = (kind == Some(Kind::Write)).then(|| cluster.gate.enter());
         let view = cluster.health.view_full();
         let now = view.any_ejected().then(Instant::now);
         let max_lag_ms = cluster.cfg.split.max_lag.map(|d| d.as_millis() as u64);
         let n = cluster.backends.len();
         let usable = |i: usize| view.usable(i, now);
-        let mode = match (kind, view.primary) {
+        // Without a fresh permit the primary this instance knows is unconfirmed: another
+        // instance may have replaced it. Writes are refused and reads avoid it.
+        let confirmed = kind.is_none() || permit.holds();
+        let primary = view.primary.filter(|_| confirmed);
+        let mode = match (kind, primary) {
             (None, _) => {
                 if !(0..n).any(usable) {
                     let detail = if (0..n).any(|i| view.checked(i)) {
@@ -476,6 +518,18 @@ impl Eligible {
                     ));
                 }
                 Mode::Healthy
+            }
+            (Some(Kind::Write), _) if !confirmed => {
+                cluster.count_write_refused();
+                return Err(ProxyError::new(
+                    ErrorKind::CoordinationLost,
+                    Side::Internal,
+                    false,
+                    format!(
+                        "this keyway instance lost contact with etcd (its write lease ran out), so it cannot know which backend of cluster `{}` is primary; writes are refused until it is back, reads go to replicas",
+                        cluster.cfg.name
+                    ),
+                ));
             }
             (Some(Kind::Write), Some(p)) if usable(p) => Mode::Primary(p),
             (Some(Kind::Write), _) => {
@@ -495,8 +549,12 @@ impl Eligible {
                 let lag_ok = |i: usize| {
                     max_lag_ms.is_none_or(|max| view.backends[i].lag_ms.is_none_or(|l| l <= max))
                 };
-                let replicas = (0..n)
-                    .any(|i| view.backends[i].role == Role::Replica && usable(i) && lag_ok(i));
+                let replicas = (0..n).any(|i| {
+                    view.backends[i].role == Role::Replica
+                        && Some(i) != view.primary
+                        && usable(i)
+                        && lag_ok(i)
+                });
                 let primary = primary.filter(|&p| {
                     usable(p)
                         && match cluster.cfg.split.reads_on_primary {
@@ -513,9 +571,13 @@ impl Eligible {
                         format!(
                             "no backend of cluster `{}` can serve reads: no healthy replica within max_lag{}",
                             cluster.cfg.name,
-                            match cluster.cfg.split.reads_on_primary {
-                                ReadsOnPrimary::Never => " and reads_on_primary = \"never\"",
-                                _ => " and no healthy primary",
+                            if !confirmed {
+                                " (this instance lost etcd, so it does not read from the primary it last knew)"
+                            } else {
+                                match cluster.cfg.split.reads_on_primary {
+                                    ReadsOnPrimary::Never => " and reads_on_primary = \"never\"",
+                                    _ => " and no healthy primary",
+                                }
                             }
                         ),
                     ));
@@ -528,7 +590,17 @@ impl Eligible {
             now,
             mode,
             max_lag_ms,
+            ticket,
         })
+    }
+
+    /// Whether the decision still stands after waiting for a connection: a write is
+    /// not sent on a snapshot older than the cluster's topology now, nor once this
+    /// instance has lost its permit.
+    fn still_valid(&self, cluster: &Cluster, permit: &Permit) -> bool {
+        !matches!(self.mode, Mode::Primary(_))
+            || self.ticket.is_none()
+            || (permit.holds() && cluster.health.view().epoch == self.view.epoch)
     }
 
     fn allows(&self, i: usize) -> bool {

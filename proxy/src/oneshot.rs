@@ -1,10 +1,11 @@
 //! One-shot HTTP/1.1 calls of the control plane: etcd's JSON gateway and promotion
 //! hooks, over plain TCP or TLS.
 //!
-//! Each call opens its own connection. These calls run on topology changes, lease
-//! keep-alives and watches, never per proxied request, so a pool would buy nothing but
-//! state to keep right across etcd restarts; TLS sessions are resumed by the shared
-//! `rustls::ClientConfig`, so a reconnect costs no full handshake.
+//! A hook call opens its own connection. The etcd client keeps one idle connection per
+//! endpoint for its unary calls (lease keep-alives run every few hundred milliseconds)
+//! through [`connect`] and [`post_on`]; a watch has a connection of its own. TLS
+//! sessions are resumed by the shared `rustls::ClientConfig`, so a reconnect costs no
+//! full handshake.
 
 use std::sync::Arc;
 
@@ -26,23 +27,32 @@ pub struct Target<'a, A> {
     pub tls: Option<&'a Arc<rustls::ClientConfig>>,
 }
 
-/// POSTs the JSON `body` to `path` and returns the response; its body streams.
-pub async fn post_json<A: ToSocketAddrs>(
-    target: Target<'_, A>,
-    path: &str,
-    body: String,
-) -> Result<hyper::Response<Incoming>, String> {
-    let stream = TcpStream::connect(target.connect)
+/// The sending half of an open HTTP/1.1 connection.
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// An open connection: its sender, and why its connection task ended (if it did), so
+/// that a failure reads as itself (a TLS alert such as "certificate required" arrives
+/// only on the first read) rather than as a cancelled request.
+pub struct Conn {
+    send: Sender,
+    died: tokio::sync::oneshot::Receiver<String>,
+}
+
+impl Conn {
+    /// Whether the connection can take another request (not closed by either side).
+    pub fn is_open(&self) -> bool {
+        !self.send.is_closed()
+    }
+}
+
+/// Opens a connection to `target` (TCP, then TLS when configured).
+pub async fn connect<A: ToSocketAddrs + Clone>(target: &Target<'_, A>) -> Result<Conn, String> {
+    let stream = TcpStream::connect(target.connect.clone())
         .await
         .map_err(|e| format!("connect {}: {e}", target.authority))?;
     let _ = stream.set_nodelay(true);
-    let req = hyper::Request::post(path)
-        .header(hyper::header::HOST, target.authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
     match target.tls {
-        None => exchange(stream, req).await,
+        None => handshake(stream).await,
         Some(cfg) => {
             let host = host_of(target.authority);
             let name = ServerName::try_from(host.to_string())
@@ -51,41 +61,97 @@ pub async fn post_json<A: ToSocketAddrs>(
                 .connect(name, stream)
                 .await
                 .map_err(|e| format!("TLS with {}: {e}", target.authority))?;
-            exchange(tls, req).await
+            handshake(tls).await
         }
     }
 }
 
-async fn exchange<IO>(
-    io: IO,
-    req: hyper::Request<Full<Bytes>>,
-) -> Result<hyper::Response<Incoming>, String>
+async fn handshake<IO>(io: IO) -> Result<Conn, String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut send, mut conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| chain(&e))?;
-    // Drive the connection here until the response head arrives, so that a failure
-    // (a TLS alert such as "certificate required" arrives only on the first read)
-    // is reported as itself, not as a cancelled request.
-    let resp = {
-        let sent = send.send_request(req);
-        tokio::pin!(sent);
-        tokio::select! {
-            r = &mut sent => r.map_err(|e| chain(&e))?,
-            c = &mut conn => {
-                return Err(match c {
-                    Err(e) => chain(&e),
-                    Ok(()) => "the connection closed before a response".into(),
-                });
-            }
+    let (tx, died) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let why = match conn.await {
+            Ok(()) => "the connection closed".to_string(),
+            Err(e) => chain(&e),
+        };
+        let _ = tx.send(why);
+    });
+    Ok(Conn { send, died })
+}
+
+/// POSTs the JSON `body` to `path` on an open connection; the response body streams.
+pub async fn post_on(
+    conn: &mut Conn,
+    authority: &str,
+    path: &str,
+    body: String,
+) -> Result<hyper::Response<Incoming>, String> {
+    let req = hyper::Request::post(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    send_on(conn, req).await
+}
+
+/// GETs `path` on a new connection to `target`; the response body streams.
+pub async fn get<A: ToSocketAddrs + Clone>(
+    target: Target<'_, A>,
+    path: &str,
+) -> Result<hyper::Response<Incoming>, String> {
+    let mut conn = connect(&target).await?;
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, target.authority)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    send_on(&mut conn, req).await
+}
+
+async fn send_on(
+    conn: &mut Conn,
+    req: hyper::Request<Full<Bytes>>,
+) -> Result<hyper::Response<Incoming>, String> {
+    let failed = |e: hyper::Error, died: &mut tokio::sync::oneshot::Receiver<String>| {
+        // The connection task's own error says more than the request's ("canceled").
+        match died.try_recv() {
+            Ok(why) => why,
+            Err(_) => chain(&e),
         }
     };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(resp)
+    if let Err(e) = conn.send.ready().await {
+        tokio::task::yield_now().await;
+        return Err(failed(e, &mut conn.died));
+    }
+    match conn.send.send_request(req).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // Give the connection task a moment to report why it ended.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(50), async {
+                while !conn.send.is_closed() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            tokio::task::yield_now().await;
+            Err(failed(e, &mut conn.died))
+        }
+    }
+}
+
+/// POSTs the JSON `body` to `path` on a new connection and returns the response; its
+/// body streams.
+pub async fn post_json<A: ToSocketAddrs + Clone>(
+    target: Target<'_, A>,
+    path: &str,
+    body: String,
+) -> Result<hyper::Response<Incoming>, String> {
+    let mut conn = connect(&target).await?;
+    post_on(&mut conn, target.authority, path, body).await
 }
 
 /// An error and its causes, `outer: inner: ...` (hyper's own message alone says only

@@ -59,7 +59,10 @@ pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, St
         .clusters
         .iter()
         .map(|c| {
-            let cluster = Cluster::new(c.clone(), secret)?;
+            let mut cluster = Cluster::new(c.clone(), secret)?;
+            if let Some(gate) = failover.gate(&c.name) {
+                cluster.gate = gate;
+            }
             // The stored topology, before the cluster serves a request.
             failover.apply_to(&cluster);
             Ok::<_, String>(Arc::new(cluster))
@@ -73,6 +76,7 @@ pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, St
         router,
         clusters,
         access_log: config.proxy.access_log,
+        permit: failover.permit().clone(),
     })
 }
 
@@ -248,8 +252,8 @@ impl Reloader {
         for c in &runtime.clusters {
             crate::health::spawn_probers(c, self.shutdown.clone());
         }
-        self.runtime.store(runtime.clone());
-        self.failover.after_swap(&runtime, &self.shutdown);
+        self.failover
+            .swap_in(&self.runtime, runtime.clone(), &self.shutdown);
         for (state, cfg) in self.listeners.iter().zip(&next.listeners) {
             state.store(Arc::new(ListenerState::new(cfg)));
         }

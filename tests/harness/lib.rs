@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -56,6 +56,8 @@ pub struct Seen {
     pub headers: BTreeMap<String, String>,
     /// Body length in bytes.
     pub body_len: usize,
+    /// When the request's head arrived.
+    pub at: Instant,
 }
 
 struct BackendState {
@@ -356,6 +358,13 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
             })
             .or_insert(v);
     }
+    let at = Instant::now();
+    // `x-test-delay-ms: N`: this one request is answered N ms late (a slow write).
+    let delay = req
+        .headers()
+        .get("x-test-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let method = req.method().to_string();
     let path = req
         .uri()
@@ -373,8 +382,12 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
         version,
         headers,
         body_len,
+        at,
     };
     st.seen.lock().unwrap().push(seen.clone());
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let mode = st.mode.lock().unwrap().clone();
     match mode {
         Mode::Normal => {}
@@ -978,7 +991,9 @@ fn etcd_binary() -> PathBuf {
     found.clone().unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn free_port() -> SocketAddr {
+/// A loopback address with a port free right now (for configs that must name their
+/// ports before the server starts).
+pub fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
 }
@@ -1031,6 +1046,9 @@ impl Etcd {
         }
         let child = cmd
             .args([
+                // Watches hear progress every second, as keyway's watch asks for it.
+                "--experimental-watch-progress-notify-interval",
+                "1s",
                 "--name",
                 "test",
                 "--data-dir",
@@ -1165,4 +1183,165 @@ pub fn one_cluster(name: &str, body: &str) -> String {
     format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"{name}\"\n[cluster.{name}]\n{body}\n"
     )
+}
+
+// === a TCP forwarder that can cut a path ===
+
+/// How a [`Forwarder`] treats traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Bytes pass both ways.
+    Open,
+    /// Nothing listens: connections are refused, open ones reset.
+    Refused,
+    /// Connections are accepted and held, but no byte passes either way (a partition
+    /// that drops packets: the peer only notices through its own timeouts).
+    BlackHoled,
+    /// New connections carry the client's bytes to the server, but no answer comes back
+    /// (a request that arrives and commits while its response is lost).
+    OneWay,
+}
+
+/// A TCP forwarder in front of one address (e.g. one instance's way to etcd), whose
+/// path can be cut and healed.
+pub struct Forwarder {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    path: tokio::sync::watch::Sender<Link>,
+    task: tokio::task::JoinHandle<()>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Forwarder {
+    /// Forwards `addr` to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (path, rx) = tokio::sync::watch::channel(Link::Open);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(Self::serve(
+            Some(listener),
+            addr,
+            target,
+            rx,
+            accepted.clone(),
+        ));
+        Self {
+            addr,
+            path,
+            task,
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Changes the path: open connections are reset (`Refused`) or frozen (`BlackHoled`).
+    pub fn set(&self, path: Link) {
+        self.path.send_replace(path);
+    }
+
+    async fn serve(
+        mut listener: Option<tokio::net::TcpListener>,
+        addr: SocketAddr,
+        target: SocketAddr,
+        mut rx: tokio::sync::watch::Receiver<Link>,
+        accepted: Arc<AtomicUsize>,
+    ) {
+        loop {
+            let path = *rx.borrow_and_update();
+            match (path, &listener) {
+                (Link::Refused, Some(_)) => listener = None,
+                (Link::Refused, None) => {}
+                (_, None) => {
+                    // Listen again on the same port.
+                    let mut tries = 0;
+                    listener = loop {
+                        match tokio::net::TcpListener::bind(addr).await {
+                            Ok(l) => break Some(l),
+                            Err(_) if tries < 100 => {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            Err(e) => panic!("rebind {addr}: {e}"),
+                        }
+                    };
+                }
+                _ => {}
+            }
+            let Some(l) = &listener else {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            tokio::select! {
+                r = l.accept() => {
+                    let Ok((client, _)) = r else { continue };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(Self::pipe(client, target, rx.clone()));
+                }
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    async fn pipe(
+        client: tokio::net::TcpStream,
+        target: SocketAddr,
+        mut rx: tokio::sync::watch::Receiver<Link>,
+    ) {
+        let first = *rx.borrow_and_update();
+        if first == Link::BlackHoled {
+            // Accepted, never answered: held until the path changes.
+            let _ = rx.changed().await;
+            return;
+        }
+        let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+            return;
+        };
+        if first == Link::OneWay {
+            let (mut cr, _cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let drain = async {
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut sr, &mut sink).await;
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                _ = drain => {}
+                _ = rx.changed() => {}
+            }
+            return;
+        }
+        let (mut c, mut s) = (client, server);
+        let cut = tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut c, &mut s) => None,
+            p = async {
+                loop {
+                    if rx.changed().await.is_err() {
+                        return Link::Refused;
+                    }
+                    let p = *rx.borrow_and_update();
+                    if p != Link::Open {
+                        return p;
+                    }
+                }
+            } => Some(p),
+        };
+        if cut == Some(Link::BlackHoled) {
+            // Freeze: keep both sockets, pass nothing, until healed.
+            let _ = rx.wait_for(|p| *p == Link::Open).await;
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -146,7 +146,9 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "ca",
             "cert",
             "key",
+            "failsafe",
         ],
+        [Some("coordination"), Some("failsafe")] => &["peers"],
         [Some("admin")] => &["listen", "token_file"],
         [Some("proxy")] => &[
             "workers",
@@ -470,6 +472,7 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 prefix,
                 lease_ttl: lease_ttl.max(Duration::from_secs(1)),
                 instance: c.instance.clone().unwrap_or_else(default_instance_name),
+                failsafe_peers: failsafe_peers(c, &cp, errs),
                 timeout: nonzero_duration(
                     c.timeout.as_deref(),
                     &cp.key("timeout"),
@@ -487,6 +490,30 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         )),
     };
 
+    if let StateConfig::Etcd(e) = &state {
+        // A cut-off instance stops writing when its lease runs out; promoting sooner
+        // than that would give the farm two writers.
+        for c in &clusters {
+            if let Some(p) = c
+                .promotion
+                .as_ref()
+                .filter(|p| p.auto && p.hold <= e.lease_ttl)
+            {
+                errs.push(
+                    &root.key("cluster").key(&c.name).key("promotion").key("hold"),
+                    format!(
+                        "hold ({:?}) must be longer than [coordination] lease_ttl ({:?}) for automatic promotion with etcd",
+                        p.hold, e.lease_ttl
+                    ),
+                    format!(
+                        "set hold = \"{}ms\" or more, or shorten lease_ttl",
+                        (e.lease_ttl + Duration::from_millis(500)).as_millis()
+                    ),
+                );
+            }
+        }
+    }
+
     Config {
         admin,
         proxy,
@@ -496,6 +523,50 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         clusters,
         state,
     }
+}
+
+/// `failsafe = { peers = ["http://HOST:PORT", ...] }`: other instances' admin listeners.
+fn failsafe_peers(c: &FileCoordination, cp: &KeyPath, errs: &mut Errors<'_>) -> Vec<String> {
+    let Some(f) = &c.failsafe else {
+        return Vec::new();
+    };
+    let path = cp.key("failsafe").key("peers");
+    if f.peers.is_empty() {
+        errs.push(
+            &path,
+            "the failsafe lists no peer",
+            "list every other instance's admin address, e.g. peers = [\"http://kw2.corp:9900\"], or remove failsafe",
+        );
+    }
+    let mut out = Vec::new();
+    for (i, peer) in f.peers.iter().enumerate() {
+        let at = path.index(i);
+        if peer.starts_with("https://") {
+            errs.push(
+                &at,
+                format!("`{peer}`: the admin listener serves plain HTTP, so a failsafe peer is reached over http://"),
+                "write it http://HOST:PORT and keep the admin listeners on a trusted network",
+            );
+            continue;
+        }
+        let authority = peer
+            .strip_prefix("http://")
+            .unwrap_or(peer)
+            .trim_end_matches('/');
+        let port_ok = authority
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok || authority.contains('/') {
+            errs.push(
+                &at,
+                format!("`{peer}` is not an admin address"),
+                "write it like \"http://10.0.0.2:9900\" (the peer's [admin] listen)",
+            );
+            continue;
+        }
+        out.push(format!("http://{authority}"));
+    }
+    out
 }
 
 /// `http://host:port`, `https://host:port` (or `host:port`) of an etcd client endpoint.
@@ -2462,7 +2533,54 @@ mod failover_config {
                 assert_eq!(e.prefix, "/keyway");
                 assert_eq!(e.instance, "kw-a");
                 assert_eq!(e.lease_ttl, DEFAULT_LEASE_TTL);
+                assert!(e.failsafe_peers.is_empty());
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn automatic_promotion_with_etcd_holds_longer_than_the_lease() {
+        let top = "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"3s\"";
+        let pr = format!("{PR}\nhealth = {{ path = \"/health\" }}");
+        let e = build_text(top, &format!("{pr}\npromotion = {{ hold = \"2s\" }}")).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "cluster.c.promotion.hold");
+        assert!(
+            e[0].message
+                .contains("longer than [coordination] lease_ttl"),
+            "{e:?}"
+        );
+        assert!(e[0].fix.contains("3500ms"), "{e:?}");
+        assert!(e[0].line.is_some(), "{e:?}");
+        // Longer than the lease, manual promotion, or one instance: fine.
+        build_text(top, &format!("{pr}\npromotion = {{ hold = \"4s\" }}")).unwrap();
+        build_text(
+            top,
+            &format!("{pr}\npromotion = {{ hold = \"1s\", auto = false }}"),
+        )
+        .unwrap();
+        build_text("", &format!("{pr}\npromotion = {{ hold = \"1s\" }}")).unwrap();
+    }
+
+    #[test]
+    fn failsafe_peers_are_plain_http_admin_addresses() {
+        let top = |peers: &str| {
+            format!("[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nfailsafe = {{ peers = [{peers}] }}")
+        };
+        let e = build_text(&top("\"https://kw2:9900\", \"kw3\""), PR).unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[0].path, "coordination.failsafe.peers[0]");
+        assert!(e[0].message.contains("plain HTTP"), "{e:?}");
+        assert!(e[1].message.contains("not an admin address"), "{e:?}");
+        let e = build_text(&top(""), PR).unwrap_err();
+        assert!(e[0].message.contains("lists no peer"), "{e:?}");
+        let cfg = build_text(&top("\"http://127.0.0.1:9901/\", \"127.0.0.1:9902\""), PR).unwrap();
+        match cfg.state {
+            StateConfig::Etcd(e) => assert_eq!(
+                e.failsafe_peers,
+                vec!["http://127.0.0.1:9901", "http://127.0.0.1:9902"]
+            ),
             other => panic!("{other:?}"),
         }
     }

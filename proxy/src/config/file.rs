@@ -45,6 +45,13 @@ pub struct FileCoordination {
     pub ca: Option<String>,
     pub cert: Option<String>,
     pub key: Option<String>,
+    pub failsafe: Option<FileFailsafe>,
+}
+
+/// `failsafe = { peers = [...] }` of `[coordination]`.
+#[derive(Debug, Deserialize)]
+pub struct FileFailsafe {
+    pub peers: Vec<String>,
 }
 
 /// `promotion = { ... }`

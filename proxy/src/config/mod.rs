@@ -228,8 +228,12 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Lease of the promotion leader: a dead leader is replaced after about this long.
     pub lease_ttl: Duration,
-    /// This instance's name in the election.
+    /// This instance's name in the election and its registration.
     pub instance: String,
+    /// Failsafe peers' admin URLs (`http://host:port`): when etcd is unreachable, this
+    /// instance keeps routing writes only while every one of them answers, lost etcd
+    /// too, and agrees on every primary. Empty: no failsafe.
+    pub failsafe_peers: Vec<String>,
     /// Deadline for one etcd request.
     pub timeout: Duration,
 }
