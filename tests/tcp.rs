@@ -400,7 +400,8 @@ async fn only_a_silence_the_client_cannot_have_caused_ejects_a_backend() {
     }
     assert!(
         !ejected().await,
-        "a client's bytes cannot get vault-a ejected"
+        "a client's bytes cannot get vault-a ejected: {}",
+        backend_status(admin, "quiet", "vault-a").await
     );
     assert_eq!(
         backend_status(admin, "quiet", "vault-a").await["connect_errors"],

@@ -638,11 +638,13 @@ struct Won {
     shut: bool,
 }
 
-/// Why one attempt failed.
+/// Why one attempt failed. `client_bytes`: the attempt had passed client bytes on, so
+/// the failure may be the client's doing (bytes that make a backend close or wait for
+/// more) and counts against nobody.
 enum AttemptError {
     Connect(String),
-    ProtocolTimeout(String),
-    Check(String),
+    ProtocolTimeout { detail: String, client_bytes: bool },
+    Check { detail: String, client_bytes: bool },
 }
 
 type Attempt =
@@ -730,15 +732,20 @@ where
                         });
                     }
                     Err(e) => {
-                        let detail = match e {
-                            AttemptError::Connect(d) | AttemptError::Check(d) => d,
-                            AttemptError::ProtocolTimeout(d) => {
+                        let (detail, client_bytes) = match e {
+                            AttemptError::Connect(d) => (d, false),
+                            AttemptError::Check { detail, client_bytes } => (detail, client_bytes),
+                            AttemptError::ProtocolTimeout { detail, client_bytes } => {
                                 metrics::counter!("keyway_tcp_protocol_timeouts_total", "cluster" => cfg.name.clone(), "backend" => backend.cfg.id.clone()).increment(1);
-                                d
+                                (detail, client_bytes)
                             }
                         };
-                        tracing::debug!(cluster = %cfg.name, backend = %backend.cfg.id, error = %detail, "TCP backend attempt failed");
-                        backend.record_connect_error(&detail);
+                        tracing::debug!(cluster = %cfg.name, backend = %backend.cfg.id, error = %detail, client_bytes, "TCP backend attempt failed");
+                        // Only a failure the client cannot have caused counts against
+                        // the backend (passive ejection, last_error).
+                        if !client_bytes {
+                            backend.record_connect_error(&detail);
+                        }
                         failures.push(detail);
                         // A failure hands over to the next backend at once.
                         deadline = tokio::time::Instant::now();
@@ -831,18 +838,27 @@ async fn attempt(
             }
         }
     };
-    match tokio::time::timeout(protocol_timeout, checked).await {
-        Err(_) => Err(AttemptError::ProtocolTimeout(format!(
-            "backend `{id}` ({addr}) accepted but sent nothing within protocol_timeout ({protocol_timeout:?})"
-        ))),
-        Ok(Err(e)) => Err(AttemptError::Check(format!(
-            "backend `{id}` ({addr}): {e}"
-        ))),
+    let result = tokio::time::timeout(protocol_timeout, checked).await;
+    let client_bytes = sent > 0 || shut;
+    match result {
+        Err(_) => Err(AttemptError::ProtocolTimeout {
+            detail: format!(
+                "backend `{id}` ({addr}) accepted but sent nothing within protocol_timeout ({protocol_timeout:?})"
+            ),
+            client_bytes,
+        }),
+        Ok(Err(e)) => Err(AttemptError::Check {
+            detail: format!("backend `{id}` ({addr}): {e}"),
+            client_bytes,
+        }),
         Ok(Ok(())) => {
             if check == ProtocolCheck::Tls && first.first() != Some(&22) {
-                return Err(AttemptError::Check(format!(
-                    "backend `{id}` ({addr}) answered, but not with a TLS handshake (protocol_check = \"tls\")"
-                )));
+                return Err(AttemptError::Check {
+                    detail: format!(
+                        "backend `{id}` ({addr}) answered, but not with a TLS handshake (protocol_check = \"tls\")"
+                    ),
+                    client_bytes,
+                });
             }
             Ok(Won {
                 stream,
