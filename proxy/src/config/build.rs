@@ -403,6 +403,7 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
             )
         })
         .collect();
+    tcp_keys_need_a_tcp_listener(file, &root, errs);
     let routes = file
         .routes
         .iter()
@@ -896,6 +897,53 @@ fn tcp_listener(
             errs,
         ),
     })
+}
+
+/// `protocol_check`, `affinity` and a backend's `proxy_protocol` do nothing on a cluster
+/// that only HTTP routes use: refused there, like other keys that do not apply.
+fn tcp_keys_need_a_tcp_listener(file: &FileConfig, root: &KeyPath, errs: &mut Errors<'_>) {
+    let used: BTreeSet<&str> = file
+        .tcp_listeners
+        .iter()
+        .flat_map(|l| {
+            l.cluster
+                .iter()
+                .map(String::as_str)
+                .chain(l.sni.iter().map(|r| r.cluster.as_str()))
+        })
+        .collect();
+    let fix =
+        "point a [[tcp_listener]] (its cluster or an sni route) at this cluster, or remove the key";
+    for (name, c) in file
+        .clusters
+        .iter()
+        .filter(|(n, _)| !used.contains(n.as_str()))
+    {
+        let cp = root.key("cluster").key(name);
+        for (key, set) in [
+            ("protocol_check", c.protocol_check.is_some()),
+            ("affinity", c.affinity.is_some()),
+        ] {
+            if set {
+                errs.push(
+                    &cp.key(key),
+                    format!(
+                        "{key} only applies to clusters a [[tcp_listener]] uses; `{name}` has none"
+                    ),
+                    fix,
+                );
+            }
+        }
+        for (i, b) in c.backends.iter().enumerate() {
+            if b.proxy_protocol.is_some() {
+                errs.push(
+                    &cp.key("backends").index(i).key("proxy_protocol"),
+                    format!("proxy_protocol is sent only by TCP listeners, and none uses cluster `{name}`"),
+                    fix,
+                );
+            }
+        }
+    }
 }
 
 fn protocol_check(text: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> ProtocolCheck {
@@ -2643,6 +2691,22 @@ backends = [{ id = "a", address = "127.0.0.1:1", proxy_protocol = "v1" }, { id =
         assert!(has("`bad host` is not a host name").line.is_some());
         assert!(has("names none").fix.contains("cluster"));
         assert!(has("port = 0").fix.contains("port"));
+        let e = build(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.web]\naffinity = \"client-ip\"\nprotocol_check = \"none\"\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", proxy_protocol = \"v1\" }]\n",
+            Path::new("."),
+        )
+        .expect_err("rejected");
+        let paths: Vec<(&str, Option<usize>)> =
+            e.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            paths,
+            [
+                ("cluster.web.affinity", Some(4)),
+                ("cluster.web.protocol_check", Some(5)),
+                ("cluster.web.backends[0].proxy_protocol", Some(6)),
+            ],
+            "{e:?}"
+        );
         // A config with only TCP listeners is a valid config.
         assert!(build(
             "[[tcp_listener]]\nlisten = \"127.0.0.1:0\"\ncluster = \"v\"\n[cluster.v]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
