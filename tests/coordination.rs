@@ -324,8 +324,14 @@ async fn instances_on_one_etcd_agree_survive_a_leader_crash_and_never_promote_wi
         "convergence on r3 in epoch 6 after etcd returns",
     )
     .await;
+    // Each instance takes writes again once it holds a fresh permit (its next renewal).
     for i in &survivors {
-        assert_eq!(send(i.addr, write()).await.backend(), "r3");
+        eventually(Duration::from_secs(5), "writes reach r3", || async {
+            try_send(i.addr, write())
+                .await
+                .is_ok_and(|r| r.status == 200 && r.backend() == "r3")
+        })
+        .await;
     }
     assert!(r3.write_epochs().iter().all(|&e| e == 6));
 }
@@ -563,7 +569,7 @@ fn tagged_load(
                 let mut k = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && log.len() < 100_000 {
                     k += 1;
-                    let write = k % 2 == 0;
+                    let write = k.is_multiple_of(2);
                     let mut req = if write {
                         write_req()
                     } else {
@@ -1044,5 +1050,154 @@ async fn keep_alives_reuse_one_connection() {
         client.keep_alive(lease).await.unwrap(),
         0,
         "a revoked lease has no TTL"
+    );
+}
+
+/// An instance name is claimed by one process at a time (a second one could otherwise
+/// acknowledge drains for the first); a registration deleted by hand is restored; and
+/// `/status` shows the registration, the instances and the watch's progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_name_is_claimed_once_and_a_deleted_registration_comes_back() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let b = farm().await;
+    let dir = unique_dir("coordination-names");
+    let first = Instance::start(&config(&dir, 0, &etcd, &b, PROMOTION));
+    ready(std::slice::from_ref(&first)).await;
+    let c = coordination(first.admin).await;
+    assert_eq!(c["registered"], true, "{c}");
+    assert_eq!(c["instances"], serde_json::json!(["kw-0"]), "{c}");
+    assert_eq!(c["write_permit"]["held"], true, "{c}");
+    assert_eq!(c["write_permit"]["by"], "etcd", "{c}");
+    eventually(
+        Duration::from_secs(5),
+        "the watch reports progress",
+        || async {
+            coordination(first.admin).await["watch_current_revision"]
+                .as_i64()
+                .is_some_and(|r| r > 0)
+        },
+    )
+    .await;
+
+    // A second process with the same name is refused its registration, so no permit.
+    let dup_dir = unique_dir("coordination-names-dup");
+    let second = Instance::start(&config(&dup_dir, 0, &etcd, &b, PROMOTION));
+    eventually(
+        Duration::from_secs(10),
+        "the duplicate name reported",
+        || async {
+            let c = coordination(second.admin).await;
+            c["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("is registered by another process"))
+        },
+    )
+    .await;
+    let w = send(second.addr, write()).await;
+    assert_eq!(w.status, 503, "{}", w.body);
+    assert_eq!(coordination(second.admin).await["registered"], false);
+    assert_eq!(send(first.addr, write()).await.backend(), "primary");
+
+    drop(second);
+
+    // The registration is deleted by hand: the first instance restores it.
+    let client = keyway::etcd::Client::new(vec![endpoint(etcd.addr)], None, Duration::from_secs(2));
+    let key = "/keyway-test/instances/kw-0";
+    let lease = client.get(key).await.unwrap().expect("registered").lease;
+    delete(&etcd, key).await;
+    eventually(
+        Duration::from_secs(5),
+        "the registration restored",
+        || async {
+            client
+                .get(key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|kv| kv.lease == lease)
+        },
+    )
+    .await;
+    writes_reach_primary(first.addr, Duration::from_secs(5)).await;
+}
+
+/// Deletes one key through etcd's gateway.
+async fn delete(etcd: &Etcd, key: &str) {
+    use base64::Engine as _;
+    let k = base64::engine::general_purpose::STANDARD.encode(key);
+    let r = send(
+        etcd.addr,
+        request(
+            "POST",
+            "etcd",
+            "/v3/kv/deleterange",
+            &format!(r#"{{"key":"{k}"}}"#),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A write whose body is still arriving when the instance's lease runs out is cut off
+/// before the primary has all of it, so the primary never acts on it after another
+/// backend could have become primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_still_uploading_when_the_lease_lapses_is_cut_off() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let b = farm().await;
+    let fwd = Forwarder::start(etcd.addr).await;
+    let dir = unique_dir("coordination-upload");
+    let inst = Instance::start(&config_via(
+        &dir,
+        0,
+        &format!("http://{}", fwd.addr),
+        &b,
+        PROMOTION,
+        "",
+        None,
+    ));
+    ready(std::slice::from_ref(&inst)).await;
+    // 30 chunks of 1 KiB, one every 200 ms: 6 s of upload.
+    let chunks = futures_util::stream::unfold(0u32, |n| async move {
+        if n == 30 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+                b'x';
+                1024
+            ]))),
+            n + 1,
+        ))
+    });
+    let addr = inst.addr;
+    let upload = tokio::spawn(async move {
+        let resp = send_streaming(addr, "POST", "pam", "/api/upload", chunks).await;
+        let status = resp.status().as_u16();
+        let body = read(resp).await.map(|g| g.body).unwrap_or_default();
+        (status, body)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cut = Instant::now();
+    fwd.set(Link::Refused);
+    let (status, body) = upload.await.unwrap();
+    println!(
+        "the upload was answered {status} {} ms after the cut",
+        cut.elapsed().as_millis()
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("coordination-lost"), "{body}");
+    assert!(
+        cut.elapsed() < Duration::from_secs(4),
+        "cut off within the lease, not at the end of the upload"
+    );
+    // Give a late body every chance to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        b[0].seen().iter().all(|s| s.path != "/api/upload"),
+        "the primary received the whole write after the lease ran out"
     );
 }

@@ -672,7 +672,7 @@ impl Failover {
             acks_changed: tokio::sync::Notify::new(),
             vouched_until: Mutex::new(None),
         });
-        me.adopt_config(config, &stored)?;
+        me.adopt_config(config, &stored, false)?;
         if unconfirmed {
             if let Ok(mut cells) = me.cells.lock() {
                 for cell in cells.values_mut() {
@@ -704,10 +704,14 @@ impl Failover {
         Ok(())
     }
 
+    /// Creates the cells of clusters not seen before: with their stored topology, or
+    /// the configured one, or (`unconfirmed`: with etcd, after start) no primary until
+    /// etcd is read.
     fn adopt_config(
         &self,
         config: &Config,
         stored: &HashMap<String, (Topology, i64)>,
+        unconfirmed: bool,
     ) -> Result<(), String> {
         let mut cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
         for c in config
@@ -728,21 +732,31 @@ impl Failover {
                         revision: *rev,
                     }
                 }
+                None if unconfirmed => Known {
+                    topology: Topology {
+                        primary: None,
+                        reason: "added by a reload: primary unknown until etcd is read".into(),
+                        ..Topology::initial(c)
+                    },
+                    revision: 0,
+                },
                 None => Known {
                     topology: Topology::initial(c),
                     revision: 0,
                 },
             };
+            let gate = Arc::new(WriteGate::default());
+            gate.applied(known.topology.epoch);
             cells.insert(
                 c.name.clone(),
                 Cell {
                     configured: Topology::initial(c),
-                    unconfirmed: false,
+                    unconfirmed: unconfirmed && !stored.contains_key(&c.name),
                     known,
                     history: std::collections::VecDeque::new(),
                     lock: Arc::new(tokio::sync::Mutex::new(())),
                     promotion_needed: false,
-                    gate: Arc::default(),
+                    gate,
                     acked: 0,
                 },
             );
@@ -847,6 +861,7 @@ impl Failover {
                 apply(c, &known.topology);
             }
         }
+        gate.applied(known.topology.epoch);
         drop(applying);
         self.acknowledge_when_drained(cluster, known.topology.epoch, gate);
         metrics::gauge!("keyway_topology_epoch", "cluster" => cluster.to_string())
@@ -946,7 +961,23 @@ impl Failover {
     /// decisions and gives new primary-replica clusters a topology.
     pub fn prepare(&self, config: &Config) -> Result<(), String> {
         self.check_config(config)?;
-        self.adopt_config(config, &HashMap::new())
+        // A cluster added by a reload may have decisions stored under its name (it was
+        // there before): they stand, never the configured primary.
+        match &self.store {
+            Store::File(f) => {
+                let stored = f
+                    .doc()
+                    .clusters
+                    .into_iter()
+                    .map(|(k, t)| {
+                        let rev = t.epoch as i64;
+                        (k, (t, rev))
+                    })
+                    .collect();
+                self.adopt_config(config, &stored, false)
+            }
+            Store::Etcd(_) => self.adopt_config(config, &HashMap::new(), true),
+        }
     }
 
     fn ensure_controllers(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
@@ -1566,7 +1597,19 @@ impl Failover {
                     continue;
                 }
                 _ = shutdown.changed() => {
+                    // No new writes; the registration goes only once the writes in
+                    // flight have ended (or one lease has passed), so a promotion that
+                    // stops waiting for this instance finds none of its writes left.
                     self.permit.revoke();
+                    let gates: Vec<Arc<WriteGate>> = self
+                        .cells
+                        .lock()
+                        .map(|c| c.values().map(|c| c.gate.clone()).collect())
+                        .unwrap_or_default();
+                    let deadline = Instant::now() + e.cfg.lease_ttl;
+                    for gate in gates {
+                        gate.fence(deadline).await;
+                    }
                     if let Some(id) = lease {
                         let _ = e.client.revoke(id).await;
                     }
