@@ -181,6 +181,7 @@ fn route(
                 let mut s = status_json(rt);
                 s["last_reload"] = reloader.last_json();
                 s["coordination"] = reloader.failover().status_json();
+                s["tcp_listeners"] = reloader.tcp_status_json();
                 s.to_string()
             },
         ),

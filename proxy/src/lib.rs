@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod affinity;
 pub mod balance;
 pub mod body;
 pub mod classify;
@@ -25,6 +26,8 @@ pub mod plugin;
 pub mod proxy_protocol;
 pub mod router;
 pub mod server;
+pub mod sni;
+pub mod tcp;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -493,6 +493,12 @@ impl DroppingBackend {
 
 // === the proxy under test ===
 
+/// The first HTTP listener's address, or the first TCP listener's when it has none.
+fn first_listener(server: &keyway::Server) -> SocketAddr {
+    let first = server.listen_addrs().first();
+    *first.or(server.tcp_addrs().first()).expect("a listener")
+}
+
 /// A keyway instance started from a config string.
 pub struct Proxy {
     /// First listener's address.
@@ -513,7 +519,7 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("{e}"));
         let server = keyway::Server::start(cfg).await.expect("start keyway");
         Self {
-            addr: server.listen_addrs()[0],
+            addr: first_listener(&server),
             addrs: server.listen_addrs().to_vec(),
             admin: server.admin_addr(),
             server: Some(server),
@@ -528,7 +534,7 @@ impl Proxy {
         let server = keyway::Server::start(cfg).await.expect("start keyway");
         server.set_config_source(file.to_path_buf());
         Self {
-            addr: server.listen_addrs()[0],
+            addr: first_listener(&server),
             addrs: server.listen_addrs().to_vec(),
             admin: server.admin_addr(),
             server: Some(server),
