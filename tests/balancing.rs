@@ -265,9 +265,14 @@ backends = [{{ id = "a", address = "{a}" }}, {{ id = "b", address = "{b}" }}]
 "#
     );
     let proxy = Proxy::start(&cfg).await;
+    // Connection failures to every backend: exactly 503 no-backend-available with
+    // Retry-After (docs/config.md, error table; docs/architecture.md).
     let r = get(proxy.addr, "h", "/").await;
-    assert!(r.status == 502 || r.status == 503, "{}", r.status);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
     let j = r.json();
     assert_eq!(j["cluster"], "vault");
-    assert!(j["type"].as_str().unwrap().starts_with("urn:keyway:error:"));
+    assert_eq!(j["status"], 503);
+    assert_eq!(j["type"], "urn:keyway:error:no-backend-available", "{j}");
 }

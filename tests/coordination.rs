@@ -1138,3 +1138,92 @@ async fn delete(etcd: &Etcd, key: &str) {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// A write whose body is still arriving when the instance's lease runs out is cut off
+/// before the primary has all of it, so the primary never acts on it after another
+/// backend could have become primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_still_uploading_when_the_lease_lapses_is_cut_off() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let b = farm().await;
+    let fwd = Forwarder::start(etcd.addr).await;
+    let dir = unique_dir("coordination-upload");
+    let inst = Instance::start(&config_via(
+        &dir,
+        0,
+        &format!("http://{}", fwd.addr),
+        &b,
+        PROMOTION,
+        "",
+        None,
+    ));
+    ready(std::slice::from_ref(&inst)).await;
+    // 30 chunks of 1 KiB, one every 200 ms: 6 s of upload.
+    let chunks = futures_util::stream::unfold(0u32, |n| async move {
+        if n == 30 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![
+                b'x';
+                1024
+            ]))),
+            n + 1,
+        ))
+    });
+    let addr = inst.addr;
+    let upload = tokio::spawn(async move {
+        let resp = send_streaming(addr, "POST", "pam", "/api/upload", chunks).await;
+        let status = resp.status().as_u16();
+        let body = read(resp).await.map(|g| g.body).unwrap_or_default();
+        (status, body)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cut = Instant::now();
+    fwd.set(Link::Refused);
+    let (status, body) = upload.await.unwrap();
+    println!(
+        "the upload was answered {status} {} ms after the cut",
+        cut.elapsed().as_millis()
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("coordination-lost"), "{body}");
+    assert!(
+        cut.elapsed() < Duration::from_secs(4),
+        "cut off within the lease, not at the end of the upload"
+    );
+    // Give a late body every chance to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        b[0].seen().iter().all(|s| s.path != "/api/upload"),
+        "the primary received the whole write after the lease ran out"
+    );
+}
+
+/// One etcd endpoint black-holed: the client learns which endpoint answers and goes
+/// there first, so each call does not pay the dead one's timeout again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_etcd_endpoint_costs_one_timeout_not_one_per_call() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let dead = Forwarder::start(etcd.addr).await;
+    dead.set(Link::BlackHoled);
+    let client = keyway::etcd::Client::new(
+        vec![endpoint(dead.addr), endpoint(etcd.addr)],
+        None,
+        Duration::from_millis(500),
+    );
+    let (lease, _) = client.grant(5).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..10 {
+        assert!(client.keep_alive(lease).await.unwrap() > 0);
+    }
+    // Ten calls each paying the 500 ms timeout would take 5 s.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "10 keep-alives took {:?}",
+        started.elapsed()
+    );
+}

@@ -696,3 +696,54 @@ async fn failback_after_a_stable_period_and_reloads_keep_the_decision() {
         4.0
     );
 }
+
+/// A cluster that a reload adds back starts from the decisions stored under its name,
+/// never from the configured primary (which may have been demoted and fenced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_added_by_a_reload_keeps_its_stored_decisions() {
+    let (p, r1, r2) = three().await;
+    let dir = unique_dir("reload-stored");
+    let file = dir.join("keyway.toml");
+    std::fs::write(
+        dir.join("keyway-state.json"),
+        r#"{"version": 1, "clusters": {"pam2": {"epoch": 2, "primary": "r1", "fenced": ["primary"], "reason": "promoted before it was removed"}}}"#,
+    )
+    .unwrap();
+    let v1 = farm_with("pam", &p, &r1, &r2, "", "");
+    let proxy = Proxy::start_file(&file, &v1).await;
+    let admin = proxy.admin.unwrap();
+    let v2 = format!(
+        r#"{v1}
+[[route]]
+host = "pam2"
+cluster = "pam2"
+[cluster.pam2]
+strategy = "primary-replica"
+backends = [
+  {{ id = "primary", address = "{}", role = "primary" }},
+  {{ id = "r1", address = "{}", role = "replica" }},
+]
+"#,
+        p.addr, r1.addr
+    );
+    std::fs::write(&file, v2).unwrap();
+    let r = send(admin, request("POST", "admin", "/reload", "")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        topology_in(admin, "pam2").await,
+        (2, "r1".into(), vec!["primary".into()])
+    );
+    let w = send(proxy.addr, request("POST", "pam2", "/api/resources", "{}")).await;
+    assert_eq!(
+        (w.status.as_u16(), w.backend()),
+        (200, "r1".to_string()),
+        "{}",
+        w.body
+    );
+    assert!(
+        p.seen()
+            .iter()
+            .all(|s| s.headers.get("host").map(String::as_str) != Some("pam2")),
+        "the fenced primary took a request of the re-added cluster"
+    );
+}

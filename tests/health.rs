@@ -70,6 +70,7 @@ async fn rise_and_fall_drive_transitions_metrics_and_status() {
     );
     // fall = 3: the three latest checks all failed with status 500.
     let checks = s["last_checks"].as_array().unwrap();
+    assert!(checks.len() >= 3, "{s}");
     assert!(
         checks
             .iter()
@@ -124,7 +125,11 @@ async fn failed_checks_policy_counts_failures_in_a_window() {
     );
     // PADR semantics: failures stay counted for the window, so one pass is not enough.
     a.set_health(200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = a.health_checks();
+    eventually(Duration::from_secs(10), "passing checks", || async {
+        a.health_checks() >= from + 3 && state(&p, "a").await["last_checks"][0]["ok"] == true
+    })
+    .await;
     assert_eq!(state(&p, "a").await["health"], "unhealthy");
 }
 
@@ -145,18 +150,39 @@ async fn tcp_checks_and_refused_connections() {
 
 #[tokio::test]
 async fn initial_unknown_routes_nothing_to_a_backend_that_never_passed() {
-    let (a, _b, p) = two(r#"health = { path = "/health", interval = "50ms" }"#, "").await;
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    // Failing before keyway starts: its first probe fails, so it never passes.
     a.set_health(500);
-    // Whatever the timing of the first probe, `a` never passes and never gets traffic.
+    let p = Proxy::start(&one_cluster(
+        "web",
+        &format!(
+            r#"balance = "round-robin"
+health = {{ path = "/health", interval = "50ms" }}
+backends = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
+"#,
+            a.addr, b.addr
+        ),
+    ))
+    .await;
+    wait(&p, "b", "healthy").await;
     for _ in 0..10 {
         let r = get(p.addr, "h", "/").await;
-        assert!(
-            r.status == 200 && r.backend() == "b" || r.status == 503,
-            "{} {}",
-            r.status,
+        assert_eq!(
+            (r.status.as_u16(), r.backend()),
+            (200, "b".into()),
+            "{}",
             r.body
         );
     }
+    assert_eq!(state(&p, "a").await["health"], "unhealthy");
+    // No backend healthy: still nothing for `a`, but 503 (docs/config.md).
+    b.set_health(500);
+    wait(&p, "b", "unhealthy").await;
+    let r = get(p.addr, "h", "/").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["type"], "urn:keyway:error:no-backend-available");
+    assert!(r.headers.contains_key("retry-after"));
     assert_eq!(a.hits(), 0);
 }
 

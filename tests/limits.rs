@@ -368,6 +368,12 @@ async fn a_wait_past_queue_timeout_answers_503() {
     let r = get(p.addr, "h", "/").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(
+        r.json()["type"],
+        "urn:keyway:error:backend-busy",
+        "{}",
+        r.body
+    );
     assert_eq!(b.started(), 2);
     b.release(2);
     for h in first {

@@ -58,7 +58,11 @@ async fn metrics_status_and_healthz() {
         format!("keyway_upstream_connect_errors_total{{cluster=\"{cluster}\",backend=\"down\"}}");
     assert!(metric(&after, &ce) >= 1.0, "{after}");
     let rt = format!("keyway_retries_total{{cluster=\"{cluster}\"}}");
-    assert!(metric(&after, &rt) >= 1.0);
+    assert_eq!(
+        metric(&after, &rt),
+        metric(&after, &ce),
+        "each connect error was retried once, on `up`: {after}"
+    );
     assert!(
         after.contains("keyway_request_duration_seconds_bucket"),
         "latency histogram exported"
@@ -119,13 +123,25 @@ async fn idle_client_connections_are_closed() {
 #[tokio::test]
 async fn admin_calls_that_change_things_need_the_token() {
     let a = TestBackend::start("a").await;
+    let (p, r) = (TestBackend::start("p").await, TestBackend::start("r").await);
     let dir = unique_dir("admin-token");
     std::fs::write(dir.join("token"), "first-token-0123456789\n").unwrap();
     let file = dir.join("k.toml");
+    // A primary-replica cluster to promote and fail back, without health checks so a
+    // promotion needs nothing but the token.
     let cfg = config(&a, "").replacen(
         "[admin]\nlisten = \"127.0.0.1:0\"",
         "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"",
         1,
+    ) + &format!(
+        r#"[[route]]
+host = "pam.test"
+cluster = "pam"
+[cluster.pam]
+strategy = "primary-replica"
+backends = [{{ id = "p", address = "{}", role = "primary" }}, {{ id = "r", address = "{}" }}]
+"#,
+        p.addr, r.addr
     );
     let proxy = Proxy::start_file(&file, &cfg).await;
     let admin = proxy.admin.unwrap();
@@ -137,7 +153,32 @@ async fn admin_calls_that_change_things_need_the_token() {
         }
         send(admin, r)
     };
+    let ops_backends = || async {
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(admin, "/status").await).unwrap();
+        status["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str().unwrap().starts_with("ops-"))
+            .unwrap()["backends"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let pam = || async {
+        let d = decision(admin, "pam").await;
+        (d.epoch, d.primary.unwrap_or_default())
+    };
 
+    // A changed config on disk: a refused reload must not load it.
+    let more = cfg.replacen(
+        "{ id = \"down\", address = \"127.0.0.1:1\" }",
+        "{ id = \"down\", address = \"127.0.0.1:1\" }, { id = \"later\", address = \"127.0.0.1:2\" }",
+        1,
+    );
+    assert_ne!(more, cfg);
+    std::fs::write(&file, &more).unwrap();
     let r = post("/reload", None).await;
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(
@@ -150,21 +191,51 @@ async fn admin_calls_that_change_things_need_the_token() {
         401
     );
     assert_eq!(post("/reload", Some("first")).await.status, 401);
-    assert_eq!(post("/clusters/x/failback", None).await.status, 401);
+    assert_eq!(
+        ops_backends().await,
+        2,
+        "a refused reload loaded the new config"
+    );
+    // Refused promotions and failbacks change no topology.
+    assert_eq!(post("/clusters/pam/promote/r", None).await.status, 401);
+    assert_eq!(
+        post("/clusters/pam/promote/r", Some("wrong-token-0123456789"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        pam().await,
+        (0, "p".to_string()),
+        "a refused promotion acted"
+    );
     assert_eq!(
         get(admin, "admin", "/status").await.status,
         200,
         "reads need no token"
     );
-    assert!(
+
+    // With the token each call acts.
+    let r = post("/reload", Some("first-token-0123456789")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(ops_backends().await, 3);
+    let r = post("/clusters/pam/promote/r", Some("first-token-0123456789")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let promoted = pam().await;
+    assert_eq!(promoted.1, "r");
+    assert_eq!(post("/clusters/pam/failback", None).await.status, 401);
+    assert_eq!(pam().await, promoted, "a refused failback acted");
+    let r = post("/clusters/pam/failback", Some("first-token-0123456789")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(pam().await.1, "p");
+    // Every refusal was counted (no other test of this binary is refused).
+    assert_eq!(
         metric(
             &admin_get(admin, "/metrics").await,
             "keyway_admin_denied_total"
-        ) >= 4.0
+        ),
+        6.0
     );
-
-    let r = post("/reload", Some("first-token-0123456789")).await;
-    assert_eq!(r.status, 200, "{}", r.body);
 
     // A reload picks up a new token; the old one stops working.
     std::fs::write(dir.join("token"), "second-token-0123456789\n").unwrap();

@@ -393,6 +393,16 @@ async fn a_failing_classifier_never_stops_traffic_and_on_error_applies() {
         assert_eq!(get(proxy.addr, "h", "/x").await.status, 200);
     }
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin.unwrap(), "/status").await).unwrap();
+    let p = &status["clusters"][0]["plugins"][0];
+    assert_eq!(p["kind"], "classifier", "{p}");
+    let (calls, errors) = (p["calls"].as_u64().unwrap(), p["errors"].as_u64().unwrap());
+    assert_eq!(errors, calls, "every call was interrupted: {p}");
+    assert!(
+        (3..20).contains(&calls),
+        "the breaker opened after 3 failures and skipped the plugin: {p}"
+    );
 }
 
 #[tokio::test]

@@ -37,6 +37,35 @@ backends = [{{ id = "primary", address = "{}", role = "primary" }}, {}]
     )
 }
 
+/// One HTTP/1.1 connection kept alive across requests.
+struct KeptAlive {
+    tx: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    /// Requests answered on it.
+    sent: usize,
+}
+
+impl KeptAlive {
+    async fn open(addr: std::net::SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        Self { tx, sent: 0 }
+    }
+
+    async fn send(
+        &mut self,
+        req: http::Request<http_body_util::Full<bytes::Bytes>>,
+    ) -> anyhow::Result<Got> {
+        self.tx.ready().await?;
+        let got = read(self.tx.send_request(req).await?).await?;
+        self.sent += 1;
+        Ok(got)
+    }
+}
+
 async fn reload(p: &Proxy) -> Got {
     send(p.admin.unwrap(), request("POST", "admin", "/reload", "")).await
 }
@@ -54,14 +83,21 @@ async fn reload_under_load_fails_no_request() {
     })
     .await;
 
-    // Mixed load on kept-alive and fresh connections while the config changes under it.
+    // Mixed load while the config changes under it: two clients open a connection per
+    // request, two keep one connection alive throughout (a reload must not close it).
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let mut load = Vec::new();
-    for i in 0..4 {
+    for i in 0..4u64 {
         let (stop, failures, done, addr) = (stop.clone(), failures.clone(), done.clone(), p.addr);
         load.push(tokio::spawn(async move {
+            let keep_alive = i % 2 == 1;
+            let mut conn = if keep_alive {
+                Some(KeptAlive::open(addr).await)
+            } else {
+                None
+            };
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
@@ -70,24 +106,28 @@ async fn reload_under_load_fails_no_request() {
                 } else {
                     ("GET", "")
                 };
-                match try_send(
-                    addr,
-                    request(m, "pvwa.corp.test", "/PasswordVault/api/Accounts", body),
-                )
-                .await
-                {
+                let req = request(m, "pvwa.corp.test", "/PasswordVault/api/Accounts", body);
+                let got = match &mut conn {
+                    Some(c) => c.send(req).await,
+                    None => try_send(addr, req).await,
+                };
+                match got {
                     Ok(r) if r.status == 200 => {}
                     Ok(r) => {
                         eprintln!("{m} failed: {} {}", r.status, r.body);
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        eprintln!("{m} failed: {e}");
+                        eprintln!("{m} failed (kept alive: {keep_alive}): {e}");
                         failures.fetch_add(1, Ordering::Relaxed);
+                        if let Some(c) = &mut conn {
+                            *c = KeptAlive::open(addr).await;
+                        }
                     }
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
+            conn.map_or(0, |c| c.sent)
         }));
     }
     let wait_requests = |n: usize| {
@@ -100,7 +140,7 @@ async fn reload_under_load_fails_no_request() {
         }
     };
     wait_requests(100).await;
-    // Add r2 and a route; reload five times while requests flow.
+    // Add and remove r2: reload five times while requests flow.
     for round in 0..5 {
         let replicas: Vec<&TestBackend> = if round % 2 == 0 {
             vec![&r1, &r2]
@@ -118,8 +158,9 @@ async fn reload_under_load_fails_no_request() {
     let before = r2.hits();
     wait_requests(100).await;
     stop.store(true, Ordering::Relaxed);
+    let mut on_kept_alive = 0;
     for t in load {
-        t.await.unwrap();
+        on_kept_alive += t.await.unwrap();
     }
     let total = done.load(Ordering::Relaxed);
     assert_eq!(
@@ -132,6 +173,10 @@ async fn reload_under_load_fails_no_request() {
         "the backend added by the reload takes reads"
     );
     assert!(total >= 300);
+    assert!(
+        on_kept_alive >= 100,
+        "{on_kept_alive} requests on the kept-alive connections"
+    );
     let m = admin_get(admin, "/metrics").await;
     assert!(metric(&m, r#"keyway_config_reloads_total{result="ok"}"#) >= 6.0);
 }

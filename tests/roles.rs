@@ -1,7 +1,9 @@
 //! primary-replica clusters: the read/write split, 503 for writes without a healthy
-//! primary, lag, read-your-writes, sticky with roles, and the write invariant under
-//! randomized failure schedules.
+//! primary, lag, read-your-writes, sticky with roles, and the write and fencing
+//! invariants under randomized failover schedules.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_tests::*;
@@ -13,7 +15,14 @@ struct Farm {
     proxy: Proxy,
 }
 
+const HEALTH: &str = r#"health = { path = "/health", interval = "50ms", timeout = "500ms", rise = 1, fall = 1, lag_header = "X-Replication-Lag-Ms" }"#;
+
 async fn farm(extra: &str) -> Farm {
+    farm_with(HEALTH, extra).await
+}
+
+/// The farm with its own `health` line.
+async fn farm_with(health: &str, extra: &str) -> Farm {
     let primary = TestBackend::start("primary").await;
     let r1 = TestBackend::start("r1").await;
     let r2 = TestBackend::start("r2").await;
@@ -22,7 +31,7 @@ async fn farm(extra: &str) -> Farm {
         &format!(
             r#"strategy = "primary-replica"
 balance = "round-robin"
-health = {{ path = "/health", interval = "50ms", timeout = "500ms", rise = 1, fall = 1, lag_header = "X-Replication-Lag-Ms" }}
+{health}
 read_routes = ["POST /PasswordVault/api/Accounts/*/Password/Retrieve", "POST /api/sessions/**"]
 write_routes = ["GET /PasswordVault/api/Accounts/*/Password/Reset"]
 {extra}
@@ -315,125 +324,371 @@ async fn sticky_reads_stay_on_their_replica_and_writes_never_follow() {
     assert_eq!(writes_seen(&f.r1) + writes_seen(&f.r2), 0);
 }
 
-/// Invariant 1, randomized: backends go down, come back, flap and lag while concurrent
-/// mixed traffic flows; every backend records what it received, and no replica may
-/// ever have received a write.
+/// The requests the clients of the randomized test send, and whether `farm`'s rules
+/// (method, `read_routes`, `write_routes`) make each a write.
+const MIX: [(&str, &str, bool); 6] = [
+    ("POST", "/PasswordVault/api/Accounts", true),
+    ("DELETE", "/PasswordVault/api/Accounts/3", true),
+    ("GET", "/PasswordVault/api/Accounts/3/Password/Reset", true),
+    (
+        "POST",
+        "/PasswordVault/api/Accounts/3/Password/Retrieve",
+        false,
+    ),
+    ("POST", "/api/sessions/psm/launch", false),
+    ("GET", "/PasswordVault/api/Accounts", false),
+];
+
+fn is_write(s: &Seen) -> bool {
+    MIX.iter()
+        .find(|(m, p, _)| *m == s.method && *p == s.path)
+        .map(|x| x.2)
+        .unwrap_or_else(|| {
+            panic!(
+                "a backend received {} {}, which no client sent",
+                s.method, s.path
+            )
+        })
+}
+
+/// What the clients got, summed.
+#[derive(Default, Debug)]
+struct Tally {
+    writes_ok: usize,
+    writes_refused: usize,
+    reads_ok: usize,
+    forged: usize,
+    other: usize,
+}
+
+/// Concurrent clients sending [`MIX`] until stopped; a third of the requests forge a
+/// `keyway-epoch` of their own.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Tally>>,
+}
+
+impl Clients {
+    fn start(addr: std::net::SocketAddr, n: u64, seed: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..n)
+            .map(|c| {
+                let (stop, sent) = (stop.clone(), sent.clone());
+                let mut rng = Rng::new(seed * 31 + c);
+                tokio::spawn(async move {
+                    let mut t = Tally::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        let (m, path, write) = MIX[rng.below(MIX.len())];
+                        let mut req = request(
+                            m,
+                            "pvwa.corp.test",
+                            path,
+                            if m == "GET" { "" } else { "{}" },
+                        );
+                        if rng.below(3) == 0 {
+                            let forged = if rng.below(2) == 0 { "0" } else { "77" };
+                            req.headers_mut()
+                                .insert("keyway-epoch", forged.parse().unwrap());
+                            t.forged += 1;
+                        }
+                        match try_send(addr, req).await.map(|r| r.status.as_u16()) {
+                            Ok(200) if write => t.writes_ok += 1,
+                            Ok(503) if write => t.writes_refused += 1,
+                            Ok(200) => t.reads_ok += 1,
+                            _ => t.other += 1,
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    t
+                })
+            })
+            .collect();
+        Self { stop, sent, tasks }
+    }
+
+    /// Waits until the clients have completed `n` more requests (traffic in the state an
+    /// event left behind).
+    async fn more(&self, n: usize) {
+        let from = self.sent.load(Ordering::Relaxed);
+        eventually(Duration::from_secs(10), "client traffic", || async {
+            self.sent.load(Ordering::Relaxed) >= from + n
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Tally::default();
+        for t in self.tasks {
+            let t = t.await.expect("client task");
+            all.writes_ok += t.writes_ok;
+            all.writes_refused += t.writes_refused;
+            all.reads_ok += t.reads_ok;
+            all.forged += t.forged;
+            all.other += t.other;
+        }
+        all
+    }
+}
+
+const IDS: [&str; 3] = ["primary", "r1", "r2"];
+
+fn index(id: &str) -> usize {
+    IDS.iter().position(|x| *x == id).expect("known backend")
+}
+
+async fn topology_changed(admin: std::net::SocketAddr, from_epoch: u64, what: &str) -> Decision {
+    eventually(Duration::from_secs(10), what, || async {
+        let d = decision(admin, "pam").await;
+        d.epoch > from_epoch && d.primary.is_some()
+    })
+    .await;
+    decision(admin, "pam").await
+}
+
+/// Invariants 1 and 2 under failovers: a single keyway (state file) in front of a
+/// primary and two replicas, while four clients send mixed reads and writes (some
+/// forging `keyway-epoch`), runs seeded schedules of events: the primary killed (an
+/// automatic failover fences it), a backend restarted (it comes back fenced), manual
+/// promotions and failbacks, health flaps long enough to fail over a live primary or
+/// too short to, and lag flaps. Afterwards every request each backend recorded is
+/// judged against the decision history in `/status` ([`split_violations`]): each write
+/// reached the primary of the epoch it carries, unfenced, and not after another
+/// backend had been primary for 100 ms; nothing reached a fenced backend; no read
+/// carried an epoch. An epoch without a primary (a drain) takes no writes, so the
+/// checks hold whether a change of primary takes one epoch or two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn randomized_schedules_never_send_a_write_to_a_replica() {
-    const SCHEDULES: u64 = 12;
-    let mut total_writes = 0;
-    let mut total_refused = 0;
-    for seed in 0..SCHEDULES {
-        let f = farm(
-            r#"max_lag = "200ms"
+async fn randomized_failovers_keep_every_write_on_its_epoch_s_primary() {
+    const SEEDS: u64 = 4;
+    const EVENTS: usize = 14;
+    const MARGIN_MS: u64 = 100;
+    let started = std::time::Instant::now();
+    let mut events: std::collections::BTreeMap<&str, usize> = Default::default();
+    let (mut total, mut writes_seen, mut epochs_with_writes) = (Tally::default(), 0, 0);
+    for seed in 0..SEEDS {
+        // Checks that tolerate a busy machine: two failures in a row, 1 s each, so only
+        // the schedule's events change health.
+        let f = farm_with(
+            r#"health = { path = "/health", interval = "50ms", timeout = "1s", rise = 1, fall = 2, lag_header = "X-Replication-Lag-Ms" }"#,
+            r#"max_lag = "300ms"
 outlier = { consecutive_failures = 2, base_ejection = "100ms" }
-sticky = { cookie = "kw" }"#,
+promotion = { auto = true, hold = "300ms", drain = "300ms" }"#,
         )
         .await;
-        let rng = std::sync::Mutex::new(fastrand_like(seed));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut clients = Vec::new();
-        for c in 0..4u64 {
-            let addr = f.proxy.addr;
-            let stop = stop.clone();
-            clients.push(tokio::spawn(async move {
-                let (mut ok_writes, mut refused) = (0, 0);
-                let mut n = seed * 31 + c;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    n = n
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    let (m, path) = match (n >> 33) % 6 {
-                        0 => ("POST", "/PasswordVault/api/Accounts"),
-                        1 => ("DELETE", "/PasswordVault/api/Accounts/3"),
-                        2 => ("GET", "/PasswordVault/api/Accounts/3/Password/Reset"),
-                        3 => ("POST", "/PasswordVault/api/Accounts/3/Password/Retrieve"),
-                        _ => ("GET", "/PasswordVault/api/Accounts"),
+        let admin = f.proxy.admin.unwrap();
+        let backends = [&f.primary, &f.r1, &f.r2];
+        let mut rng = Rng::new(seed);
+        let mut alive = [true; 3];
+        let mut lagging = [false; 3];
+        let clients = Clients::start(f.proxy.addr, 4, seed);
+        clients.more(20).await;
+        for step in 0..EVENTS {
+            let d = decision(admin, "pam").await;
+            let primary = d.primary.as_deref().map(index);
+            let fenced = |i: usize| d.fenced.iter().any(|x| x == IDS[i]);
+            let candidates: Vec<usize> = (0..3)
+                .filter(|&i| alive[i] && Some(i) != primary && !fenced(i))
+                .collect();
+            let dead: Vec<usize> = (0..3).filter(|&i| !alive[i]).collect();
+            let mut what = rng.below(8);
+            if what <= 1 && (primary.is_none_or(|p| !alive[p]) || candidates.is_empty()) {
+                what = 2;
+            }
+            if what == 2 && dead.is_empty() {
+                what = 3;
+            }
+            let ctx = format!("seed {seed}, event {step}, {d:?}");
+            match what {
+                0 | 1 => {
+                    // Kill the primary: a replica is promoted and the old primary fenced.
+                    let p = primary.expect("checked");
+                    backends[p].stop();
+                    alive[p] = false;
+                    let now = topology_changed(
+                        admin,
+                        d.epoch,
+                        &format!("failover after killing {}", IDS[p]),
+                    )
+                    .await;
+                    assert_ne!(now.primary.as_deref(), Some(IDS[p]), "{ctx}");
+                    assert!(now.fenced.iter().any(|x| x == IDS[p]), "{ctx}: {now:?}");
+                    *events.entry("kill primary, failover").or_default() += 1;
+                }
+                2 => {
+                    // Restart a killed backend: it was fenced, and comes back fenced.
+                    let i = dead[rng.below(dead.len())];
+                    backends[i].restart().await;
+                    alive[i] = true;
+                    f.wait_health(IDS[i], "healthy").await;
+                    let now = decision(admin, "pam").await;
+                    assert!(
+                        now.fenced.iter().any(|x| x == IDS[i]),
+                        "{ctx}: {} came back unfenced: {now:?}",
+                        IDS[i]
+                    );
+                    *events.entry("restart, fenced").or_default() += 1;
+                }
+                3 | 4 => {
+                    // A manual promotion of any live backend, or a failback to the
+                    // configured primary.
+                    let (path, target, kind) = if what == 4 && alive[0] && primary != Some(0) {
+                        ("/clusters/pam/failback".to_string(), 0, "failback")
+                    } else {
+                        let targets: Vec<usize> =
+                            (0..3).filter(|&i| alive[i] && Some(i) != primary).collect();
+                        if targets.is_empty() {
+                            continue;
+                        }
+                        let t = targets[rng.below(targets.len())];
+                        (
+                            format!("/clusters/pam/promote/{}", IDS[t]),
+                            t,
+                            "manual promotion",
+                        )
                     };
-                    let body = if m == "GET" { "" } else { "{}" };
-                    if let Ok(r) = try_send(addr, request(m, "pvwa.corp.test", path, body)).await {
-                        let write = m == "DELETE"
-                            || path.ends_with("Reset")
-                            || (m == "POST" && !path.ends_with("Retrieve"));
-                        if write && r.status == 200 {
-                            ok_writes += 1;
-                        }
-                        if write && r.status == 503 {
-                            refused += 1;
-                        }
+                    let r = send(admin, request("POST", "admin", &path, "")).await;
+                    if r.status == 200 {
+                        let now = decision(admin, "pam").await;
+                        assert_eq!(now.primary.as_deref(), Some(IDS[target]), "{ctx}");
+                        assert!(
+                            !now.fenced.iter().any(|x| x == IDS[target]),
+                            "{ctx}: {now:?}"
+                        );
+                        *events.entry(kind).or_default() += 1;
+                    } else {
+                        // Only a decision that landed meanwhile (a late failover) may
+                        // refuse it.
+                        let now = decision(admin, "pam").await;
+                        assert!(
+                            now.epoch > d.epoch,
+                            "{ctx}: POST {path} answered {}: {}",
+                            r.status,
+                            r.body
+                        );
+                        *events.entry("switchover raced").or_default() += 1;
                     }
                 }
-                (ok_writes, refused)
-            }));
-        }
-        // The schedule: 12 random events, 40 ms apart.
-        let backends = [&f.primary, &f.r1, &f.r2];
-        let mut stopped = [false; 3];
-        for _ in 0..12 {
-            let (which, what) = {
-                let mut r = rng.lock().unwrap();
-                (r.next() % 3, r.next() % 6)
-            };
-            let b = backends[which as usize];
-            match what {
-                0 => b.set_health(500),
-                1 => b.set_health(200),
-                2 => b.set_lag(1_000),
-                3 => b.set_lag(0),
-                4 if !stopped[which as usize] => {
-                    b.stop();
-                    stopped[which as usize] = true;
+                5 | 6 => {
+                    // A health flap: long enough to fail over a live primary when a
+                    // candidate exists (it is then fenced while it still answers), or as
+                    // short as the checks allow.
+                    let live: Vec<usize> = (0..3).filter(|&i| alive[i]).collect();
+                    let i = match primary {
+                        Some(p) if alive[p] && rng.below(3) != 0 => p,
+                        _ => live[rng.below(live.len())],
+                    };
+                    let long = Some(i) == primary && !candidates.is_empty() && rng.below(4) != 0;
+                    backends[i].set_health(500);
+                    f.wait_health(IDS[i], "unhealthy").await;
+                    if long {
+                        topology_changed(admin, d.epoch, "failover of an unhealthy primary").await;
+                        *events.entry("health flap, failover").or_default() += 1;
+                    } else {
+                        *events.entry("health flap").or_default() += 1;
+                    }
+                    backends[i].set_health(200);
+                    f.wait_health(IDS[i], "healthy").await;
                 }
                 _ => {
-                    if stopped[which as usize] {
-                        let _ = b.restart().await;
-                        stopped[which as usize] = false;
-                    }
-                    b.set_health(200);
+                    // A lag flap: beyond max_lag, then caught up.
+                    let live: Vec<usize> = (0..3).filter(|&i| alive[i]).collect();
+                    let i = live[rng.below(live.len())];
+                    lagging[i] = !lagging[i];
+                    let lag = if lagging[i] { 1_000 } else { 0 };
+                    backends[i].set_lag(lag);
+                    eventually(Duration::from_secs(10), "lag reported", || async {
+                        backend_status(admin, "pam", IDS[i]).await["health"]["lag_ms"] == lag
+                    })
+                    .await;
+                    *events.entry("lag flap").or_default() += 1;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(40)).await;
+            clients.more(40).await;
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for c in clients {
-            let (w, r) = c.await.unwrap();
-            total_writes += w;
-            total_refused += r;
+        let tally = clients.stop().await;
+        let epoch0 = Decision {
+            epoch: 0,
+            primary: Some("primary".into()),
+            fenced: vec![],
+            unix_ms: 0,
+        };
+        let history = decision_history(admin, "pam", epoch0).await;
+        let mut violations = Vec::new();
+        let mut epochs = std::collections::BTreeSet::new();
+        for (i, b) in backends.iter().enumerate() {
+            let seen = b.seen();
+            for s in seen.iter().filter(|s| is_write(s)) {
+                writes_seen += 1;
+                epochs.insert(s.epoch_header().unwrap_or("").to_string());
+            }
+            violations.extend(split_violations(
+                &history, IDS[i], &seen, is_write, MARGIN_MS,
+            ));
         }
-        assert_eq!(
-            writes_seen(&f.r1),
-            0,
-            "schedule {seed}: a replica received a write"
+        assert!(
+            violations.is_empty(),
+            "seed {seed}: {} violations, the first:\n{}\nhistory: {history:#?}",
+            violations.len(),
+            violations
+                .iter()
+                .take(12)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
         );
-        assert_eq!(
-            writes_seen(&f.r2),
-            0,
-            "schedule {seed}: a replica received a write"
+        epochs_with_writes += epochs.len();
+        total.writes_ok += tally.writes_ok;
+        total.writes_refused += tally.writes_refused;
+        total.reads_ok += tally.reads_ok;
+        total.forged += tally.forged;
+        total.other += tally.other;
+        println!(
+            "seed {seed}: {} epochs, {} with writes; clients: {tally:?}",
+            history.len(),
+            epochs.len()
         );
     }
     println!(
-        "write invariant held over {SCHEDULES} randomized schedules: {total_writes} writes served, {total_refused} refused with 503"
+        "{SEEDS} schedules of {EVENTS} events in {:?}: {events:?}; {writes_seen} writes checked in {epochs_with_writes} epochs; clients: {total:?}",
+        started.elapsed()
     );
-    assert!(total_writes > 0, "the schedules must exercise writes");
-}
-
-/// A tiny deterministic generator so each schedule is reproducible from its seed.
-fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
-    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-    move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
+    // The schedules really moved the primary under write traffic.
+    for kind in [
+        "kill primary, failover",
+        "restart, fenced",
+        "manual promotion",
+        "failback",
+        "health flap, failover",
+    ] {
+        assert!(
+            events.get(kind).is_some_and(|n| *n > 0),
+            "no {kind} happened: {events:?}"
+        );
     }
+    assert!(
+        epochs_with_writes > 2 * SEEDS as usize,
+        "writes in too few epochs"
+    );
+    assert!(total.writes_ok > 0 && total.reads_ok > 0 && total.forged > 0);
 }
 
-trait Next {
-    fn next(&mut self) -> u64;
-}
+/// A failing schedule replays from its seed.
+struct Rng(u64);
 
-impl<F: FnMut() -> u64> Next for F {
-    fn next(&mut self) -> u64 {
-        self()
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// splitmix64: neighbouring seeds give unrelated sequences.
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z % n as u64) as usize
     }
 }

@@ -71,8 +71,8 @@ async fn sni_selects_the_certificate_and_the_first_is_default() {
     let c = tls_connect(s.proxy.addr, "gw1.psm.corp.test", client.clone()).await;
     assert_eq!(c.peer_cert.as_ref(), Some(&s.psm.der), "wildcard host");
 
-    // Unknown SNI gets the default (first) certificate; verification then fails for
-    // that name, so check with a name the default covers via a raw handshake.
+    // Unknown SNI gets the default (first) certificate. It does not cover that name, so
+    // the client accepts any certificate and compares the one presented.
     let tcp = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
     let mut cfg = (*client).clone();
     cfg.dangerous()

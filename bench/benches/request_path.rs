@@ -151,5 +151,22 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// What a write costs for the no-split-brain rules: the permit check (a clock read) and
+/// counting it in its cluster's write gate (two atomic operations).
+fn write_accounting(c: &mut Criterion) {
+    let permit = keyway::permit::Permit::coordinated();
+    permit.extend(
+        std::time::Instant::now() + std::time::Duration::from_secs(3600),
+        keyway::permit::Grant::Etcd,
+    );
+    c.bench_function("write: permit check (coordinated)", |b| {
+        b.iter(|| std::hint::black_box(&permit).holds())
+    });
+    let gate = std::sync::Arc::new(keyway::permit::WriteGate::default());
+    c.bench_function("write: count in the write gate and release", |b| {
+        b.iter(|| drop(std::hint::black_box(&gate).enter()))
+    });
+}
+
+criterion_group!(benches, bench, write_accounting);
 criterion_main!(benches);

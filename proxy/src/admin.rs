@@ -181,6 +181,7 @@ fn route(
                 let mut s = status_json(rt);
                 s["last_reload"] = reloader.last_json();
                 s["coordination"] = reloader.failover().status_json();
+                s["tcp_listeners"] = reloader.tcp_status_json();
                 s.to_string()
             },
         ),
@@ -190,7 +191,14 @@ fn route(
         (&Method::GET, "/coordination/failsafe") => reply(
             StatusCode::OK,
             "application/json",
-            reloader.failover().failsafe_answer().to_string(),
+            reloader
+                .failover()
+                .failsafe_answer(
+                    req.headers()
+                        .get(crate::failover::FAILSAFE_FROM)
+                        .and_then(|v| v.to_str().ok()),
+                )
+                .to_string(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,

@@ -47,7 +47,9 @@ impl Balancer {
     ) -> Option<usize> {
         match self.kind {
             Balance::RoundRobin => self.round_robin(&allowed),
-            Balance::LeastRequests => least_requests(backends, &allowed),
+            Balance::LeastRequests | Balance::LeastConnections => {
+                least_requests(backends, &allowed)
+            }
             Balance::P2c => p2c(backends, &allowed),
             Balance::Random => weighted_random(backends, &allowed),
         }

@@ -62,6 +62,7 @@ pub struct BodyWatch {
 
 const TOO_LARGE: u8 = 1;
 const CLIENT_FAILED: u8 = 2;
+const CUT: u8 = 4;
 
 impl BodyWatch {
     /// A watch for a body that has not started streaming.
@@ -90,6 +91,16 @@ impl BodyWatch {
             0 => None,
             n => Some(self.base + Duration::from_nanos(n - 1)),
         }
+    }
+
+    /// Stops the body where it is: its next poll fails, so the backend never receives
+    /// the rest (and never acts on an incomplete request). Not the client's fault.
+    pub fn cut(&self) {
+        self.flags.fetch_or(CUT, Ordering::SeqCst);
+    }
+
+    fn is_cut(&self) -> bool {
+        self.flags.load(Ordering::SeqCst) & CUT != 0
     }
 
     fn fail(&self, flags: u8) {
@@ -148,6 +159,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if this.watch.is_cut() {
+            return Poll::Ready(Some(Err("the request body was cut off by keyway".into())));
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

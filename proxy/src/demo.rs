@@ -3,6 +3,8 @@
 //! For every backend address in the demo config, a small HTTP server answers with a JSON
 //! document naming the cluster and backend that served it (plus the forwarded headers
 //! keyway added), which makes balancing, stickiness and fallback visible with `curl`.
+//! Backends of clusters that a `[[tcp_listener]]` uses instead greet with their name
+//! and echo what they receive, like a vault answering on its port (try them with `nc`).
 //! Demo backends are for trying keyway only; nothing in the proxy depends on them.
 
 use std::convert::Infallible;
@@ -21,6 +23,16 @@ use crate::config::Config;
 /// Starts one demo backend per backend address in `config`. Returns the addresses bound.
 pub async fn start_backends(config: &Config) -> std::io::Result<Vec<(String, String, SocketAddr)>> {
     let mut started = Vec::new();
+    let tcp: Vec<&str> = config
+        .tcp_listeners
+        .iter()
+        .flat_map(|l| {
+            l.cluster
+                .iter()
+                .map(String::as_str)
+                .chain(l.sni.iter().map(|r| r.cluster.as_str()))
+        })
+        .collect();
     for c in &config.clusters {
         for b in &c.backends {
             let sock = TcpListener::bind(b.address).await.map_err(|e| {
@@ -31,7 +43,11 @@ pub async fn start_backends(config: &Config) -> std::io::Result<Vec<(String, Str
             })?;
             let (cluster, id) = (c.name.clone(), b.id.clone());
             started.push((cluster.clone(), id.clone(), b.address));
-            tokio::spawn(serve(sock, cluster, id));
+            if tcp.contains(&c.name.as_str()) {
+                tokio::spawn(greet_and_echo(sock, id));
+            } else {
+                tokio::spawn(serve(sock, cluster, id));
+            }
         }
     }
     Ok(started)
@@ -51,6 +67,28 @@ async fn serve(sock: TcpListener, cluster: String, id: String) {
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
+        });
+    }
+}
+
+/// A TCP demo backend: greets with its name, then echoes (one 4 KiB buffer).
+async fn greet_and_echo(sock: TcpListener, id: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = sock.accept().await else {
+            continue;
+        };
+        let greeting = format!("{id} ready: type a line, it comes back\n");
+        tokio::spawn(async move {
+            if stream.write_all(greeting.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
         });
     }
 }

@@ -70,6 +70,9 @@ pub struct Client {
     timeout: Duration,
     /// One idle connection per endpoint, for unary calls.
     idle: Arc<Mutex<Vec<Option<oneshot::Conn>>>>,
+    /// The endpoint that answered last: tried first, so one dead endpoint costs one
+    /// timeout, not one per call.
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Client {
@@ -119,7 +122,20 @@ impl Client {
             tls,
             timeout,
             idle,
+            preferred: Arc::default(),
         }
+    }
+
+    /// Endpoint indices, the one that answered last first.
+    fn order(&self) -> impl Iterator<Item = usize> {
+        let n = self.endpoints.len();
+        let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % n.max(1);
+        (first..n).chain(0..first)
+    }
+
+    fn answered(&self, i: usize) {
+        self.preferred
+            .store(i, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// POSTs `body` to `path` on the first endpoint that answers. Only for calls that
@@ -127,9 +143,12 @@ impl Client {
     /// itself); transactions go through [`Client::txn_once`] and a read-back.
     async fn call(&self, path: &str, body: &Value) -> Result<Value, String> {
         let mut last = String::from("no etcd endpoint configured");
-        for i in 0..self.endpoints.len() {
+        for i in self.order() {
             match self.post_within(i, path, body).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.answered(i);
+                    return Ok(v);
+                }
                 Err(e) => last = e,
             }
         }
@@ -161,9 +180,12 @@ impl Client {
         unchanged: impl Fn(&Option<Kv>) -> bool,
     ) -> Result<TxnOutcome, String> {
         let mut last = String::from("no etcd endpoint configured");
-        for i in 0..self.endpoints.len() {
+        for i in self.order() {
             match self.post_within(i, "/v3/kv/txn", body).await {
-                Ok(v) => return Ok(TxnOutcome::Answered(v)),
+                Ok(v) => {
+                    self.answered(i);
+                    return Ok(TxnOutcome::Answered(v));
+                }
                 Err(e) => last = e,
             }
             // Sent, maybe committed: read back before anything else.

@@ -49,6 +49,9 @@ use crate::health::{Health, HealthView};
 use crate::permit::{self, Grant, Permit, WriteGate};
 use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
 
+/// The header a failsafe query names its asker in.
+pub const FAILSAFE_FROM: &str = "keyway-failsafe-from";
+
 /// Decisions kept per cluster for `/status`.
 const HISTORY: usize = 64;
 
@@ -599,6 +602,10 @@ struct Cell {
     gate: Arc<WriteGate>,
     /// The newest epoch applied whose older writes have all ended.
     acked: u64,
+    /// The newest epoch applied, which the acknowledgement task works towards.
+    ack_target: u64,
+    /// An acknowledgement task runs for this cluster.
+    ack_running: bool,
 }
 
 /// Promotion, fencing and failback for every `primary-replica` cluster of one instance.
@@ -672,7 +679,7 @@ impl Failover {
             acks_changed: tokio::sync::Notify::new(),
             vouched_until: Mutex::new(None),
         });
-        me.adopt_config(config, &stored)?;
+        me.adopt_config(config, &stored, false)?;
         if unconfirmed {
             if let Ok(mut cells) = me.cells.lock() {
                 for cell in cells.values_mut() {
@@ -704,10 +711,14 @@ impl Failover {
         Ok(())
     }
 
+    /// Creates the cells of clusters not seen before: with their stored topology, or
+    /// the configured one, or (`unconfirmed`: with etcd, after start) no primary until
+    /// etcd is read.
     fn adopt_config(
         &self,
         config: &Config,
         stored: &HashMap<String, (Topology, i64)>,
+        unconfirmed: bool,
     ) -> Result<(), String> {
         let mut cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
         for c in config
@@ -728,22 +739,34 @@ impl Failover {
                         revision: *rev,
                     }
                 }
+                None if unconfirmed => Known {
+                    topology: Topology {
+                        primary: None,
+                        reason: "added by a reload: primary unknown until etcd is read".into(),
+                        ..Topology::initial(c)
+                    },
+                    revision: 0,
+                },
                 None => Known {
                     topology: Topology::initial(c),
                     revision: 0,
                 },
             };
+            let gate = Arc::new(WriteGate::default());
+            gate.applied(known.topology.epoch);
             cells.insert(
                 c.name.clone(),
                 Cell {
                     configured: Topology::initial(c),
-                    unconfirmed: false,
+                    unconfirmed: unconfirmed && !stored.contains_key(&c.name),
                     known,
                     history: std::collections::VecDeque::new(),
                     lock: Arc::new(tokio::sync::Mutex::new(())),
                     promotion_needed: false,
-                    gate: Arc::default(),
+                    gate,
                     acked: 0,
+                    ack_target: 0,
+                    ack_running: false,
                 },
             );
         }
@@ -847,6 +870,7 @@ impl Failover {
                 apply(c, &known.topology);
             }
         }
+        gate.applied(known.topology.epoch);
         drop(applying);
         self.acknowledge_when_drained(cluster, known.topology.epoch, gate);
         metrics::gauge!("keyway_topology_epoch", "cluster" => cluster.to_string())
@@ -889,29 +913,53 @@ impl Failover {
 
     /// Once every write routed under an epoch older than `epoch` has ended, records
     /// `epoch` as acknowledged (and, with etcd, has the registration rewritten).
+    ///
+    /// One task per cluster at a time: a newer epoch arriving while it waits raises its
+    /// target (the same fence covers it), so tasks never pile up; a fence that times out
+    /// is tried again, so an epoch is never left unacknowledged for good.
     fn acknowledge_when_drained(self: &Arc<Self>, cluster: &str, epoch: u64, gate: Arc<WriteGate>) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let start = self.cells.lock().is_ok_and(|mut cells| {
+            cells.get_mut(cluster).is_some_and(|c| {
+                c.ack_target = c.ack_target.max(epoch);
+                !std::mem::replace(&mut c.ack_running, true)
+            })
+        });
+        if !start {
+            return;
+        }
         let me = self.clone();
         let cluster = cluster.to_string();
         handle.spawn(async move {
-            // Writes are bounded by protocol_timeout, bodies and tunnels by their
-            // clients; a fence that never completes only means no acknowledgement.
-            let deadline = Instant::now() + Duration::from_secs(3600);
-            if !gate.fence(deadline).await {
-                tracing::warn!(%cluster, epoch, "writes of an older epoch still in flight after an hour; not acknowledging");
-                return;
-            }
-            let changed = me.cells.lock().is_ok_and(|mut cells| {
-                cells.get_mut(&cluster).is_some_and(|c| {
-                    let newer = epoch > c.acked;
-                    c.acked = c.acked.max(epoch);
-                    newer
-                })
-            });
-            if changed {
-                me.acks_changed.notify_one();
+            loop {
+                let Some(target) = me.cells.lock().ok().and_then(|c| c.get(&cluster).map(|c| c.ack_target)) else {
+                    return;
+                };
+                // Writes are bounded by protocol_timeout, bodies and tunnels by their
+                // clients (and by the write lease); keep trying until they end.
+                if !gate.fence(Instant::now() + Duration::from_secs(60)).await {
+                    tracing::warn!(%cluster, epoch = target, in_flight = gate.in_flight(), "writes of an older epoch still in flight after a minute; the acknowledgement waits");
+                    continue;
+                }
+                let (changed, done) = me.cells.lock().map_or((false, true), |mut cells| {
+                    cells.get_mut(&cluster).map_or((false, true), |c| {
+                        let newer = target > c.acked;
+                        c.acked = c.acked.max(target);
+                        let done = c.ack_target == target;
+                        if done {
+                            c.ack_running = false;
+                        }
+                        (newer, done)
+                    })
+                });
+                if changed {
+                    me.acks_changed.notify_one();
+                }
+                if done {
+                    return;
+                }
             }
         });
     }
@@ -946,7 +994,23 @@ impl Failover {
     /// decisions and gives new primary-replica clusters a topology.
     pub fn prepare(&self, config: &Config) -> Result<(), String> {
         self.check_config(config)?;
-        self.adopt_config(config, &HashMap::new())
+        // A cluster added by a reload may have decisions stored under its name (it was
+        // there before): they stand, never the configured primary.
+        match &self.store {
+            Store::File(f) => {
+                let stored = f
+                    .doc()
+                    .clusters
+                    .into_iter()
+                    .map(|(k, t)| {
+                        let rev = t.epoch as i64;
+                        (k, (t, rev))
+                    })
+                    .collect();
+                self.adopt_config(config, &stored, false)
+            }
+            Store::Etcd(_) => self.adopt_config(config, &HashMap::new(), true),
+        }
     }
 
     fn ensure_controllers(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
@@ -1377,6 +1441,12 @@ impl Failover {
     /// writes). `Err` names who had not by `deadline`.
     async fn await_acks(&self, cluster: &str, epoch: u64, deadline: Instant) -> Result<(), String> {
         let mut pause = Duration::from_millis(5);
+        // Registrations seen during this wait, and when each one went missing. A key
+        // that expired means its instance stopped writing; one deleted by hand (or a
+        // lease revoked) does not, so a registration that vanishes mid-wait is waited
+        // for one more lease.
+        let mut seen: HashMap<String, i64> = HashMap::new();
+        let mut vanished: HashMap<String, Instant> = HashMap::new();
         loop {
             let pending: Vec<String> = match &self.store {
                 Store::File(_) => {
@@ -1406,17 +1476,31 @@ impl Failover {
                     }
                     match e.client.get_prefix(&e.instances_prefix()).await {
                         Ok((kvs, _)) => {
+                            let mut now_seen = HashMap::new();
                             for kv in kvs {
+                                let name = kv
+                                    .key
+                                    .strip_prefix(&e.instances_prefix())
+                                    .unwrap_or(&kv.key)
+                                    .to_string();
                                 let reg: Registration =
                                     serde_json::from_slice(&kv.value).unwrap_or_default();
                                 if reg.acks.get(cluster).copied().unwrap_or(0) < epoch {
-                                    let name = kv
-                                        .key
-                                        .strip_prefix(&e.instances_prefix())
-                                        .unwrap_or(&kv.key)
-                                        .to_string();
                                     pending.push(format!("instance `{name}`"));
                                 }
+                                now_seen.insert(name, kv.lease);
+                            }
+                            for (name, lease) in &seen {
+                                if now_seen.get(name) != Some(lease) {
+                                    let since =
+                                        *vanished.entry(name.clone()).or_insert_with(Instant::now);
+                                    if since.elapsed() < e.cfg.lease_ttl {
+                                        pending.push(format!("instance `{name}` (its registration vanished; one lease in case it still writes)"));
+                                    }
+                                }
+                            }
+                            for (name, lease) in now_seen {
+                                seen.entry(name).or_insert(lease);
                             }
                         }
                         Err(err) => pending.push(format!("etcd: {err}")),
@@ -1587,7 +1671,7 @@ impl Failover {
             }
             next = Instant::now() + period;
             let sent = Instant::now();
-            match self.renew(e, &mut lease, ttl).await {
+            match self.renew(e, &mut lease, ttl, sent).await {
                 Ok(granted) => {
                     self.permit
                         .extend(sent + permit::valid_for(granted), Grant::Etcd);
@@ -1711,6 +1795,7 @@ impl Failover {
         e: &EtcdStore,
         lease: &mut Option<i64>,
         ttl: u64,
+        sent: Instant,
     ) -> Result<Duration, String> {
         let (id, granted) = match *lease {
             Some(id) => match e.client.keep_alive(id).await? {
@@ -1724,7 +1809,18 @@ impl Failover {
                     *lease = Some(id);
                     (id, g)
                 }
-                left => (id, left),
+                left => {
+                    // Registered and renewed: the permit holds from the renewal alone
+                    // (a promotion waits for this instance's acknowledgement while its
+                    // key exists), so slow calls after it do not eat into it.
+                    if self.registered() {
+                        self.permit.extend(
+                            sent + permit::valid_for(Duration::from_secs(left)),
+                            Grant::Etcd,
+                        );
+                    }
+                    (id, left)
+                }
             },
             None => {
                 self.set_registered(e, false);
@@ -1838,12 +1934,20 @@ impl Failover {
     /// (`GET /coordination/failsafe`). Answering "cut off too" is a promise: for one
     /// lease this instance neither acknowledges a drain nor commits a promotion, since
     /// the asking peer may keep writing on the strength of it.
-    pub fn failsafe_answer(&self) -> serde_json::Value {
+    /// Only a configured failsafe instance vouches, and only for an asker that names
+    /// itself (`from`, the `keyway-failsafe-from` header) as an instance it saw
+    /// registered: a monitor polling this URL changes nothing.
+    pub fn failsafe_answer(&self, from: Option<&str>) -> serde_json::Value {
         let Store::Etcd(e) = &self.store else {
             return serde_json::json!({ "error": "this keyway keeps its decisions in a state file; it has no failsafe" });
         };
-        let connected = e.status.lock().is_ok_and(|s| s.connected);
-        if !connected {
+        let (connected, peer) = e.status.lock().map_or((false, false), |s| {
+            (
+                s.connected,
+                from.is_some_and(|f| f != e.cfg.instance && s.instances.iter().any(|i| i == f)),
+            )
+        });
+        if !connected && peer && !e.cfg.failsafe_peers.is_empty() {
             if let Ok(mut v) = self.vouched_until.lock() {
                 *v = Some(Instant::now() + e.cfg.lease_ttl);
             }
@@ -1889,10 +1993,13 @@ impl Failover {
         }
         let ours = self.primaries();
         let asks = e.cfg.failsafe_peers.iter().map(|peer| async move {
-            let answer =
-                tokio::time::timeout(e.cfg.timeout, get_json(peer, "/coordination/failsafe"))
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", e.cfg.timeout)));
+            let from = [(FAILSAFE_FROM, e.cfg.instance.as_str())];
+            let answer = tokio::time::timeout(
+                e.cfg.timeout,
+                get_json(peer, "/coordination/failsafe", &from),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", e.cfg.timeout)));
             (peer, answer)
         });
         let answers = futures_util::future::join_all(asks).await;
@@ -1971,7 +2078,9 @@ impl Failover {
                 tokio::select! {
                     r = watch => {
                         if let Err(err) = r {
-                            tracing::info!(error = %err, "etcd watch ended; re-reading");
+                            // A quiet etcd that sends no progress notifications ends its
+                            // watches every WATCH_SILENCE: routine, so not logged loudly.
+                            tracing::debug!(error = %err, "etcd watch ended; re-reading");
                         }
                     }
                     _ = shutdown.changed() => return,
@@ -2295,7 +2404,11 @@ async fn call_hook(
 }
 
 /// GETs a small JSON document from a failsafe peer's admin listener (`http://`).
-async fn get_json(peer: &str, path: &str) -> Result<serde_json::Value, String> {
+async fn get_json(
+    peer: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<serde_json::Value, String> {
     use http_body_util::BodyExt;
     let authority = peer
         .strip_prefix("http://")
@@ -2311,7 +2424,7 @@ async fn get_json(peer: &str, path: &str) -> Result<serde_json::Value, String> {
         authority,
         tls: None,
     };
-    let resp = crate::oneshot::get(target, path).await?;
+    let resp = crate::oneshot::get(target, path, headers).await?;
     if !resp.status().is_success() {
         return Err(format!("answered {}", resp.status()));
     }

@@ -322,7 +322,29 @@ async fn proxy(
         // Pinned here, not inside the helper: moving it in would store it twice in this
         // future, which hyper moves on every request.
         let sending = std::pin::pin!(send(sender, req));
-        let result = within_protocol_timeout(sending, pt, watch.as_deref()).await;
+        let exchange = within_protocol_timeout(sending, pt, watch.as_deref());
+        // A write whose body is still arriving when this instance's write lease runs
+        // out is cut off: the old primary never gets (or acts on) the whole request,
+        // so it cannot commit it after another backend became primary.
+        let result = match (&eligible.ticket, &watch) {
+            (Some(_), Some(w)) if rt.permit.is_coordinated() => tokio::select! {
+                r = exchange => r,
+                () = lease_lapses_mid_body(&rt.permit, w) => {
+                    w.cut();
+                    cluster.count_write_refused();
+                    return Err(fail(ProxyError::new(
+                        ErrorKind::CoordinationLost,
+                        Side::Internal,
+                        false,
+                        format!(
+                            "this instance lost its write lease while the write's body was still arriving; the body was cut off before backend `{}` had all of it",
+                            backend.cfg.id
+                        ),
+                    )));
+                }
+            },
+            _ => exchange.await,
+        };
         let count_5xx = cluster.cfg.outlier.count_5xx;
         let (failure, ending) = match result {
             Some(Ok((resp, h1))) => {
@@ -337,7 +359,7 @@ async fn proxy(
                     on_client_upgrade,
                     watch: watch.clone(),
                 };
-                return Ok(respond(cluster, &backend, info, resp, answer));
+                return Ok(respond(cluster, &backend, info, resp, answer, &rt.permit));
             }
             Some(Err((e, unsent, ending))) => {
                 if let Some(r) = unsent {
@@ -428,6 +450,32 @@ async fn within_protocol_timeout<F: Future>(
     }
 }
 
+/// Resolves when `permit` runs out while the body is still on its way to the backend;
+/// never once the whole body was handed over (the backend has the request).
+async fn lease_lapses_mid_body(permit: &Permit, body: &BodyWatch) {
+    loop {
+        if body.sent_at().is_some() {
+            return std::future::pending().await;
+        }
+        if !permit.holds() {
+            return;
+        }
+        // Wake at the deadline itself, and now and then to notice the body ended.
+        let wait = permit.remaining().min(Duration::from_millis(200));
+        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+    }
+}
+
+/// Resolves once `permit` has run out (never for a single instance's permit).
+async fn lease_lapses(permit: &Permit) {
+    if !permit.is_coordinated() {
+        return std::future::pending().await;
+    }
+    while permit.holds() {
+        tokio::time::sleep(permit.remaining().max(Duration::from_millis(1))).await;
+    }
+}
+
 fn too_large(limit: u64) -> ProxyError {
     ProxyError::new(
         ErrorKind::BodyTooLarge,
@@ -501,7 +549,10 @@ impl Eligible {
         // Without a fresh permit the primary this instance knows is unconfirmed: another
         // instance may have replaced it. Writes are refused and reads avoid it.
         let confirmed = kind.is_none() || permit.holds();
-        let primary = view.primary.filter(|_| confirmed);
+        // A snapshot older than the epoch the gate knows (from a runtime a reload just
+        // retired) does not route writes.
+        let current = ticket.is_none() || view.epoch == cluster.gate.epoch();
+        let primary = view.primary.filter(|_| confirmed && current);
         let mode = match (kind, primary) {
             (None, _) => {
                 if !(0..n).any(usable) {
@@ -603,7 +654,7 @@ impl Eligible {
     fn still_valid(&self, cluster: &Cluster, permit: &Permit) -> bool {
         !matches!(self.mode, Mode::Primary(_))
             || self.ticket.is_none()
-            || (permit.holds() && cluster.health.view().epoch == self.view.epoch)
+            || (permit.holds() && cluster.gate.epoch() == self.view.epoch)
     }
 
     fn allows(&self, i: usize) -> bool {
@@ -887,6 +938,7 @@ fn respond(
     info: &ConnInfo,
     mut resp: Response<Incoming>,
     answer: Answer,
+    permit: &Arc<Permit>,
 ) -> Response<Body> {
     let Answer {
         pinned,
@@ -950,6 +1002,7 @@ fn respond(
             inflight,
             info.drain.clone(),
             backend.cfg.id.clone(),
+            (kind == Some(Kind::Write)).then(|| permit.clone()),
         );
         return Response::from_parts(parts, body::empty());
     }
@@ -973,12 +1026,15 @@ fn respond(
 }
 
 /// Joins the client and backend ends of an upgraded connection and copies bytes both ways.
+/// A tunnel classified as a write (`write_permit`) is closed when this instance's write
+/// lease runs out: it must not outlive the permission to write to that primary.
 fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     server: hyper::upgrade::OnUpgrade,
     inflight: InFlight,
     drain: crate::server::DrainGuard,
     backend: String,
+    write_permit: Option<Arc<Permit>>,
 ) {
     tokio::spawn(async move {
         let _inflight = inflight;
@@ -987,9 +1043,18 @@ fn tunnel(
             Ok((c, s)) => {
                 let mut c = TokioIo::new(c);
                 let mut s = TokioIo::new(s);
-                match tokio::io::copy_bidirectional(&mut c, &mut s).await {
-                    Ok((up, down)) => tracing::debug!(%backend, up, down, "tunnel closed"),
-                    Err(e) => tracing::debug!(%backend, error = %e, "tunnel ended"),
+                let lapse = async {
+                    match &write_permit {
+                        Some(p) => lease_lapses(p).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut c, &mut s) => match r {
+                        Ok((up, down)) => tracing::debug!(%backend, up, down, "tunnel closed"),
+                        Err(e) => tracing::debug!(%backend, error = %e, "tunnel ended"),
+                    },
+                    () = lapse => tracing::warn!(%backend, "write tunnel closed: this instance lost its write lease"),
                 }
             }
             Err(e) => tracing::debug!(%backend, error = %e, "upgrade failed"),

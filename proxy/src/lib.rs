@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod affinity;
 pub mod balance;
 pub mod body;
 pub mod classify;
@@ -26,6 +27,8 @@ pub mod proxy_protocol;
 pub mod router;
 pub mod scaffold;
 pub mod server;
+pub mod sni;
+pub mod tcp;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

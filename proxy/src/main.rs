@@ -172,9 +172,10 @@ fn main() -> ExitCode {
             return match Config::load(config) {
                 Ok(c) => {
                     println!(
-                        "{}: ok ({} listener(s), {} route(s), {} cluster(s))",
+                        "{}: ok ({} listener(s), {} TCP listener(s), {} route(s), {} cluster(s))",
                         config.display(),
                         c.listeners.len(),
+                        c.tcp_listeners.len(),
                         c.routes.len(),
                         c.clusters.len()
                     );
@@ -307,6 +308,14 @@ fn print_demo_help(config: &Config, server: &Server) {
     if let Some(a) = server.admin_addr() {
         println!("\n  curl -s http://{a}/status      # clusters and backends");
         println!("  curl -s http://{a}/metrics     # Prometheus metrics");
+    }
+    for (l, addr) in config.tcp_listeners.iter().zip(server.tcp_addrs()) {
+        println!(
+            "  nc {} {}    # TCP farm `{}` (greets, then echoes)",
+            addr.ip(),
+            addr.port(),
+            l.cluster.as_deref().unwrap_or("by SNI")
+        );
     }
     println!("\nSticky sessions: add -c /tmp/kw.jar -b /tmp/kw.jar to the psm curl and repeat it.");
     println!("Read/write split: compare `curl -s -X POST -H 'Host: pam360.demo.test' http://{addr}/api/x` (primary)");

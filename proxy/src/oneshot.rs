@@ -99,14 +99,19 @@ pub async fn post_on(
     send_on(conn, req).await
 }
 
-/// GETs `path` on a new connection to `target`; the response body streams.
+/// GETs `path` on a new connection to `target`, with `headers`; the response body
+/// streams.
 pub async fn get<A: ToSocketAddrs + Clone>(
     target: Target<'_, A>,
     path: &str,
+    headers: &[(&str, &str)],
 ) -> Result<hyper::Response<Incoming>, String> {
     let mut conn = connect(&target).await?;
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, target.authority)
+    let mut req = hyper::Request::get(path).header(hyper::header::HOST, target.authority);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     send_on(&mut conn, req).await
@@ -116,30 +121,20 @@ async fn send_on(
     conn: &mut Conn,
     req: hyper::Request<Full<Bytes>>,
 ) -> Result<hyper::Response<Incoming>, String> {
-    let failed = |e: hyper::Error, died: &mut tokio::sync::oneshot::Receiver<String>| {
-        // The connection task's own error says more than the request's ("canceled").
-        match died.try_recv() {
-            Ok(why) => why,
-            Err(_) => chain(&e),
-        }
+    let result = match conn.send.ready().await {
+        Err(e) => Err(e),
+        Ok(()) => conn.send.send_request(req).await,
     };
-    if let Err(e) = conn.send.ready().await {
-        tokio::task::yield_now().await;
-        return Err(failed(e, &mut conn.died));
-    }
-    match conn.send.send_request(req).await {
+    match result {
         Ok(r) => Ok(r),
-        Err(e) => {
-            // Give the connection task a moment to report why it ended.
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(50), async {
-                while !conn.send.is_closed() {
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await;
-            tokio::task::yield_now().await;
-            Err(failed(e, &mut conn.died))
-        }
+        // The connection task's own error says more than the request's ("canceled"):
+        // give it a moment to report why the connection ended.
+        Err(e) => Err(
+            match tokio::time::timeout(std::time::Duration::from_millis(50), &mut conn.died).await {
+                Ok(Ok(why)) => why,
+                _ => chain(&e),
+            },
+        ),
     }
 }
 

@@ -149,6 +149,9 @@ impl Permit {
 /// Counts one cluster's writes in flight, in two generations (see the module docs).
 #[derive(Debug, Default)]
 pub struct WriteGate {
+    /// The topology epoch applied last: a write routed by a snapshot of another epoch
+    /// (a runtime retired by a reload just as a decision landed) is not sent.
+    epoch: AtomicU64,
     generation: AtomicU64,
     counts: [AtomicU64; 2],
     /// Serializes fences, so at most two generations ever hold writes.
@@ -185,6 +188,19 @@ impl WriteGate {
             // A fence flipped the generation meanwhile: count in the new one.
             self.counts[slot].fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// Records the epoch just applied to the serving runtime. Call it after the
+    /// snapshot is published and before [`WriteGate::fence`].
+    pub fn applied(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// The epoch applied last. A write checks its snapshot against it *after*
+    /// [`WriteGate::enter`]: either the fence counts the write, or the write sees the
+    /// new epoch here.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// Writes in flight now.

@@ -103,6 +103,7 @@ pub struct Reloader {
     runtime: Arc<ArcSwap<Runtime>>,
     listeners: Vec<Arc<ArcSwap<ListenerState>>>,
     conn_limits: Vec<Arc<ConnLimit>>,
+    tcp: Vec<Arc<crate::tcp::TcpListenerHandle>>,
     current: std::sync::Mutex<Config>,
     source: std::sync::Mutex<Option<std::path::PathBuf>>,
     shutdown: watch::Receiver<bool>,
@@ -122,6 +123,11 @@ impl Reloader {
             .lock()
             .ok()
             .and_then(|c| c.admin.as_ref().and_then(|a| a.token.clone()))
+    }
+
+    /// The TCP listeners for `/status`.
+    pub fn tcp_status_json(&self) -> serde_json::Value {
+        self.tcp.iter().map(|t| t.status_json()).collect()
     }
 
     /// The outcome of the last reload (for `/status`), `null` before the first.
@@ -197,6 +203,14 @@ impl Reloader {
                 "listener addresses changed ({old_listen:?} -> {new_listen:?}); restart keyway to apply them. Nothing was changed"
             ));
         }
+        let tcp_listen = |c: &Config| c.tcp_listeners.iter().map(|l| l.listen).collect::<Vec<_>>();
+        if tcp_listen(&current) != tcp_listen(&next) {
+            return Err(format!(
+                "tcp_listener addresses changed ({:?} -> {:?}); restart keyway to apply them. Nothing was changed",
+                tcp_listen(&current),
+                tcp_listen(&next)
+            ));
+        }
         let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen);
         if admin(&current) != admin(&next) {
             return Err(
@@ -246,6 +260,9 @@ impl Reloader {
         for (limit, cfg) in self.conn_limits.iter().zip(&next.listeners) {
             limit.resize(cfg.max_connections);
         }
+        for (handle, cfg) in self.tcp.iter().zip(&next.tcp_listeners) {
+            handle.reload(cfg);
+        }
         *current = next;
         Ok(summary)
     }
@@ -271,20 +288,20 @@ impl DrainGuard {
 /// A listener's cap on open client connections: a permit is taken *before* `accept`,
 /// so connections past the cap wait in the kernel's backlog instead of being accepted
 /// and dropped. A reload resizes it in place; open connections keep their permits.
-struct ConnLimit {
-    free: Arc<Semaphore>,
+pub(crate) struct ConnLimit {
+    pub(crate) free: Arc<Semaphore>,
     size: std::sync::Mutex<u32>,
 }
 
 impl ConnLimit {
-    fn new(size: u32) -> Self {
+    pub(crate) fn new(size: u32) -> Self {
         Self {
             free: Arc::new(Semaphore::new(size as usize)),
             size: std::sync::Mutex::new(size),
         }
     }
 
-    fn resize(&self, next: u32) {
+    pub(crate) fn resize(&self, next: u32) {
         let Ok(mut size) = self.size.lock() else {
             return;
         };
@@ -314,6 +331,7 @@ impl ConnLimit {
 /// A running keyway instance.
 pub struct Server {
     listen_addrs: Vec<SocketAddr>,
+    tcp_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     runtime: Arc<ArcSwap<Runtime>>,
     reloader: Arc<Reloader>,
@@ -351,6 +369,16 @@ impl Server {
             listen_addrs.push(sock.local_addr().unwrap_or(l.listen));
             bound.push((sock, l.clone()));
         }
+        let mut tcp_bound = Vec::new();
+        for l in &config.tcp_listeners {
+            let bound = crate::tcp::TcpListenerHandle::bind(l)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: l.listen,
+                    source,
+                })?;
+            tcp_bound.push(bound);
+        }
         for c in &runtime.load().clusters {
             crate::health::spawn_probers(c, shutdown.subscribe());
         }
@@ -369,6 +397,7 @@ impl Server {
             runtime: runtime.clone(),
             listeners: listener_states.clone(),
             conn_limits: conn_limits.clone(),
+            tcp: tcp_bound.iter().map(|(_, h)| h.clone()).collect(),
             current: std::sync::Mutex::new(config.clone()),
             source: std::sync::Mutex::new(None),
             shutdown: shutdown.subscribe(),
@@ -412,7 +441,19 @@ impl Server {
                 drain_tx.clone(),
             ));
         }
+        let tcp_addrs = tcp_bound.iter().map(|(_, h)| h.addr()).collect();
+        for (sock, handle) in tcp_bound {
+            tracing::info!(listen = %handle.addr(), "listening (TCP)");
+            tokio::spawn(crate::tcp::accept_loop(
+                sock,
+                handle,
+                runtime.clone(),
+                shutdown.subscribe(),
+                drain_tx.clone(),
+            ));
+        }
         Ok(Server {
+            tcp_addrs,
             plugin_watcher: std::sync::Mutex::new(None),
             listen_addrs,
             admin_addr,
@@ -428,6 +469,11 @@ impl Server {
     /// Bound addresses of the listeners, in config order (ports resolved when `:0`).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen_addrs
+    }
+
+    /// Bound addresses of the TCP listeners, in config order.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
     }
 
     /// Bound address of the admin server, if configured.

@@ -248,7 +248,16 @@ fn connect_error(backend: &Backend, what: &str, e: impl std::fmt::Display) -> Pr
 }
 
 async fn connect(backend: &Arc<Backend>, purpose: Purpose) -> Result<Sender, ProxyError> {
-    let tcp = TcpStream::connect(backend.cfg.address)
+    connect_at(backend, backend.cfg.address, purpose).await
+}
+
+/// [`connect`] to `addr` instead of the backend's own address (a health port).
+async fn connect_at(
+    backend: &Arc<Backend>,
+    addr: std::net::SocketAddr,
+    purpose: Purpose,
+) -> Result<Sender, ProxyError> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| connect_error(backend, "connect", e))?;
     let _ = tcp.set_nodelay(true);
@@ -375,14 +384,18 @@ pub async fn probe(
 ) -> crate::health::Probe {
     use crate::config::CheckKind;
     let started = Instant::now();
+    // `health.port`: the same host, another port (a status page beside the service).
+    let addr = cfg.port.map_or(backend.cfg.address, |p| {
+        std::net::SocketAddr::new(backend.cfg.address.ip(), p)
+    });
     let result = tokio::time::timeout(cfg.timeout, async {
         match &cfg.kind {
-            CheckKind::Tcp => TcpStream::connect(backend.cfg.address)
+            CheckKind::Tcp => TcpStream::connect(addr)
                 .await
                 .map(|_| (None, None))
-                .map_err(|e| format!("connect: {e}")),
+                .map_err(|e| format!("connect {addr}: {e}")),
             CheckKind::Http { path, expect } => {
-                http_probe(backend, path, *expect, cfg.lag.as_ref()).await
+                http_probe(backend, addr, path, *expect, cfg.lag.as_ref()).await
             }
         }
     })
@@ -418,12 +431,13 @@ pub async fn probe(
 
 async fn http_probe(
     backend: &Arc<Backend>,
+    addr: std::net::SocketAddr,
     path: &str,
     expect: u16,
     lag: Option<&crate::config::LagSource>,
 ) -> Result<(Option<u16>, Option<u64>), String> {
     use http_body_util::BodyExt;
-    let sender = connect(backend, Purpose::Upgrade)
+    let sender = connect_at(backend, addr, Purpose::Upgrade)
         .await
         .map_err(|e| e.detail)?;
     let Sender::H1(mut sender) = sender else {
@@ -432,7 +446,7 @@ async fn http_probe(
     let host = if backend.tls.is_some() {
         backend.cfg.sni.clone()
     } else {
-        backend.cfg.address.to_string()
+        addr.to_string()
     };
     let req = http::Request::get(path)
         .header(http::header::HOST, host)

@@ -58,6 +58,22 @@ pub struct Seen {
     pub body_len: usize,
     /// When the request's head arrived.
     pub at: Instant,
+    /// The same moment in Unix milliseconds (the clock keyway stamps decisions with).
+    pub at_unix_ms: u64,
+}
+
+impl Seen {
+    /// The `keyway-epoch` header as received (several values joined with ", "), if any.
+    pub fn epoch_header(&self) -> Option<&str> {
+        self.headers.get("keyway-epoch").map(String::as_str)
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// [`TestBackend::set_lag`]: a health answer that reports no lag.
@@ -73,6 +89,7 @@ struct BackendState {
     hooks: Mutex<Vec<String>>,
     mode: Mutex<Mode>,
     seen: Mutex<Vec<Seen>>,
+    heads: AtomicUsize,
     connections: AtomicUsize,
     tls_handshake_delay: Mutex<Duration>,
     /// The running server's stop signal; replaced on restart, shared by every handle.
@@ -121,6 +138,7 @@ impl TestBackend {
             hooks: Mutex::new(Vec::new()),
             mode: Mutex::new(Mode::Normal),
             seen: Mutex::new(Vec::new()),
+            heads: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             tls_handshake_delay: Mutex::new(opts.tls_handshake_delay),
             stop: Mutex::new(Arc::new(tokio::sync::watch::channel(false).0)),
@@ -255,6 +273,12 @@ impl TestBackend {
         self.state.seen.lock().unwrap().len()
     }
 
+    /// Request heads received (health checks and hooks aside), including requests whose
+    /// body then failed, which [`TestBackend::seen`] leaves out.
+    pub fn heads(&self) -> usize {
+        self.state.heads.load(Ordering::SeqCst)
+    }
+
     /// Number of TCP connections accepted.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
@@ -353,6 +377,7 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
         return r;
     }
 
+    st.heads.fetch_add(1, Ordering::SeqCst);
     let mut headers = BTreeMap::new();
     for (k, v) in req.headers() {
         let v = v.to_str().unwrap_or("").to_string();
@@ -364,7 +389,7 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
             })
             .or_insert(v);
     }
-    let at = Instant::now();
+    let (at, at_unix_ms) = (Instant::now(), unix_ms_now());
     // `x-test-delay-ms: N`: this one request is answered N ms late (a slow write).
     let delay = req
         .headers()
@@ -389,6 +414,7 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
         headers,
         body_len,
         at,
+        at_unix_ms,
     };
     st.seen.lock().unwrap().push(seen.clone());
     if let Some(ms) = delay {
@@ -412,8 +438,9 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
     let mut r = text(200, doc.to_string());
     r.headers_mut()
         .insert("x-backend", st.name.parse().unwrap());
+    // Hop-by-hop headers a proxy must not pass on: `Connection` and the header it names.
     r.headers_mut()
-        .insert("connection", "keep-alive".parse().unwrap());
+        .insert("connection", "keep-alive, x-hop".parse().unwrap());
     r.headers_mut().insert("x-hop", "secret".parse().unwrap());
     r
 }
@@ -472,6 +499,12 @@ impl DroppingBackend {
 
 // === the proxy under test ===
 
+/// The first HTTP listener's address, or the first TCP listener's when it has none.
+fn first_listener(server: &keyway::Server) -> SocketAddr {
+    let first = server.listen_addrs().first();
+    *first.or(server.tcp_addrs().first()).expect("a listener")
+}
+
 /// A keyway instance started from a config string.
 pub struct Proxy {
     /// First listener's address.
@@ -492,7 +525,7 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("{e}"));
         let server = keyway::Server::start(cfg).await.expect("start keyway");
         Self {
-            addr: server.listen_addrs()[0],
+            addr: first_listener(&server),
             addrs: server.listen_addrs().to_vec(),
             admin: server.admin_addr(),
             server: Some(server),
@@ -507,7 +540,7 @@ impl Proxy {
         let server = keyway::Server::start(cfg).await.expect("start keyway");
         server.set_config_source(file.to_path_buf());
         Self {
-            addr: server.listen_addrs()[0],
+            addr: first_listener(&server),
             addrs: server.listen_addrs().to_vec(),
             admin: server.admin_addr(),
             server: Some(server),
@@ -865,6 +898,163 @@ pub async fn backend_status(admin: SocketAddr, cluster: &str, backend: &str) -> 
         .and_then(|bs| bs.iter().find(|b| b["id"] == backend))
         .cloned()
         .unwrap_or(serde_json::Value::Null)
+}
+
+/// One topology decision of a `primary-replica` cluster, as `/status` lists it under
+/// `coordination.clusters.NAME` (the current one) and its `history`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The epoch it began.
+    pub epoch: u64,
+    /// The backend that takes writes in it; `None` (a drain epoch) takes none.
+    pub primary: Option<String>,
+    /// Backends that take nothing in it.
+    pub fenced: Vec<String>,
+    /// When it was decided (Unix milliseconds; 0 for the configured epoch 0).
+    pub unix_ms: u64,
+}
+
+impl Decision {
+    fn from_json(v: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            epoch: v["epoch"].as_u64()?,
+            primary: v["primary"].as_str().map(String::from),
+            fenced: v["fenced"]
+                .as_array()?
+                .iter()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect(),
+            unix_ms: v["unix_ms"].as_u64().unwrap_or(0),
+        })
+    }
+}
+
+/// The current decision of cluster `cluster` (from `/status`).
+pub async fn decision(admin: SocketAddr, cluster: &str) -> Decision {
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/status").await).expect("status JSON");
+    let c = &status["coordination"]["clusters"][cluster];
+    Decision::from_json(c).unwrap_or_else(|| panic!("no topology for `{cluster}` in {c}"))
+}
+
+/// Every decision `/status` keeps for `cluster`, by epoch, with `epoch0` (the
+/// configured topology, never listed) first. Panics when an epoch is missing: the
+/// history must be complete for [`split_violations`] to judge every request.
+pub async fn decision_history(admin: SocketAddr, cluster: &str, epoch0: Decision) -> Vec<Decision> {
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/status").await).expect("status JSON");
+    let mut all = vec![epoch0];
+    for h in status["coordination"]["clusters"][cluster]["history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let d = Decision::from_json(&h).unwrap_or_else(|| panic!("bad history entry {h}"));
+        if d.epoch > 0 {
+            all.push(d);
+        }
+    }
+    all.sort_by_key(|d| d.epoch);
+    for (i, d) in all.iter().enumerate() {
+        assert_eq!(
+            d.epoch, i as u64,
+            "the decision history of `{cluster}` has a gap or a repeated epoch: {all:?}"
+        );
+    }
+    all
+}
+
+/// Checks what one backend of a `primary-replica` cluster received against the cluster's
+/// decisions (from [`decision_history`]) and returns every violation, described:
+/// - a write (as `is_write` classifies it) carries exactly one `keyway-epoch`, that
+///   epoch names this backend as primary, and does not fence it;
+/// - no write of epoch N arrives more than `margin_ms` after a later epoch made another
+///   backend primary (a stale write, e.g. from a queue, reaching the old primary);
+/// - a read carries no `keyway-epoch` (a client's own is removed);
+/// - nothing arrives while the backend is fenced, unless it was unfenced at some moment
+///   of the `margin_ms` before (a request routed just before the fence).
+///
+/// Arrival times and decision times come from the same clock (this process's
+/// `SystemTime`), so the margin only absorbs routing and loopback delays.
+pub fn split_violations(
+    decisions: &[Decision],
+    backend: &str,
+    seen: &[Seen],
+    is_write: impl Fn(&Seen) -> bool,
+    margin_ms: u64,
+) -> Vec<String> {
+    let in_effect_at = |t: u64| -> &Decision {
+        decisions
+            .iter()
+            .rev()
+            .find(|d| d.unix_ms <= t)
+            .unwrap_or(&decisions[0])
+    };
+    let fenced = |d: &Decision| d.fenced.iter().any(|f| f == backend);
+    let mut out = Vec::new();
+    for s in seen {
+        let t = s.at_unix_ms;
+        let what = format!("{} {} at {t}", s.method, s.path);
+        // Fenced for the whole margin before it arrived: the epoch in effect at t - margin
+        // and every epoch decided since.
+        let from = t.saturating_sub(margin_ms);
+        let window_fenced = fenced(in_effect_at(from))
+            && decisions
+                .iter()
+                .filter(|d| d.unix_ms > from && d.unix_ms <= t)
+                .all(fenced);
+        if window_fenced {
+            out.push(format!(
+                "{backend} received {what} while fenced (epoch {} in effect)",
+                in_effect_at(t).epoch
+            ));
+        }
+        if !is_write(s) {
+            if let Some(e) = s.epoch_header() {
+                out.push(format!(
+                    "{backend} received the read {what} with keyway-epoch {e:?}"
+                ));
+            }
+            continue;
+        }
+        let Some(epoch) = s.epoch_header().and_then(|e| e.trim().parse::<u64>().ok()) else {
+            out.push(format!(
+                "{backend} received the write {what} without exactly one keyway-epoch: {:?}",
+                s.epoch_header()
+            ));
+            continue;
+        };
+        let Some(d) = decisions.iter().find(|d| d.epoch == epoch) else {
+            out.push(format!(
+                "{backend} received the write {what} in epoch {epoch}, which was never decided"
+            ));
+            continue;
+        };
+        if d.primary.as_deref() != Some(backend) {
+            out.push(format!(
+                "{backend} received the write {what} in epoch {epoch}, whose primary is {:?}",
+                d.primary
+            ));
+        }
+        if fenced(d) {
+            out.push(format!(
+                "{backend} received the write {what} in epoch {epoch}, which fences it"
+            ));
+        }
+        if let Some(later) = decisions.iter().find(|l| {
+            l.epoch > epoch
+                && l.primary.as_deref().is_some_and(|p| p != backend)
+                && t > l.unix_ms + margin_ms
+        }) {
+            out.push(format!(
+                "{backend} received the write {what} of epoch {epoch} {} ms after epoch {} made {:?} primary",
+                t - later.unix_ms,
+                later.epoch,
+                later.primary
+            ));
+        }
+    }
+    out
 }
 
 /// GETs an admin path and returns the body.

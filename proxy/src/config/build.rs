@@ -130,6 +130,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "admin",
             "proxy",
             "listener",
+            "tcp_listener",
             "route",
             "cluster",
             "state",
@@ -170,7 +171,18 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "max_connections",
             "proxy_protocol",
         ],
-        [Some("listener"), None, Some("tls"), None] => &["hosts", "cert", "key"],
+        [Some("listener" | "tcp_listener"), None, Some("tls"), None] => &["hosts", "cert", "key"],
+        [Some("tcp_listener"), None] => &[
+            "listen",
+            "cluster",
+            "sni",
+            "tls",
+            "idle_timeout",
+            "handshake_timeout",
+            "max_connections",
+            "proxy_protocol",
+        ],
+        [Some("tcp_listener"), None, Some("sni"), None] => &["hosts", "cluster"],
         [Some("route"), None] => &["host", "path", "cluster"],
         [Some("cluster"), Some(_)] => &[
             "strategy",
@@ -181,6 +193,8 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "connect_timeout",
             "connect_stagger",
             "protocol_timeout",
+            "protocol_check",
+            "affinity",
             "retries",
             "retry_budget",
             "upstream_ca",
@@ -231,6 +245,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "lag_json",
             "config",
             "on_error",
+            "port",
         ],
         [Some("cluster"), Some(_), Some("classifier")] => &["policy", "config", "on_error"],
         [Some("cluster"), Some(_), Some("outlier")] => &[
@@ -254,6 +269,7 @@ fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "location",
             "max_connections",
             "max_queue",
+            "proxy_protocol",
         ],
         _ => &[],
     }
@@ -351,11 +367,11 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         }),
     };
 
-    if file.listeners.is_empty() {
+    if file.listeners.is_empty() && file.tcp_listeners.is_empty() {
         errs.push(
             &root,
             "no [[listener]] is defined, so keyway would accept no traffic",
-            "add a [[listener]] table with listen = \"127.0.0.1:8080\"",
+            "add a [[listener]] table with listen = \"127.0.0.1:8080\" (or a [[tcp_listener]])",
         );
     }
     let listeners = file
@@ -372,6 +388,22 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         .collect();
 
     let defined: BTreeSet<&str> = file.clusters.keys().map(String::as_str).collect();
+    let tcp_listeners = file
+        .tcp_listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            tcp_listener(
+                l,
+                &root.key("tcp_listener").index(i),
+                base,
+                &file.clusters,
+                &mut bound,
+                errs,
+            )
+        })
+        .collect();
+    tcp_keys_need_a_tcp_listener(file, &root, errs);
     let routes = file
         .routes
         .iter()
@@ -487,6 +519,7 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         admin,
         proxy,
         listeners,
+        tcp_listeners,
         routes,
         clusters,
         state,
@@ -737,6 +770,229 @@ fn listener(
     })
 }
 
+fn tcp_listener(
+    l: &FileTcpListener,
+    path: &KeyPath,
+    base: &Path,
+    clusters: &std::collections::BTreeMap<String, FileCluster>,
+    bound: &mut Vec<(SocketAddr, KeyPath)>,
+    errs: &mut Errors<'_>,
+) -> Option<TcpListenerConfig> {
+    let listen = socket_addr(&l.listen, &path.key("listen"), errs);
+    if let Some(a) = listen {
+        bound.push((a, path.key("listen")));
+    }
+    // A TCP listener carries bytes it cannot classify: every cluster it names must
+    // exist and must not split reads from writes.
+    let check_cluster = |name: &str, at: &KeyPath, errs: &mut Errors<'_>| {
+        match clusters.get(name) {
+        None => {
+            let names: Vec<&str> = clusters.keys().map(String::as_str).collect();
+            errs.push(
+                at,
+                format!("tcp_listener points at cluster `{name}`, which is not defined"),
+                if names.is_empty() {
+                    format!("add a [cluster.{name}] table")
+                } else {
+                    format!("use one of: {}, or add a [cluster.{name}] table", names.join(", "))
+                },
+            );
+        }
+        Some(c) if c.strategy.as_deref() == Some("primary-replica") => errs.push(
+            at,
+            format!("cluster `{name}` is primary-replica, but a TCP listener cannot tell reads from writes"),
+            "give the TCP farm a cluster with strategy = \"ordered\" or \"balanced\"",
+        ),
+        Some(c) if c.backends.iter().any(|b| b.tls == Some(true)) => errs.push(
+            at,
+            format!("cluster `{name}` has backends with tls = true, but a TCP listener does not originate TLS"),
+            "remove tls from its backends: TLS passes through untouched (or terminates at the listener with `tls`)",
+        ),
+        Some(_) => {}
+    }
+    };
+    if let Some(c) = &l.cluster {
+        check_cluster(c, &path.key("cluster"), errs);
+    }
+    let mut sni = Vec::new();
+    for (i, r) in l.sni.iter().enumerate() {
+        let rp = path.key("sni").index(i);
+        check_cluster(&r.cluster, &rp.key("cluster"), errs);
+        if r.hosts.is_empty() {
+            errs.push(
+                &rp.key("hosts"),
+                "an SNI route with no hosts takes no connection",
+                "list the server names it takes, e.g. hosts = [\"logs.corp.test\"]",
+            );
+        }
+        let mut hosts = Vec::new();
+        for (j, h) in r.hosts.iter().enumerate() {
+            match host_pattern(h) {
+                Ok(p) => hosts.push(p),
+                Err(()) => errs.push(
+                    &rp.key("hosts").index(j),
+                    format!("`{h}` is not a host name or `*.suffix` pattern"),
+                    "write a DNS name such as \"logs.corp.test\", \"*.corp.test\" or \"*\"",
+                ),
+            }
+        }
+        sni.push(SniRoute {
+            hosts,
+            cluster: r.cluster.clone(),
+        });
+    }
+    if l.cluster.is_none() && l.sni.is_empty() {
+        errs.push(
+            path,
+            "this tcp_listener names no cluster and no SNI route, so no connection could go anywhere",
+            "add cluster = \"NAME\", or sni = [{ hosts = [\"logs.corp.test\"], cluster = \"NAME\" }]",
+        );
+    }
+    if !l.tls.is_empty() && l.cluster.is_none() {
+        errs.push(
+            &path.key("tls"),
+            "connections whose TLS keyway terminates go to the listener's `cluster`, and it names none",
+            "add cluster = \"NAME\" (SNI routes stay passthrough), or remove tls",
+        );
+    }
+    let tls: Vec<TlsCertConfig> = l
+        .tls
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| tls_cert(t, &path.key("tls").index(i), base, errs))
+        .collect();
+    let max_connections = l
+        .max_connections
+        .unwrap_or(DEFAULT_LISTENER_MAX_CONNECTIONS);
+    if max_connections == 0 || max_connections > MAX_LISTENER_MAX_CONNECTIONS {
+        errs.push(
+            &path.key("max_connections"),
+            format!("max_connections = {max_connections} is out of range"),
+            format!(
+                "use 1 to {MAX_LISTENER_MAX_CONNECTIONS} (keep it below the process's open-file limit), or remove it to use {DEFAULT_LISTENER_MAX_CONNECTIONS}"
+            ),
+        );
+    }
+    Some(TcpListenerConfig {
+        listen: listen?,
+        cluster: l.cluster.clone(),
+        sni,
+        tls,
+        idle_timeout: nonzero_duration(
+            l.idle_timeout.as_deref(),
+            &path.key("idle_timeout"),
+            DEFAULT_TCP_IDLE_TIMEOUT,
+            errs,
+        ),
+        handshake_timeout: nonzero_duration(
+            l.handshake_timeout.as_deref(),
+            &path.key("handshake_timeout"),
+            DEFAULT_TCP_HANDSHAKE_TIMEOUT,
+            errs,
+        ),
+        max_connections: max_connections.clamp(1, MAX_LISTENER_MAX_CONNECTIONS),
+        proxy_protocol: proxy_protocol(
+            l.proxy_protocol.as_deref(),
+            &path.key("proxy_protocol"),
+            errs,
+        ),
+    })
+}
+
+/// `protocol_check`, `affinity` and a backend's `proxy_protocol` do nothing on a cluster
+/// that only HTTP routes use: refused there, like other keys that do not apply.
+fn tcp_keys_need_a_tcp_listener(file: &FileConfig, root: &KeyPath, errs: &mut Errors<'_>) {
+    let used: BTreeSet<&str> = file
+        .tcp_listeners
+        .iter()
+        .flat_map(|l| {
+            l.cluster
+                .iter()
+                .map(String::as_str)
+                .chain(l.sni.iter().map(|r| r.cluster.as_str()))
+        })
+        .collect();
+    let fix =
+        "point a [[tcp_listener]] (its cluster or an sni route) at this cluster, or remove the key";
+    for (name, c) in file
+        .clusters
+        .iter()
+        .filter(|(n, _)| !used.contains(n.as_str()))
+    {
+        let cp = root.key("cluster").key(name);
+        for (key, set) in [
+            ("protocol_check", c.protocol_check.is_some()),
+            ("affinity", c.affinity.is_some()),
+        ] {
+            if set {
+                errs.push(
+                    &cp.key(key),
+                    format!(
+                        "{key} only applies to clusters a [[tcp_listener]] uses; `{name}` has none"
+                    ),
+                    fix,
+                );
+            }
+        }
+        for (i, b) in c.backends.iter().enumerate() {
+            if b.proxy_protocol.is_some() {
+                errs.push(
+                    &cp.key("backends").index(i).key("proxy_protocol"),
+                    format!("proxy_protocol is sent only by TCP listeners, and none uses cluster `{name}`"),
+                    fix,
+                );
+            }
+        }
+    }
+}
+
+fn protocol_check(text: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> ProtocolCheck {
+    match text.unwrap_or("first-byte") {
+        "first-byte" => ProtocolCheck::FirstByte,
+        "tls" => ProtocolCheck::Tls,
+        "none" => ProtocolCheck::None,
+        other => {
+            errs.push(
+                path,
+                format!("unknown protocol_check `{other}`"),
+                "use \"first-byte\" (the backend must send a byte: vault, SSH, RDP), \"tls\" (its first record must be a TLS handshake: TLS passthrough) or \"none\" (connected is enough); docs/config.md lists which protocols speak first",
+            );
+            ProtocolCheck::FirstByte
+        }
+    }
+}
+
+fn affinity(text: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> Affinity {
+    match text.unwrap_or("none") {
+        "none" => Affinity::None,
+        "client-ip" => Affinity::ClientIp,
+        other => {
+            errs.push(
+                path,
+                format!("unknown affinity `{other}`"),
+                "use \"client-ip\" (a client's connections land on one backend while it is healthy) or \"none\"",
+            );
+            Affinity::None
+        }
+    }
+}
+
+fn backend_proxy_protocol(text: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> SendProxy {
+    match text.unwrap_or("off") {
+        "off" => SendProxy::Off,
+        "v1" => SendProxy::V1,
+        "v2" => SendProxy::V2,
+        other => {
+            errs.push(
+                &path.key("proxy_protocol"),
+                format!("unknown proxy_protocol `{other}`"),
+                "use \"off\", \"v1\" or \"v2\": the PROXY header version the backend accepts (only TCP listeners send it)",
+            );
+            SendProxy::Off
+        }
+    }
+}
+
 fn proxy_protocol(
     text: Option<&str>,
     path: &KeyPath,
@@ -912,11 +1168,12 @@ fn cluster(
         "least-requests" => Balance::LeastRequests,
         "p2c" => Balance::P2c,
         "random" => Balance::Random,
+        "least-connections" => Balance::LeastConnections,
         other => {
             errs.push(
                 &path.key("balance"),
                 format!("unknown balance `{other}`"),
-                "use \"round-robin\", \"least-requests\", \"p2c\" or \"random\"",
+                "use \"round-robin\", \"least-requests\", \"least-connections\", \"p2c\" or \"random\"",
             );
             Balance::RoundRobin
         }
@@ -1031,6 +1288,7 @@ fn cluster(
     }
     let mut seen = HashSet::new();
     let mut backends = Vec::new();
+    let mut send_proxy = Vec::new();
     for (i, b) in c.backends.iter().enumerate() {
         let bp = path.key("backends").index(i);
         if !seen.insert(b.id.as_str()) {
@@ -1047,8 +1305,10 @@ fn cluster(
                 "name the backend, e.g. id = \"vault-a\"",
             );
         }
+        let send = backend_proxy_protocol(b.proxy_protocol.as_deref(), &bp, errs);
         if let Some(backend) = backend(b, &bp, strategy, &slots, errs) {
             backends.push(backend);
+            send_proxy.push(send);
         }
     }
     if strategy == Strategy::PrimaryReplica {
@@ -1197,6 +1457,11 @@ fn cluster(
             DEFAULT_PROTOCOL_TIMEOUT,
             errs,
         ),
+        tcp: TcpClusterSettings {
+            protocol_check: protocol_check(c.protocol_check.as_deref(), &path.key("protocol_check"), errs),
+            affinity: affinity(c.affinity.as_deref(), &path.key("affinity"), errs),
+            send_proxy,
+        },
         retries,
         retry_budget: RetryBudget {
             ratio,
@@ -1590,6 +1855,16 @@ fn health(h: &FileHealth, path: &KeyPath, base: &Path, errs: &mut Errors<'_>) ->
         policy,
         initially_healthy,
         lag,
+        port: h.port.filter(|p| {
+            if *p == 0 {
+                errs.push(
+                    &path.key("port"),
+                    "port = 0 names no port",
+                    "give the port of the backend's status service, e.g. port = 8080, or remove it to check the backend's own port",
+                );
+            }
+            *p != 0
+        }),
     }
 }
 
@@ -2365,5 +2640,87 @@ mod failover_config {
             ),
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tcp_config {
+    use super::*;
+
+    #[test]
+    fn every_tcp_key_is_known_and_read() {
+        let text = r#"
+[[tcp_listener]]
+listen = "127.0.0.1:0"
+cluster = "psm"
+sni = [{ hosts = ["logs.corp.test", "*.corp.test"], cluster = "psm" }]
+idle_timeout = "8h"
+handshake_timeout = "3s"
+max_connections = 50
+proxy_protocol = "v2"
+[cluster.psm]
+balance = "least-connections"
+affinity = "client-ip"
+protocol_check = "tls"
+health = { kind = "tcp", port = 8080 }
+backends = [{ id = "a", address = "127.0.0.1:1", proxy_protocol = "v1" }, { id = "b", address = "127.0.0.1:2" }]
+"#;
+        let cfg = build(text, Path::new(".")).expect("valid");
+        let l = &cfg.tcp_listeners[0];
+        assert_eq!(l.cluster.as_deref(), Some("psm"));
+        assert_eq!(l.sni[0].hosts.len(), 2);
+        assert_eq!(l.idle_timeout, Duration::from_secs(8 * 3600));
+        assert_eq!(l.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(l.max_connections, 50);
+        assert_eq!(l.proxy_protocol, crate::proxy_protocol::Accept::V2);
+        let c = &cfg.clusters[0];
+        assert_eq!(c.balance, Balance::LeastConnections);
+        assert_eq!(c.tcp.affinity, Affinity::ClientIp);
+        assert_eq!(c.tcp.protocol_check, ProtocolCheck::Tls);
+        assert_eq!(c.tcp.send_proxy, [SendProxy::V1, SendProxy::Off]);
+        assert_eq!(c.health.as_ref().unwrap().port, Some(8080));
+    }
+
+    #[test]
+    fn tcp_listener_mistakes_are_reported_with_fixes() {
+        let e = build(
+            "[[tcp_listener]]\nlisten = \"127.0.0.1:0\"\ncluster = \"v\"\ntls = [{ hosts = [\"v.test\"], cert = \"no.pem\", key = \"no.key\" }]\nidle_timout = \"1h\"\n[[tcp_listener]]\nlisten = \"127.0.0.1:0\"\nsni = [{ hosts = [\"bad host\"], cluster = \"v\" }]\ntls = [{ hosts = [\"v.test\"], cert = \"no.pem\", key = \"no.key\" }]\n[cluster.v]\nhealth = { port = 0 }\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", tls = true }]\n",
+            Path::new("."),
+        )
+        .expect_err("rejected");
+        let has = |needle: &str| {
+            e.iter()
+                .find(|x| x.message.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in {e:?}"))
+        };
+        assert!(has("unknown key `idle_timout`")
+            .fix
+            .contains("idle_timeout"));
+        assert!(has("does not originate TLS").line.is_some());
+        assert!(has("`bad host` is not a host name").line.is_some());
+        assert!(has("names none").fix.contains("cluster"));
+        assert!(has("port = 0").fix.contains("port"));
+        let e = build(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.web]\naffinity = \"client-ip\"\nprotocol_check = \"none\"\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\", proxy_protocol = \"v1\" }]\n",
+            Path::new("."),
+        )
+        .expect_err("rejected");
+        let paths: Vec<(&str, Option<usize>)> =
+            e.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            paths,
+            [
+                ("cluster.web.affinity", Some(4)),
+                ("cluster.web.protocol_check", Some(5)),
+                ("cluster.web.backends[0].proxy_protocol", Some(6)),
+            ],
+            "{e:?}"
+        );
+        // A config with only TCP listeners is a valid config.
+        assert!(build(
+            "[[tcp_listener]]\nlisten = \"127.0.0.1:0\"\ncluster = \"v\"\n[cluster.v]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
+            Path::new(".")
+        )
+        .is_ok());
     }
 }

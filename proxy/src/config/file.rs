@@ -18,6 +18,8 @@ pub struct FileConfig {
     pub proxy: Option<FileProxy>,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<FileListener>,
+    #[serde(default, rename = "tcp_listener")]
+    pub tcp_listeners: Vec<FileTcpListener>,
     #[serde(default, rename = "route")]
     pub routes: Vec<FileRoute>,
     #[serde(default, rename = "cluster")]
@@ -114,6 +116,28 @@ pub struct FileListener {
     pub proxy_protocol: Option<String>,
 }
 
+/// `[[tcp_listener]]`: bytes carried unparsed to a cluster.
+#[derive(Debug, Deserialize)]
+pub struct FileTcpListener {
+    pub listen: String,
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub sni: Vec<FileSniRoute>,
+    #[serde(default)]
+    pub tls: Vec<FileTlsCert>,
+    pub idle_timeout: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub max_connections: Option<u32>,
+    pub proxy_protocol: Option<String>,
+}
+
+/// One entry of a TCP listener's `sni = [...]`.
+#[derive(Debug, Deserialize)]
+pub struct FileSniRoute {
+    pub hosts: Vec<String>,
+    pub cluster: String,
+}
+
 /// One entry of a listener's `tls = [...]`.
 #[derive(Debug, Deserialize)]
 pub struct FileTlsCert {
@@ -141,6 +165,8 @@ pub struct FileCluster {
     pub connect_timeout: Option<String>,
     pub connect_stagger: Option<String>,
     pub protocol_timeout: Option<String>,
+    pub protocol_check: Option<String>,
+    pub affinity: Option<String>,
     pub retries: Option<u32>,
     pub retry_budget: Option<FileRetryBudget>,
     pub upstream_ca: Option<String>,
@@ -180,6 +206,7 @@ pub struct FileHealth {
     pub lag_json: Option<String>,
     pub config: Option<toml::Table>,
     pub on_error: Option<String>,
+    pub port: Option<u16>,
 }
 
 /// `classifier = { policy = "x.wasm", config = { ... }, on_error = "..." }`
@@ -234,4 +261,5 @@ pub struct FileBackend {
     pub location: Option<String>,
     pub max_connections: Option<u32>,
     pub max_queue: Option<u32>,
+    pub proxy_protocol: Option<String>,
 }

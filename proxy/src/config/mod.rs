@@ -108,6 +108,13 @@ pub const MAX_BACKEND_LIMIT: u32 = 100_000;
 /// Longest `queue_timeout` accepted: a client waiting longer holds its connection for
 /// nothing.
 pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A TCP connection with no byte moving either way for this long is closed. An hour:
+/// an RDP or vault session sits idle while its user reads, and both protocols send
+/// keep-alives of their own well within it.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Time a TCP listener gives a client for what it reads before choosing a backend: a
+/// PROXY header, a ClientHello (SNI routing) or a TLS handshake (termination).
+pub const DEFAULT_TCP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Smallest request-head limit hyper can enforce.
 pub const MIN_MAX_REQUEST_HEADER_BYTES: usize = 8192;
 
@@ -151,6 +158,8 @@ pub struct Config {
     pub proxy: ProxySettings,
     /// Where keyway accepts client traffic.
     pub listeners: Vec<ListenerConfig>,
+    /// Where keyway accepts TCP connections it carries unparsed (`[[tcp_listener]]`).
+    pub tcp_listeners: Vec<TcpListenerConfig>,
     /// Host + path prefix → cluster, in file order (first match wins within equal specificity).
     pub routes: Vec<RouteConfig>,
     /// Clusters by name.
@@ -325,6 +334,80 @@ pub struct ListenerConfig {
     pub max_connections: u32,
     /// What the front door lets through and whom it trusts.
     pub door: FrontDoorConfig,
+}
+
+/// `[[tcp_listener]]`: bytes in both directions, unparsed, to a cluster.
+#[derive(Clone, Debug)]
+pub struct TcpListenerConfig {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Where connections go that no SNI route takes (and every terminated one).
+    pub cluster: Option<String>,
+    /// TLS passthrough routes chosen by the ClientHello's server name, in file order.
+    pub sni: Vec<SniRoute>,
+    /// Certificates to terminate TLS with; empty means no termination.
+    pub tls: Vec<TlsCertConfig>,
+    /// A connection with no byte moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bound on the PROXY header, ClientHello and TLS handshake of a new connection.
+    pub handshake_timeout: Duration,
+    /// Client connections held open at once; more wait in the kernel's backlog.
+    pub max_connections: u32,
+    /// Whether connections must start with a PROXY protocol header (and which versions).
+    pub proxy_protocol: crate::proxy_protocol::Accept,
+}
+
+/// One `sni = [{ hosts, cluster }]` entry of a TCP listener.
+#[derive(Clone, Debug)]
+pub struct SniRoute {
+    /// Server names (exact or `*.suffix`; `*` takes any hello, with or without a name).
+    pub hosts: Vec<HostPattern>,
+    /// Cluster the connection goes to, TLS untouched.
+    pub cluster: String,
+}
+
+/// When a TCP backend counts as established (`protocol_check`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolCheck {
+    /// The backend has sent at least one byte (vault protocol, SSH, SMTP-like greeters,
+    /// and client-first protocols once the client's first bytes are answered).
+    FirstByte,
+    /// The backend's first bytes are a TLS handshake record (its ServerHello): for TLS
+    /// passthrough, where the client's ClientHello is what the backend answers.
+    Tls,
+    /// Connected is enough.
+    None,
+}
+
+/// How a TCP cluster keeps a client on one backend (`affinity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Affinity {
+    /// No affinity: the strategy and balance decide.
+    None,
+    /// Weighted rendezvous hashing on the client's IP address.
+    ClientIp,
+}
+
+/// Whether keyway sends a PROXY protocol header to a backend (backend `proxy_protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendProxy {
+    /// No header.
+    Off,
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
+}
+
+/// A cluster's settings that only TCP listeners use.
+#[derive(Clone, Debug)]
+pub struct TcpClusterSettings {
+    /// When a backend counts as established.
+    pub protocol_check: ProtocolCheck,
+    /// Client affinity.
+    pub affinity: Affinity,
+    /// Per backend, in the order of `ClusterConfig::backends`: the PROXY header sent.
+    pub send_proxy: Vec<SendProxy>,
 }
 
 /// Per-listener settings of the front door (see `frontdoor`). The defaults are the
@@ -528,6 +611,9 @@ pub struct HealthConfig {
     pub initially_healthy: bool,
     /// Where lag is read from, if anywhere.
     pub lag: Option<LagSource>,
+    /// Probe this port of the backend's host instead of its own (a status page beside
+    /// a vault or RDP port).
+    pub port: Option<u16>,
 }
 
 /// `outlier = { ... }`
@@ -591,6 +677,9 @@ pub enum Balance {
     P2c,
     /// Weighted random.
     Random,
+    /// Fewest open connections relative to weight (TCP listeners); on HTTP clusters the
+    /// same as least-requests.
+    LeastConnections,
 }
 
 impl Strategy {
@@ -612,6 +701,7 @@ impl Balance {
             Balance::LeastRequests => "least-requests",
             Balance::P2c => "p2c",
             Balance::Random => "random",
+            Balance::LeastConnections => "least-connections",
         }
     }
 }
@@ -687,8 +777,10 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Ordered clusters: delay before the next backend joins the race.
     pub connect_stagger: Duration,
-    /// Bound on the wait for response headers.
+    /// Bound on the wait for response headers (TCP: for the `protocol_check`).
     pub protocol_timeout: Duration,
+    /// What TCP listeners use of this cluster.
+    pub tcp: TcpClusterSettings,
     /// Extra attempts on other backends.
     pub retries: u32,
     /// Cluster-wide retry budget.
