@@ -1068,3 +1068,37 @@ backends = [{ id = "a", address = "127.0.0.1:1", proxy_protocol = "v3" }]
         keyway::config::ProtocolCheck::FirstByte
     );
 }
+
+#[tokio::test]
+async fn a_degraded_backend_is_tried_after_every_healthy_one() {
+    // b has the better priority but its health policy calls it degraded: a standby.
+    let a = Server::start(Behaviour::Greet("a".into())).await;
+    let b = Server::start(Behaviour::Greet("b".into())).await;
+    let proxy = Proxy::start(&tcp_config(
+        "cluster = \"vault-deg\"",
+        &format!(
+            "[cluster.vault-deg]\nstrategy = \"ordered\"\nhealth = {{ kind = \"tcp\", interval = \"50ms\", policy = \"{}\", config = {{ mode = \"ok\", degraded = [\"b\"] }} }}\nbackends = [\n  {{ id = \"a\", address = \"{}\", priority = 1 }},\n  {{ id = \"b\", address = \"{}\", priority = 0 }},\n]\n",
+            plugin("misbehave-health").display(),
+            a.addr,
+            b.addr
+        ),
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    eventually(Duration::from_secs(10), "a healthy, b degraded", || async {
+        backend_status(admin, "vault-deg", "a").await["health"]["health"] == "healthy"
+            && backend_status(admin, "vault-deg", "b").await["health"]["health"] == "degraded"
+    })
+    .await;
+    let addr = proxy.server().tcp_addrs()[0];
+    for _ in 0..5 {
+        assert_eq!(greeting(addr).await.as_deref(), Some("a"));
+    }
+    // The only one left: the standby serves.
+    a.accept.abort();
+    eventually(Duration::from_secs(10), "a unhealthy", || async {
+        backend_status(admin, "vault-deg", "a").await["health"]["health"] == "unhealthy"
+    })
+    .await;
+    assert_eq!(greeting(addr).await.as_deref(), Some("b"));
+}

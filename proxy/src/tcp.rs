@@ -586,6 +586,9 @@ fn order(cluster: &Cluster, client: IpAddr) -> Vec<usize> {
         (0..n).map(|k| (first + k) % n.max(1)).collect()
     };
     order.retain(|&i| usable(i));
+    // Degraded backends are standbys: after every healthy one (stable, so each group
+    // keeps the order above).
+    order.sort_by_key(|&i| view.standby(i));
     order
 }
 
