@@ -255,6 +255,18 @@ impl FileStore {
         }
     }
 
+    /// Every cluster's topology, with its epoch as the compare-and-swap token.
+    fn stored(&self) -> HashMap<String, (Topology, i64)> {
+        self.doc()
+            .clusters
+            .into_iter()
+            .map(|(k, t)| {
+                let rev = t.epoch as i64;
+                (k, (t, rev))
+            })
+            .collect()
+    }
+
     /// The whole document.
     pub fn doc(&self) -> StateDoc {
         self.doc.lock().map(|d| d.clone()).unwrap_or_default()
@@ -459,15 +471,7 @@ impl Store {
     /// Reads every cluster's stored topology.
     pub async fn load_all(&self) -> Result<HashMap<String, (Topology, i64)>, String> {
         match self {
-            Store::File(f) => Ok(f
-                .doc()
-                .clusters
-                .into_iter()
-                .map(|(k, t)| {
-                    let rev = t.epoch as i64;
-                    (k, (t, rev))
-                })
-                .collect()),
+            Store::File(f) => Ok(f.stored()),
             Store::Etcd(e) => {
                 let prefix = format!("{}/clusters/", e.cfg.prefix);
                 let r = e.client.get_prefix(&prefix).await;
@@ -997,18 +1001,7 @@ impl Failover {
         // A cluster added by a reload may have decisions stored under its name (it was
         // there before): they stand, never the configured primary.
         match &self.store {
-            Store::File(f) => {
-                let stored = f
-                    .doc()
-                    .clusters
-                    .into_iter()
-                    .map(|(k, t)| {
-                        let rev = t.epoch as i64;
-                        (k, (t, rev))
-                    })
-                    .collect();
-                self.adopt_config(config, &stored, false)
-            }
+            Store::File(f) => self.adopt_config(config, &f.stored(), false),
             Store::Etcd(_) => self.adopt_config(config, &HashMap::new(), true),
         }
     }
