@@ -467,6 +467,26 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                     "use 1s or more",
                 );
             }
+            let timeout = nonzero_duration(
+                c.timeout.as_deref(),
+                &cp.key("timeout"),
+                DEFAULT_ETCD_TIMEOUT,
+                errs,
+            );
+            if timeout >= lease_ttl {
+                // A renewal that takes its whole timeout would be answered after the
+                // permit it grants had already run out.
+                errs.push(
+                    &cp.key("timeout"),
+                    format!(
+                        "timeout ({timeout:?}) must be shorter than lease_ttl ({lease_ttl:?}): a lease renewal that used its whole timeout would grant no time to write"
+                    ),
+                    format!(
+                        "set timeout to {}ms or less (etcd answers in milliseconds on a LAN), or lengthen lease_ttl",
+                        (lease_ttl / 3).as_millis().max(1)
+                    ),
+                );
+            }
             StateConfig::Etcd(EtcdConfig {
                 endpoints,
                 tls,
@@ -474,12 +494,7 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 lease_ttl: lease_ttl.max(Duration::from_secs(1)),
                 instance: c.instance.clone().unwrap_or_else(default_instance_name),
                 failsafe_peers: failsafe_peers(c, &cp, errs),
-                timeout: nonzero_duration(
-                    c.timeout.as_deref(),
-                    &cp.key("timeout"),
-                    DEFAULT_ETCD_TIMEOUT,
-                    errs,
-                ),
+                timeout,
             })
         }
         None => StateConfig::File(resolve(
@@ -2632,6 +2647,13 @@ mod failover_config {
         assert!(e[1].message.contains("not an admin address"), "{e:?}");
         let e = build_text(&top(""), PR).unwrap_err();
         assert!(e[0].message.contains("lists no peer"), "{e:?}");
+        let e = build_text(
+            "[coordination]\netcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"2s\"\ntimeout = \"2s\"",
+            PR,
+        )
+        .unwrap_err();
+        assert_eq!(e[0].path, "coordination.timeout", "{e:?}");
+        assert!(e[0].fix.contains("666ms"), "{e:?}");
         let cfg = build_text(&top("\"http://127.0.0.1:9901/\", \"127.0.0.1:9902\""), PR).unwrap();
         match cfg.state {
             StateConfig::Etcd(e) => assert_eq!(
