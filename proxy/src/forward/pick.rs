@@ -1,0 +1,131 @@
+//! Choosing a backend among the eligible ones and getting a slot and a connection:
+//! the pinned backend, the balancer, or the ordered staggered race.
+
+use super::*;
+
+/// Chooses a backend and gets one of its slots and a connection to it. Failed (and
+/// full) backends are added to `tried`.
+pub(super) async fn pick_and_connect(
+    cluster: &Cluster,
+    pinned: Option<usize>,
+    tried: &mut Vec<usize>,
+    purpose: Purpose,
+    eligible: &Eligible,
+) -> Result<(usize, Sender, Slot), ProxyError> {
+    let cfg = &cluster.cfg;
+    let (connect, queue) = (cfg.connect_timeout, cfg.queue_timeout);
+    if let Some(p) = pinned.filter(|p| !tried.contains(p)) {
+        match upstream::checkout_with_slot(&cluster.backends[p], purpose, connect, queue).await {
+            Ok((s, slot)) => return Ok((p, s, slot)),
+            // The pinned backend is down or full: fall through to normal selection; the response
+            // will re-pin the client. This costs no retry: the pin was a preference.
+            Err(_) => tried.push(p),
+        }
+    }
+    match cfg.strategy {
+        Strategy::Balanced | Strategy::PrimaryReplica => {
+            let eligible_now = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            // Degraded backends are standbys: only when no healthy one is allowed.
+            let healthy_left = healthy_left(cluster, &eligible.view, &eligible_now);
+            let allowed = |i: usize| eligible_now(i) && !(healthy_left && eligible.view.standby(i));
+            // A backend with a free slot first: queue only when every candidate is full.
+            let free = |i: usize| allowed(i) && cluster.backends[i].has_free_slot();
+            let picked = cluster
+                .balancer
+                .pick(&cluster.backends, free)
+                .or_else(|| cluster.balancer.pick(&cluster.backends, allowed));
+            let Some(i) = picked else {
+                return Err(ProxyError::new(
+                    ErrorKind::NoBackendAvailable,
+                    Side::Internal,
+                    false,
+                    format!(
+                        "every backend of cluster `{}` failed for this request",
+                        cfg.name
+                    ),
+                ));
+            };
+            match upstream::checkout_with_slot(&cluster.backends[i], purpose, connect, queue).await
+            {
+                Ok((s, slot)) => Ok((i, s, slot)),
+                Err(e) => {
+                    tried.push(i);
+                    Err(e)
+                }
+            }
+        }
+        Strategy::Ordered => {
+            let allowed = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            // Degraded backends are standbys: only when no healthy one is allowed.
+            let healthy_left = healthy_left(cluster, &eligible.view, &allowed);
+            let mut order: Vec<usize> = cluster
+                .by_priority
+                .iter()
+                .copied()
+                .filter(|&i| allowed(i) && !(healthy_left && eligible.view.standby(i)))
+                .collect();
+            if cfg.balance == Balance::Random {
+                shuffle_within_priority(cluster, &mut order);
+            }
+            if order.is_empty() {
+                return Err(ProxyError::new(
+                    ErrorKind::NoBackendAvailable,
+                    Side::Internal,
+                    false,
+                    format!(
+                        "every backend of cluster `{}` failed for this request",
+                        cfg.name
+                    ),
+                ));
+            }
+            match upstream::staggered_connect(
+                &cluster.backends,
+                &order,
+                cfg.connect_stagger,
+                connect,
+                queue,
+                purpose,
+            )
+            .await
+            {
+                Ok((i, sender, slot, _failed)) => Ok((i, sender, slot)),
+                Err(mut failures) => {
+                    tried.extend(order);
+                    if failures.iter().all(|e| e.kind == ErrorKind::BackendBusy) {
+                        if let Some(busy) = failures.pop() {
+                            return Err(busy);
+                        }
+                    }
+                    let last = failures
+                        .into_iter()
+                        .last()
+                        .map(|e| e.detail)
+                        .unwrap_or_default();
+                    Err(ProxyError::new(
+                        ErrorKind::NoBackendAvailable,
+                        Side::Upstream,
+                        false,
+                        format!(
+                            "no backend of cluster `{}` answered (last error: {last})",
+                            cfg.name
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// `randomizelogservers`: shuffle backends of equal priority, keep tiers in order.
+pub(super) fn shuffle_within_priority(cluster: &Cluster, order: &mut [usize]) {
+    let mut start = 0;
+    while start < order.len() {
+        let p = cluster.backends[order[start]].cfg.priority;
+        let end = order[start..]
+            .iter()
+            .position(|&i| cluster.backends[i].cfg.priority != p)
+            .map_or(order.len(), |n| start + n);
+        fastrand::shuffle(&mut order[start..end]);
+        start = end;
+    }
+}
