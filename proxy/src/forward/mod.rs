@@ -47,11 +47,13 @@ mod eligible;
 mod exchange;
 mod pick;
 mod respond;
+mod retry;
 
 use eligible::*;
 use exchange::*;
 use pick::*;
 use respond::*;
+use retry::{Next, Retry};
 
 pub use eligible::EPOCH_HEADER;
 
@@ -255,21 +257,11 @@ async fn proxy(
         Some(w) => Limited::new(incoming, limit, w.clone()).boxed(),
     };
     // Only bodiless safe requests can be rebuilt for a retry after they were sent.
-    let replayable = empty_body
-        && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-        && cluster.cfg.retries > 0;
-    let template = replayable.then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        )
-    });
-
-    let mut pending = Some(Request::from_parts(parts, body));
-    let mut tried: Vec<usize> = Vec::new();
-    let mut retries_left = cluster.cfg.retries;
-    let mut safe_retry_used = false;
+    let mut retry = Retry::new(
+        Request::from_parts(parts, body),
+        cluster.cfg.retries,
+        empty_body,
+    );
     let purpose = if upgrade {
         Purpose::Upgrade
     } else {
@@ -279,17 +271,17 @@ async fn proxy(
     loop {
         // 1. A slot and a connection: the pinned backend first, then the cluster's strategy.
         let (idx, sender, slot) =
-            match pick_and_connect(cluster, pinned, &mut tried, purpose, &eligible).await {
+            match pick_and_connect(cluster, pinned, &mut retry.tried, purpose, &eligible).await {
                 Ok(x) => x,
                 Err(e) => {
-                    if e.retryable && !eligible.remaining(cluster, &tried) {
-                        return Err(fail(no_backend_left(cluster, e)));
+                    let remaining = eligible.remaining(cluster, &retry.tried);
+                    match retry
+                        .after_connect_failure(e.retryable, remaining, || cluster.try_retry())
+                    {
+                        Next::Again => continue,
+                        Next::NoneLeft => return Err(fail(no_backend_left(cluster, e))),
+                        Next::GiveUp => return Err(fail(e)),
                     }
-                    if e.retryable && retries_left > 0 && cluster.try_retry() {
-                        retries_left -= 1;
-                        continue;
-                    }
-                    return Err(fail(e));
                 }
             };
         if !eligible.still_valid(cluster, &rt.permit) {
@@ -315,12 +307,12 @@ async fn proxy(
             )));
         }
         let backend = cluster.backends[idx].clone();
-        tried.push(idx);
+        retry.tried.push(idx);
         log.attempts += 1;
         log.backend = Some(idx);
 
         // 2. Send, bounded by protocol_timeout for the response head.
-        let Some(mut req) = pending.take() else {
+        let Some(mut req) = retry.take() else {
             return Err(fail(ProxyError::new(
                 ErrorKind::UpstreamProtocol,
                 Side::Internal,
@@ -358,7 +350,7 @@ async fn proxy(
             _ => exchange.await,
         };
         let count_5xx = cluster.cfg.outlier.count_5xx;
-        let (failure, ending) = match result {
+        let (failure, unsent, ending) = match result {
             Some(Ok((resp, h1))) => {
                 let mut inflight = inflight;
                 inflight.carry(eligible.ticket.take());
@@ -373,13 +365,7 @@ async fn proxy(
                 };
                 return Ok(respond(cluster, &backend, info, resp, answer, &rt.permit));
             }
-            Some(Err((e, unsent, ending))) => {
-                if let Some(r) = unsent {
-                    // hyper never wrote it: safe to send elsewhere, whatever the method.
-                    pending = Some(r);
-                }
-                (e, ending)
-            }
+            Some(Err((e, unsent, ending))) => (e, unsent, ending),
             None => {
                 let id = &backend.cfg.id;
                 let detail = match watch.as_deref().map(BodyWatch::sent_at) {
@@ -391,7 +377,7 @@ async fn proxy(
                     ),
                 };
                 let e = ProxyError::new(ErrorKind::ProtocolTimeout, Side::Upstream, false, detail);
-                (e, Ending::TimedOut)
+                (e, None, Ending::TimedOut)
             }
         };
         // Passive ejection counts only what the backend did, never the client's abort.
@@ -409,24 +395,15 @@ async fn proxy(
                 "the client's request body ended early or was malformed",
             )));
         }
-        // 3. Retry where the rules allow it.
-        if pending.is_none() {
-            match (&template, safe_retry_used) {
-                (Some((m, u, h)), false) => {
-                    safe_retry_used = true;
-                    let mut r = Request::new(body::empty());
-                    *r.method_mut() = m.clone();
-                    *r.uri_mut() = u.clone();
-                    *r.headers_mut() = h.clone();
-                    pending = Some(r);
-                }
-                _ => return Err(fail(failure)),
-            }
-        }
-        if retries_left == 0 || !eligible.remaining(cluster, &tried) || !cluster.try_retry() {
+        // 3. Retry where the rules allow it (`retry.rs`).
+        let next = retry.after_exchange_failure(
+            unsent,
+            |tried| eligible.remaining(cluster, tried),
+            || cluster.try_retry(),
+        );
+        if next != Next::Again {
             return Err(fail(failure));
         }
-        retries_left -= 1;
     }
 }
 
