@@ -1,0 +1,360 @@
+//! Accepting and serving client connections on an HTTP listener: TLS, PROXY header,
+//! HTTP/1.1 or HTTP/2, idle and header timeouts, and activity tracking.
+
+use super::*;
+
+
+/// What a reload may change on a running listener: certificates and limits. Read once
+/// per accepted connection; connections keep the settings they started with.
+pub(super) struct ListenerState {
+    pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(super) limits: Arc<crate::config::Limits>,
+    pub(super) door: Arc<crate::config::FrontDoorConfig>,
+    pub(super) builder: Arc<http_conn::Builder>,
+    pub(super) proxy_protocol: proxy_protocol::Accept,
+}
+
+impl ListenerState {
+    pub(super) fn new(cfg: &ListenerConfig) -> Self {
+        Self {
+            tls: tls::server_config(&cfg.tls).map(tokio_rustls::TlsAcceptor::from),
+            limits: Arc::new(cfg.limits.clone()),
+            door: Arc::new(cfg.door.clone()),
+            builder: Arc::new(http_builder(cfg)),
+            proxy_protocol: cfg.proxy_protocol,
+        }
+    }
+}
+
+/// hyper's settings for one listener. Every HTTP/2 limit is set here explicitly (the
+/// values and what h2 does beyond them are in `docs/http2-limits.md`), so a dependency
+/// upgrade that moves a default cannot loosen what keyway promises.
+pub(super) fn http_builder(cfg: &ListenerConfig) -> http_conn::Builder {
+    use crate::config::{
+        H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT, H2_MAX_CONCURRENT_STREAMS,
+        H2_MAX_FRAME_SIZE, H2_MAX_LOCAL_ERROR_RESET_STREAMS, H2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+        H2_MAX_SEND_BUF_SIZE,
+    };
+    let mut builder = http_conn::Builder::new();
+    builder
+        .http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.limits.header_read_timeout)
+        .max_buf_size(cfg.limits.max_request_header_bytes);
+    builder
+        .http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(cfg.limits.max_request_header_bytes).unwrap_or(u32::MAX),
+        )
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_frame_size(H2_MAX_FRAME_SIZE)
+        .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    builder
+}
+
+pub(super) async fn accept_loop(
+    sock: TcpListener,
+    label: String,
+    state: Arc<ArcSwap<ListenerState>>,
+    limit: Arc<ConnLimit>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: mpsc::Sender<()>,
+) {
+    let open = metrics::gauge!("keyway_downstream_connections", "listener" => label.clone());
+    let reached =
+        metrics::counter!("keyway_listener_limit_reached_total", "listener" => label.clone());
+    loop {
+        // A slot first: at max_connections, stop accepting until a connection closes.
+        let slot = match limit.free.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                reached.increment(1);
+                tracing::debug!(listen = %label, "max_connections reached; new connections wait in the backlog");
+                tokio::select! {
+                    s = limit.free.clone().acquire_owned() => match s {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
+        let (stream, client) = tokio::select! {
+            r = sock.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let current = state.load();
+        let conn = Connection {
+            builder: current.builder.clone(),
+            tls: current.tls.clone(),
+            proxy_protocol: current.proxy_protocol,
+            runtime: runtime.clone(),
+            info: ConnInfo {
+                client,
+                tls: current.tls.is_some(),
+                limits: current.limits.clone(),
+                door: current.door.clone(),
+                drain: DrainGuard::new(drain.clone(), Some(slot)),
+            },
+            shutdown: shutdown.clone(),
+            open: open.clone(),
+        };
+        tokio::spawn(conn.serve(stream));
+    }
+    tracing::info!(listen = %label, "stopped accepting");
+}
+
+pub(super) struct Connection {
+    pub(super) builder: Arc<http_conn::Builder>,
+    pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(super) proxy_protocol: proxy_protocol::Accept,
+    pub(super) runtime: Arc<ArcSwap<Runtime>>,
+    pub(super) info: ConnInfo,
+    pub(super) shutdown: watch::Receiver<bool>,
+    pub(super) open: metrics::Gauge,
+}
+
+impl Connection {
+    pub(super) async fn serve(mut self, mut stream: TcpStream) {
+        self.open.increment(1.0);
+        // Behind an L4 balancer: the PROXY header, read exactly (nothing of the client's
+        // own bytes), says who the client is. Without a valid one the connection closes.
+        let timeout = self.info.limits.header_read_timeout;
+        match proxy_protocol::read_header(&mut stream, self.proxy_protocol, timeout).await {
+            Ok(header) => self.info.client = header.client(self.info.client),
+            Err(e) => {
+                tracing::debug!(peer = %self.info.client, error = %e, "connection closed: no valid PROXY header");
+                metrics::counter!("keyway_proxy_protocol_rejected_total").increment(1);
+                self.open.decrement(1.0);
+                return;
+            }
+        }
+        let activity = Arc::new(Activity::new());
+        let io = Tracked {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        match self.tls.clone() {
+            None => self.serve_io(io, activity).await,
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(self.info.limits.header_read_timeout, acceptor.accept(io))
+                        .await;
+                match handshake {
+                    Ok(Ok(tls)) => self.serve_io(tls, activity).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(client = %self.info.client, error = %e, "TLS handshake failed");
+                        self.open.decrement(1.0);
+                    }
+                    Err(_) => {
+                        tracing::debug!(client = %self.info.client, "TLS handshake timed out");
+                        self.open.decrement(1.0);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) async fn serve_io<IO>(self, io: IO, activity: Arc<Activity>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            builder,
+            runtime,
+            info,
+            mut shutdown,
+            open,
+            ..
+        } = self;
+        let idle_timeout = info.limits.idle_timeout;
+        let info_client = info.client;
+        let svc_activity = activity.clone();
+        let service = service_fn(move |req| {
+            let rt = runtime.load_full();
+            let info = info.clone();
+            let guard = RequestGuard::new(svc_activity.clone());
+            // Boxed: hyper keeps a slot for the request future in every connection,
+            // idle ones included, so an inline future would cost its full size (a few
+            // KiB) per idle connection; boxed, it costs a pointer until a request comes.
+            Box::pin(async move {
+                let resp = forward::handle(rt, info, req).await;
+                drop(guard);
+                Ok::<_, std::convert::Infallible>(resp)
+            })
+        });
+        let conn = builder.serve(io, service);
+        tokio::pin!(conn);
+        let mut draining = false;
+        // Idle check: every quarter of the timeout, see whether any byte moved or any
+        // request is in flight; a connection with neither for the whole timeout closes.
+        let tick = (idle_timeout / 4).max(Duration::from_millis(10));
+        let mut last_io = activity.io();
+        let mut quiet = Duration::ZERO;
+        let mut next_check = tokio::time::Instant::now() + tick;
+        // An idle connection gets one more tick to say goodbye (GOAWAY, a finished
+        // response); one that still has not ended (its peer stopped reading, so nothing
+        // can be written) is dropped then, instead of being held for ever.
+        let mut idle_close_by: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    break;
+                }
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep_until(next_check), if !draining => {
+                    next_check += tick;
+                    let io = activity.io();
+                    if io != last_io || activity.in_flight() > 0 {
+                        last_io = io;
+                        quiet = Duration::ZERO;
+                    } else {
+                        quiet += tick;
+                        if quiet >= idle_timeout {
+                            draining = true;
+                            idle_close_by = Some(tokio::time::Instant::now() + tick);
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_close_by.unwrap_or(next_check)), if idle_close_by.is_some() => {
+                    tracing::debug!(client = %info_client, "idle client connection did not close gracefully; dropped");
+                    break;
+                }
+            }
+        }
+        open.decrement(1.0);
+    }
+}
+
+// === activity tracking for idle timeouts ===
+
+/// I/O progress and requests in flight on one client connection. Counting I/O calls
+/// instead of reading the clock keeps the per-read cost to one relaxed increment.
+pub(super) struct Activity {
+    pub(super) io: AtomicU64,
+    pub(super) in_flight: AtomicU32,
+}
+
+impl Activity {
+    pub(super) fn new() -> Self {
+        Self {
+            io: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+        }
+    }
+
+    pub(super) fn touch(&self) {
+        self.io.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn io(&self) -> u64 {
+        self.io.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+pub(super) struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    pub(super) fn new(a: Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(a)
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A socket that records when bytes last moved.
+    struct Tracked<S> {
+        #[pin]
+        inner: S,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Tracked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,62 @@
+//! Graceful drain and connection caps: the guards that mark the end of a client
+//! connection, and the resizable per-listener limit taken before `accept`.
+
+use super::*;
+
+// === drain ===
+
+/// Held by every client connection and the tunnels upgraded from it: shutdown waits
+/// until all are dropped, and the connection's slot under its listener's
+/// `max_connections` is free again only when the last of them goes.
+#[derive(Clone)]
+pub struct DrainGuard(#[allow(dead_code)] Arc<(mpsc::Sender<()>, Option<OwnedSemaphorePermit>)>);
+
+impl DrainGuard {
+    /// A guard for one client connection, holding its listener slot if it has one.
+    pub(crate) fn new(drain: mpsc::Sender<()>, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Self(Arc::new((drain, slot)))
+    }
+}
+
+// === connection limits ===
+
+/// A listener's cap on open client connections: a permit is taken *before* `accept`,
+/// so connections past the cap wait in the kernel's backlog instead of being accepted
+/// and dropped. A reload resizes it in place; open connections keep their permits.
+pub(crate) struct ConnLimit {
+    pub(crate) free: Arc<Semaphore>,
+    size: std::sync::Mutex<u32>,
+}
+
+impl ConnLimit {
+    pub(crate) fn new(size: u32) -> Self {
+        Self {
+            free: Arc::new(Semaphore::new(size as usize)),
+            size: std::sync::Mutex::new(size),
+        }
+    }
+
+    pub(crate) fn resize(&self, next: u32) {
+        let Ok(mut size) = self.size.lock() else {
+            return;
+        };
+        let old = std::mem::replace(&mut *size, next);
+        if next > old {
+            self.free.add_permits((next - old) as usize);
+        } else if next < old {
+            let surplus = (old - next) as usize;
+            let gone = self.free.forget_permits(surplus);
+            if gone < surplus {
+                // The rest are held by open connections: retire them as those close.
+                // The semaphore is fair, so no new connection is admitted before.
+                let free = self.free.clone();
+                let rest = u32::try_from(surplus - gone).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(p) = free.acquire_many_owned(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+}

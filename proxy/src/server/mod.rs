@@ -1,0 +1,357 @@
+//! Assembles a running keyway from a [`Config`]: binds listeners, builds the runtime
+//! snapshot, serves client connections (plain or TLS, HTTP/1.1 and HTTP/2), enforces
+//! header-read and idle timeouts, caps open connections per listener, and drains on
+//! shutdown.
+//!
+//! Everything the request path reads is published through one `ArcSwap<Runtime>`, so a
+//! later reload builds a new runtime and swaps it in without touching live connections.
+//! This module owns sockets and tasks; it makes no routing decision itself.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioTimer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::cluster::Cluster;
+use crate::config::{Config, ListenerConfig};
+use crate::failover::Failover;
+use crate::forward::{self, ConnInfo, Runtime};
+use crate::router::Router;
+use crate::{admin, http_conn, proxy_protocol, telemetry, tls};
+
+mod conn;
+mod limits;
+mod reload;
+
+use conn::*;
+pub(crate) use limits::ConnLimit;
+pub use limits::DrainGuard;
+pub use reload::Reloader;
+
+/// Why keyway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener address could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using it?)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Runtime state could not be built from the config.
+    #[error("{0}")]
+    Build(String),
+    /// The stored promotion decisions could not be read.
+    #[error("{0}")]
+    State(String),
+}
+
+/// Builds the request path's snapshot from a config.
+pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, String> {
+    telemetry::metrics_handle();
+    let secret: &[u8] = match &config.proxy.secret {
+        Some(s) => s,
+        None => process_secret(),
+    };
+    let clusters: Vec<Arc<Cluster>> = config
+        .clusters
+        .iter()
+        .map(|c| {
+            let mut cluster = Cluster::new(c.clone(), secret)?;
+            if let Some(gate) = failover.gate(&c.name) {
+                cluster.gate = gate;
+            }
+            // The stored topology, before the cluster serves a request.
+            failover.apply_to(&cluster);
+            Ok::<_, String>(Arc::new(cluster))
+        })
+        .collect::<Result<_, _>>()?;
+    let router = Router::new(&config.routes, |name| {
+        let i = clusters.iter().position(|c| c.cfg.name == name)?;
+        Some((i, clusters[i].cfg.paths))
+    });
+    Ok(Runtime {
+        router,
+        clusters,
+        access_log: config.proxy.access_log,
+        permit: failover.permit().clone(),
+    })
+}
+
+/// A random key for this process, used when the config names no `secret_file`.
+fn process_secret() -> &'static [u8] {
+    static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        let mut key = [0u8; 32];
+        // The OS generator failing leaves a weaker but still unpredictable-per-start key.
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).is_err() {
+            for b in &mut key {
+                *b = fastrand::u8(..);
+            }
+        }
+        key
+    })
+}
+
+// === Server ===
+
+/// A running keyway instance.
+pub struct Server {
+    listen_addrs: Vec<SocketAddr>,
+    tcp_addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    reloader: Arc<Reloader>,
+    shutdown: watch::Sender<bool>,
+    drain_tx: Option<mpsc::Sender<()>>,
+    drain_rx: mpsc::Receiver<()>,
+    drain_timeout: Duration,
+    plugin_watcher: std::sync::Mutex<Option<crate::watch::PluginWatcher>>,
+}
+
+/// How long plugin files must be quiet after a change before keyway reloads.
+const PLUGIN_WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
+
+impl Server {
+    /// Binds every listener and the admin server, then starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let failover = Failover::open(&config, crate::failover::Access::Owner)
+            .await
+            .map_err(StartError::State)?;
+        let runtime = Arc::new(ArcSwap::from_pointee(
+            build_runtime(&config, &failover).map_err(StartError::Build)?,
+        ));
+        let (shutdown, _) = watch::channel(false);
+        let (drain_tx, drain_rx) = mpsc::channel(1);
+
+        let mut listen_addrs = Vec::new();
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let sock = TcpListener::bind(l.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: l.listen,
+                    source,
+                })?;
+            listen_addrs.push(sock.local_addr().unwrap_or(l.listen));
+            bound.push((sock, l.clone()));
+        }
+        let mut tcp_bound = Vec::new();
+        for l in &config.tcp_listeners {
+            let bound = crate::tcp::TcpListenerHandle::bind(l)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: l.listen,
+                    source,
+                })?;
+            tcp_bound.push(bound);
+        }
+        for c in &runtime.load().clusters {
+            crate::health::spawn_probers(c, shutdown.subscribe());
+        }
+        failover.start(runtime.clone(), shutdown.subscribe());
+        let listener_states: Vec<Arc<ArcSwap<ListenerState>>> = config
+            .listeners
+            .iter()
+            .map(|l| Arc::new(ArcSwap::from_pointee(ListenerState::new(l))))
+            .collect();
+        let conn_limits: Vec<Arc<ConnLimit>> = config
+            .listeners
+            .iter()
+            .map(|l| Arc::new(ConnLimit::new(l.max_connections)))
+            .collect();
+        let reloader = Arc::new(Reloader {
+            runtime: runtime.clone(),
+            listeners: listener_states.clone(),
+            conn_limits: conn_limits.clone(),
+            tcp: tcp_bound.iter().map(|(_, h)| h.clone()).collect(),
+            current: std::sync::Mutex::new(config.clone()),
+            source: std::sync::Mutex::new(None),
+            shutdown: shutdown.subscribe(),
+            last: std::sync::Mutex::new(None),
+            failover: failover.clone(),
+        });
+        let admin_addr = match &config.admin {
+            Some(a) => {
+                let sock =
+                    TcpListener::bind(a.listen)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: a.listen,
+                            source,
+                        })?;
+                let addr = sock.local_addr().unwrap_or(a.listen);
+                tokio::spawn(admin::serve(
+                    sock,
+                    runtime.clone(),
+                    reloader.clone(),
+                    shutdown.subscribe(),
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
+        for ((((sock, cfg), addr), state), limit) in bound
+            .into_iter()
+            .zip(&listen_addrs)
+            .zip(listener_states)
+            .zip(conn_limits)
+        {
+            tracing::info!(listen = %addr, tls = !cfg.tls.is_empty(), "listening");
+            tokio::spawn(accept_loop(
+                sock,
+                addr.to_string(),
+                state,
+                limit,
+                runtime.clone(),
+                shutdown.subscribe(),
+                drain_tx.clone(),
+            ));
+        }
+        let tcp_addrs = tcp_bound.iter().map(|(_, h)| h.addr()).collect();
+        for (sock, handle) in tcp_bound {
+            tracing::info!(listen = %handle.addr(), "listening (TCP)");
+            tokio::spawn(crate::tcp::accept_loop(
+                sock,
+                handle,
+                runtime.clone(),
+                shutdown.subscribe(),
+                drain_tx.clone(),
+            ));
+        }
+        Ok(Server {
+            tcp_addrs,
+            plugin_watcher: std::sync::Mutex::new(None),
+            listen_addrs,
+            admin_addr,
+            runtime,
+            reloader,
+            shutdown,
+            drain_tx: Some(drain_tx),
+            drain_rx,
+            drain_timeout: config.proxy.drain_timeout,
+        })
+    }
+
+    /// Bound addresses of the listeners, in config order (ports resolved when `:0`).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen_addrs
+    }
+
+    /// Bound addresses of the TCP listeners, in config order.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
+    }
+
+    /// Bound address of the admin server, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Remembers the file this server's config came from, so reloads re-read it.
+    /// Also starts the plugin-file watcher, unless `[proxy] watch_plugins = false`.
+    pub fn set_config_source(&self, path: std::path::PathBuf) {
+        if let Ok(mut s) = self.reloader.source.lock() {
+            *s = Some(path);
+        }
+        let watch = self
+            .reloader
+            .current
+            .lock()
+            .is_ok_and(|c| c.proxy.watch_plugins);
+        if watch {
+            match crate::watch::watch_plugins(self.reloader.clone(), PLUGIN_WATCH_DEBOUNCE) {
+                Ok(w) => {
+                    if let Ok(mut slot) = self.plugin_watcher.lock() {
+                        *slot = Some(w);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "plugin files are not watched; reload with SIGHUP or POST /plugins/reload")
+                }
+            }
+        }
+    }
+
+    /// Re-reads the config file and applies it (see [`Reloader::reload`]).
+    pub fn reload(&self) -> Result<String, String> {
+        self.reloader.reload()
+    }
+
+    /// The reloader, for callers that outlive a borrow of the server (signal handlers).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// The live runtime snapshot.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to the drain timeout, then
+    /// returns. Returns `true` if everything drained in time.
+    pub async fn shutdown(mut self) -> bool {
+        let _ = self.shutdown.send(true);
+        self.drain_tx.take();
+        let drained = tokio::time::timeout(self.drain_timeout, self.drain_rx.recv())
+            .await
+            .is_ok();
+        self.reloader.failover().release();
+        if drained {
+            tracing::info!("all connections drained");
+        } else {
+            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing remaining connections");
+        }
+        drained
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listener_cap_resizes_without_cutting_connections() {
+        let limit = ConnLimit::new(3);
+        let mut open: Vec<_> = (0..3)
+            .map(|_| {
+                limit
+                    .free
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("below the cap")
+            })
+            .collect();
+        // Shrink below what is open: nothing is cut, the surplus retires as they close.
+        limit.resize(1);
+        assert_eq!(limit.free.available_permits(), 0);
+        open.truncate(1);
+        tokio::task::yield_now().await;
+        assert!(
+            limit.free.clone().try_acquire_owned().is_err(),
+            "one connection is open and the cap is 1"
+        );
+        open.clear();
+        let one = limit
+            .free
+            .clone()
+            .try_acquire_owned()
+            .expect("a free place");
+        assert!(limit.free.clone().try_acquire_owned().is_err());
+        // Grow: the new places are there at once.
+        limit.resize(4);
+        assert_eq!(limit.free.available_permits(), 3);
+        drop(one);
+        assert_eq!(limit.free.available_permits(), 4);
+    }
+}
