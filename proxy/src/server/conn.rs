@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 /// What a reload may change on a running listener: certificates and limits. Read once
 /// per accepted connection; connections keep the settings they started with.
 pub(super) struct ListenerState {
