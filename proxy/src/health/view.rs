@@ -1,0 +1,78 @@
+//! The view the request path reads: one cluster's health and topology, published as a
+//! whole so a request never sees health from one moment and topology from another.
+
+use super::*;
+
+// === the published view ===
+
+/// What the request path knows about one backend.
+#[derive(Clone, Debug)]
+pub struct BackendView {
+    /// Health by active checks (always `Healthy` without them).
+    pub health: Health,
+    /// Passively ejected until then.
+    pub ejected_until: Option<Instant>,
+    /// Last reported replication lag.
+    pub lag_ms: Option<u64>,
+    /// The backend's role now (promotions change it).
+    pub role: Role,
+    /// A demoted primary: no traffic until an explicit failback or promotion.
+    pub fenced: bool,
+}
+
+/// One cluster's health, as published.
+#[derive(Clone, Debug)]
+pub struct HealthView {
+    /// Per backend, in config order.
+    pub backends: Vec<BackendView>,
+    /// The backend that takes writes (`primary-replica`), if any: none while a
+    /// switchover drains or after a promotion found no candidate.
+    pub primary: Option<usize>,
+    /// The topology epoch this view belongs to (0 for clusters without one).
+    pub epoch: u64,
+    /// `epoch` formatted once as the `keyway-epoch` header value, so forwarding a
+    /// write does not format (and allocate) it again.
+    pub epoch_header: http::HeaderValue,
+    /// Whether an expired ejection ends by itself (no active checks) or needs a probe.
+    pub(super) ejection_needs_probe: bool,
+    pub(super) any_ejected: bool,
+}
+
+impl HealthView {
+    /// Whether backend `i` may receive traffic now. `now` is needed only when
+    /// [`Self::any_ejected`]; without it an ejected backend counts as still ejected.
+    pub fn usable(&self, i: usize, now: Option<Instant>) -> bool {
+        let Some(b) = self.backends.get(i) else {
+            return false;
+        };
+        if !matches!(b.health, Health::Healthy | Health::Degraded) || b.fenced {
+            return false;
+        }
+        match (b.ejected_until, now) {
+            (None, _) => true,
+            (Some(_), _) if self.ejection_needs_probe => false,
+            (Some(until), Some(now)) => now >= until,
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Whether backend `i` is degraded: a standby, to be given a request only when no
+    /// healthy backend is eligible for it.
+    pub fn standby(&self, i: usize) -> bool {
+        self.backends
+            .get(i)
+            .is_some_and(|b| b.health == Health::Degraded)
+    }
+
+    /// Whether backend `i` has a state from a probe or from trust (not `Unknown`).
+    pub fn checked(&self, i: usize) -> bool {
+        self.backends
+            .get(i)
+            .is_some_and(|b| b.health != Health::Unknown)
+    }
+
+    /// Whether any backend is ejected (the request path then reads the clock).
+    pub fn any_ejected(&self) -> bool {
+        self.any_ejected
+    }
+}
