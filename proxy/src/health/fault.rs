@@ -1,7 +1,6 @@
 //! Passive signals: how an exchange ended and whose fault it was, so passive ejection
 //! counts only what the backend did, never a client's abort.
 
-
 // === passive signals: whose fault ===
 
 /// How one exchange with a backend ended, as the request path saw it.

@@ -27,20 +27,18 @@ use arc_swap::ArcSwap;
 use metrics::{counter, gauge, Counter, Gauge};
 
 use crate::config::{
-
     BackendConfig, ClusterConfig, HealthConfig, HealthPolicyKind, OutlierConfig, Role,
 };
 
-mod policy;
 mod fault;
-mod view;
+mod policy;
 mod probe;
+mod view;
 
-
-pub use policy::{HealthPolicy, RiseFall, FailedChecks, policy_for};
-pub use fault::{Ending, BodyFacts, Fault};
+pub use fault::{BodyFacts, Ending, Fault};
+pub use policy::{policy_for, FailedChecks, HealthPolicy, RiseFall};
+pub use probe::spawn_probers;
 pub use view::{BackendView, HealthView};
-pub use probe::{spawn_probers};
 
 /// A backend's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
