@@ -6,17 +6,19 @@
 //! a [`Config`]; it never parses text. A config that fails any check produces
 //! [`ConfigErrors`], which lists every problem with its file, line and a fix.
 //!
-//! This module must never touch sockets or live state: building a config is pure, so a
-//! reload can build the next one while the current one keeps serving.
+//! This module must never bind sockets or touch live state, so a reload can build the
+//! next config while the current one keeps serving. Building one is not pure, though: it
+//! reads the files a config names (certificates, tokens, plugins), resolves backend host
+//! names and compiles plugins.
 
 mod build;
 mod file;
 mod locate;
 
-mod defaults;
-mod state;
-mod listen;
 mod cluster;
+mod defaults;
+mod listen;
+mod state;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -27,11 +29,10 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 
 pub use build::parse_duration;
-pub use defaults::*;
-pub use state::*;
-pub use listen::*;
 pub use cluster::*;
-
+pub use defaults::*;
+pub use listen::*;
+pub use state::*;
 
 // === the validated config ===
 
