@@ -233,7 +233,10 @@ async fn passive_ejection_and_return_through_active_checks() {
 
 #[tokio::test]
 async fn the_last_usable_backend_is_never_ejected_panic_mode() {
-    let (a, b, p) = two(
+    // Its own cluster name: the panic gauge is process-wide, and other tests' `web`
+    // clusters set it meanwhile.
+    let (a, b, p) = two_in(
+        "panic",
         "",
         r#"outlier = { consecutive_failures = 2, base_ejection = "1m" }"#,
     )
@@ -242,7 +245,7 @@ async fn the_last_usable_backend_is_never_ejected_panic_mode() {
     b.stop();
     eventually(Duration::from_secs(10), "b ejected", || async {
         let _ = get(p.addr, "h", "/").await;
-        state(&p, "b").await["ejected_for_ms"].is_u64()
+        state_in(&p, "panic", "b").await["ejected_for_ms"].is_u64()
     })
     .await;
     // a now fails too, but it is the last usable backend: it stays, in panic mode.
@@ -251,19 +254,19 @@ async fn the_last_usable_backend_is_never_ejected_panic_mode() {
         let r = get(p.addr, "h", "/").await;
         assert_eq!(r.status, 500, "still routed to a: {}", r.body);
     }
-    let s = state(&p, "a").await;
+    let s = state_in(&p, "panic", "a").await;
     assert_eq!(s["panic"], true, "{s}");
     assert!(s["ejected_for_ms"].is_null());
     let m = admin_get(p.admin.unwrap(), "/metrics").await;
     assert_eq!(
-        metric(&m, r#"keyway_panic_mode{cluster="web",role="replica"}"#),
+        metric(&m, r#"keyway_panic_mode{cluster="panic",role="replica"}"#),
         1.0,
         "{m}"
     );
 
     a.set_mode(Mode::Normal);
     assert_eq!(get(p.addr, "h", "/").await.status, 200);
-    assert_eq!(state(&p, "a").await["panic"], false);
+    assert_eq!(state_in(&p, "panic", "a").await["panic"], false);
 }
 
 #[tokio::test]
