@@ -392,6 +392,21 @@ impl Cluster {
         self.backends.iter().position(|b| b.sticky_token == token)
     }
 
+    /// `randomizelogservers`: shuffles backends of equal priority in `order` (indices
+    /// sorted by priority), keeping the tiers in order. For HTTP and TCP alike.
+    pub fn shuffle_within_priority(&self, order: &mut [usize]) {
+        let mut start = 0;
+        while start < order.len() {
+            let p = self.backends[order[start]].cfg.priority;
+            let end = order[start..]
+                .iter()
+                .position(|&i| self.backends[i].cfg.priority != p)
+                .map_or(order.len(), |n| start + n);
+            fastrand::shuffle(&mut order[start..end]);
+            start = end;
+        }
+    }
+
     /// Notes a new request (for metrics and the retry budget); the guard ends it.
     pub fn start_request(&self) -> ClusterRequest<'_> {
         self.budget.deposit();

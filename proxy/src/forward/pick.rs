@@ -65,7 +65,7 @@ pub(super) async fn pick_and_connect(
                 .filter(|&i| allowed(i) && !(healthy_left && eligible.view.standby(i)))
                 .collect();
             if cfg.balance == Balance::Random {
-                shuffle_within_priority(cluster, &mut order);
+                cluster.shuffle_within_priority(&mut order);
             }
             if order.is_empty() {
                 return Err(ProxyError::new(
@@ -113,19 +113,5 @@ pub(super) async fn pick_and_connect(
                 }
             }
         }
-    }
-}
-
-/// `randomizelogservers`: shuffle backends of equal priority, keep tiers in order.
-pub(super) fn shuffle_within_priority(cluster: &Cluster, order: &mut [usize]) {
-    let mut start = 0;
-    while start < order.len() {
-        let p = cluster.backends[order[start]].cfg.priority;
-        let end = order[start..]
-            .iter()
-            .position(|&i| cluster.backends[i].cfg.priority != p)
-            .map_or(order.len(), |n| start + n);
-        fastrand::shuffle(&mut order[start..end]);
-        start = end;
     }
 }

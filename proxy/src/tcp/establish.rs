@@ -21,7 +21,7 @@ pub(super) fn order(cluster: &Cluster, client: IpAddr) -> Vec<usize> {
     } else if cluster.cfg.strategy == Strategy::Ordered {
         let mut o = cluster.by_priority.clone();
         if cluster.cfg.balance == Balance::Random {
-            shuffle_within_priority(cluster, &mut o);
+            cluster.shuffle_within_priority(&mut o);
         }
         o
     } else {
@@ -39,20 +39,6 @@ pub(super) fn order(cluster: &Cluster, client: IpAddr) -> Vec<usize> {
     // keeps the order above).
     order.sort_by_key(|&i| view.standby(i));
     order
-}
-
-/// `randomizelogservers`: shuffle backends of equal priority, keep tiers in order.
-pub(super) fn shuffle_within_priority(cluster: &Cluster, order: &mut [usize]) {
-    let mut start = 0;
-    while start < order.len() {
-        let p = cluster.backends[order[start]].cfg.priority;
-        let end = order[start..]
-            .iter()
-            .position(|&i| cluster.backends[i].cfg.priority != p)
-            .map_or(order.len(), |n| start + n);
-        fastrand::shuffle(&mut order[start..end]);
-        start = end;
-    }
 }
 
 /// Why no backend was established.
