@@ -20,6 +20,7 @@ pub mod frontdoor;
 pub mod headers;
 pub mod health;
 mod http_conn;
+pub mod limits;
 pub mod oneshot;
 pub mod permit;
 pub mod plugin;

@@ -15,7 +15,14 @@ use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 
-use crate::server::Reloader;
+/// What the watcher needs from the server: the plugin files of the running config, and
+/// a reload through the same build-validate-swap path as SIGHUP.
+pub trait Reload: Send + Sync + 'static {
+    /// Rebuilds and swaps the whole configuration; logs and counts its own outcome.
+    fn reload(&self) -> Result<String, String>;
+    /// The plugin files the running configuration loads.
+    fn plugin_files(&self) -> Vec<PathBuf>;
+}
 
 /// Stops the watcher thread when dropped.
 pub struct PluginWatcher {
@@ -30,7 +37,10 @@ impl Drop for PluginWatcher {
 
 /// Starts watching the plugin files of the running configuration. Must be called inside
 /// a tokio runtime (reloads start health probers on it).
-pub fn watch_plugins(reloader: Arc<Reloader>, debounce: Duration) -> Result<PluginWatcher, String> {
+pub fn watch_plugins(
+    reloader: Arc<dyn Reload>,
+    debounce: Duration,
+) -> Result<PluginWatcher, String> {
     let (tx, rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |ev| {
         let _ = tx.send(ev);

@@ -89,7 +89,7 @@ pub struct ConnInfo {
     /// The listener's front-door settings.
     pub door: Arc<FrontDoorConfig>,
     /// Keeps shutdown waiting while a WebSocket tunnel from this connection is open.
-    pub drain: crate::server::DrainGuard,
+    pub drain: crate::limits::DrainGuard,
 }
 
 /// Handles one client request. Never fails: errors become HTTP answers.
@@ -550,7 +550,7 @@ mod tests {
             tls: false,
             limits: Arc::new(config.listeners[0].limits.clone()),
             door: Arc::new(config.listeners[0].door.clone()),
-            drain: crate::server::DrainGuard::new(drain, None),
+            drain: crate::limits::DrainGuard::new(drain, None),
         };
         // A real `Request<Incoming>` comes only from a hyper connection.
         let (client, server) = tokio::io::duplex(4096);

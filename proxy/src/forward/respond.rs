@@ -114,7 +114,7 @@ pub(super) fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     server: hyper::upgrade::OnUpgrade,
     inflight: InFlight,
-    drain: crate::server::DrainGuard,
+    drain: crate::limits::DrainGuard,
     backend: String,
     write_permit: Option<Arc<Permit>>,
 ) {

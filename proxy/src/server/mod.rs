@@ -20,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig};
@@ -30,12 +30,12 @@ use crate::router::Router;
 use crate::{admin, http_conn, proxy_protocol, telemetry, tls};
 
 mod conn;
-mod limits;
+
 mod reload;
 
+pub(crate) use crate::limits::ConnLimit;
+pub use crate::limits::DrainGuard;
 use conn::*;
-pub(crate) use limits::ConnLimit;
-pub use limits::DrainGuard;
 pub use reload::Reloader;
 
 /// Why keyway could not start.

@@ -42,8 +42,8 @@ use crate::config::{
     Affinity, Balance, HostPattern, ProtocolCheck, SendProxy, Strategy, TcpListenerConfig,
 };
 use crate::forward::Runtime;
+use crate::limits::{ConnLimit, DrainGuard};
 use crate::proxy_protocol::{self, Header};
-use crate::server::{ConnLimit, DrainGuard};
 
 mod conn;
 mod establish;

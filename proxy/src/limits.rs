@@ -1,7 +1,11 @@
-//! Graceful drain and connection caps: the guards that mark the end of a client
-//! connection, and the resizable per-listener limit taken before `accept`.
+//! Graceful drain and connection caps: the guard that marks the end of a client
+//! connection (shared by HTTP and TCP listeners and the request path's tunnels), and
+//! the resizable per-listener limit taken before `accept`. Owns no policy: the server
+//! sets the limits.
 
-use super::*;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 // === drain ===
 
