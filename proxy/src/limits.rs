@@ -3,9 +3,12 @@
 //! the resizable per-listener limit taken before `accept`. Owns no policy: the server
 //! sets the limits.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 // === drain ===
 
@@ -61,6 +64,46 @@ impl ConnLimit {
                     }
                 });
             }
+        }
+    }
+}
+
+// === accepting under the cap ===
+
+/// A slot under the listener's `max_connections` first (at the cap, new connections
+/// wait in the kernel's backlog, not accepted and dropped; `reached` counts each time),
+/// then one accepted connection, with Nagle off. An accept error (EMFILE and friends)
+/// is logged and retried after a pause instead of spinning. `None` at shutdown.
+pub(crate) async fn accept_under(
+    sock: &TcpListener,
+    limit: &ConnLimit,
+    reached: &metrics::Counter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let slot = match limit.free.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            reached.increment(1);
+            tracing::debug!("max_connections reached; new connections wait in the backlog");
+            tokio::select! {
+                s = limit.free.clone().acquire_owned() => s.ok()?,
+                _ = shutdown.changed() => return None,
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            r = sock.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer, slot));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
         }
     }
 }

@@ -68,35 +68,10 @@ pub(super) async fn accept_loop(
     let open = metrics::gauge!("keyway_downstream_connections", "listener" => label.clone());
     let reached =
         metrics::counter!("keyway_listener_limit_reached_total", "listener" => label.clone());
-    loop {
-        // A slot first: at max_connections, stop accepting until a connection closes.
-        let slot = match limit.free.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                reached.increment(1);
-                tracing::debug!(listen = %label, "max_connections reached; new connections wait in the backlog");
-                tokio::select! {
-                    s = limit.free.clone().acquire_owned() => match s {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                    _ = shutdown.changed() => break,
-                }
-            }
-        };
-        let (stream, client) = tokio::select! {
-            r = sock.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
+    // A slot first: at max_connections, stop accepting until a connection closes.
+    while let Some((stream, client, slot)) =
+        crate::limits::accept_under(&sock, &limit, &reached, &mut shutdown).await
+    {
         let current = state.load();
         let conn = Connection {
             builder: current.builder.clone(),

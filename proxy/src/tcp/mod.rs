@@ -183,34 +183,12 @@ pub(crate) async fn accept_loop(
 ) {
     let label = handle.addr.to_string();
     let accepted = metrics::counter!("keyway_tcp_accepted_total", "listener" => label.clone());
-    loop {
-        let slot = match handle.limit.free.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                metrics::counter!("keyway_listener_limit_reached_total", "listener" => label.clone())
-                    .increment(1);
-                tokio::select! {
-                    s = handle.limit.free.clone().acquire_owned() => match s {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                    _ = shutdown.changed() => break,
-                }
-            }
-        };
-        let (stream, peer) = tokio::select! {
-            r = sock.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    let reached =
+        metrics::counter!("keyway_listener_limit_reached_total", "listener" => label.clone());
+    while let Some((stream, peer, slot)) =
+        crate::limits::accept_under(&sock, &handle.limit, &reached, &mut shutdown).await
+    {
         accepted.increment(1);
-        let _ = stream.set_nodelay(true);
         let conn = Conn {
             handle: handle.clone(),
             state: handle.state.load_full(),
