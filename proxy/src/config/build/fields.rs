@@ -214,3 +214,27 @@ pub(crate) fn host_pattern(text: &str) -> Result<HostPattern, ()> {
         (true, false) => Ok(HostPattern::Exact(name.to_string())),
     }
 }
+
+/// A value from a fixed list of names; the first is the default when the key is absent.
+/// An unknown name is an error at `path` (`unknown KEY \`NAME\``, with `fix`) and
+/// yields the default, so the rest of the config is still checked.
+pub(super) fn one_of<T: Copy>(
+    text: Option<&str>,
+    choices: &[(&str, T)],
+    path: &KeyPath,
+    key: &str,
+    fix: &str,
+    errs: &mut Errors<'_>,
+) -> T {
+    let default = choices[0].1;
+    let Some(text) = text else {
+        return default;
+    };
+    match choices.iter().find(|(name, _)| *name == text) {
+        Some((_, v)) => *v,
+        None => {
+            errs.push(path, format!("unknown {key} `{text}`"), fix);
+            default
+        }
+    }
+}

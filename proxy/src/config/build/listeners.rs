@@ -283,34 +283,17 @@ pub(super) fn protocol_check(
     path: &KeyPath,
     errs: &mut Errors<'_>,
 ) -> ProtocolCheck {
-    match text.unwrap_or("first-byte") {
-        "first-byte" => ProtocolCheck::FirstByte,
-        "tls" => ProtocolCheck::Tls,
-        "none" => ProtocolCheck::None,
-        other => {
-            errs.push(
-                path,
-                format!("unknown protocol_check `{other}`"),
-                "use \"first-byte\" (the backend must send a byte: vault, SSH, RDP), \"tls\" (its first record must be a TLS handshake: TLS passthrough) or \"none\" (connected is enough); docs/config.md lists which protocols speak first",
-            );
-            ProtocolCheck::FirstByte
-        }
-    }
+    let choices = [
+        ("first-byte", ProtocolCheck::FirstByte),
+        ("tls", ProtocolCheck::Tls),
+        ("none", ProtocolCheck::None),
+    ];
+    one_of(text, &choices, path, "protocol_check", "use \"first-byte\" (the backend must send a byte: vault, SSH, RDP), \"tls\" (its first record must be a TLS handshake: TLS passthrough) or \"none\" (connected is enough); docs/config.md lists which protocols speak first", errs)
 }
 
 pub(super) fn affinity(text: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> Affinity {
-    match text.unwrap_or("none") {
-        "none" => Affinity::None,
-        "client-ip" => Affinity::ClientIp,
-        other => {
-            errs.push(
-                path,
-                format!("unknown affinity `{other}`"),
-                "use \"client-ip\" (a client's connections land on one backend while it is healthy) or \"none\"",
-            );
-            Affinity::None
-        }
-    }
+    let choices = [("none", Affinity::None), ("client-ip", Affinity::ClientIp)];
+    one_of(text, &choices, path, "affinity", "use \"client-ip\" (a client's connections land on one backend while it is healthy) or \"none\"", errs)
 }
 
 pub(super) fn backend_proxy_protocol(
@@ -318,19 +301,12 @@ pub(super) fn backend_proxy_protocol(
     path: &KeyPath,
     errs: &mut Errors<'_>,
 ) -> SendProxy {
-    match text.unwrap_or("off") {
-        "off" => SendProxy::Off,
-        "v1" => SendProxy::V1,
-        "v2" => SendProxy::V2,
-        other => {
-            errs.push(
-                &path.key("proxy_protocol"),
-                format!("unknown proxy_protocol `{other}`"),
-                "use \"off\", \"v1\" or \"v2\": the PROXY header version the backend accepts (only TCP listeners send it)",
-            );
-            SendProxy::Off
-        }
-    }
+    let choices = [
+        ("off", SendProxy::Off),
+        ("v1", SendProxy::V1),
+        ("v2", SendProxy::V2),
+    ];
+    one_of(text, &choices, &path.key("proxy_protocol"), "proxy_protocol", "use \"off\", \"v1\" or \"v2\": the PROXY header version the backend accepts (only TCP listeners send it)", errs)
 }
 
 pub(super) fn proxy_protocol(
@@ -339,20 +315,13 @@ pub(super) fn proxy_protocol(
     errs: &mut Errors<'_>,
 ) -> crate::proxy_protocol::Accept {
     use crate::proxy_protocol::Accept;
-    match text.unwrap_or("off") {
-        "off" => Accept::Off,
-        "v1" => Accept::V1,
-        "v2" => Accept::V2,
-        "v1-or-v2" => Accept::V1OrV2,
-        other => {
-            errs.push(
-                path,
-                format!("unknown proxy_protocol `{other}`"),
-                "use \"off\" (no header), \"v1\", \"v2\" or \"v1-or-v2\": what the load balancer in front sends (HAProxy `send-proxy` is v1, `send-proxy-v2` and AWS NLB are v2)",
-            );
-            Accept::Off
-        }
-    }
+    let choices = [
+        ("off", Accept::Off),
+        ("v1", Accept::V1),
+        ("v2", Accept::V2),
+        ("v1-or-v2", Accept::V1OrV2),
+    ];
+    one_of(text, &choices, path, "proxy_protocol", "use \"off\" (no header), \"v1\", \"v2\" or \"v1-or-v2\": what the load balancer in front sends (HAProxy `send-proxy` is v1, `send-proxy-v2` and AWS NLB are v2)", errs)
 }
 
 pub(super) fn tls_cert(
