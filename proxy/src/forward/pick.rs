@@ -35,15 +35,7 @@ pub(super) async fn pick_and_connect(
                 .pick(&cluster.backends, free)
                 .or_else(|| cluster.balancer.pick(&cluster.backends, allowed));
             let Some(i) = picked else {
-                return Err(ProxyError::new(
-                    ErrorKind::NoBackendAvailable,
-                    Side::Internal,
-                    false,
-                    format!(
-                        "every backend of cluster `{}` failed for this request",
-                        cfg.name
-                    ),
-                ));
+                return Err(all_failed(cluster));
             };
             match upstream::checkout_with_slot(&cluster.backends[i], purpose, connect, queue).await
             {
@@ -68,15 +60,7 @@ pub(super) async fn pick_and_connect(
                 cluster.shuffle_within_priority(&mut order);
             }
             if order.is_empty() {
-                return Err(ProxyError::new(
-                    ErrorKind::NoBackendAvailable,
-                    Side::Internal,
-                    false,
-                    format!(
-                        "every backend of cluster `{}` failed for this request",
-                        cfg.name
-                    ),
-                ));
+                return Err(all_failed(cluster));
             }
             match upstream::staggered_connect(
                 &cluster.backends,
@@ -114,4 +98,17 @@ pub(super) async fn pick_and_connect(
             }
         }
     }
+}
+
+/// No backend is left for this request: each one it may use failed or was full.
+fn all_failed(cluster: &Cluster) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::NoBackendAvailable,
+        Side::Internal,
+        false,
+        format!(
+            "every backend of cluster `{}` failed for this request",
+            cluster.cfg.name
+        ),
+    )
 }
