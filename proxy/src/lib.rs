@@ -20,6 +20,7 @@ pub mod frontdoor;
 pub mod headers;
 pub mod health;
 mod http_conn;
+pub mod instance;
 pub mod limits;
 pub mod oneshot;
 pub mod permit;
@@ -42,4 +43,4 @@ pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
     at.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
-pub use server::Server;
+pub use instance::Server;

@@ -27,7 +27,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
 use crate::router::Router;
-use crate::{admin, http_conn, proxy_protocol, telemetry, tls};
+use crate::{http_conn, proxy_protocol, telemetry, tls};
 
 mod conn;
 
@@ -104,28 +104,24 @@ fn process_secret() -> &'static [u8] {
     })
 }
 
-// === Server ===
+// === Proxy ===
 
-/// A running keyway instance.
-pub struct Server {
+/// The running data plane: listeners, runtime snapshot, reloads and drain. The admin API
+/// and the plugin watcher are started next to it by [`crate::instance::Server`].
+pub struct Proxy {
     listen_addrs: Vec<SocketAddr>,
     tcp_addrs: Vec<SocketAddr>,
-    admin_addr: Option<SocketAddr>,
     runtime: Arc<ArcSwap<Runtime>>,
     reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     drain_tx: Option<mpsc::Sender<()>>,
     drain_rx: mpsc::Receiver<()>,
     drain_timeout: Duration,
-    plugin_watcher: std::sync::Mutex<Option<crate::watch::PluginWatcher>>,
 }
 
-/// How long plugin files must be quiet after a change before keyway reloads.
-const PLUGIN_WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
-
-impl Server {
-    /// Binds every listener and the admin server, then starts serving.
-    pub async fn start(config: Config) -> Result<Server, StartError> {
+impl Proxy {
+    /// Binds every listener, then starts serving.
+    pub async fn start(config: Config) -> Result<Proxy, StartError> {
         let failover = Failover::open(&config, crate::failover::Access::Owner)
             .await
             .map_err(StartError::State)?;
@@ -182,26 +178,6 @@ impl Server {
             last: std::sync::Mutex::new(None),
             failover: failover.clone(),
         });
-        let admin_addr = match &config.admin {
-            Some(a) => {
-                let sock =
-                    TcpListener::bind(a.listen)
-                        .await
-                        .map_err(|source| StartError::Bind {
-                            addr: a.listen,
-                            source,
-                        })?;
-                let addr = sock.local_addr().unwrap_or(a.listen);
-                tokio::spawn(admin::serve(
-                    sock,
-                    runtime.clone(),
-                    reloader.clone(),
-                    shutdown.subscribe(),
-                ));
-                Some(addr)
-            }
-            None => None,
-        };
         for ((((sock, cfg), addr), state), limit) in bound
             .into_iter()
             .zip(&listen_addrs)
@@ -230,11 +206,9 @@ impl Server {
                 drain_tx.clone(),
             ));
         }
-        Ok(Server {
+        Ok(Proxy {
             tcp_addrs,
-            plugin_watcher: std::sync::Mutex::new(None),
             listen_addrs,
-            admin_addr,
             runtime,
             reloader,
             shutdown,
@@ -254,34 +228,21 @@ impl Server {
         &self.tcp_addrs
     }
 
-    /// Bound address of the admin server, if configured.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
-    }
-
     /// Remembers the file this server's config came from, so reloads re-read it.
-    /// Also starts the plugin-file watcher, unless `[proxy] watch_plugins = false`.
     pub fn set_config_source(&self, path: std::path::PathBuf) {
         if let Ok(mut s) = self.reloader.source.lock() {
             *s = Some(path);
         }
-        let watch = self
-            .reloader
-            .current
-            .lock()
-            .is_ok_and(|c| c.proxy.watch_plugins);
-        if watch {
-            match crate::watch::watch_plugins(self.reloader.clone(), PLUGIN_WATCH_DEBOUNCE) {
-                Ok(w) => {
-                    if let Ok(mut slot) = self.plugin_watcher.lock() {
-                        *slot = Some(w);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "plugin files are not watched; reload with SIGHUP or POST /plugins/reload")
-                }
-            }
-        }
+    }
+
+    /// The published runtime cell, for the admin API's read-only views.
+    pub fn runtime_cell(&self) -> Arc<ArcSwap<Runtime>> {
+        self.runtime.clone()
+    }
+
+    /// A receiver that turns `true` when shutdown starts.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     /// Re-reads the config file and applies it (see [`Reloader::reload`]).

@@ -20,6 +20,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// Whether the running config asks for plugin files to be watched.
+    pub fn watches_plugins(&self) -> bool {
+        self.current.lock().is_ok_and(|c| c.proxy.watch_plugins)
+    }
+
     /// Promotion, fencing and failback (shared with the admin API).
     pub fn failover(&self) -> &Arc<Failover> {
         &self.failover
