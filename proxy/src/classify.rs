@@ -1,5 +1,6 @@
-//! Read or write: the one function that classifies a request for a `primary-replica`
-//! cluster (the seam the WebAssembly classifier will plug into).
+//! Read or write: the native classifier of a `primary-replica` cluster, from method and
+//! `read_routes`/`write_routes`. A cluster with a WebAssembly classifier asks the plugin
+//! first and falls back here when its `on_error` says so (`Cluster::classify`).
 //!
 //! GET, HEAD and OPTIONS are reads; every other method is a write; `write_routes` then
 //! `read_routes` override that (a write route wins when both match, the safe side).

@@ -2,8 +2,8 @@
 //! puts in front of a client connection to say whose connection it is.
 //!
 //! This module owns the strict parser a listener uses ([`read_header`], built on
-//! [`parse`]) and the encoder ([`encode_v1`], [`encode_v2`]) a later feature will use
-//! towards backends. The parser reads exactly the header's bytes from the socket and not
+//! [`parse`]) and the encoder ([`encode_v1`], [`encode_v2`]) TCP clusters use towards
+//! backends (`send_proxy`). The parser reads exactly the header's bytes from the socket and not
 //! one more, so the client's first bytes (a TLS ClientHello, a request line) stay in the
 //! socket for whoever reads next. It never guesses: anything that is not a complete,
 //! well-formed header of an accepted version is an error, and the listener closes the
