@@ -22,11 +22,11 @@ impl Failover {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = shutdown.changed() => return,
             }
-            let Some(rt) = self.live() else {
+            let Some(plane) = self.live() else {
                 continue;
             };
-            let Some(c) = rt
-                .cluster(&name)
+            let Some(view) = plane
+                .view(&name)
                 .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
             else {
                 if let Ok(mut r) = self.controllers.lock() {
@@ -43,16 +43,16 @@ impl Failover {
             if self.lock_of(&name).is_some_and(|l| l.try_lock().is_err()) {
                 continue; // a switchover is running here; it ends with a primary
             }
-            let view = c.health.view_full();
+            let c = &view.cfg;
             let primary = known.topology.primary.as_ref().and_then(|id| index(c, id));
-            let down = primary.is_none_or(|p| view.backends[p].health == Health::Unhealthy);
+            let down = primary.is_none_or(|p| view.backends[p].health == BackendHealth::Unhealthy);
             if !down {
                 down_since = None;
                 said_no_candidate = false;
                 if self.set_needed(&name, false) {
                     tracing::info!(cluster = %name, "the primary is healthy again; no promotion needed");
                 }
-                self.maybe_fail_back(c, &view, &known, &mut next_failback)
+                self.maybe_fail_back(&view, &known, &mut next_failback)
                     .await;
                 continue;
             }
@@ -61,8 +61,7 @@ impl Failover {
                 // Another instance's change of primary may be draining: give it time to
                 // name the new primary before taking over.
                 let grace = self.drain_wait(c)
-                    + c.cfg
-                        .promotion
+                    + c.promotion
                         .as_ref()
                         .and_then(|p| p.on_promote.as_ref())
                         .map_or(Duration::ZERO, |h| h.timeout)
@@ -74,7 +73,7 @@ impl Failover {
                 }
             }
             let since = *down_since.get_or_insert_with(Instant::now);
-            let hold = c.cfg.promotion.as_ref().map_or(Duration::ZERO, |p| p.hold);
+            let hold = c.promotion.as_ref().map_or(Duration::ZERO, |p| p.hold);
             if primary.is_some() && since.elapsed() < hold {
                 continue;
             }
@@ -82,11 +81,11 @@ impl Failover {
                 tracing::warn!(
                     cluster = %name,
                     primary = known.topology.primary.as_deref().unwrap_or("(none)"),
-                    auto = c.cfg.promotion.as_ref().is_some_and(|p| p.auto),
+                    auto = c.promotion.as_ref().is_some_and(|p| p.auto),
                     "promotion needed: the cluster has no healthy primary, writes are refused"
                 );
             }
-            let Some(p) = c.cfg.promotion.as_ref().filter(|p| p.auto) else {
+            let Some(p) = c.promotion.as_ref().filter(|p| p.auto) else {
                 continue;
             };
             if !(self.store.may_decide() && self.permit.holds()) {
@@ -105,13 +104,8 @@ impl Failover {
             hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
             // A plugin policy runs to its deadline: off the async workers.
             let chosen = {
-                let (c, view, t, failed) = (
-                    c.clone(),
-                    view.clone(),
-                    known.topology.clone(),
-                    hook_failed.clone(),
-                );
-                tokio::task::spawn_blocking(move || choose(&c, &view, &t, &failed))
+                let (view, t, failed) = (view.clone(), known.topology.clone(), hook_failed.clone());
+                tokio::task::spawn_blocking(move || choose(&view, &t, &failed))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(cluster = %name, error = %e, "the promotion policy task failed; no promotion");
@@ -126,7 +120,7 @@ impl Failover {
                 continue;
             };
             said_no_candidate = false;
-            let target_id = c.backends[target].cfg.id.clone();
+            let target_id = c.backends[target].id.clone();
             let mut fenced = known.topology.fenced.clone();
             if let Some(old) = &known.topology.primary {
                 if !fenced.contains(old) {
@@ -170,38 +164,37 @@ impl Failover {
 
     pub(super) async fn maybe_fail_back(
         self: &Arc<Self>,
-        c: &Arc<Cluster>,
-        view: &HealthView,
+        view: &ClusterView,
         known: &Known,
         next_try: &mut Instant,
     ) {
-        let Some(after) = c.cfg.failback_after else {
+        let c = &view.cfg;
+        let Some(after) = c.failback_after else {
             return;
         };
         if Instant::now() < *next_try {
             return;
         }
-        let Some(home) = home(&c.cfg) else {
+        let Some(home) = home(c) else {
             return;
         };
         if view.primary == Some(home)
-            || view.backends[home].health != Health::Healthy
+            || view.backends[home].health != BackendHealth::Healthy
             || !(self.store.may_decide() && self.permit.holds())
         {
             return;
         }
-        let stable = c
-            .health
-            .since(home)
+        let stable = view.backends[home]
+            .since
             .and_then(|s| s.elapsed().ok())
             .is_some_and(|d| d >= after);
         if !stable || known.topology.primary.is_none() {
             return;
         }
-        let id = c.backends[home].cfg.id.clone();
+        let id = c.backends[home].id.clone();
         match self
             .switchover(
-                &c.cfg.name,
+                &c.name,
                 &id,
                 &format!("failback: {id} healthy for {after:?}"),
                 "failback",
@@ -213,7 +206,7 @@ impl Failover {
                 // Each attempt costs a write pause: do not retry at once.
                 let wait = after.max(Duration::from_secs(30));
                 *next_try = Instant::now() + wait;
-                tracing::warn!(cluster = %c.cfg.name, error = %e.message, retry_in = ?wait, "automatic failback not made");
+                tracing::warn!(cluster = %c.name, error = %e.message, retry_in = ?wait, "automatic failback not made");
             }
         }
     }
@@ -223,7 +216,7 @@ impl Failover {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn decide(
         self: &Arc<Self>,
-        c: &Arc<Cluster>,
+        c: &Arc<ClusterConfig>,
         seen: &Known,
         primary: Option<usize>,
         fenced: Vec<String>,
@@ -231,19 +224,19 @@ impl Failover {
         kind: &'static str,
         as_leader: bool,
     ) -> Result<Known, Refused> {
-        let name = c.cfg.name.as_str();
-        let primary_id = primary.map(|p| c.backends[p].cfg.id.clone());
+        let name = c.name.as_str();
+        let primary_id = primary.map(|p| c.backends[p].id.clone());
         let mut next = seen.topology.next(primary_id.clone(), fenced, reason);
         if let Store::Etcd(e) = &self.store {
             next.by = Some(e.cfg.instance.clone());
         }
-        let promotion = c.cfg.promotion.as_ref();
+        let promotion = c.promotion.as_ref();
         if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_promote.as_ref())) {
             if let Err(e) = call_hook(hook, "on_promote", c, p, next.epoch).await {
                 if promotion.is_some_and(|p| p.require_hook_ok) {
                     return Err(refused(
                         502,
-                        format!("the on_promote hook of {} failed ({e}); writes stay off it (require_hook_ok = true)", c.backends[p].cfg.id),
+                        format!("the on_promote hook of {} failed ({e}); writes stay off it (require_hook_ok = true)", c.backends[p].id),
                     ));
                 }
                 tracing::warn!(cluster = name, error = %e, "on_promote hook failed; promoting anyway (require_hook_ok = false)");
@@ -255,7 +248,7 @@ impl Failover {
                     topology: next.clone(),
                     revision,
                 };
-                self.adopt(name, known.clone());
+                self.record(name, known.clone());
                 if primary.is_some() {
                     metrics::counter!("keyway_promotions_total", "cluster" => name.to_string(), "kind" => kind).increment(1);
                 }
@@ -263,7 +256,7 @@ impl Failover {
             }
             Ok(Commit::Lost(current)) => {
                 if let Some(cur) = current {
-                    self.adopt(name, cur);
+                    self.record(name, cur);
                 }
                 return Err(refused(
                     409,
@@ -279,7 +272,7 @@ impl Failover {
         };
         if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_repoint.as_ref())) {
             for (i, b) in c.backends.iter().enumerate() {
-                if i == p || next.fenced.contains(&b.cfg.id) {
+                if i == p || next.fenced.contains(&b.id) {
                     continue;
                 }
                 let (hook, c, epoch) = (hook.clone(), c.clone(), next.epoch);
@@ -294,9 +287,8 @@ impl Failover {
     /// How long a change of primary waits for every instance to acknowledge its drain
     /// epoch: the cluster's `drain`, and with etcd the lease of an instance that cannot
     /// answer (it must expire) plus two etcd round trips.
-    pub(super) fn drain_wait(&self, c: &Cluster) -> Duration {
+    pub(super) fn drain_wait(&self, c: &ClusterConfig) -> Duration {
         let drain = c
-            .cfg
             .promotion
             .as_ref()
             .map_or(crate::config::DEFAULT_SWITCHOVER_DRAIN, |p| p.drain);
@@ -313,7 +305,7 @@ impl Failover {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn change_primary(
         self: &Arc<Self>,
-        c: &Arc<Cluster>,
+        c: &Arc<ClusterConfig>,
         seen: &Known,
         target: usize,
         drain_fenced: Vec<String>,
@@ -322,7 +314,7 @@ impl Failover {
         kind: &'static str,
         as_leader: bool,
     ) -> Result<Known, Refused> {
-        let name = c.cfg.name.as_str();
+        let name = c.name.as_str();
         let mut known = seen.clone();
         if let Some(old) = known.topology.primary.clone() {
             known = self
@@ -459,8 +451,9 @@ impl Failover {
         reason: &str,
         kind: &'static str,
     ) -> Result<Topology, Refused> {
-        let c = self.split_cluster(cluster)?;
-        let t = index(&c, target).ok_or_else(|| {
+        let view = self.split_cluster(cluster)?;
+        let c = &view.cfg;
+        let t = index(c, target).ok_or_else(|| {
             refused(
                 404,
                 format!("cluster `{cluster}` has no backend `{target}`"),
@@ -490,8 +483,7 @@ impl Failover {
                 ),
             ));
         }
-        let view = c.health.view_full();
-        if c.health.active().is_some() && view.backends[t].health != Health::Healthy {
+        if view.checked && view.backends[t].health != BackendHealth::Healthy {
             return Err(refused(
                 409,
                 format!(
@@ -505,7 +497,7 @@ impl Failover {
         let old = known.topology.primary.clone();
         let result = self
             .change_primary(
-                &c,
+                c,
                 &known,
                 t,
                 known.topology.fenced.clone(),
@@ -521,10 +513,10 @@ impl Failover {
                 // The old primary (alive: this is a planned switchover) takes writes again.
                 if let (Some(old), Some(now)) = (&old, self.known(cluster)) {
                     if now.topology.primary.is_none() && now.topology.epoch > known.topology.epoch {
-                        let back = index(&c, old);
+                        let back = index(c, old);
                         let _ = self
                             .decide(
-                                &c,
+                                c,
                                 &now,
                                 back,
                                 now.topology.fenced.clone(),
@@ -546,9 +538,9 @@ impl Failover {
 
     /// Fails back to the configured primary.
     pub async fn fail_back(self: &Arc<Self>, cluster: &str) -> Result<Topology, Refused> {
-        let c = self.split_cluster(cluster)?;
-        let home = home(&c.cfg)
-            .map(|i| c.backends[i].cfg.id.clone())
+        let c = self.split_cluster(cluster)?.cfg;
+        let home = home(&c)
+            .map(|i| c.backends[i].id.clone())
             .ok_or_else(|| refused(409, "the configuration names no primary"))?;
         self.switchover(cluster, &home, &format!("failback to {home}"), "failback")
             .await

@@ -298,7 +298,7 @@ impl Failover {
             })
             .unwrap_or_default();
         for (name, t) in pending {
-            self.adopt(
+            self.record(
                 &name,
                 Known {
                     topology: t,
@@ -483,7 +483,7 @@ impl Failover {
         };
         match serde_json::from_slice::<Topology>(&kv.value) {
             Ok(t) => {
-                self.adopt(
+                self.record(
                     name,
                     Known {
                         topology: t,

@@ -1,10 +1,22 @@
 //! Promotion, fencing and failback for `primary-replica` clusters, and where those
-//! decisions are kept.
+//! decisions are kept: the coordinator. The manager ([`Failover`], this file) owns every
+//! cluster's topology, write gate and acknowledgements across reloads and applies
+//! decisions to the data plane.
 //!
 //! A cluster's **topology** is its current primary, the backends fenced off after a
-//! demotion, and an **epoch** that grows with every decision. The request path sees it
-//! through the cluster's health view (`HealthView::primary`, `BackendView::fenced`), so
-//! one atomic load gives a request both health and topology.
+//! demotion, and an **epoch** that grows with every decision. The coordinator reaches
+//! the data plane only through the [`DataPlane`] trait (`plane.rs`): it reads a
+//! [`ClusterView`] and applies a topology with [`DataPlane::apply`]; it must never name a
+//! data-plane type (cluster, runtime, health records, listeners), so it depends on the
+//! configuration, the plugins and its own stores only. How the data plane publishes a
+//! topology to requests (next to health, in one atomic load) is the data plane's affair.
+//!
+//! Applying, in one verb: [`Failover::apply`] gives a runtime that does not serve yet
+//! every topology held; [`Failover::swap_in`] does the same for a reloaded runtime and
+//! publishes it (the closure the data plane hands over) under the lock that applies
+//! decisions, so a reload never serves a topology older than one acknowledged and no
+//! decision lands on the old runtime alone; a decision is applied to the serving data
+//! plane under that lock before it counts as applied for its acknowledgement.
 //!
 //! Rules (DESIGN.md §2, invariants):
 //! - A decision is made durable *before* it takes effect: written atomically to the
@@ -35,17 +47,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::cluster::Cluster;
 use crate::config::{
-    ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role, StateConfig, Strategy,
+    BackendConfig, ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role,
+    StateConfig, Strategy,
 };
 use crate::etcd;
-use crate::forward::Runtime;
-use crate::health::{Health, HealthView};
 use crate::permit::{self, Grant, Permit, WriteGate};
 use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
 
@@ -53,14 +62,17 @@ mod backup;
 mod control;
 mod coordinate;
 mod hooks;
+mod plane;
 mod policy;
 mod store;
 mod topology;
 
 use hooks::*;
+use plane::index;
 use policy::*;
 use store::*;
 
+pub use plane::{BackendHealth, BackendState, ClusterView, DataPlane};
 pub use policy::{native_least_lag, native_priority};
 pub use store::{Access, EtcdStore, FileStore, Store};
 pub use topology::{parse_state, StateDoc, Topology};
@@ -103,8 +115,8 @@ pub struct Failover {
     store: Store,
     cells: Mutex<HashMap<String, Cell>>,
     controllers: Mutex<HashSet<String>>,
-    /// The server's live runtime, set once by [`Failover::start`].
-    runtime: std::sync::OnceLock<Arc<ArcSwap<Runtime>>>,
+    /// The serving data plane, set once by [`Failover::start`].
+    plane: std::sync::OnceLock<Arc<dyn DataPlane>>,
     /// Whether this instance may route writes.
     permit: Arc<Permit>,
     /// Held while a topology is applied to the live runtime or a runtime is swapped in,
@@ -163,7 +175,7 @@ impl Failover {
             store,
             cells: Mutex::new(HashMap::new()),
             controllers: Mutex::new(HashSet::new()),
-            runtime: std::sync::OnceLock::new(),
+            plane: std::sync::OnceLock::new(),
             permit,
             applying: Mutex::new(()),
             acks_changed: tokio::sync::Notify::new(),
@@ -286,18 +298,17 @@ impl Failover {
             .map(|c| c.known.clone())
     }
 
-    /// The running runtime, once started.
-    fn live(&self) -> Option<Arc<Runtime>> {
-        self.runtime.get().map(|r| r.load_full())
+    /// The serving data plane, once started.
+    fn live(&self) -> Option<&Arc<dyn DataPlane>> {
+        self.plane.get()
     }
 
-    /// A running primary-replica cluster, for the admin calls.
-    fn split_cluster(&self, name: &str) -> Result<Arc<Cluster>, Refused> {
+    /// A serving primary-replica cluster, for the admin calls.
+    fn split_cluster(&self, name: &str) -> Result<ClusterView, Refused> {
         self.live()
             .ok_or_else(|| refused(503, "keyway is starting"))?
-            .cluster(name)
+            .view(name)
             .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
-            .cloned()
             .ok_or_else(|| refused(404, format!("no primary-replica cluster `{name}`")))
     }
 
@@ -313,19 +324,23 @@ impl Failover {
         self.cells.lock().ok()?.get(cluster).map(|c| c.lock.clone())
     }
 
-    /// Applies the cluster's topology to a freshly built cluster (before it serves).
-    pub fn apply_to(&self, cluster: &Cluster) {
-        if cluster.cfg.strategy != Strategy::PrimaryReplica {
-            return;
-        }
-        if let Some(t) = self.topology(&cluster.cfg.name) {
-            apply(cluster, &t);
+    /// Applies every topology this instance holds to a data plane that does not serve
+    /// yet (a freshly built runtime), so none of its clusters serves a request under
+    /// the configured primary when a decision says otherwise.
+    pub fn apply(&self, next: &dyn DataPlane) {
+        for cfg in next.clusters() {
+            if cfg.strategy != Strategy::PrimaryReplica {
+                continue;
+            }
+            if let Some(t) = self.topology(&cfg.name) {
+                next.apply(&cfg.name, &t);
+            }
         }
     }
 
     /// Records a newer topology (from a commit or from etcd) and applies it to the
-    /// running cluster. Older epochs are ignored.
-    fn adopt(self: &Arc<Self>, cluster: &str, known: Known) -> bool {
+    /// serving cluster. Older epochs are ignored.
+    fn record(self: &Arc<Self>, cluster: &str, known: Known) -> bool {
         let applying = self.applying.lock();
         let gate = {
             let Ok(mut cells) = self.cells.lock() else {
@@ -351,13 +366,13 @@ impl Failover {
             }
             cell.gate.clone()
         };
-        if let Some(rt) = self.live() {
-            if let Some(c) = rt.cluster(cluster) {
-                if let Err(e) = known.topology.validate(&c.cfg) {
+        if let Some(plane) = self.live() {
+            if let Some(cfg) = plane.clusters().into_iter().find(|c| c.name == cluster) {
+                if let Err(e) = known.topology.validate(&cfg) {
                     tracing::error!(cluster, error = %e, "a decision names a backend this instance does not have; its configuration differs from the other instances'");
                     return false;
                 }
-                apply(c, &known.topology);
+                plane.apply(cluster, &known.topology);
             }
         }
         gate.applied(known.topology.epoch);
@@ -376,27 +391,22 @@ impl Failover {
         true
     }
 
-    /// Re-applies every topology to a runtime that was just swapped in (a decision may
-    /// have landed while it was being built).
-    pub fn reapply(&self, rt: &Runtime) {
-        for c in &rt.clusters {
-            self.apply_to(c);
-        }
-    }
-
-    /// Installs a reloaded runtime: under the lock that applies decisions, so the new
-    /// runtime starts with every decision made so far and none is applied to the old
-    /// one alone. Then starts controllers for new clusters.
+    /// Puts a reloaded data plane in service: under the lock that applies decisions,
+    /// every topology is applied to `next` (a decision may have landed while it was
+    /// built), then `install` makes it the serving one. So it starts with every
+    /// decision made so far and none is applied to the old one alone. `install` must
+    /// only publish `next` (it runs with the lock held). Then starts controllers for
+    /// new clusters.
     pub fn swap_in(
         self: &Arc<Self>,
-        live: &ArcSwap<Runtime>,
-        rt: Arc<Runtime>,
+        next: &dyn DataPlane,
+        install: impl FnOnce(),
         shutdown: &watch::Receiver<bool>,
     ) {
         {
             let _applying = self.applying.lock();
-            self.reapply(&rt);
-            live.store(rt);
+            self.apply(next);
+            install();
         }
         self.ensure_controllers(shutdown);
     }
@@ -463,15 +473,13 @@ impl Failover {
     }
 
     /// Starts the per-cluster controllers and, with etcd, the election and the watch.
-    pub fn start(
-        self: &Arc<Self>,
-        runtime: Arc<ArcSwap<Runtime>>,
-        shutdown: watch::Receiver<bool>,
-    ) {
-        let _ = self.runtime.set(runtime.clone());
-        for c in &runtime.load().clusters {
-            metrics::gauge!("keyway_topology_epoch", "cluster" => c.cfg.name.clone())
-                .set(self.topology(&c.cfg.name).map_or(0.0, |t| t.epoch as f64));
+    /// `plane` is the serving data plane (every topology already applied to it, see
+    /// [`Failover::apply`]); decisions are applied to it from now on.
+    pub fn start(self: &Arc<Self>, plane: Arc<dyn DataPlane>, shutdown: watch::Receiver<bool>) {
+        let _ = self.plane.set(plane.clone());
+        for c in plane.clusters() {
+            metrics::gauge!("keyway_topology_epoch", "cluster" => c.name.clone())
+                .set(self.topology(&c.name).map_or(0.0, |t| t.epoch as f64));
         }
         self.ensure_controllers(&shutdown);
         if let Store::Etcd(_) = &self.store {
@@ -481,8 +489,9 @@ impl Failover {
     }
 
     /// Before a reload builds its runtime: checks the new config against the stored
-    /// decisions and gives new primary-replica clusters a topology.
-    pub fn prepare(&self, config: &Config) -> Result<(), String> {
+    /// decisions and gives new primary-replica clusters a topology (nothing is
+    /// applied: [`Failover::swap_in`] does that).
+    pub fn admit(&self, config: &Config) -> Result<(), String> {
         self.check_config(config)?;
         // A cluster added by a reload may have decisions stored under its name (it was
         // there before): they stand, never the configured primary.
@@ -497,10 +506,10 @@ impl Failover {
             return;
         };
         let names: Vec<String> = rt
-            .clusters
-            .iter()
-            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
-            .map(|c| c.cfg.name.clone())
+            .clusters()
+            .into_iter()
+            .filter(|c| c.strategy == Strategy::PrimaryReplica)
+            .map(|c| c.name.clone())
             .collect();
         let Ok(mut running) = self.controllers.lock() else {
             return;
@@ -567,19 +576,8 @@ impl Failover {
     }
 }
 
-/// Applies a topology to one running cluster.
-fn apply(c: &Cluster, t: &Topology) {
-    let primary = t.primary.as_ref().and_then(|id| index(c, id));
-    let fenced: Vec<usize> = t.fenced.iter().filter_map(|id| index(c, id)).collect();
-    c.health.set_topology(t.epoch, primary, &fenced);
-}
-
 /// The backend the configuration names primary: where the cluster starts and where a
 /// failback returns.
 fn home(cfg: &ClusterConfig) -> Option<usize> {
     cfg.backends.iter().position(|b| b.role == Role::Primary)
-}
-
-fn index(c: &Cluster, id: &str) -> Option<usize> {
-    c.backends.iter().position(|b| b.cfg.id == id)
 }
