@@ -58,13 +58,17 @@ use crate::etcd;
 use crate::permit::{self, Grant, Permit, WriteGate};
 use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
 
+mod admit;
+mod apply;
 mod backup;
 mod control;
 mod coordinate;
+mod failsafe;
 mod hooks;
 mod plane;
 mod policy;
 mod store;
+mod switchover;
 mod topology;
 
 use hooks::*;
@@ -195,86 +199,6 @@ impl Failover {
         Ok(me)
     }
 
-    /// Makes sure every primary-replica cluster of `config` has a topology and that the
-    /// stored ones name only backends the config has. Nothing changes on error.
-    pub fn check_config(&self, config: &Config) -> Result<(), String> {
-        let cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
-        for c in config
-            .clusters
-            .iter()
-            .filter(|c| c.strategy == Strategy::PrimaryReplica)
-        {
-            if let Some(cell) = cells.get(&c.name) {
-                cell.known.topology.validate(c).map_err(|e| {
-                    format!("{e}; keep that backend in the configuration, or promote another one first (POST /clusters/{}/promote/ID)", c.name)
-                })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates the cells of clusters not seen before: with their stored topology, or
-    /// the configured one, or (`unconfirmed`: with etcd, after start) no primary until
-    /// etcd is read.
-    fn adopt_config(
-        &self,
-        config: &Config,
-        stored: &HashMap<String, (Topology, i64)>,
-        unconfirmed: bool,
-    ) -> Result<(), String> {
-        let mut cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
-        for c in config
-            .clusters
-            .iter()
-            .filter(|c| c.strategy == Strategy::PrimaryReplica)
-        {
-            if cells.contains_key(&c.name) {
-                continue;
-            }
-            let known = match stored.get(&c.name) {
-                Some((t, rev)) => {
-                    t.validate(c).map_err(|e| {
-                        format!("{e}. The stored decisions do not match the configuration: restore the backend, or fix the state with `keyway state import`")
-                    })?;
-                    Known {
-                        topology: t.clone(),
-                        revision: *rev,
-                    }
-                }
-                None if unconfirmed => Known {
-                    topology: Topology {
-                        primary: None,
-                        reason: "added by a reload: primary unknown until etcd is read".into(),
-                        ..Topology::initial(c)
-                    },
-                    revision: 0,
-                },
-                None => Known {
-                    topology: Topology::initial(c),
-                    revision: 0,
-                },
-            };
-            let gate = Arc::new(WriteGate::default());
-            gate.applied(known.topology.epoch);
-            cells.insert(
-                c.name.clone(),
-                Cell {
-                    configured: Topology::initial(c),
-                    unconfirmed: unconfirmed && !stored.contains_key(&c.name),
-                    known,
-                    history: std::collections::VecDeque::new(),
-                    lock: Arc::new(tokio::sync::Mutex::new(())),
-                    promotion_needed: false,
-                    gate,
-                    acked: 0,
-                    ack_target: 0,
-                    ack_running: false,
-                },
-            );
-        }
-        Ok(())
-    }
-
     /// This instance's write permit (shared with every runtime it builds).
     pub fn permit(&self) -> &Arc<Permit> {
         &self.permit
@@ -324,154 +248,6 @@ impl Failover {
         self.cells.lock().ok()?.get(cluster).map(|c| c.lock.clone())
     }
 
-    /// Applies every topology this instance holds to a data plane that does not serve
-    /// yet (a freshly built runtime), so none of its clusters serves a request under
-    /// the configured primary when a decision says otherwise.
-    pub fn apply(&self, next: &dyn DataPlane) {
-        for cfg in next.clusters() {
-            if cfg.strategy != Strategy::PrimaryReplica {
-                continue;
-            }
-            if let Some(t) = self.topology(&cfg.name) {
-                next.apply(&cfg.name, &t);
-            }
-        }
-    }
-
-    /// Records a newer topology (from a commit or from etcd) and applies it to the
-    /// serving cluster. Older epochs are ignored.
-    fn record(self: &Arc<Self>, cluster: &str, known: Known) -> bool {
-        let applying = self.applying.lock();
-        let gate = {
-            let Ok(mut cells) = self.cells.lock() else {
-                return false;
-            };
-            let Some(cell) = cells.get_mut(cluster) else {
-                return false;
-            };
-            if !cell.unconfirmed
-                && (known.topology.epoch < cell.known.topology.epoch
-                    || (known.topology == cell.known.topology
-                        && known.revision == cell.known.revision))
-            {
-                return false;
-            }
-            cell.unconfirmed = false;
-            cell.known = known.clone();
-            if cell.history.back().map(|t| t.epoch) != Some(known.topology.epoch) {
-                if cell.history.len() == HISTORY {
-                    cell.history.pop_front();
-                }
-                cell.history.push_back(known.topology.clone());
-            }
-            cell.gate.clone()
-        };
-        if let Some(plane) = self.live() {
-            if let Some(cfg) = plane.clusters().into_iter().find(|c| c.name == cluster) {
-                if let Err(e) = known.topology.validate(&cfg) {
-                    tracing::error!(cluster, error = %e, "a decision names a backend this instance does not have; its configuration differs from the other instances'");
-                    return false;
-                }
-                plane.apply(cluster, &known.topology);
-            }
-        }
-        gate.applied(known.topology.epoch);
-        drop(applying);
-        self.acknowledge_when_drained(cluster, known.topology.epoch, gate);
-        metrics::gauge!("keyway_topology_epoch", "cluster" => cluster.to_string())
-            .set(known.topology.epoch as f64);
-        tracing::info!(
-            cluster,
-            epoch = known.topology.epoch,
-            primary = known.topology.primary.as_deref().unwrap_or("(none)"),
-            fenced = ?known.topology.fenced,
-            reason = %known.topology.reason,
-            "topology changed"
-        );
-        true
-    }
-
-    /// Puts a reloaded data plane in service: under the lock that applies decisions,
-    /// every topology is applied to `next` (a decision may have landed while it was
-    /// built), then `install` makes it the serving one. So it starts with every
-    /// decision made so far and none is applied to the old one alone. `install` must
-    /// only publish `next` (it runs with the lock held). Then starts controllers for
-    /// new clusters.
-    pub fn swap_in(
-        self: &Arc<Self>,
-        next: &dyn DataPlane,
-        install: impl FnOnce(),
-        shutdown: &watch::Receiver<bool>,
-    ) {
-        {
-            let _applying = self.applying.lock();
-            self.apply(next);
-            install();
-        }
-        self.ensure_controllers(shutdown);
-    }
-
-    /// Once every write routed under an epoch older than `epoch` has ended, records
-    /// `epoch` as acknowledged (and, with etcd, has the registration rewritten).
-    ///
-    /// One task per cluster at a time: a newer epoch arriving while it waits raises its
-    /// target (the same fence covers it), so tasks never pile up; a fence that times out
-    /// is tried again, so an epoch is never left unacknowledged for good.
-    fn acknowledge_when_drained(self: &Arc<Self>, cluster: &str, epoch: u64, gate: Arc<WriteGate>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let start = self.cells.lock().is_ok_and(|mut cells| {
-            cells.get_mut(cluster).is_some_and(|c| {
-                c.ack_target = c.ack_target.max(epoch);
-                !std::mem::replace(&mut c.ack_running, true)
-            })
-        });
-        if !start {
-            return;
-        }
-        let me = self.clone();
-        let cluster = cluster.to_string();
-        handle.spawn(async move {
-            loop {
-                let Some(target) = me.cells.lock().ok().and_then(|c| c.get(&cluster).map(|c| c.ack_target)) else {
-                    return;
-                };
-                // Writes are bounded by protocol_timeout, bodies and tunnels by their
-                // clients (and by the write lease); keep trying until they end.
-                if !gate.fence(Instant::now() + Duration::from_secs(60)).await {
-                    tracing::warn!(%cluster, epoch = target, in_flight = gate.in_flight(), "writes of an older epoch still in flight after a minute; the acknowledgement waits");
-                    continue;
-                }
-                let (changed, done) = me.cells.lock().map_or((false, true), |mut cells| {
-                    cells.get_mut(&cluster).map_or((false, true), |c| {
-                        let newer = target > c.acked;
-                        c.acked = c.acked.max(target);
-                        let done = c.ack_target == target;
-                        if done {
-                            c.ack_running = false;
-                        }
-                        (newer, done)
-                    })
-                });
-                if changed {
-                    me.acks_changed.notify_one();
-                }
-                if done {
-                    return;
-                }
-            }
-        });
-    }
-
-    /// Per cluster, the epoch this instance acknowledges.
-    fn acks(&self) -> BTreeMap<String, u64> {
-        self.cells
-            .lock()
-            .map(|cells| cells.iter().map(|(n, c)| (n.clone(), c.acked)).collect())
-            .unwrap_or_default()
-    }
-
     /// Starts the per-cluster controllers and, with etcd, the election and the watch.
     /// `plane` is the serving data plane (every topology already applied to it, see
     /// [`Failover::apply`]); decisions are applied to it from now on.
@@ -485,19 +261,6 @@ impl Failover {
         if let Store::Etcd(_) = &self.store {
             tokio::spawn(self.clone().coordinate(shutdown.clone()));
             tokio::spawn(self.clone().watch_etcd(shutdown));
-        }
-    }
-
-    /// Before a reload builds its runtime: checks the new config against the stored
-    /// decisions and gives new primary-replica clusters a topology (nothing is
-    /// applied: [`Failover::swap_in`] does that).
-    pub fn admit(&self, config: &Config) -> Result<(), String> {
-        self.check_config(config)?;
-        // A cluster added by a reload may have decisions stored under its name (it was
-        // there before): they stand, never the configured primary.
-        match &self.store {
-            Store::File(f) => self.adopt_config(config, &f.stored(), false),
-            Store::Etcd(_) => self.adopt_config(config, &HashMap::new(), true),
         }
     }
 
