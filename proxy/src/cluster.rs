@@ -320,8 +320,8 @@ pub fn sticky_token(cluster: &str, backend: &str) -> String {
 
 /// A cluster at run time.
 pub struct Cluster {
-    /// Its configuration.
-    pub cfg: ClusterConfig,
+    /// Its configuration (shared with the coordinator's view of the cluster).
+    pub cfg: Arc<ClusterConfig>,
     /// Backends, in config order.
     pub backends: Vec<Arc<Backend>>,
     /// Backend indices by ascending priority (config order within a priority).
@@ -383,7 +383,7 @@ impl Cluster {
             },
             by_priority,
             backends,
-            cfg,
+            cfg: Arc::new(cfg),
         })
     }
 

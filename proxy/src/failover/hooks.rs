@@ -10,19 +10,19 @@ use super::*;
 pub(super) async fn call_hook(
     hook: &HookConfig,
     which: &'static str,
-    c: &Cluster,
+    c: &ClusterConfig,
     i: usize,
     epoch: u64,
 ) -> Result<(), String> {
-    let b = &c.backends[i].cfg;
+    let b = &c.backends[i];
     let url = hook
         .url
         .replace("{address}", &b.address.to_string())
         .replace("{id}", &b.id)
-        .replace("{cluster}", &c.cfg.name)
+        .replace("{cluster}", &c.name)
         .replace("{epoch}", &epoch.to_string());
     let body = serde_json::json!({
-        "cluster": c.cfg.name,
+        "cluster": c.name,
         "epoch": epoch,
         "event": which,
         "backend": b.id,
@@ -34,7 +34,7 @@ pub(super) async fn call_hook(
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", hook.timeout)));
     let took = started.elapsed();
     let labels = [
-        ("cluster", c.cfg.name.clone()),
+        ("cluster", c.name.clone()),
         ("hook", which.to_string()),
         (
             "result",
@@ -45,10 +45,10 @@ pub(super) async fn call_hook(
     metrics::histogram!("keyway_hook_duration_seconds", &labels[..2]).record(took.as_secs_f64());
     match &result {
         Ok(()) => {
-            tracing::info!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, "hook succeeded")
+            tracing::info!(cluster = %c.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, "hook succeeded")
         }
         Err(e) => {
-            tracing::warn!(cluster = %c.cfg.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, error = %e, "hook failed")
+            tracing::warn!(cluster = %c.name, hook = which, backend = %b.id, %url, epoch, took_ms = took.as_millis() as u64, error = %e, "hook failed")
         }
     }
     result

@@ -1,10 +1,22 @@
 //! Promotion, fencing and failback for `primary-replica` clusters, and where those
-//! decisions are kept.
+//! decisions are kept: the coordinator. The manager ([`Failover`], this file) owns every
+//! cluster's topology, write gate and acknowledgements across reloads and applies
+//! decisions to the data plane.
 //!
 //! A cluster's **topology** is its current primary, the backends fenced off after a
-//! demotion, and an **epoch** that grows with every decision. The request path sees it
-//! through the cluster's health view (`HealthView::primary`, `BackendView::fenced`), so
-//! one atomic load gives a request both health and topology.
+//! demotion, and an **epoch** that grows with every decision. The coordinator reaches
+//! the data plane only through the [`DataPlane`] trait (`plane.rs`): it reads a
+//! [`ClusterView`] and applies a topology with [`DataPlane::apply`]; it must never name a
+//! data-plane type (cluster, runtime, health records, listeners), so it depends on the
+//! configuration, the plugins and its own stores only. How the data plane publishes a
+//! topology to requests (next to health, in one atomic load) is the data plane's affair.
+//!
+//! Applying, in one verb: [`Failover::apply`] gives a runtime that does not serve yet
+//! every topology held; [`Failover::swap_in`] does the same for a reloaded runtime and
+//! publishes it (the closure the data plane hands over) under the lock that applies
+//! decisions, so a reload never serves a topology older than one acknowledged and no
+//! decision lands on the old runtime alone; a decision is applied to the serving data
+//! plane under that lock before it counts as applied for its acknowledgement.
 //!
 //! Rules (DESIGN.md §2, invariants):
 //! - A decision is made durable *before* it takes effect: written atomically to the
@@ -35,32 +47,36 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::cluster::Cluster;
 use crate::config::{
-    ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role, StateConfig, Strategy,
+    BackendConfig, ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role,
+    StateConfig, Strategy,
 };
 use crate::etcd;
-use crate::forward::Runtime;
-use crate::health::{Health, HealthView};
 use crate::permit::{self, Grant, Permit, WriteGate};
 use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
 
+mod admit;
+mod apply;
 mod backup;
 mod control;
 mod coordinate;
+mod failsafe;
 mod hooks;
+mod plane;
 mod policy;
 mod store;
+mod switchover;
 mod topology;
 
 use hooks::*;
+use plane::index;
 use policy::*;
 use store::*;
 
+pub use plane::{BackendHealth, BackendState, ClusterView, DataPlane};
 pub use policy::{native_least_lag, native_priority};
 pub use store::{Access, EtcdStore, FileStore, Store};
 pub use topology::{parse_state, StateDoc, Topology};
@@ -103,8 +119,8 @@ pub struct Failover {
     store: Store,
     cells: Mutex<HashMap<String, Cell>>,
     controllers: Mutex<HashSet<String>>,
-    /// The server's live runtime, set once by [`Failover::start`].
-    runtime: std::sync::OnceLock<Arc<ArcSwap<Runtime>>>,
+    /// The serving data plane, set once by [`Failover::start`].
+    plane: std::sync::OnceLock<Arc<dyn DataPlane>>,
     /// Whether this instance may route writes.
     permit: Arc<Permit>,
     /// Held while a topology is applied to the live runtime or a runtime is swapped in,
@@ -163,7 +179,7 @@ impl Failover {
             store,
             cells: Mutex::new(HashMap::new()),
             controllers: Mutex::new(HashSet::new()),
-            runtime: std::sync::OnceLock::new(),
+            plane: std::sync::OnceLock::new(),
             permit,
             applying: Mutex::new(()),
             acks_changed: tokio::sync::Notify::new(),
@@ -181,86 +197,6 @@ impl Failover {
             }
         }
         Ok(me)
-    }
-
-    /// Makes sure every primary-replica cluster of `config` has a topology and that the
-    /// stored ones name only backends the config has. Nothing changes on error.
-    pub fn check_config(&self, config: &Config) -> Result<(), String> {
-        let cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
-        for c in config
-            .clusters
-            .iter()
-            .filter(|c| c.strategy == Strategy::PrimaryReplica)
-        {
-            if let Some(cell) = cells.get(&c.name) {
-                cell.known.topology.validate(c).map_err(|e| {
-                    format!("{e}; keep that backend in the configuration, or promote another one first (POST /clusters/{}/promote/ID)", c.name)
-                })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates the cells of clusters not seen before: with their stored topology, or
-    /// the configured one, or (`unconfirmed`: with etcd, after start) no primary until
-    /// etcd is read.
-    fn adopt_config(
-        &self,
-        config: &Config,
-        stored: &HashMap<String, (Topology, i64)>,
-        unconfirmed: bool,
-    ) -> Result<(), String> {
-        let mut cells = self.cells.lock().map_err(|_| "failover lock poisoned")?;
-        for c in config
-            .clusters
-            .iter()
-            .filter(|c| c.strategy == Strategy::PrimaryReplica)
-        {
-            if cells.contains_key(&c.name) {
-                continue;
-            }
-            let known = match stored.get(&c.name) {
-                Some((t, rev)) => {
-                    t.validate(c).map_err(|e| {
-                        format!("{e}. The stored decisions do not match the configuration: restore the backend, or fix the state with `keyway state import`")
-                    })?;
-                    Known {
-                        topology: t.clone(),
-                        revision: *rev,
-                    }
-                }
-                None if unconfirmed => Known {
-                    topology: Topology {
-                        primary: None,
-                        reason: "added by a reload: primary unknown until etcd is read".into(),
-                        ..Topology::initial(c)
-                    },
-                    revision: 0,
-                },
-                None => Known {
-                    topology: Topology::initial(c),
-                    revision: 0,
-                },
-            };
-            let gate = Arc::new(WriteGate::default());
-            gate.applied(known.topology.epoch);
-            cells.insert(
-                c.name.clone(),
-                Cell {
-                    configured: Topology::initial(c),
-                    unconfirmed: unconfirmed && !stored.contains_key(&c.name),
-                    known,
-                    history: std::collections::VecDeque::new(),
-                    lock: Arc::new(tokio::sync::Mutex::new(())),
-                    promotion_needed: false,
-                    gate,
-                    acked: 0,
-                    ack_target: 0,
-                    ack_running: false,
-                },
-            );
-        }
-        Ok(())
     }
 
     /// This instance's write permit (shared with every runtime it builds).
@@ -286,18 +222,17 @@ impl Failover {
             .map(|c| c.known.clone())
     }
 
-    /// The running runtime, once started.
-    fn live(&self) -> Option<Arc<Runtime>> {
-        self.runtime.get().map(|r| r.load_full())
+    /// The serving data plane, once started.
+    fn live(&self) -> Option<&Arc<dyn DataPlane>> {
+        self.plane.get()
     }
 
-    /// A running primary-replica cluster, for the admin calls.
-    fn split_cluster(&self, name: &str) -> Result<Arc<Cluster>, Refused> {
+    /// A serving primary-replica cluster, for the admin calls.
+    fn split_cluster(&self, name: &str) -> Result<ClusterView, Refused> {
         self.live()
             .ok_or_else(|| refused(503, "keyway is starting"))?
-            .cluster(name)
+            .view(name)
             .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
-            .cloned()
             .ok_or_else(|| refused(404, format!("no primary-replica cluster `{name}`")))
     }
 
@@ -313,165 +248,14 @@ impl Failover {
         self.cells.lock().ok()?.get(cluster).map(|c| c.lock.clone())
     }
 
-    /// Applies the cluster's topology to a freshly built cluster (before it serves).
-    pub fn apply_to(&self, cluster: &Cluster) {
-        if cluster.cfg.strategy != Strategy::PrimaryReplica {
-            return;
-        }
-        if let Some(t) = self.topology(&cluster.cfg.name) {
-            apply(cluster, &t);
-        }
-    }
-
-    /// Records a newer topology (from a commit or from etcd) and applies it to the
-    /// running cluster. Older epochs are ignored.
-    fn adopt(self: &Arc<Self>, cluster: &str, known: Known) -> bool {
-        let applying = self.applying.lock();
-        let gate = {
-            let Ok(mut cells) = self.cells.lock() else {
-                return false;
-            };
-            let Some(cell) = cells.get_mut(cluster) else {
-                return false;
-            };
-            if !cell.unconfirmed
-                && (known.topology.epoch < cell.known.topology.epoch
-                    || (known.topology == cell.known.topology
-                        && known.revision == cell.known.revision))
-            {
-                return false;
-            }
-            cell.unconfirmed = false;
-            cell.known = known.clone();
-            if cell.history.back().map(|t| t.epoch) != Some(known.topology.epoch) {
-                if cell.history.len() == HISTORY {
-                    cell.history.pop_front();
-                }
-                cell.history.push_back(known.topology.clone());
-            }
-            cell.gate.clone()
-        };
-        if let Some(rt) = self.live() {
-            if let Some(c) = rt.cluster(cluster) {
-                if let Err(e) = known.topology.validate(&c.cfg) {
-                    tracing::error!(cluster, error = %e, "a decision names a backend this instance does not have; its configuration differs from the other instances'");
-                    return false;
-                }
-                apply(c, &known.topology);
-            }
-        }
-        gate.applied(known.topology.epoch);
-        drop(applying);
-        self.acknowledge_when_drained(cluster, known.topology.epoch, gate);
-        metrics::gauge!("keyway_topology_epoch", "cluster" => cluster.to_string())
-            .set(known.topology.epoch as f64);
-        tracing::info!(
-            cluster,
-            epoch = known.topology.epoch,
-            primary = known.topology.primary.as_deref().unwrap_or("(none)"),
-            fenced = ?known.topology.fenced,
-            reason = %known.topology.reason,
-            "topology changed"
-        );
-        true
-    }
-
-    /// Re-applies every topology to a runtime that was just swapped in (a decision may
-    /// have landed while it was being built).
-    pub fn reapply(&self, rt: &Runtime) {
-        for c in &rt.clusters {
-            self.apply_to(c);
-        }
-    }
-
-    /// Installs a reloaded runtime: under the lock that applies decisions, so the new
-    /// runtime starts with every decision made so far and none is applied to the old
-    /// one alone. Then starts controllers for new clusters.
-    pub fn swap_in(
-        self: &Arc<Self>,
-        live: &ArcSwap<Runtime>,
-        rt: Arc<Runtime>,
-        shutdown: &watch::Receiver<bool>,
-    ) {
-        {
-            let _applying = self.applying.lock();
-            self.reapply(&rt);
-            live.store(rt);
-        }
-        self.ensure_controllers(shutdown);
-    }
-
-    /// Once every write routed under an epoch older than `epoch` has ended, records
-    /// `epoch` as acknowledged (and, with etcd, has the registration rewritten).
-    ///
-    /// One task per cluster at a time: a newer epoch arriving while it waits raises its
-    /// target (the same fence covers it), so tasks never pile up; a fence that times out
-    /// is tried again, so an epoch is never left unacknowledged for good.
-    fn acknowledge_when_drained(self: &Arc<Self>, cluster: &str, epoch: u64, gate: Arc<WriteGate>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let start = self.cells.lock().is_ok_and(|mut cells| {
-            cells.get_mut(cluster).is_some_and(|c| {
-                c.ack_target = c.ack_target.max(epoch);
-                !std::mem::replace(&mut c.ack_running, true)
-            })
-        });
-        if !start {
-            return;
-        }
-        let me = self.clone();
-        let cluster = cluster.to_string();
-        handle.spawn(async move {
-            loop {
-                let Some(target) = me.cells.lock().ok().and_then(|c| c.get(&cluster).map(|c| c.ack_target)) else {
-                    return;
-                };
-                // Writes are bounded by protocol_timeout, bodies and tunnels by their
-                // clients (and by the write lease); keep trying until they end.
-                if !gate.fence(Instant::now() + Duration::from_secs(60)).await {
-                    tracing::warn!(%cluster, epoch = target, in_flight = gate.in_flight(), "writes of an older epoch still in flight after a minute; the acknowledgement waits");
-                    continue;
-                }
-                let (changed, done) = me.cells.lock().map_or((false, true), |mut cells| {
-                    cells.get_mut(&cluster).map_or((false, true), |c| {
-                        let newer = target > c.acked;
-                        c.acked = c.acked.max(target);
-                        let done = c.ack_target == target;
-                        if done {
-                            c.ack_running = false;
-                        }
-                        (newer, done)
-                    })
-                });
-                if changed {
-                    me.acks_changed.notify_one();
-                }
-                if done {
-                    return;
-                }
-            }
-        });
-    }
-
-    /// Per cluster, the epoch this instance acknowledges.
-    fn acks(&self) -> BTreeMap<String, u64> {
-        self.cells
-            .lock()
-            .map(|cells| cells.iter().map(|(n, c)| (n.clone(), c.acked)).collect())
-            .unwrap_or_default()
-    }
-
     /// Starts the per-cluster controllers and, with etcd, the election and the watch.
-    pub fn start(
-        self: &Arc<Self>,
-        runtime: Arc<ArcSwap<Runtime>>,
-        shutdown: watch::Receiver<bool>,
-    ) {
-        let _ = self.runtime.set(runtime.clone());
-        for c in &runtime.load().clusters {
-            metrics::gauge!("keyway_topology_epoch", "cluster" => c.cfg.name.clone())
-                .set(self.topology(&c.cfg.name).map_or(0.0, |t| t.epoch as f64));
+    /// `plane` is the serving data plane (every topology already applied to it, see
+    /// [`Failover::apply`]); decisions are applied to it from now on.
+    pub fn start(self: &Arc<Self>, plane: Arc<dyn DataPlane>, shutdown: watch::Receiver<bool>) {
+        let _ = self.plane.set(plane.clone());
+        for c in plane.clusters() {
+            metrics::gauge!("keyway_topology_epoch", "cluster" => c.name.clone())
+                .set(self.topology(&c.name).map_or(0.0, |t| t.epoch as f64));
         }
         self.ensure_controllers(&shutdown);
         if let Store::Etcd(_) = &self.store {
@@ -480,27 +264,15 @@ impl Failover {
         }
     }
 
-    /// Before a reload builds its runtime: checks the new config against the stored
-    /// decisions and gives new primary-replica clusters a topology.
-    pub fn prepare(&self, config: &Config) -> Result<(), String> {
-        self.check_config(config)?;
-        // A cluster added by a reload may have decisions stored under its name (it was
-        // there before): they stand, never the configured primary.
-        match &self.store {
-            Store::File(f) => self.adopt_config(config, &f.stored(), false),
-            Store::Etcd(_) => self.adopt_config(config, &HashMap::new(), true),
-        }
-    }
-
     fn ensure_controllers(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) {
         let Some(rt) = self.live() else {
             return;
         };
         let names: Vec<String> = rt
-            .clusters
-            .iter()
-            .filter(|c| c.cfg.strategy == Strategy::PrimaryReplica)
-            .map(|c| c.cfg.name.clone())
+            .clusters()
+            .into_iter()
+            .filter(|c| c.strategy == Strategy::PrimaryReplica)
+            .map(|c| c.name.clone())
             .collect();
         let Ok(mut running) = self.controllers.lock() else {
             return;
@@ -567,19 +339,8 @@ impl Failover {
     }
 }
 
-/// Applies a topology to one running cluster.
-fn apply(c: &Cluster, t: &Topology) {
-    let primary = t.primary.as_ref().and_then(|id| index(c, id));
-    let fenced: Vec<usize> = t.fenced.iter().filter_map(|id| index(c, id)).collect();
-    c.health.set_topology(t.epoch, primary, &fenced);
-}
-
 /// The backend the configuration names primary: where the cluster starts and where a
 /// failback returns.
 fn home(cfg: &ClusterConfig) -> Option<usize> {
     cfg.backends.iter().position(|b| b.role == Role::Primary)
-}
-
-fn index(c: &Cluster, id: &str) -> Option<usize> {
-    c.backends.iter().position(|b| b.cfg.id == id)
 }

@@ -6,33 +6,24 @@ use super::*;
 /// Asks the promotion policy for a candidate: healthy (degraded only when no candidate
 /// is healthy), not fenced, not the primary, not one whose promote hook just failed.
 pub(super) fn choose(
-    c: &Cluster,
-    view: &HealthView,
+    view: &ClusterView,
     t: &Topology,
     hook_failed: &HashMap<String, Instant>,
 ) -> Option<usize> {
+    let c = &view.cfg;
     let candidates: Vec<PromotionCandidate> = c
         .backends
         .iter()
         .enumerate()
         .filter(|(i, b)| {
-            Some(&b.cfg.id) != t.primary.as_ref()
-                && !t.fenced.contains(&b.cfg.id)
-                && !hook_failed.contains_key(&b.cfg.id)
+            Some(&b.id) != t.primary.as_ref()
+                && !t.fenced.contains(&b.id)
+                && !hook_failed.contains_key(&b.id)
                 && view.backends.get(*i).is_some()
         })
-        .map(|(i, b)| PromotionCandidate {
-            id: b.cfg.id.clone(),
-            priority: b.cfg.priority,
-            location: b.cfg.location.clone(),
-            weight: b.cfg.weight,
-            healthy: view.backends[i].health == Health::Healthy,
-            degraded: view.backends[i].health == Health::Degraded,
-            lag_ms: view.backends[i].lag_ms,
-            last_ok_ms: last_ok_ms(c, i),
-        })
+        .map(|(i, b)| candidate(b, &view.backends[i]))
         .collect();
-    let policy = c.cfg.promotion.as_ref()?;
+    let policy = c.promotion.as_ref()?;
     let decision = match &policy.policy {
         PromotionPolicyKind::Priority { prefer_location } => {
             native_priority(&candidates, prefer_location.as_deref())
@@ -40,19 +31,11 @@ pub(super) fn choose(
         PromotionPolicyKind::LeastLag { max_lag_ms } => native_least_lag(&candidates, *max_lag_ms),
         PromotionPolicyKind::Plugin { plugin, on_error } => {
             // The primary as the policy should see it: named, with its (bad) health.
-            let primary = t.primary.as_ref().and_then(|id| index(c, id)).map(|i| {
-                let b = &c.backends[i].cfg;
-                PromotionCandidate {
-                    id: b.id.clone(),
-                    priority: b.priority,
-                    location: b.location.clone(),
-                    weight: b.weight,
-                    healthy: view.backends[i].health == Health::Healthy,
-                    degraded: view.backends[i].health == Health::Degraded,
-                    lag_ms: view.backends[i].lag_ms,
-                    last_ok_ms: last_ok_ms(c, i),
-                }
-            });
+            let primary = t
+                .primary
+                .as_ref()
+                .and_then(|id| index(c, id))
+                .map(|i| candidate(&c.backends[i], &view.backends[i]));
             match plugin.decide(
                 primary.as_ref(),
                 &candidates,
@@ -61,7 +44,7 @@ pub(super) fn choose(
                 Ok(d) => d,
                 Err(e) => match on_error {
                     OnError::FailClosed => {
-                        tracing::warn!(cluster = %c.cfg.name, error = %e, "promotion plugin failed; no promotion (on_error = fail-closed)");
+                        tracing::warn!(cluster = %c.name, error = %e, "promotion plugin failed; no promotion (on_error = fail-closed)");
                         PromotionDecision::None
                     }
                     _ => native_priority(&candidates, None),
@@ -73,11 +56,11 @@ pub(super) fn choose(
         PromotionDecision::Promote(id) => {
             let chosen = candidates.iter().find(|c| c.id == id)?;
             if !chosen.healthy && !chosen.degraded {
-                tracing::warn!(cluster = %c.cfg.name, backend = %id, "the promotion policy chose an unhealthy backend; refused");
+                tracing::warn!(cluster = %c.name, backend = %id, "the promotion policy chose an unhealthy backend; refused");
                 return None;
             }
             if !chosen.healthy && candidates.iter().any(|c| c.healthy) {
-                tracing::warn!(cluster = %c.cfg.name, backend = %id, "the promotion policy chose a degraded backend while a candidate is healthy; refused");
+                tracing::warn!(cluster = %c.name, backend = %id, "the promotion policy chose a degraded backend while a candidate is healthy; refused");
                 return None;
             }
             index(c, &id)
@@ -86,11 +69,20 @@ pub(super) fn choose(
     }
 }
 
-/// When backend `i` last passed a check, in Unix milliseconds by that check's wall clock
-/// (0: never), as the WIT's `candidate.last-ok-ms` says: the clock of `now-ms` and of the
-/// probes' `at-ms`, unchanged by reloads.
-pub(super) fn last_ok_ms(c: &Cluster, i: usize) -> u64 {
-    c.health.last_ok_unix_ms(i)
+/// A backend as the promotion policy sees it. `last_ok_ms` is the WIT's
+/// `candidate.last-ok-ms`: Unix milliseconds by the clock of `now-ms` and of the probes'
+/// `at-ms`, unchanged by reloads.
+fn candidate(b: &BackendConfig, s: &BackendState) -> PromotionCandidate {
+    PromotionCandidate {
+        id: b.id.clone(),
+        priority: b.priority,
+        location: b.location.clone(),
+        weight: b.weight,
+        healthy: s.health == BackendHealth::Healthy,
+        degraded: s.health == BackendHealth::Degraded,
+        lag_ms: s.lag_ms,
+        last_ok_ms: s.last_ok_ms,
+    }
 }
 
 /// The instant keyway started (first use).

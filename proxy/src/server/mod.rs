@@ -30,12 +30,13 @@ use crate::router::Router;
 use crate::{http_conn, proxy_protocol, telemetry, tls};
 
 mod conn;
-
+mod plane;
 mod reload;
 
 pub(crate) use crate::limits::ConnLimit;
 pub use crate::limits::DrainGuard;
 use conn::*;
+pub use plane::LivePlane;
 pub use reload::Reloader;
 
 /// Why keyway could not start.
@@ -72,8 +73,6 @@ pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, St
             if let Some(gate) = failover.gate(&c.name) {
                 cluster.gate = gate;
             }
-            // The stored topology, before the cluster serves a request.
-            failover.apply_to(&cluster);
             Ok::<_, String>(Arc::new(cluster))
         })
         .collect::<Result<_, _>>()?;
@@ -81,12 +80,15 @@ pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, St
         let i = clusters.iter().position(|c| c.cfg.name == name)?;
         Some((i, clusters[i].cfg.paths))
     });
-    Ok(Runtime {
+    let runtime = Runtime {
         router,
         clusters,
         access_log: config.proxy.access_log,
         permit: failover.permit().clone(),
-    })
+    };
+    // The stored topologies, before any cluster serves a request.
+    failover.apply(&runtime);
+    Ok(runtime)
 }
 
 /// A random key for this process, used when the config names no `secret_file`.
@@ -156,7 +158,7 @@ impl Proxy {
         for c in &runtime.load().clusters {
             crate::health::spawn_probers(c, shutdown.subscribe());
         }
-        failover.start(runtime.clone(), shutdown.subscribe());
+        failover.start(Arc::new(LivePlane(runtime.clone())), shutdown.subscribe());
         let listener_states: Vec<Arc<ArcSwap<ListenerState>>> = config
             .listeners
             .iter()

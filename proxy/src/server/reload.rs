@@ -131,7 +131,7 @@ impl Reloader {
                     .into(),
             );
         }
-        self.failover.prepare(&next)?;
+        self.failover.admit(&next)?;
         let runtime = build_runtime(&next, &self.failover)?;
         let old = self.runtime.load_full();
         for cluster in &runtime.clusters {
@@ -165,8 +165,13 @@ impl Reloader {
         for c in &runtime.clusters {
             crate::health::spawn_probers(c, self.shutdown.clone());
         }
-        self.failover
-            .swap_in(&self.runtime, runtime.clone(), &self.shutdown);
+        // Every decision so far is applied to the new runtime under the coordinator's
+        // lock, and it is published under that same lock.
+        self.failover.swap_in(
+            &*runtime,
+            || self.runtime.store(runtime.clone()),
+            &self.shutdown,
+        );
         for (state, cfg) in self.listeners.iter().zip(&next.listeners) {
             state.store(Arc::new(ListenerState::new(cfg)));
         }
