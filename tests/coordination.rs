@@ -991,8 +991,8 @@ fn ended_before(a: Instant, b: Instant) -> bool {
 
 // === the etcd client ===
 
-fn endpoint(addr: SocketAddr) -> keyway::config::EtcdEndpoint {
-    keyway::config::EtcdEndpoint {
+fn endpoint(addr: SocketAddr) -> keyway_proxy::config::EtcdEndpoint {
+    keyway_proxy::config::EtcdEndpoint {
         addr,
         authority: addr.to_string(),
         tls: false,
@@ -1008,27 +1008,28 @@ async fn an_unanswered_transaction_is_read_back_not_sent_again() {
     let etcd = Etcd::start().await;
     let lossy = Forwarder::start(etcd.addr).await;
     lossy.set(Link::OneWay);
-    let client = keyway::etcd::Client::new(
+    let client = keyway_proxy::etcd::Client::new(
         vec![endpoint(lossy.addr), endpoint(etcd.addr)],
         None,
         Duration::from_millis(500),
     );
-    let seed = keyway::etcd::Client::new(vec![endpoint(etcd.addr)], None, Duration::from_secs(2));
+    let seed =
+        keyway_proxy::etcd::Client::new(vec![endpoint(etcd.addr)], None, Duration::from_secs(2));
     let before = match seed.swap("/t/key", 0, b"v1", None).await.unwrap() {
-        keyway::etcd::Swap::Done(rev) => rev,
-        keyway::etcd::Swap::Lost(kv) => panic!("seed lost: {kv:?}"),
+        keyway_proxy::etcd::Swap::Done(rev) => rev,
+        keyway_proxy::etcd::Swap::Lost(kv) => panic!("seed lost: {kv:?}"),
     };
     // The swap reaches etcd through the one-way endpoint, commits, and its answer is
     // lost; a blind re-send to the second endpoint would fail its compare.
     match client.swap("/t/key", before, b"v2", None).await.unwrap() {
-        keyway::etcd::Swap::Done(rev) => assert!(rev > before),
-        keyway::etcd::Swap::Lost(kv) => panic!("a committed swap reported lost: {kv:?}"),
+        keyway_proxy::etcd::Swap::Done(rev) => assert!(rev > before),
+        keyway_proxy::etcd::Swap::Lost(kv) => panic!("a committed swap reported lost: {kv:?}"),
     }
     let kv = seed.get("/t/key").await.unwrap().unwrap();
     assert_eq!(kv.value, b"v2");
     // A swap that really lost says so, with the current value.
     match client.swap("/t/key", before, b"v3", None).await.unwrap() {
-        keyway::etcd::Swap::Lost(Some(kv)) => assert_eq!(kv.value, b"v2"),
+        keyway_proxy::etcd::Swap::Lost(Some(kv)) => assert_eq!(kv.value, b"v2"),
         other => panic!("a stale swap must lose: {other:?}"),
     }
 }
@@ -1039,7 +1040,8 @@ async fn keep_alives_reuse_one_connection() {
     let _serial = one_at_a_time().await;
     let etcd = Etcd::start().await;
     let fwd = Forwarder::start(etcd.addr).await;
-    let client = keyway::etcd::Client::new(vec![endpoint(fwd.addr)], None, Duration::from_secs(2));
+    let client =
+        keyway_proxy::etcd::Client::new(vec![endpoint(fwd.addr)], None, Duration::from_secs(2));
     let (lease, ttl) = client.grant(5).await.unwrap();
     assert_eq!(ttl, 5);
     for _ in 0..20 {
@@ -1107,7 +1109,8 @@ async fn an_instance_name_is_claimed_once_and_a_deleted_registration_comes_back(
     drop(second);
 
     // The registration is deleted by hand: the first instance restores it.
-    let client = keyway::etcd::Client::new(vec![endpoint(etcd.addr)], None, Duration::from_secs(2));
+    let client =
+        keyway_proxy::etcd::Client::new(vec![endpoint(etcd.addr)], None, Duration::from_secs(2));
     let key = "/keyway-test/instances/kw-0";
     let lease = client.get(key).await.unwrap().expect("registered").lease;
     delete(&etcd, key).await;
@@ -1215,7 +1218,7 @@ async fn a_dead_etcd_endpoint_costs_one_timeout_not_one_per_call() {
     let etcd = Etcd::start().await;
     let dead = Forwarder::start(etcd.addr).await;
     dead.set(Link::BlackHoled);
-    let client = keyway::etcd::Client::new(
+    let client = keyway_proxy::etcd::Client::new(
         vec![endpoint(dead.addr), endpoint(etcd.addr)],
         None,
         Duration::from_millis(500),

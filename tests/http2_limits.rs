@@ -539,7 +539,7 @@ async fn too_many_concurrent_streams_are_refused_then_the_connection_ends() {
     );
     // Only the streams within the limit could reach the backend.
     assert!(
-        attacker_hits(&backend) <= keyway::config::H2_MAX_CONCURRENT_STREAMS as usize,
+        attacker_hits(&backend) <= keyway_proxy::config::H2_MAX_CONCURRENT_STREAMS as usize,
         "{}",
         attacker_hits(&backend)
     );

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyway::plugin::{ClassifierPlugin, PluginError};
+use keyway_proxy::plugin::{ClassifierPlugin, PluginError};
 use keyway_tests::plugin;
 
 #[test]

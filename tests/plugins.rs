@@ -5,10 +5,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
-use keyway::classify::Kind;
-use keyway::config::{BackendConfig, Role, UpstreamProtocol};
-use keyway::health::{Health, Probe};
-use keyway::plugin::{
+use keyway_proxy::classify::Kind;
+use keyway_proxy::config::{BackendConfig, Role, UpstreamProtocol};
+use keyway_proxy::health::{Health, Probe};
+use keyway_proxy::plugin::{
     ClassifierPlugin, HealthPlugin, PluginError, PromotionCandidate, PromotionDecision,
     PromotionPlugin,
 };
@@ -25,8 +25,8 @@ fn backend() -> BackendConfig {
         protocol: UpstreamProtocol::Http1,
         role: Role::Replica,
         location: String::new(),
-        max_connections: keyway::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
-        max_queue: keyway::config::DEFAULT_BACKEND_MAX_QUEUE,
+        max_connections: keyway_proxy::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
+        max_queue: keyway_proxy::config::DEFAULT_BACKEND_MAX_QUEUE,
     }
 }
 
@@ -48,7 +48,7 @@ fn history(results: &[bool]) -> VecDeque<Probe> {
 #[test]
 fn rise_fall_and_failed_checks_plugins() {
     let rf = HealthPlugin::load(&plugin("rise-fall"), r#"{"rise": 2, "fall": 3}"#).unwrap();
-    let e = keyway::health::unix_ms_now();
+    let e = keyway_proxy::health::unix_ms_now();
     let b = backend();
     let eval = |cur, h: &[bool]| rf.evaluate(&b, cur, &history(h), e).unwrap().0;
     assert_eq!(
@@ -207,7 +207,7 @@ fn swapped_out_classifier_versions_free_their_thread_instances() {
     };
     // A thread of its own: the test harness may run other tests on this one.
     std::thread::spawn(move || {
-        let count = keyway::plugin::classifier_instances_on_this_thread;
+        let count = keyway_proxy::plugin::classifier_instances_on_this_thread;
         let mut current = v("v0");
         assert_eq!(current.classify("POST", "/v0", "h").unwrap(), Kind::Read);
         assert_eq!(count(), 1);
@@ -270,7 +270,7 @@ fn misbehaving_plugins_are_contained() {
         &backend(),
         Health::Healthy,
         &history(&[true]),
-        keyway::health::unix_ms_now(),
+        keyway_proxy::health::unix_ms_now(),
     );
     assert!(matches!(r, Err(PluginError::InvalidOutput(_))), "{r:?}");
 
@@ -789,7 +789,7 @@ async fn a_degraded_backend_is_a_standby_for_every_balancer_and_ordered_clusters
 
 #[test]
 fn native_promotion_takes_a_degraded_candidate_only_when_none_is_healthy() {
-    use keyway::failover::{native_least_lag, native_priority};
+    use keyway_proxy::failover::{native_least_lag, native_priority};
     let c = |id: &str, priority: u32, healthy: bool, degraded: bool, lag: u64| PromotionCandidate {
         id: id.into(),
         priority,
@@ -824,7 +824,7 @@ fn echoed(reason: &str) -> std::collections::HashMap<String, String> {
 async fn health_plugins_get_location_current_role_and_unix_times_kept_across_reloads() {
     let p = TestBackend::start("primary").await;
     let r = TestBackend::start("r1").await;
-    let started = keyway::health::unix_ms_now();
+    let started = keyway_proxy::health::unix_ms_now();
     let cfg = one_cluster(
         "echo",
         &format!(
@@ -865,7 +865,7 @@ backends = [
     // One clock: Unix milliseconds, probe times no later than the call's now.
     let now: u64 = r1["now"].parse().unwrap();
     let at: Vec<u64> = r1["at"].split(',').map(|t| t.parse().unwrap()).collect();
-    let end = keyway::health::unix_ms_now();
+    let end = keyway_proxy::health::unix_ms_now();
     assert!(
         now >= started && now <= end,
         "now-ms {now} not in [{started}, {end}]"
@@ -976,7 +976,7 @@ backends = [
 #[test]
 fn a_plugin_s_output_is_captured_bounded_and_a_trap_names_its_panic() {
     let b = backend();
-    let now = keyway::health::unix_ms_now();
+    let now = keyway_proxy::health::unix_ms_now();
     let chatty = HealthPlugin::load(
         &plugin("misbehave-health"),
         r#"{"mode": "ok", "say": "checking"}"#,

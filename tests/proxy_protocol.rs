@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keyway::proxy_protocol::{encode_v1, encode_v2, Header};
+use keyway_proxy::proxy_protocol::{encode_v1, encode_v2, Header};
 use keyway_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

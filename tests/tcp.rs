@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyway::proxy_protocol::{self, Accept, Header};
+use keyway_proxy::proxy_protocol::{self, Accept, Header};
 use keyway_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -1062,10 +1062,13 @@ backends = [{ id = "a", address = "127.0.0.1:1", proxy_protocol = "v3" }]
     )
     .unwrap();
     let l = &ok.tcp_listeners[0];
-    assert_eq!(l.idle_timeout, keyway::config::DEFAULT_TCP_IDLE_TIMEOUT);
+    assert_eq!(
+        l.idle_timeout,
+        keyway_proxy::config::DEFAULT_TCP_IDLE_TIMEOUT
+    );
     assert_eq!(
         ok.clusters[0].tcp.protocol_check,
-        keyway::config::ProtocolCheck::FirstByte
+        keyway_proxy::config::ProtocolCheck::FirstByte
     );
 }
 

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use keyway::config::{BackendConfig, Role, UpstreamProtocol};
-use keyway::health::{Health, Probe};
-use keyway::plugin::{ClassifierPlugin, HealthPlugin};
+use keyway_proxy::config::{BackendConfig, Role, UpstreamProtocol};
+use keyway_proxy::health::{Health, Probe};
+use keyway_proxy::plugin::{ClassifierPlugin, HealthPlugin};
 
 fn dist() -> std::path::PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -24,13 +24,13 @@ fn dist() -> std::path::PathBuf {
 fn bench(c: &mut Criterion) {
     let dist = dist();
     let classifier = ClassifierPlugin::load(&dist.join("pam-classifier.wasm"), "{}").expect("load");
-    let native = keyway::classify::Classifier::new(
-        &[keyway::config::RoutePattern {
+    let native = keyway_proxy::classify::Classifier::new(
+        &[keyway_proxy::config::RoutePattern {
             method: Some(http::Method::POST),
             path: "/PasswordVault/api/Accounts/*/Password/Retrieve".into(),
         }],
         &[],
-        keyway::config::PathCase::Sensitive,
+        keyway_proxy::config::PathCase::Sensitive,
     );
     let path = "/PasswordVault/api/Accounts/12_3/Password/Retrieve";
     // Warm this thread's instance: the request path reuses it.
@@ -56,8 +56,8 @@ fn bench(c: &mut Criterion) {
         protocol: UpstreamProtocol::Http1,
         role: Role::Replica,
         location: String::new(),
-        max_connections: keyway::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
-        max_queue: keyway::config::DEFAULT_BACKEND_MAX_QUEUE,
+        max_connections: keyway_proxy::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
+        max_queue: keyway_proxy::config::DEFAULT_BACKEND_MAX_QUEUE,
     };
     let history: VecDeque<Probe> = (0..64)
         .map(|i| Probe {
@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
             lag_ms: Some(12),
         })
         .collect();
-    let now_ms = keyway::health::unix_ms_now();
+    let now_ms = keyway_proxy::health::unix_ms_now();
     c.bench_function(
         "plugin: rise-fall evaluation, 64 checks (instantiate + configure + call)",
         |b| b.iter(|| health.evaluate(&backend, Health::Healthy, &history, now_ms)),

@@ -5,10 +5,10 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
-use keyway::balance::{Balancer, Candidate};
-use keyway::config::{host_pattern_for_tests, Balance, RouteConfig};
-use keyway::headers;
-use keyway::router::Router;
+use keyway_proxy::balance::{Balancer, Candidate};
+use keyway_proxy::config::{host_pattern_for_tests, Balance, RouteConfig};
+use keyway_proxy::headers;
+use keyway_proxy::router::Router;
 
 struct B {
     weight: u32,
@@ -49,7 +49,7 @@ fn routes() -> (Router, usize) {
         names
             .iter()
             .position(|x| x == c)
-            .map(|i| (i, keyway::config::PathCase::Sensitive))
+            .map(|i| (i, keyway_proxy::config::PathCase::Sensitive))
     });
     (router, n)
 }
@@ -124,7 +124,7 @@ fn bench(c: &mut Criterion) {
 
     // The front door on a request that is already normal (the common case) and on one
     // it must rewrite (dot segment, escapes).
-    let door = keyway::config::FrontDoorConfig::default();
+    let door = keyway_proxy::config::FrontDoorConfig::default();
     let peer = "10.1.2.3".parse().expect("ip");
     for (name, path) in [
         (
@@ -144,7 +144,7 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("front door: {name}"), |b| {
             b.iter_batched(
                 request,
-                |mut r| keyway::frontdoor::admit(&mut r, &door, peer).map(|_| r),
+                |mut r| keyway_proxy::frontdoor::admit(&mut r, &door, peer).map(|_| r),
                 criterion::BatchSize::SmallInput,
             )
         });
@@ -154,15 +154,15 @@ fn bench(c: &mut Criterion) {
 /// What a write costs for the no-split-brain rules: the permit check (a clock read) and
 /// counting it in its cluster's write gate (two atomic operations).
 fn write_accounting(c: &mut Criterion) {
-    let permit = keyway::permit::Permit::coordinated();
+    let permit = keyway_proxy::permit::Permit::coordinated();
     permit.extend(
         std::time::Instant::now() + std::time::Duration::from_secs(3600),
-        keyway::permit::Grant::Etcd,
+        keyway_proxy::permit::Grant::Etcd,
     );
     c.bench_function("write: permit check (coordinated)", |b| {
         b.iter(|| std::hint::black_box(&permit).holds())
     });
-    let gate = std::sync::Arc::new(keyway::permit::WriteGate::default());
+    let gate = std::sync::Arc::new(keyway_proxy::permit::WriteGate::default());
     c.bench_function("write: count in the write gate and release", |b| {
         b.iter(|| drop(std::hint::black_box(&gate).enter()))
     });

@@ -8,7 +8,7 @@ async fn main() {
         eprintln!("usage: keyway-instance CONFIG");
         std::process::exit(2);
     };
-    keyway::telemetry::init_logs(false);
+    keyway_proxy::telemetry::init_logs(false);
     let config = match keyway::Config::load(&path) {
         Ok(c) => c,
         Err(e) => {

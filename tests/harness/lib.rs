@@ -29,6 +29,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
 pub use keyway;
+pub use keyway_proxy;
 
 /// How a test backend behaves right now. Tests change it while traffic flows.
 #[derive(Clone, Debug)]

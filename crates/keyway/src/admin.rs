@@ -19,15 +19,15 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::{self, Body};
-use crate::forward::Runtime;
-use crate::telemetry;
+use keyway_proxy::body::{self, Body};
+use keyway_proxy::forward::Runtime;
+use keyway_proxy::telemetry;
 
 /// Serves the admin API until shutdown.
 pub async fn serve(
     sock: TcpListener,
     runtime: Arc<ArcSwap<Runtime>>,
-    reloader: Arc<crate::server::Reloader>,
+    reloader: Arc<keyway_proxy::server::Reloader>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if let Ok(a) = sock.local_addr() {
@@ -97,7 +97,7 @@ pub async fn serve(
 /// `None` when `req` may change things: no token is configured, or it carries the
 /// token. Otherwise the 401 to send.
 fn authorize(
-    reloader: &crate::server::Reloader,
+    reloader: &keyway_proxy::server::Reloader,
     req: &Request<Incoming>,
 ) -> Option<Response<Body>> {
     let token = reloader.admin_token()?;
@@ -131,7 +131,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `POST /clusters/NAME/failback` and `POST /clusters/NAME/promote/BACKEND`.
-async fn topology_call(reloader: &crate::server::Reloader, path: &str) -> Option<Response<Body>> {
+async fn topology_call(
+    reloader: &keyway_proxy::server::Reloader,
+    path: &str,
+) -> Option<Response<Body>> {
     let rest = path.strip_prefix("/clusters/")?;
     let (cluster, action) = rest.split_once('/')?;
     let failover = reloader.failover();
@@ -165,7 +168,7 @@ async fn topology_call(reloader: &crate::server::Reloader, path: &str) -> Option
 
 fn route(
     rt: &Runtime,
-    reloader: &crate::server::Reloader,
+    reloader: &keyway_proxy::server::Reloader,
     req: Request<Incoming>,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
@@ -195,7 +198,7 @@ fn route(
                 .failover()
                 .failsafe_answer(
                     req.headers()
-                        .get(crate::failover::FAILSAFE_FROM)
+                        .get(keyway_proxy::failover::FAILSAFE_FROM)
                         .and_then(|v| v.to_str().ok()),
                 )
                 .to_string(),
@@ -209,7 +212,7 @@ fn route(
 }
 
 /// Plugins a cluster uses: name, file, hash, load time, calls and errors.
-fn plugins_json(cfg: &crate::config::ClusterConfig) -> serde_json::Value {
+fn plugins_json(cfg: &keyway_proxy::config::ClusterConfig) -> serde_json::Value {
     cfg.plugins()
         .into_iter()
         .map(|(kind, meta)| {
@@ -242,7 +245,7 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                 .map(|(i, b)| {
                     let last_error = b.last_error().map(|(at, msg)| {
                         serde_json::json!({
-                            "at_unix_ms": crate::unix_ms(at),
+                            "at_unix_ms": keyway_proxy::unix_ms(at),
                             "message": msg,
                         })
                     });
@@ -262,9 +265,9 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                         "pool_idle": b.pool.has_idle(),
                         "last_error": last_error,
                         "role": match (c.cfg.strategy, view.backends.get(i).map(|v| (v.role, v.fenced))) {
-                            (crate::config::Strategy::PrimaryReplica, Some((_, true))) => Some("fenced"),
-                            (crate::config::Strategy::PrimaryReplica, Some((crate::config::Role::Primary, _))) => Some("primary"),
-                            (crate::config::Strategy::PrimaryReplica, _) => Some("replica"),
+                            (keyway_proxy::config::Strategy::PrimaryReplica, Some((_, true))) => Some("fenced"),
+                            (keyway_proxy::config::Strategy::PrimaryReplica, Some((keyway_proxy::config::Role::Primary, _))) => Some("primary"),
+                            (keyway_proxy::config::Strategy::PrimaryReplica, _) => Some("replica"),
                             _ => None,
                         },
                         "health": c.health.status_json(i),

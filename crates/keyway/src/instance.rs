@@ -1,4 +1,4 @@
-//! A running keyway: the data plane ([`crate::server::Proxy`]), the admin API and the
+//! A running keyway: the data plane ([`keyway_proxy::server::Proxy`]), the admin API and the
 //! plugin-file watcher, started together and stopped together.
 //!
 //! This is the wiring the binary (and the integration tests) start. It owns no policy and
@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::config::Config;
-use crate::forward::Runtime;
-use crate::server::{Proxy, Reloader, StartError};
 use crate::watch::PluginWatcher;
+use keyway_proxy::config::Config;
+use keyway_proxy::forward::Runtime;
+use keyway_proxy::server::{Proxy, Reloader, StartError};
 
 /// How long plugin files must be quiet after a change before keyway reloads.
 const PLUGIN_WATCH_DEBOUNCE: Duration = Duration::from_millis(300);

@@ -761,7 +761,7 @@ backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls =
 mod adversarial {
     use super::*;
 
-    const SEED: &str = include_str!("../../../../config/demo.toml");
+    const SEED: &str = include_str!("../../../../../config/demo.toml");
 
     #[test]
     fn mutated_configs_never_panic() {

@@ -109,7 +109,7 @@ fn process_secret() -> &'static [u8] {
 // === Proxy ===
 
 /// The running data plane: listeners, runtime snapshot, reloads and drain. The admin API
-/// and the plugin watcher are started next to it by [`crate::instance::Server`].
+/// and the plugin watcher are started next to it by the `keyway` crate's `instance::Server`.
 pub struct Proxy {
     listen_addrs: Vec<SocketAddr>,
     tcp_addrs: Vec<SocketAddr>,

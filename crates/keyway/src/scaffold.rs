@@ -10,11 +10,11 @@
 use std::path::{Path, PathBuf};
 
 /// The plugin SDK, as keyway's own plugins use it (`plugins/sdk`).
-const SDK_LIB: &str = include_str!("../../plugins/sdk/src/lib.rs");
+const SDK_LIB: &str = include_str!("../../../plugins/sdk/src/lib.rs");
 /// The WIT contract (`wit/policy.wit`; the SDK's copy is checked to be identical).
-const WIT: &str = include_str!("../../wit/policy.wit");
+const WIT: &str = include_str!("../../../wit/policy.wit");
 /// The lock file keyway's plugins are built with: the versions a scaffold pins.
-const PLUGINS_LOCK: &str = include_str!("../../plugins/Cargo.lock");
+const PLUGINS_LOCK: &str = include_str!("../../../plugins/Cargo.lock");
 
 const SDK_MANIFEST: &str = r#"[package]
 name = "keyway-plugin-sdk"

@@ -185,13 +185,3 @@ impl Reloader {
         Ok(summary)
     }
 }
-
-impl crate::watch::Reload for Reloader {
-    fn reload(&self) -> Result<String, String> {
-        Reloader::reload(self)
-    }
-
-    fn plugin_files(&self) -> Vec<std::path::PathBuf> {
-        Reloader::plugin_files(self)
-    }
-}

@@ -142,7 +142,7 @@ enum PluginCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    keyway::telemetry::init_logs(cli.log_json);
+    keyway_proxy::telemetry::init_logs(cli.log_json);
     if let Command::Plugin { command } = &cli.command {
         return match plugin_command(command) {
             Ok(out) => {
@@ -198,11 +198,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if demo && matches!(config.state, keyway::config::StateConfig::File(_)) {
+    if demo && matches!(config.state, keyway_proxy::config::StateConfig::File(_)) {
         // Each demo starts from the configured primaries, without touching the repo.
         let file =
             std::env::temp_dir().join(format!("keyway-demo-state-{}.json", std::process::id()));
-        config.state = keyway::config::StateConfig::File(file);
+        config.state = keyway_proxy::config::StateConfig::File(file);
     }
     let mut rt = if config.proxy.workers == Some(1) {
         tokio::runtime::Builder::new_current_thread()
@@ -263,10 +263,10 @@ fn state_command(command: &StateCommand) -> anyhow::Result<String> {
         .build()?;
     rt.block_on(async {
         let access = match command {
-            StateCommand::Export { .. } => keyway::failover::Access::Reader,
-            StateCommand::Import { .. } => keyway::failover::Access::Owner,
+            StateCommand::Export { .. } => keyway_proxy::failover::Access::Reader,
+            StateCommand::Import { .. } => keyway_proxy::failover::Access::Owner,
         };
-        let failover = keyway::failover::Failover::open(&config, access)
+        let failover = keyway_proxy::failover::Failover::open(&config, access)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         match command {
@@ -277,7 +277,7 @@ fn state_command(command: &StateCommand) -> anyhow::Result<String> {
             StateCommand::Import { file, .. } => {
                 let bytes =
                     std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-                let doc = keyway::failover::parse_state(&bytes)
+                let doc = keyway_proxy::failover::parse_state(&bytes)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                 let report = failover
                     .import(&config, doc)
@@ -296,9 +296,9 @@ fn print_demo_help(config: &Config, server: &Server) {
     println!("\nkeyway demo is running. Try:\n");
     for r in &config.routes {
         let host = match &r.host {
-            keyway::config::HostPattern::Exact(h) => h.clone(),
-            keyway::config::HostPattern::Suffix(s) => format!("demo{s}"),
-            keyway::config::HostPattern::Any => "localhost".into(),
+            keyway_proxy::config::HostPattern::Exact(h) => h.clone(),
+            keyway_proxy::config::HostPattern::Suffix(s) => format!("demo{s}"),
+            keyway_proxy::config::HostPattern::Any => "localhost".into(),
         };
         println!(
             "  curl -s -H 'Host: {host}' http://{addr}{}    # cluster `{}`",
@@ -326,7 +326,7 @@ fn print_demo_help(config: &Config, server: &Server) {
 /// Runs a plugin offline. Output is one JSON document.
 fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
     use anyhow::anyhow;
-    use keyway::plugin::{
+    use keyway_proxy::plugin::{
         ClassifierPlugin, HealthPlugin, PromotionCandidate, PromotionDecision, PromotionPlugin,
     };
     use serde_json::{json, Value};
@@ -353,7 +353,7 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
             backend,
             now_ms,
         } => {
-            use keyway::health::Health;
+            use keyway_proxy::health::Health;
             let policy = HealthPlugin::load(plugin, config).map_err(|e| anyhow!(e))?;
             let list = read_json(history)?;
             let list = list
@@ -362,13 +362,13 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
             let newest = list.iter().filter_map(|p| p["at_ms"].as_u64()).max();
             let now_ms = now_ms
                 .or(newest)
-                .unwrap_or_else(keyway::health::unix_ms_now);
+                .unwrap_or_else(keyway_proxy::health::unix_ms_now);
             let now = std::time::Instant::now();
-            let probes: std::collections::VecDeque<keyway::health::Probe> = list
+            let probes: std::collections::VecDeque<keyway_proxy::health::Probe> = list
                 .iter()
                 .map(|p| {
                     let at_ms = p["at_ms"].as_u64().unwrap_or(0);
-                    keyway::health::Probe {
+                    keyway_proxy::health::Probe {
                         at: now
                             .checked_sub(std::time::Duration::from_millis(
                                 now_ms.saturating_sub(at_ms),
@@ -400,12 +400,12 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
                 "--backend is not JSON (e.g. {\"id\": \"a\", \"location\": \"east\"})"
             })?;
             let role = match b["role"].as_str().unwrap_or("replica") {
-                "primary" => keyway::config::Role::Primary,
-                "replica" => keyway::config::Role::Replica,
+                "primary" => keyway_proxy::config::Role::Primary,
+                "replica" => keyway_proxy::config::Role::Replica,
                 other => return Err(anyhow!("--backend role `{other}`: use primary or replica")),
             };
             let id = b["id"].as_str().unwrap_or("backend").to_string();
-            let backend = keyway::config::BackendConfig {
+            let backend = keyway_proxy::config::BackendConfig {
                 sni: id.clone(),
                 id,
                 address: "127.0.0.1:1".parse()?,
@@ -416,11 +416,11 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
                     .as_u64()
                     .map_or(0, |p| p.min(u64::from(u32::MAX)) as u32),
                 tls: false,
-                protocol: keyway::config::UpstreamProtocol::Http1,
+                protocol: keyway_proxy::config::UpstreamProtocol::Http1,
                 role,
                 location: b["location"].as_str().unwrap_or("").to_string(),
-                max_connections: keyway::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
-                max_queue: keyway::config::DEFAULT_BACKEND_MAX_QUEUE,
+                max_connections: keyway_proxy::config::DEFAULT_BACKEND_MAX_CONNECTIONS,
+                max_queue: keyway_proxy::config::DEFAULT_BACKEND_MAX_QUEUE,
             };
             let traced = policy.evaluate_traced(&backend, current, &probes, now_ms);
             let (health, reason) = traced
@@ -444,8 +444,8 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
                 .result
                 .map_err(|e| anyhow!("the plugin {e}{}", output_note(&traced.output)))?;
             let kind = match kind {
-                keyway::classify::Kind::Read => "read",
-                keyway::classify::Kind::Write => "write",
+                keyway_proxy::classify::Kind::Read => "read",
+                keyway_proxy::classify::Kind::Write => "write",
             };
             Ok(json!({ "kind": kind, "output": traced.output }).to_string())
         }
@@ -486,7 +486,7 @@ fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
                 .iter()
                 .map(cand)
                 .collect();
-            let now_ms = now_ms.unwrap_or_else(keyway::health::unix_ms_now);
+            let now_ms = now_ms.unwrap_or_else(keyway_proxy::health::unix_ms_now);
             let traced = p.decide_traced(primary.as_ref(), &list, now_ms);
             let d = traced
                 .result
@@ -535,7 +535,7 @@ impl Hangups {
         Self {}
     }
 
-    fn reload_with(self, reloader: std::sync::Arc<keyway::server::Reloader>) {
+    fn reload_with(self, reloader: std::sync::Arc<keyway_proxy::server::Reloader>) {
         #[cfg(unix)]
         if let Some(mut hup) = self.signal {
             tokio::spawn(async move {

@@ -69,15 +69,15 @@ pub use promotion::{PromotionCandidate, PromotionDecision, PromotionPlugin};
 pub mod bindings {
     /// `world health`.
     pub mod health {
-        wasmtime::component::bindgen!({ world: "health", path: "../wit" });
+        wasmtime::component::bindgen!({ world: "health", path: "../../wit" });
     }
     /// `world promotion`.
     pub mod promotion {
-        wasmtime::component::bindgen!({ world: "promotion", path: "../wit" });
+        wasmtime::component::bindgen!({ world: "promotion", path: "../../wit" });
     }
     /// `world classifier`.
     pub mod classifier {
-        wasmtime::component::bindgen!({ world: "classifier", path: "../wit" });
+        wasmtime::component::bindgen!({ world: "classifier", path: "../../wit" });
     }
 }
 

@@ -24,7 +24,7 @@ fn check_exits_non_zero_with_located_errors() {
 
 #[test]
 fn check_accepts_the_demo_config() {
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo.toml");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/demo.toml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyway"))
         .args(["check", "--config"])
         .arg(&demo)
@@ -159,7 +159,7 @@ fn the_access_log_records_the_admitted_path() {
 fn plugins_dist() -> std::path::PathBuf {
     static DIST: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     DIST.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let out = std::process::Command::new("bash")
             .arg(root.join("plugins/build.sh"))
             .output()
@@ -429,7 +429,7 @@ fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
 
 #[test]
 fn the_sdk_carries_the_wit_keyway_speaks() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let keyway = std::fs::read(root.join("wit/policy.wit")).unwrap();
     let sdk = std::fs::read(root.join("plugins/sdk/wit/policy.wit")).unwrap();
     assert!(

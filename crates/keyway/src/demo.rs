@@ -17,8 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::body::{self, Body};
-use crate::config::Config;
+use keyway_proxy::body::{self, Body};
+use keyway_proxy::config::Config;
 
 /// Starts one demo backend per backend address in `config`. Returns the addresses bound.
 pub async fn start_backends(config: &Config) -> std::io::Result<Vec<(String, String, SocketAddr)>> {

@@ -24,6 +24,16 @@ pub trait Reload: Send + Sync + 'static {
     fn plugin_files(&self) -> Vec<PathBuf>;
 }
 
+impl Reload for keyway_proxy::server::Reloader {
+    fn reload(&self) -> Result<String, String> {
+        keyway_proxy::server::Reloader::reload(self)
+    }
+
+    fn plugin_files(&self) -> Vec<PathBuf> {
+        keyway_proxy::server::Reloader::plugin_files(self)
+    }
+}
+
 /// Stops the watcher thread when dropped.
 pub struct PluginWatcher {
     stop: Arc<AtomicBool>,

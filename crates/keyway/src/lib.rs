@@ -1,0 +1,18 @@
+//! keyway: an L7 and TCP proxy for privileged-access-management server farms.
+//!
+//! This crate is the program: the command line (`main.rs`), the wiring of a running
+//! instance (`instance`: the data plane, the admin API and the plugin watcher started
+//! together), the admin API, the plugin-file watcher, the demo backends and the plugin
+//! scaffold. The engine lives in the library crates it wires: `keyway-proxy` (the data
+//! plane) and `keyway-plugin-host` (wasmtime). Read `docs/architecture.md` for the crate
+//! diagram and the module map.
+#![deny(missing_docs)]
+
+pub mod admin;
+pub mod demo;
+pub mod instance;
+pub mod scaffold;
+pub mod watch;
+
+pub use instance::Server;
+pub use keyway_proxy::Config;
