@@ -991,8 +991,8 @@ fn ended_before(a: Instant, b: Instant) -> bool {
 
 // === the etcd client ===
 
-fn endpoint(addr: SocketAddr) -> keyway::config::EtcdEndpoint {
-    keyway::config::EtcdEndpoint {
+fn endpoint(addr: SocketAddr) -> keyway::etcd::Endpoint {
+    keyway::etcd::Endpoint {
         addr,
         authority: addr.to_string(),
         tls: false,

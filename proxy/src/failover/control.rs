@@ -105,13 +105,14 @@ impl Failover {
             hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
             // A plugin policy runs to its deadline: off the async workers.
             let chosen = {
-                let (c, view, t, failed) = (
+                let (c, view, t, failed, plugin) = (
                     c.clone(),
                     view.clone(),
                     known.topology.clone(),
                     hook_failed.clone(),
+                    self.promotion_plugin(&name),
                 );
-                tokio::task::spawn_blocking(move || choose(&c, &view, &t, &failed))
+                tokio::task::spawn_blocking(move || choose(&c, &view, &t, &failed, plugin.as_deref()))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(cluster = %name, error = %e, "the promotion policy task failed; no promotion");
@@ -239,7 +240,8 @@ impl Failover {
         }
         let promotion = c.cfg.promotion.as_ref();
         if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_promote.as_ref())) {
-            if let Err(e) = call_hook(hook, "on_promote", c, p, next.epoch).await {
+            let tls = self.hook_tls(name);
+            if let Err(e) = call_hook(hook, tls.as_ref(), "on_promote", c, p, next.epoch).await {
                 if promotion.is_some_and(|p| p.require_hook_ok) {
                     return Err(refused(
                         502,
@@ -283,8 +285,9 @@ impl Failover {
                     continue;
                 }
                 let (hook, c, epoch) = (hook.clone(), c.clone(), next.epoch);
+                let tls = self.hook_tls(name);
                 tokio::spawn(async move {
-                    let _ = call_hook(&hook, "on_repoint", &c, i, epoch).await;
+                    let _ = call_hook(&hook, tls.as_ref(), "on_repoint", &c, i, epoch).await;
                 });
             }
         }

@@ -9,15 +9,17 @@ use super::*;
 /// success. Logged and counted either way.
 pub(super) async fn call_hook(
     hook: &HookConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     which: &'static str,
     c: &Cluster,
     i: usize,
     epoch: u64,
 ) -> Result<(), String> {
+    let address = c.backends[i].address;
     let b = &c.backends[i].cfg;
     let url = hook
         .url
-        .replace("{address}", &b.address.to_string())
+        .replace("{address}", &address.to_string())
         .replace("{id}", &b.id)
         .replace("{cluster}", &c.cfg.name)
         .replace("{epoch}", &epoch.to_string());
@@ -26,10 +28,10 @@ pub(super) async fn call_hook(
         "epoch": epoch,
         "event": which,
         "backend": b.id,
-        "address": b.address.to_string(),
+        "address": address.to_string(),
     });
     let started = Instant::now();
-    let result = tokio::time::timeout(hook.timeout, post_json(&url, hook, &body))
+    let result = tokio::time::timeout(hook.timeout, post_json(&url, tls, &body))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", hook.timeout)));
     let took = started.elapsed();
@@ -90,7 +92,7 @@ pub(super) async fn get_json(
 
 pub(super) async fn post_json(
     url: &str,
-    hook: &HookConfig,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
     body: &serde_json::Value,
 ) -> Result<(), String> {
     use http_body_util::BodyExt;
@@ -105,7 +107,7 @@ pub(super) async fn post_json(
     let target = crate::oneshot::Target {
         connect: (host, port),
         authority: authority.as_str(),
-        tls: if tls { hook.tls.as_ref() } else { None },
+        tls: if tls { tls_config } else { None },
     };
     if tls && target.tls.is_none() {
         return Err("https hook without TLS settings".into());

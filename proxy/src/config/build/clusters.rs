@@ -60,7 +60,7 @@ pub(super) fn cluster(
     path: &KeyPath,
     base: &Path,
     errs: &mut Errors<'_>,
-) -> Option<ClusterConfig> {
+) -> Option<(ClusterConfig, Vec<usize>)> {
     if name.is_empty()
         || !name
             .chars()
@@ -211,6 +211,7 @@ pub(super) fn cluster(
     let mut seen = HashSet::new();
     let mut backends = Vec::new();
     let mut send_proxy = Vec::new();
+    let mut backend_at = Vec::new();
     for (i, b) in c.backends.iter().enumerate() {
         let bp = path.key("backends").index(i);
         if !seen.insert(b.id.as_str()) {
@@ -231,6 +232,7 @@ pub(super) fn cluster(
         if let Some(backend) = backend(b, &bp, strategy, &slots, errs) {
             backends.push(backend);
             send_proxy.push(send);
+            backend_at.push(i);
         }
     }
     if strategy == Strategy::PrimaryReplica {
@@ -258,17 +260,20 @@ pub(super) fn cluster(
             );
         }
         let on_error = on_error(cl.on_error.as_deref(), &cp.key("on_error"), errs);
-        if !crate::plugin::is_plugin_path(&cl.policy) {
+        if !is_plugin_path(&cl.policy) {
             errs.push(
                 &cp.key("policy"),
                 format!("`{}` is not a plugin file", cl.policy),
                 "name a .wasm classifier plugin, e.g. \"plugins/pam-classifier.wasm\"",
             );
         } else {
-            match crate::plugin::ClassifierPlugin::load(&resolve(base, &cl.policy), &plugin_config_json(cl.config.as_ref())) {
-                Ok(plugin) => split.classifier = Some(ClassifierHook { plugin, on_error }),
-                Err(e) => errs.push(&cp.key("policy"), e, "fix the plugin or its `config`, or remove `classifier` to use read_routes/write_routes"),
-            }
+            split.classifier = Some(ClassifierHook {
+                plugin: PluginRef {
+                    path: resolve(base, &cl.policy),
+                    config_json: plugin_config_json(cl.config.as_ref()),
+                },
+                on_error,
+            });
         }
     }
     let health = c
@@ -290,7 +295,6 @@ pub(super) fn cluster(
             &path.key("promotion"),
             strategy,
             health.as_ref(),
-            upstream_ca.as_deref(),
             base,
             errs,
         )
@@ -354,7 +358,7 @@ pub(super) fn cluster(
             })
             .collect(),
     };
-    Some(ClusterConfig {
+    let cluster = ClusterConfig {
         name: name.to_string(),
         strategy,
         balance,
@@ -409,5 +413,6 @@ pub(super) fn cluster(
         outlier,
         split,
         backends,
-    })
+    };
+    Some((cluster, backend_at))
 }

@@ -4,16 +4,16 @@
 //! `serde_ignored`) → each field (addresses, durations, names, files) → fields against
 //! each other (duplicate ids, routes to clusters that do not exist, listeners sharing an
 //! address). Each error carries the key path; `Locator` turns it into a line number.
-//! Nothing here binds sockets or touches live state.
+//! Pure: nothing here resolves a name, builds a TLS object, compiles a plugin, binds a
+//! socket or touches live state (that, and checks on resolved addresses such as two
+//! listeners on one address, is the loaders' work).
 
 use std::collections::{BTreeSet, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 
 use super::file::*;
 use super::locate::{KeyPath, Locator};
@@ -58,7 +58,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
-pub(super) fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>> {
+/// Builds a config, failing on any problem (what the unit tests check).
+#[cfg(test)]
+fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>> {
+    match build_all(text, base)? {
+        (cfg, errors) if errors.is_empty() => Ok(cfg),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// The config as far as it can be built, with every problem in line order; `Err` when
+/// the text has no usable shape.
+pub(super) fn build_all(
+    text: &str,
+    base: &Path,
+) -> Result<(Config, Vec<ConfigError>), Vec<ConfigError>> {
     let loc = Locator::new(text);
     let mut errs = Errors {
         loc: &loc,
@@ -110,14 +124,11 @@ pub(super) fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>>
         }
     };
 
-    let cfg = check(&file, base, &mut errs);
-    if errs.list.is_empty() {
-        Ok(cfg)
-    } else {
-        let mut list = errs.list;
-        list.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
-        Err(list)
-    }
+    let mut cfg = check(&file, base, &mut errs);
+    cfg.source = Source(Arc::from(text));
+    let mut list = errs.list;
+    list.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    Ok((cfg, list))
 }
 
 fn toml_error(loc: &Locator<'_>, e: &toml::de::Error, fix: &str) -> ConfigError {
@@ -315,7 +326,6 @@ fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
 
 fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
     let root = KeyPath::root();
-    let mut bound: Vec<(SocketAddr, KeyPath)> = Vec::new();
 
     let admin = file.admin.as_ref().and_then(|a| {
         let p = root.key("admin").key("listen");
@@ -326,10 +336,8 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 errs,
             )
         });
-        let addr = socket_addr(&a.listen, &p, errs)?;
-        bound.push((addr, p));
         Some(AdminConfig {
-            listen: addr,
+            listen: address(&a.listen, &p, errs)?,
             token,
         })
     });
@@ -389,17 +397,26 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
             "add a [[listener]] table with listen = \"127.0.0.1:8080\" (or a [[tcp_listener]])",
         );
     }
+    let mut origins = Origins::default();
     let listeners = file
         .listeners
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| listener(l, &root.key("listener").index(i), base, &mut bound, errs))
+        .filter_map(|(i, l)| {
+            let (kept, certs) = listener(l, &root.key("listener").index(i), base, errs)?;
+            origins.listeners.push((i, certs));
+            Some(kept)
+        })
         .collect();
 
     let clusters: Vec<ClusterConfig> = file
         .clusters
         .iter()
-        .filter_map(|(name, c)| cluster(name, c, &root.key("cluster").key(name), base, errs))
+        .filter_map(|(name, c)| {
+            let (kept, backends) = cluster(name, c, &root.key("cluster").key(name), base, errs)?;
+            origins.backends.push(backends);
+            Some(kept)
+        })
         .collect();
 
     let defined: BTreeSet<&str> = file.clusters.keys().map(String::as_str).collect();
@@ -408,14 +425,15 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         .iter()
         .enumerate()
         .filter_map(|(i, l)| {
-            tcp_listener(
+            let (kept, certs) = tcp_listener(
                 l,
                 &root.key("tcp_listener").index(i),
                 base,
                 &file.clusters,
-                &mut bound,
                 errs,
-            )
+            )?;
+            origins.tcp_listeners.push((i, certs));
+            Some(kept)
         })
         .collect();
     tcp_keys_need_a_tcp_listener(file, &root, errs);
@@ -425,17 +443,6 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         .enumerate()
         .filter_map(|(i, r)| route(r, &root.key("route").index(i), &defined, errs))
         .collect();
-
-    // Two listeners (or a listener and the admin server) on one address would fail at bind.
-    for (i, (addr, path)) in bound.iter().enumerate() {
-        if addr.port() != 0 && bound[..i].iter().any(|(a, _)| a == addr) {
-            errs.push(
-                path,
-                format!("{addr} is already used by another listener or the admin server"),
-                "give each listener and [admin] its own address",
-            );
-        }
-    }
 
     let state = match &file.coordination {
         Some(c) => {
@@ -458,7 +465,11 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 .etcd
                 .iter()
                 .enumerate()
-                .filter_map(|(i, e)| etcd_endpoint(e, &cp.key("etcd").index(i), errs))
+                .filter_map(|(i, e)| {
+                    let kept = etcd_endpoint(e, &cp.key("etcd").index(i), errs)?;
+                    origins.etcd.push((i, e.clone()));
+                    Some(kept)
+                })
                 .collect();
             let tls = etcd_tls(c, &endpoints, &cp, base, errs);
             let prefix = c.prefix.clone().unwrap_or_else(|| "/keyway".into());
@@ -553,6 +564,8 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         routes,
         clusters,
         state,
+        source: Source::default(),
+        origins,
     }
 }
 
@@ -811,7 +824,7 @@ mod listener_config {
         let cfg = |v: &str| {
             format!("[[listener]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = \"{v}\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"127.0.0.1:1\" }}]\n")
         };
-        use crate::proxy_protocol::Accept;
+        use crate::config::Accept;
         for (v, want) in [
             ("off", Accept::Off),
             ("v1", Accept::V1),
@@ -1041,7 +1054,7 @@ backends = [{ id = "a", address = "127.0.0.1:1", proxy_protocol = "v1" }, { id =
         assert_eq!(l.idle_timeout, Duration::from_secs(8 * 3600));
         assert_eq!(l.handshake_timeout, Duration::from_secs(3));
         assert_eq!(l.max_connections, 50);
-        assert_eq!(l.proxy_protocol, crate::proxy_protocol::Accept::V2);
+        assert_eq!(l.proxy_protocol, Accept::V2);
         let c = &cfg.clusters[0];
         assert_eq!(c.balance, Balance::LeastConnections);
         assert_eq!(c.tcp.affinity, Affinity::ClientIp);
