@@ -71,18 +71,17 @@ pub fn load(config: &Config, errs: &mut Vec<ConfigError>) -> Coordination {
         };
         let at = config.cluster_key(i).key("promotion");
         let plugin = match &p.policy {
-            PromotionPolicyKind::Plugin { plugin, .. } => PromotionPlugin::load(
-                &plugin.path,
-                &plugin.config_json,
-            )
-            .map_err(|e| {
-                errs.push(config.error_at(
+            PromotionPolicyKind::Plugin { plugin, .. } => {
+                PromotionPlugin::load(&plugin.path, &plugin.config_json)
+                    .map_err(|e| {
+                        errs.push(config.error_at(
                     &at.key("policy"),
                     e,
                     "fix the plugin or its `config`, or use policy = \"priority-promotion\"",
                 ))
-            })
-            .ok(),
+                    })
+                    .ok()
+            }
             _ => None,
         };
         let https: Vec<&str> = [("on_promote", &p.on_promote), ("on_repoint", &p.on_repoint)]
