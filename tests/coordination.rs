@@ -991,8 +991,8 @@ fn ended_before(a: Instant, b: Instant) -> bool {
 
 // === the etcd client ===
 
-fn endpoint(addr: SocketAddr) -> keyway_proxy::config::EtcdEndpoint {
-    keyway_proxy::config::EtcdEndpoint {
+fn endpoint(addr: SocketAddr) -> keyway_proxy::etcd::Endpoint {
+    keyway_proxy::etcd::Endpoint {
         addr,
         authority: addr.to_string(),
         tls: false,

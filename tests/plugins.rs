@@ -476,7 +476,7 @@ fn plugin_problems_are_config_errors_with_lines() {
         "[[listener]]\nlisten = \"127.0.0.1:0\"\n[cluster.pam]\nstrategy = \"primary-replica\"\nclassifier = {{ policy = \"{}\", config = {{ mode = \"reject\" }} }}\nhealth = {{ policy = \"missing.wasm\" }}\nbackends = [{{ id = \"p\", address = \"127.0.0.1:1\", role = \"primary\" }}]\n",
         plugin("misbehave-classifier").display()
     );
-    let err = keyway::Config::from_str_with_base(&text, "p.toml", &temp_dir()).unwrap_err();
+    let err = keyway_proxy::load::from_str_with_base(&text, "p.toml", &temp_dir()).unwrap_err();
     let find = |needle: &str| {
         err.errors
             .iter()

@@ -181,7 +181,7 @@ fn route(
             StatusCode::OK,
             "application/json",
             {
-                let mut s = status_json(rt);
+                let mut s = status_json(rt, reloader.failover());
                 s["last_reload"] = reloader.last_json();
                 s["coordination"] = reloader.failover().status_json();
                 s["tcp_listeners"] = reloader.tcp_status_json();
@@ -212,8 +212,22 @@ fn route(
 }
 
 /// Plugins a cluster uses: name, file, hash, load time, calls and errors.
-fn plugins_json(cfg: &keyway_proxy::config::ClusterConfig) -> serde_json::Value {
-    cfg.plugins()
+fn plugins_json(
+    c: &keyway_proxy::cluster::Cluster,
+    failover: &keyway_proxy::failover::Failover,
+) -> serde_json::Value {
+    let promotion = failover.promotion_plugin(&c.cfg.name);
+    let mut plugins = Vec::new();
+    if let Some(p) = &c.plugins.classifier {
+        plugins.push(("classifier", &p.meta));
+    }
+    if let Some(p) = &c.plugins.health {
+        plugins.push(("health", &p.meta));
+    }
+    if let Some(p) = &promotion {
+        plugins.push(("promotion", &p.meta));
+    }
+    plugins
         .into_iter()
         .map(|(kind, meta)| {
             let mut v = meta.status_json();
@@ -232,7 +246,7 @@ fn reply(status: StatusCode, ctype: &'static str, text: String) -> Response<Body
 }
 
 /// The `/status` document: every cluster with its backends and their counters.
-pub fn status_json(rt: &Runtime) -> serde_json::Value {
+pub fn status_json(rt: &Runtime, failover: &keyway_proxy::failover::Failover) -> serde_json::Value {
     let clusters: Vec<_> = rt
         .clusters
         .iter()
@@ -251,7 +265,7 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                     });
                     serde_json::json!({
                         "id": b.cfg.id,
-                        "address": b.cfg.address.to_string(),
+                        "address": b.address.to_string(),
                         "weight": b.cfg.weight,
                         "priority": b.cfg.priority,
                         "tls": b.cfg.tls,
@@ -281,7 +295,7 @@ pub fn status_json(rt: &Runtime) -> serde_json::Value {
                 "in_flight": c.backends.iter().map(|b| u64::from(b.in_flight())).sum::<u64>(),
                 "primary": view.primary.map(|p| c.backends[p].cfg.id.clone()),
                 "epoch": view.epoch,
-                "plugins": plugins_json(&c.cfg),
+                "plugins": plugins_json(c, failover),
                 "active_checks": c.health.active().is_some(),
                 "backends": backends,
             })

@@ -18,10 +18,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use keyway_proxy::body::{self, Body};
-use keyway_proxy::config::Config;
+use keyway_proxy::load::Loaded;
 
-/// Starts one demo backend per backend address in `config`. Returns the addresses bound.
-pub async fn start_backends(config: &Config) -> std::io::Result<Vec<(String, String, SocketAddr)>> {
+/// Starts one demo backend per backend address of a loaded config. Returns the
+/// addresses bound.
+pub async fn start_backends(loaded: &Loaded) -> std::io::Result<Vec<(String, String, SocketAddr)>> {
+    let config = &loaded.config;
     let mut started = Vec::new();
     let tcp: Vec<&str> = config
         .tcp_listeners
@@ -33,16 +35,13 @@ pub async fn start_backends(config: &Config) -> std::io::Result<Vec<(String, Str
                 .chain(l.sni.iter().map(|r| r.cluster.as_str()))
         })
         .collect();
-    for c in &config.clusters {
-        for b in &c.backends {
-            let sock = TcpListener::bind(b.address).await.map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("demo backend {} on {}: {e}", b.id, b.address),
-                )
+    for (c, parts) in config.clusters.iter().zip(&loaded.plane.clusters) {
+        for (b, &address) in c.backends.iter().zip(&parts.addresses) {
+            let sock = TcpListener::bind(address).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("demo backend {} on {address}: {e}", b.id))
             })?;
             let (cluster, id) = (c.name.clone(), b.id.clone());
-            started.push((cluster.clone(), id.clone(), b.address));
+            started.push((cluster.clone(), id.clone(), address));
             if tcp.contains(&c.name.as_str()) {
                 tokio::spawn(greet_and_echo(sock, id));
             } else {

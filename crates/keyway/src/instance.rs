@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use crate::watch::PluginWatcher;
 use keyway_proxy::config::Config;
 use keyway_proxy::forward::Runtime;
+use keyway_proxy::load::Loaded;
 use keyway_proxy::server::{Proxy, Reloader, StartError};
 
 /// How long plugin files must be quiet after a change before keyway reloads.
@@ -29,22 +30,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the admin listener and every proxy listener, then starts serving.
+    /// Loads a validated config (resolves addresses, reads certificates, compiles
+    /// plugins: `keyway_proxy::load`), then starts it as [`Server::start_loaded`] does.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let admin = match &config.admin {
-            Some(a) => {
-                Some(
-                    TcpListener::bind(a.listen)
-                        .await
-                        .map_err(|source| StartError::Bind {
-                            addr: a.listen,
-                            source,
-                        })?,
-                )
-            }
+        let loaded = keyway_proxy::load::config(config, "the configuration")
+            .map_err(|e| StartError::Build(e.to_string()))?;
+        Self::start_loaded(loaded).await
+    }
+
+    /// Binds the admin listener and every proxy listener, then starts serving.
+    pub async fn start_loaded(loaded: Loaded) -> Result<Server, StartError> {
+        let admin = match loaded.plane.admin {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: a, source })?,
+            ),
             None => None,
         };
-        let proxy = Proxy::start(config).await?;
+        let proxy = Proxy::start(loaded).await?;
         let admin_addr = admin.map(|sock| {
             let addr = sock.local_addr().ok();
             tokio::spawn(crate::admin::serve(

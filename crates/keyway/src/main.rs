@@ -169,8 +169,8 @@ fn main() -> ExitCode {
     }
     let (path, demo) = match &cli.command {
         Command::Check { config } => {
-            return match Config::load(config) {
-                Ok(c) => {
+            return match keyway_proxy::load::load(config) {
+                Ok(keyway_proxy::load::Loaded { config: c, .. }) => {
                     println!(
                         "{}: ok ({} listener(s), {} TCP listener(s), {} route(s), {} cluster(s))",
                         config.display(),
@@ -191,13 +191,14 @@ fn main() -> ExitCode {
         Command::Plugin { .. } | Command::State { .. } => unreachable!("handled above"),
         Command::Demo { config } => (config.clone(), true),
     };
-    let mut config = match Config::load(&path) {
-        Ok(c) => c,
+    let mut loaded = match keyway_proxy::load::load(&path) {
+        Ok(l) => l,
         Err(e) => {
             eprint!("{e}");
             return ExitCode::from(2);
         }
     };
+    let config = &mut loaded.config;
     if demo && matches!(config.state, keyway_proxy::config::StateConfig::File(_)) {
         // Each demo starts from the configured primaries, without touching the repo.
         let file =
@@ -219,7 +220,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config, path, demo)) {
+    match rt.block_on(run(loaded, path, demo)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keyway: {e:#}");
@@ -228,20 +229,21 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, path: PathBuf, demo: bool) -> anyhow::Result<()> {
+async fn run(loaded: keyway_proxy::load::Loaded, path: PathBuf, demo: bool) -> anyhow::Result<()> {
     // Signal handlers first: a SIGTERM or SIGHUP that arrives while keyway starts would
     // otherwise meet the default action and kill the process.
     let stop = shutdown_signal();
     let hangups = Hangups::register();
     if demo {
-        let backends = keyway::demo::start_backends(&config)
+        let backends = keyway::demo::start_backends(&loaded)
             .await
             .context("starting demo backends")?;
         for (cluster, id, addr) in &backends {
             tracing::info!(%cluster, backend = %id, %addr, "demo backend up");
         }
     }
-    let server = Server::start(config.clone()).await?;
+    let config = loaded.config.clone();
+    let server = Server::start_loaded(loaded).await?;
     server.set_config_source(path);
     hangups.reload_with(server.reloader());
     if demo {
@@ -257,7 +259,8 @@ fn state_command(command: &StateCommand) -> anyhow::Result<String> {
     let config_path = match command {
         StateCommand::Export { config } | StateCommand::Import { config, .. } => config,
     };
-    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loaded = keyway_proxy::load::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = &loaded.config;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -266,7 +269,7 @@ fn state_command(command: &StateCommand) -> anyhow::Result<String> {
             StateCommand::Export { .. } => keyway_proxy::failover::Access::Reader,
             StateCommand::Import { .. } => keyway_proxy::failover::Access::Owner,
         };
-        let failover = keyway_proxy::failover::Failover::open(&config, access)
+        let failover = keyway_proxy::failover::Failover::open(config, &loaded.coordination, access)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         match command {
@@ -280,7 +283,7 @@ fn state_command(command: &StateCommand) -> anyhow::Result<String> {
                 let doc = keyway_proxy::failover::parse_state(&bytes)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                 let report = failover
-                    .import(&config, doc)
+                    .import(config, doc)
                     .await
                     .map_err(|e| anyhow::anyhow!("nothing imported: {e}"))?;
                 Ok(format!("imported:\n  {}", report.join("\n  ")))

@@ -21,6 +21,7 @@ use crate::classify::Classifier;
 use crate::config::{BackendConfig, ClusterConfig, RetryBudget};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::health::{ClusterHealth, Fault};
+use crate::load::ClusterParts;
 use crate::permit::{WriteGate, WriteTicket};
 use crate::upstream::{self, Pool};
 
@@ -28,6 +29,8 @@ use crate::upstream::{self, Pool};
 pub struct Backend {
     /// Its configuration.
     pub cfg: BackendConfig,
+    /// Where to connect (`cfg.address`, resolved when the config was loaded).
+    pub address: std::net::SocketAddr,
     /// Value of the sticky cookie that pins a client to this backend.
     pub sticky_token: String,
     /// Idle upstream connections.
@@ -78,6 +81,7 @@ impl Backend {
     fn new(
         cluster: &ClusterConfig,
         cfg: BackendConfig,
+        address: std::net::SocketAddr,
         index: usize,
         health: Arc<ClusterHealth>,
     ) -> Result<Self, String> {
@@ -104,6 +108,7 @@ impl Backend {
             None
         };
         Ok(Self {
+            address,
             sticky_token: sticky_token(&cluster.name, &cfg.id),
             pool: Pool::new(cluster.pool),
             tls,
@@ -332,6 +337,8 @@ pub struct Cluster {
     pub health: Arc<ClusterHealth>,
     /// Read/write classification (`primary-replica`).
     pub classifier: Classifier,
+    /// The parts loaded for it: resolved addresses and compiled plugins.
+    pub plugins: ClusterParts,
     ryw_key: ring::hmac::Key,
     ryw_cookie: String,
     budget: Budget,
@@ -351,15 +358,24 @@ struct ClusterMetrics {
 }
 
 impl Cluster {
-    /// Builds runtime state for a cluster. `secret` signs its cookies. Fails only if TLS
-    /// settings cannot be built.
-    pub fn new(cfg: ClusterConfig, secret: &[u8]) -> Result<Self, String> {
-        let health = Arc::new(ClusterHealth::new(&cfg));
+    /// Builds runtime state for a cluster from its config and the parts loaded for it
+    /// (`crate::load`). `secret` signs its cookies. Fails only if TLS settings cannot be
+    /// built.
+    pub fn new(cfg: ClusterConfig, parts: ClusterParts, secret: &[u8]) -> Result<Self, String> {
+        let health = Arc::new(ClusterHealth::new(&cfg, parts.health.as_ref()));
         let backends = cfg
             .backends
             .iter()
             .enumerate()
-            .map(|(i, b)| Backend::new(&cfg, b.clone(), i, health.clone()).map(Arc::new))
+            .map(|(i, b)| {
+                let address = parts.addresses.get(i).copied().ok_or_else(|| {
+                    format!(
+                        "backend `{}` of cluster `{}` was not loaded",
+                        b.id, cfg.name
+                    )
+                })?;
+                Backend::new(&cfg, b.clone(), address, i, health.clone()).map(Arc::new)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut by_priority: Vec<usize> = (0..backends.len()).collect();
         by_priority.sort_by_key(|&i| backends[i].cfg.priority);
@@ -383,6 +399,7 @@ impl Cluster {
             },
             by_priority,
             backends,
+            plugins: parts,
             cfg: Arc::new(cfg),
         })
     }
@@ -422,10 +439,11 @@ impl Cluster {
     /// failures answered by `on_error`), else the native method + route rules.
     pub fn classify(&self, method: &http::Method, path: &str, host: &str) -> crate::classify::Kind {
         use crate::plugin::OnError;
-        let Some(hook) = &self.cfg.split.classifier else {
+        let (Some(hook), Some(plugin)) = (&self.cfg.split.classifier, &self.plugins.classifier)
+        else {
             return self.classifier.classify(method, path);
         };
-        match hook.plugin.classify(method.as_str(), path, host) {
+        match plugin.classify(method.as_str(), path, host) {
             Ok(kind) => kind,
             Err(_) => match hook.on_error {
                 OnError::Fallback => self.classifier.classify(method, path),

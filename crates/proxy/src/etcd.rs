@@ -32,8 +32,29 @@ use base64::Engine as _;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use crate::config::EtcdEndpoint;
 use crate::oneshot;
+
+/// One etcd client endpoint, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Where to connect.
+    pub addr: std::net::SocketAddr,
+    /// `host:port` as written: the Host header, and its host the TLS server name.
+    pub authority: String,
+    /// `https://`.
+    pub tls: bool,
+}
+
+impl Endpoint {
+    /// The endpoint as an URL, for messages.
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.authority
+        )
+    }
+}
 
 /// One key as etcd returned it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,7 +85,7 @@ pub enum Swap {
 /// A client for a list of endpoints: each call tries them in order.
 #[derive(Clone)]
 pub struct Client {
-    endpoints: Vec<EtcdEndpoint>,
+    endpoints: Vec<Endpoint>,
     /// For `https://` endpoints.
     tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
@@ -112,7 +133,7 @@ impl Client {
     /// A client; nothing is contacted until the first call. `tls` is used for the
     /// endpoints that say `https://`.
     pub fn new(
-        endpoints: Vec<EtcdEndpoint>,
+        endpoints: Vec<Endpoint>,
         tls: Option<Arc<rustls::ClientConfig>>,
         timeout: Duration,
     ) -> Self {
@@ -504,7 +525,7 @@ enum TxnOutcome {
 }
 
 impl Client {
-    fn target<'a>(&'a self, ep: &'a EtcdEndpoint) -> oneshot::Target<'a, std::net::SocketAddr> {
+    fn target<'a>(&'a self, ep: &'a Endpoint) -> oneshot::Target<'a, std::net::SocketAddr> {
         oneshot::Target {
             connect: ep.addr,
             authority: &ep.authority,
@@ -515,7 +536,7 @@ impl Client {
     /// A streaming call (watch) on a connection of its own.
     async fn open(
         &self,
-        ep: &EtcdEndpoint,
+        ep: &Endpoint,
         path: &str,
         body: &Value,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {

@@ -23,6 +23,7 @@ pub mod headers;
 pub mod health;
 mod http_conn;
 pub mod limits;
+pub mod load;
 pub mod oneshot;
 pub mod permit;
 pub mod plugin;

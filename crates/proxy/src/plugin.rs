@@ -10,10 +10,11 @@ use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use crate::config::{is_plugin_path, parse_on_error, OnError};
 pub use keyway_plugin_host::{
-    classifier_instances_on_this_thread, is_plugin_path, parse_on_error, OnError, PluginError,
-    PluginMeta, PromotionCandidate, PromotionDecision, PromotionPlugin, Traced, CLASSIFY_DEADLINE,
-    MAX_REASON_BYTES, MEMORY_LIMIT, OUTPUT_LIMIT, POLICY_DEADLINE, TICK,
+    classifier_instances_on_this_thread, PluginError, PluginMeta, PromotionCandidate,
+    PromotionDecision, PromotionPlugin, Traced, CLASSIFY_DEADLINE, MAX_REASON_BYTES, MEMORY_LIMIT,
+    OUTPUT_LIMIT, POLICY_DEADLINE, TICK,
 };
 
 use crate::config::{BackendConfig, Role};

@@ -26,19 +26,7 @@ pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// longer is refused rather than buffered.
 pub const V2_MAX_LEN: usize = 16 + 2048;
 
-/// Which PROXY protocol versions a listener requires (`proxy_protocol` in its config).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Accept {
-    /// No header is read; the socket's peer is the client.
-    #[default]
-    Off,
-    /// Every connection must start with a v1 (text) header.
-    V1,
-    /// Every connection must start with a v2 (binary) header.
-    V2,
-    /// Every connection must start with a v1 or a v2 header.
-    V1OrV2,
-}
+pub use crate::config::Accept;
 
 /// What a header says about the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Server-side TLS: certificates chosen by SNI, ALPN for HTTP/2 and HTTP/1.1; and the
 //! client side of the control plane (etcd, promotion hooks).
 //!
-//! Certificates are parsed and checked by the config builder; this module only arranges
+//! Certificates are parsed and checked by the loader (`crate::load`); this module only arranges
 //! them for lookup. The first certificate of a listener is served when the client sends
 //! no SNI or a name no certificate covers, as operators expect from a "default" vhost.
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::TlsCertConfig;
+use crate::load::Cert;
 
 /// Picks a certificate by SNI: exact name, then the longest `*.suffix`, then the default.
 #[derive(Debug)]
@@ -24,7 +24,7 @@ pub struct SniResolver {
 
 impl SniResolver {
     /// Builds a resolver; `None` if `certs` is empty.
-    pub fn new(certs: &[TlsCertConfig]) -> Option<Self> {
+    pub fn new(certs: &[Cert]) -> Option<Self> {
         let default = certs.first()?.certified.clone();
         let mut exact = HashMap::new();
         let mut wildcard = Vec::new();
@@ -72,7 +72,7 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// A rustls server config for a listener's certificates, offering h2 and http/1.1.
-pub fn server_config(certs: &[TlsCertConfig]) -> Option<Arc<rustls::ServerConfig>> {
+pub fn server_config(certs: &[Cert]) -> Option<Arc<rustls::ServerConfig>> {
     let resolver = SniResolver::new(certs)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

@@ -208,7 +208,7 @@ pub async fn checkout(
                 true,
                 format!(
                     "backend `{}` ({}) did not accept a connection within {:?}",
-                    backend.cfg.id, backend.cfg.address, connect_timeout
+                    backend.cfg.id, backend.address, connect_timeout
                 ),
             );
             backend.record_connect_error(&e.detail);
@@ -242,13 +242,13 @@ fn connect_error(backend: &Backend, what: &str, e: impl std::fmt::Display) -> Pr
         true,
         format!(
             "backend `{}` ({}): {what}: {e}",
-            backend.cfg.id, backend.cfg.address
+            backend.cfg.id, backend.address
         ),
     )
 }
 
 async fn connect(backend: &Arc<Backend>, purpose: Purpose) -> Result<Sender, ProxyError> {
-    connect_at(backend, backend.cfg.address, purpose).await
+    connect_at(backend, backend.address, purpose).await
 }
 
 /// [`connect`] to `addr` instead of the backend's own address (a health port).
@@ -385,8 +385,8 @@ pub async fn probe(
     use crate::config::CheckKind;
     let started = Instant::now();
     // `health.port`: the same host, another port (a status page beside the service).
-    let addr = cfg.port.map_or(backend.cfg.address, |p| {
-        std::net::SocketAddr::new(backend.cfg.address.ip(), p)
+    let addr = cfg.port.map_or(backend.address, |p| {
+        std::net::SocketAddr::new(backend.address.ip(), p)
     });
     let result = tokio::time::timeout(cfg.timeout, async {
         match &cfg.kind {

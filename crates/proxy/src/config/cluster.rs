@@ -68,10 +68,10 @@ pub enum HealthPolicyKind {
     /// A WebAssembly policy; `fallback` is the native rise-fall used when `on_error =
     /// "fallback"`.
     Plugin {
-        /// The loaded plugin.
-        plugin: Arc<crate::plugin::HealthPlugin>,
+        /// The plugin file and its configuration (compiled by the loader).
+        plugin: PluginRef,
         /// What a failed call means.
-        on_error: crate::plugin::OnError,
+        on_error: OnError,
         /// rise/fall of the native fallback.
         rise: u32,
         /// See `rise`.
@@ -80,22 +80,12 @@ pub enum HealthPolicyKind {
 }
 
 /// `classifier = { ... }`: a WebAssembly request classifier.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ClassifierHook {
-    /// The loaded plugin.
-    pub plugin: Arc<crate::plugin::ClassifierPlugin>,
+    /// The plugin file and its configuration (compiled by the loader).
+    pub plugin: PluginRef,
     /// What a failed call means.
-    pub on_error: crate::plugin::OnError,
-}
-
-impl fmt::Debug for ClassifierHook {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "ClassifierHook({}, {:?})",
-            self.plugin.meta.name, self.on_error
-        )
-    }
+    pub on_error: OnError,
 }
 
 /// How replication lag is read from a health response.
@@ -322,8 +312,8 @@ pub struct ClusterConfig {
 pub struct BackendConfig {
     /// Unique within the cluster; shows up in metrics, logs and `/status`.
     pub id: String,
-    /// Where to connect.
-    pub address: SocketAddr,
+    /// Where to connect, as written (the loader resolves a host name).
+    pub address: Address,
     /// Relative share of traffic (≥ 1).
     pub weight: u32,
     /// Lower is preferred by `ordered` clusters.

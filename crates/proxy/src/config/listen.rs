@@ -6,8 +6,8 @@ use super::*;
 /// `[admin]`
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
-    /// Address the admin HTTP server binds.
-    pub listen: SocketAddr,
+    /// Address the admin HTTP server binds, as written.
+    pub listen: Address,
     /// The bearer token that `POST` calls (reload, promote, failback) must carry.
     pub token: Option<Arc<str>>,
 }
@@ -31,14 +31,14 @@ pub struct ProxySettings {
 /// `[[listener]]`
 #[derive(Clone, Debug)]
 pub struct ListenerConfig {
-    /// Address to bind (`127.0.0.1:0` picks a free port).
-    pub listen: SocketAddr,
+    /// Address to bind (`127.0.0.1:0` picks a free port), as written.
+    pub listen: Address,
     /// Certificates; empty means plain HTTP. The first is served when SNI matches none.
     pub tls: Vec<TlsCertConfig>,
     /// Size and time limits for client requests.
     pub limits: Limits,
     /// Whether connections must start with a PROXY protocol header (and which versions).
-    pub proxy_protocol: crate::proxy_protocol::Accept,
+    pub proxy_protocol: Accept,
     /// Client connections held open at once; more wait in the kernel's backlog.
     pub max_connections: u32,
     /// What the front door lets through and whom it trusts.
@@ -48,8 +48,8 @@ pub struct ListenerConfig {
 /// `[[tcp_listener]]`: bytes in both directions, unparsed, to a cluster.
 #[derive(Clone, Debug)]
 pub struct TcpListenerConfig {
-    /// Address to bind.
-    pub listen: SocketAddr,
+    /// Address to bind, as written.
+    pub listen: Address,
     /// Where connections go that no SNI route takes (and every terminated one).
     pub cluster: Option<String>,
     /// TLS passthrough routes chosen by the ClientHello's server name, in file order.
@@ -63,7 +63,7 @@ pub struct TcpListenerConfig {
     /// Client connections held open at once; more wait in the kernel's backlog.
     pub max_connections: u32,
     /// Whether connections must start with a PROXY protocol header (and which versions).
-    pub proxy_protocol: crate::proxy_protocol::Accept,
+    pub proxy_protocol: Accept,
 }
 
 /// One `sni = [{ hosts, cluster }]` entry of a TCP listener.
@@ -129,9 +129,16 @@ pub struct FrontDoorConfig {
     pub allow_trace: bool,
     /// Peers whose `X-Forwarded-*` and `Forwarded` headers are kept and appended to;
     /// from every other peer they are replaced.
-    pub trusted_proxies: Vec<crate::frontdoor::Cidr>,
+    pub trusted_proxies: Vec<Cidr>,
     /// Also send an RFC 7239 `Forwarded` header.
     pub forwarded: bool,
+}
+
+impl FrontDoorConfig {
+    /// Whether `peer` is a listed trusted proxy.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|c| c.contains(peer))
+    }
 }
 
 /// Per-listener request limits.
@@ -158,24 +165,16 @@ impl Default for Limits {
     }
 }
 
-/// One certificate of a TLS listener, already read and parsed.
-#[derive(Clone)]
+/// One certificate of a TLS listener: its files (checked to exist; the loader parses
+/// them and checks that the key is the certificate's).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsCertConfig {
     /// Host names (exact or `*.suffix`) this certificate is served for.
     pub hosts: Vec<String>,
-    /// Where the chain came from (for messages).
+    /// The PEM certificate chain, leaf first.
     pub cert_path: PathBuf,
-    /// The parsed chain and signing key.
-    pub certified: Arc<rustls::sign::CertifiedKey>,
-}
-
-impl fmt::Debug for TlsCertConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsCertConfig")
-            .field("hosts", &self.hosts)
-            .field("cert_path", &self.cert_path)
-            .finish_non_exhaustive()
-    }
+    /// The PEM private key.
+    pub key_path: PathBuf,
 }
 
 /// How a route matches the request's host.

@@ -15,9 +15,7 @@ pub enum StateConfig {
 /// One etcd client endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdEndpoint {
-    /// Where to connect (resolved when the config is built).
-    pub addr: SocketAddr,
-    /// `host:port` as written: the Host header, and its host the TLS server name.
+    /// `host:port` as written (the loader resolves it): where to connect: the Host header, and its host the TLS server name.
     pub authority: String,
     /// `https://`.
     pub tls: bool,
@@ -35,22 +33,13 @@ impl EtcdEndpoint {
 }
 
 /// TLS to etcd: the CA its server certificates are checked against and, for etcd with
-/// `--client-cert-auth`, the certificate keyway presents.
-#[derive(Clone, Debug)]
+/// `--client-cert-auth`, the certificate keyway presents. Files only: the loader reads
+/// them and builds the client settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdTls {
-    /// The client settings built from the files.
-    pub client: Arc<rustls::ClientConfig>,
-    /// The `ca`, `cert` and `key` files as configured (what equality compares).
+    /// The `ca`, `cert` and `key` files as configured.
     pub files: [Option<PathBuf>; 3],
 }
-
-impl PartialEq for EtcdTls {
-    fn eq(&self, other: &Self) -> bool {
-        self.files == other.files
-    }
-}
-
-impl Eq for EtcdTls {}
 
 /// `[coordination]`
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,11 +98,11 @@ pub enum PromotionPolicyKind {
     },
     /// A WebAssembly promotion policy.
     Plugin {
-        /// The loaded plugin.
-        plugin: Arc<crate::plugin::PromotionPlugin>,
+        /// The plugin file and its configuration (compiled by the loader).
+        plugin: PluginRef,
         /// What a failed call means (fail-closed: no promotion; otherwise the native
         /// priority-promotion decides).
-        on_error: crate::plugin::OnError,
+        on_error: OnError,
     },
 }
 
@@ -125,6 +114,7 @@ pub struct HookConfig {
     pub url: String,
     /// Deadline for the whole call.
     pub timeout: Duration,
-    /// For `https://`: trusts the cluster's `upstream_ca` (or the system's roots).
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// An `https://` URL: the loader builds TLS settings trusting the cluster's
+    /// `upstream_ca` (or the system's roots).
+    pub https: bool,
 }

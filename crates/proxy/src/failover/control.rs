@@ -105,8 +105,13 @@ impl Failover {
             hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
             // A plugin policy runs to its deadline: off the async workers.
             let chosen = {
-                let (view, t, failed) = (view.clone(), known.topology.clone(), hook_failed.clone());
-                tokio::task::spawn_blocking(move || choose(&view, &t, &failed))
+                let (view, t, failed, plugin) = (
+                    view.clone(),
+                    known.topology.clone(),
+                    hook_failed.clone(),
+                    self.promotion_plugin(&name),
+                );
+                tokio::task::spawn_blocking(move || choose(&view, &t, &failed, plugin.as_deref()))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(cluster = %name, error = %e, "the promotion policy task failed; no promotion");

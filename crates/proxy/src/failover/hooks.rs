@@ -5,19 +5,23 @@ use super::*;
 
 // === hooks ===
 
-/// Calls a hook on backend `i`: POST with a JSON body saying what changed. 2xx is
-/// success. Logged and counted either way.
+/// Calls a hook on backend `i` (at `address` as the data plane resolved it; the
+/// configured text when none is known): POST with a JSON body saying what changed.
+/// 2xx is success. Logged and counted either way.
 pub(super) async fn call_hook(
     hook: &HookConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     which: &'static str,
     c: &ClusterConfig,
     i: usize,
+    address: Option<std::net::SocketAddr>,
     epoch: u64,
 ) -> Result<(), String> {
     let b = &c.backends[i];
+    let address = address.map_or_else(|| b.address.to_string(), |a| a.to_string());
     let url = hook
         .url
-        .replace("{address}", &b.address.to_string())
+        .replace("{address}", &address)
         .replace("{id}", &b.id)
         .replace("{cluster}", &c.name)
         .replace("{epoch}", &epoch.to_string());
@@ -26,10 +30,10 @@ pub(super) async fn call_hook(
         "epoch": epoch,
         "event": which,
         "backend": b.id,
-        "address": b.address.to_string(),
+        "address": address,
     });
     let started = Instant::now();
-    let result = tokio::time::timeout(hook.timeout, post_json(&url, hook, &body))
+    let result = tokio::time::timeout(hook.timeout, post_json(&url, tls, &body))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", hook.timeout)));
     let took = started.elapsed();
@@ -90,7 +94,7 @@ pub(super) async fn get_json(
 
 pub(super) async fn post_json(
     url: &str,
-    hook: &HookConfig,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
     body: &serde_json::Value,
 ) -> Result<(), String> {
     use http_body_util::BodyExt;
@@ -105,7 +109,7 @@ pub(super) async fn post_json(
     let target = crate::oneshot::Target {
         connect: (host, port),
         authority: authority.as_str(),
-        tls: if tls { hook.tls.as_ref() } else { None },
+        tls: if tls { tls_config } else { None },
     };
     if tls && target.tls.is_none() {
         return Err("https hook without TLS settings".into());
@@ -122,5 +126,13 @@ pub(super) async fn post_json(
         Ok(())
     } else {
         Err(format!("answered {status}"))
+    }
+}
+
+impl Failover {
+    /// Where the serving data plane connects to backend `i` of `c`, if it serves `c`.
+    pub(super) fn address_of(&self, c: &ClusterConfig, i: usize) -> Option<std::net::SocketAddr> {
+        let view = self.live()?.view(&c.name)?;
+        view.backends.get(i).map(|b| b.address)
     }
 }

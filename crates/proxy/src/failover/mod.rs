@@ -65,6 +65,7 @@ mod control;
 mod coordinate;
 mod failsafe;
 mod hooks;
+pub mod load;
 mod plane;
 mod policy;
 mod store;
@@ -131,6 +132,8 @@ pub struct Failover {
     /// This instance vouched for a peer's failsafe permit until then: it neither
     /// acknowledges a drain nor commits a promotion before.
     vouched_until: Mutex<Option<Instant>>,
+    /// Per cluster: the promotion plugin and hook TLS loaded with the running config.
+    parts: Mutex<HashMap<String, load::PromotionParts>>,
 }
 
 /// Why an admin request could not switch the primary.
@@ -158,10 +161,15 @@ impl Failover {
         }
     }
 
-    /// Opens the store and loads every cluster's topology, checked against `config`.
-    pub async fn open(config: &Config, access: Access) -> Result<Arc<Self>, String> {
+    /// Opens the store and loads every cluster's topology, checked against `config`;
+    /// `parts` were loaded from it (`load`).
+    pub async fn open(
+        config: &Config,
+        parts: &load::Coordination,
+        access: Access,
+    ) -> Result<Arc<Self>, String> {
         started();
-        let store = Store::open(&config.state, access)?;
+        let store = Store::open(&config.state, parts.etcd.as_ref(), access)?;
         let (stored, unconfirmed) = match store.load_all().await {
             Ok(s) => (s, false),
             Err(e) if store.is_etcd() => {
@@ -184,6 +192,7 @@ impl Failover {
             applying: Mutex::new(()),
             acks_changed: tokio::sync::Notify::new(),
             vouched_until: Mutex::new(None),
+            parts: Mutex::new(parts.clusters.clone()),
         });
         me.adopt_config(config, &stored, false)?;
         if unconfirmed {

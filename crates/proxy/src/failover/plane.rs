@@ -38,6 +38,8 @@ impl BackendHealth {
 /// One backend of a [`ClusterView`], in configuration order.
 #[derive(Clone, Debug)]
 pub struct BackendState {
+    /// Where the data plane connects to it, resolved when its config was loaded.
+    pub address: std::net::SocketAddr,
     /// Health by active checks (always healthy without them).
     pub health: BackendHealth,
     /// Last reported replication lag.

@@ -5,10 +5,12 @@ use super::*;
 
 /// Asks the promotion policy for a candidate: healthy (degraded only when no candidate
 /// is healthy), not fenced, not the primary, not one whose promote hook just failed.
+/// `plugin` is the compiled plugin of a plugin policy (without it: no promotion).
 pub(super) fn choose(
     view: &ClusterView,
     t: &Topology,
     hook_failed: &HashMap<String, Instant>,
+    plugin: Option<&crate::plugin::PromotionPlugin>,
 ) -> Option<usize> {
     let c = &view.cfg;
     let candidates: Vec<PromotionCandidate> = c
@@ -29,7 +31,8 @@ pub(super) fn choose(
             native_priority(&candidates, prefer_location.as_deref())
         }
         PromotionPolicyKind::LeastLag { max_lag_ms } => native_least_lag(&candidates, *max_lag_ms),
-        PromotionPolicyKind::Plugin { plugin, on_error } => {
+        PromotionPolicyKind::Plugin { on_error, .. } => {
+            let plugin = plugin?;
             // The primary as the policy should see it: named, with its (bad) health.
             let primary = t
                 .primary

@@ -308,13 +308,18 @@ impl Store {
     /// Opens the store a config names. A corrupt state file is an error; an unreachable
     /// etcd is not (the instance starts with the configured primaries, never promotes
     /// until etcd answers, and adopts etcd's decisions as soon as it does).
-    pub fn open(cfg: &StateConfig, access: Access) -> Result<Self, String> {
+    /// `etcd` is what the loader made of `[coordination]` (`super::load`).
+    pub fn open(
+        cfg: &StateConfig,
+        etcd: Option<&super::load::EtcdParts>,
+        access: Access,
+    ) -> Result<Self, String> {
         Ok(match cfg {
             StateConfig::File(path) => Store::File(Arc::new(FileStore::open(path, access)?)),
             StateConfig::Etcd(e) => Store::Etcd(Box::new(EtcdStore {
                 client: etcd::Client::new(
-                    e.endpoints.clone(),
-                    e.tls.as_ref().map(|t| t.client.clone()),
+                    etcd.map(|p| p.endpoints.clone()).unwrap_or_default(),
+                    etcd.and_then(|p| p.tls.clone()),
                     e.timeout,
                 ),
                 cfg: e.clone(),

@@ -27,7 +27,18 @@ impl Failover {
         }
         let promotion = c.promotion.as_ref();
         if let (Some(p), Some(hook)) = (primary, promotion.and_then(|p| p.on_promote.as_ref())) {
-            if let Err(e) = call_hook(hook, "on_promote", c, p, next.epoch).await {
+            let tls = self.hook_tls(name);
+            if let Err(e) = call_hook(
+                hook,
+                tls.as_ref(),
+                "on_promote",
+                c,
+                p,
+                self.address_of(c, p),
+                next.epoch,
+            )
+            .await
+            {
                 if promotion.is_some_and(|p| p.require_hook_ok) {
                     return Err(refused(
                         502,
@@ -71,8 +82,10 @@ impl Failover {
                     continue;
                 }
                 let (hook, c, epoch) = (hook.clone(), c.clone(), next.epoch);
+                let (tls, address) = (self.hook_tls(name), self.address_of(&c, i));
                 tokio::spawn(async move {
-                    let _ = call_hook(&hook, "on_repoint", &c, i, epoch).await;
+                    let _ =
+                        call_hook(&hook, tls.as_ref(), "on_repoint", &c, i, address, epoch).await;
                 });
             }
         }

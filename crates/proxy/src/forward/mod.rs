@@ -534,16 +534,21 @@ mod tests {
     async fn the_per_request_future_stays_small() {
         let dir = std::env::temp_dir().join(format!("keyway-future-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let config = crate::Config::from_str_with_base(
+        let loaded = crate::load::from_str_with_base(
             "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{ id = \"a\", address = \"127.0.0.1:1\" }]\n",
             "t.toml",
             &dir,
         )
         .unwrap();
-        let failover = crate::failover::Failover::open(&config, crate::failover::Access::Reader)
-            .await
-            .unwrap();
-        let rt = Arc::new(crate::server::build_runtime(&config, &failover).unwrap());
+        let config = loaded.config.clone();
+        let failover = crate::failover::Failover::open(
+            &config,
+            &loaded.coordination,
+            crate::failover::Access::Reader,
+        )
+        .await
+        .unwrap();
+        let rt = Arc::new(crate::server::build_runtime(&config, &loaded.plane, &failover).unwrap());
         let (drain, _rx) = tokio::sync::mpsc::channel(1);
         let info = ConnInfo {
             client: "127.0.0.1:1".parse().unwrap(),

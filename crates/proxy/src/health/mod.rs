@@ -142,7 +142,8 @@ const HISTORY: usize = 64;
 
 impl ClusterHealth {
     /// Initial health for a cluster: `Healthy` without active checks, else per `initial`.
-    pub fn new(cfg: &ClusterConfig) -> Self {
+    /// `plugin` is the compiled health-policy plugin when the policy names one.
+    pub fn new(cfg: &ClusterConfig, plugin: Option<&Arc<crate::plugin::HealthPlugin>>) -> Self {
         let initial = match &cfg.health {
             None => Health::Healthy,
             Some(h) if h.initially_healthy => Health::Healthy,
@@ -200,8 +201,10 @@ impl ClusterHealth {
             policy: cfg
                 .health
                 .as_ref()
-                .map(|h| policy_for(&h.policy))
-                .unwrap_or_else(|| policy_for(&HealthPolicyKind::RiseFall { rise: 1, fall: 1 })),
+                .map(|h| policy_for(&h.policy, plugin))
+                .unwrap_or_else(|| {
+                    policy_for(&HealthPolicyKind::RiseFall { rise: 1, fall: 1 }, None)
+                }),
             backend_cfgs: cfg.backends.clone(),
             view: ArcSwap::from_pointee(HealthView {
                 backends: Vec::new(),
@@ -667,25 +670,27 @@ mod tests {
 
     #[test]
     fn initial_state_follows_config() {
-        let none = ClusterHealth::new(&cluster(""));
+        let none = ClusterHealth::new(&cluster(""), None);
         assert!(none.view().usable(0, None), "no active checks: healthy");
-        let unknown = ClusterHealth::new(&cluster("health = { path = \"/h\" }"));
+        let unknown = ClusterHealth::new(&cluster("health = { path = \"/h\" }"), None);
         assert!(
             !unknown.view().usable(0, None),
             "default initial = unknown routes nothing"
         );
         assert!(!unknown.view().checked(0));
-        let trusted = ClusterHealth::new(&cluster(
-            "health = { path = \"/h\", initial = \"healthy\" }",
-        ));
+        let trusted = ClusterHealth::new(
+            &cluster("health = { path = \"/h\", initial = \"healthy\" }"),
+            None,
+        );
         assert!(trusted.view().usable(1, None));
     }
 
     #[test]
     fn passive_ejection_spares_the_last_usable_backend() {
-        let h = ClusterHealth::new(&cluster(
-            "outlier = { consecutive_failures = 2, base_ejection = \"1h\" }",
-        ));
+        let h = ClusterHealth::new(
+            &cluster("outlier = { consecutive_failures = 2, base_ejection = \"1h\" }"),
+            None,
+        );
         for _ in 0..2 {
             h.report(0, false);
         }

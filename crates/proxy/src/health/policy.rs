@@ -125,8 +125,12 @@ pub(super) fn why(p: &Probe) -> String {
     }
 }
 
-/// The policy a config names: a native built-in or a plugin behind its `on_error` rule.
-pub fn policy_for(kind: &HealthPolicyKind) -> Box<dyn HealthPolicy> {
+/// The policy a config names: a native built-in or a plugin (compiled by the loader)
+/// behind its `on_error` rule; without the compiled plugin, its rise-fall fallback.
+pub fn policy_for(
+    kind: &HealthPolicyKind,
+    plugin: Option<&Arc<crate::plugin::HealthPlugin>>,
+) -> Box<dyn HealthPolicy> {
     match kind {
         HealthPolicyKind::RiseFall { rise, fall } => Box::new(RiseFall {
             rise: *rise,
@@ -137,18 +141,24 @@ pub fn policy_for(kind: &HealthPolicyKind) -> Box<dyn HealthPolicy> {
             window: *window,
         }),
         HealthPolicyKind::Plugin {
-            plugin,
             on_error,
             rise,
             fall,
-        } => Box::new(PluginPolicy {
-            plugin: plugin.clone(),
-            on_error: *on_error,
-            fallback: RiseFall {
+            ..
+        } => {
+            let fallback = RiseFall {
                 rise: *rise,
                 fall: *fall,
-            },
-        }),
+            };
+            match plugin {
+                Some(plugin) => Box::new(PluginPolicy {
+                    plugin: plugin.clone(),
+                    on_error: *on_error,
+                    fallback,
+                }),
+                None => Box::new(fallback),
+            }
+        }
     }
 }
 

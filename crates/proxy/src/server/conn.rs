@@ -14,9 +14,9 @@ pub(super) struct ListenerState {
 }
 
 impl ListenerState {
-    pub(super) fn new(cfg: &ListenerConfig) -> Self {
+    pub(super) fn new(cfg: &ListenerConfig, loaded: &crate::load::Listener) -> Self {
         Self {
-            tls: tls::server_config(&cfg.tls).map(tokio_rustls::TlsAcceptor::from),
+            tls: tls::server_config(&loaded.certs).map(tokio_rustls::TlsAcceptor::from),
             limits: Arc::new(cfg.limits.clone()),
             door: Arc::new(cfg.door.clone()),
             builder: Arc::new(http_builder(cfg)),

@@ -26,6 +26,7 @@ use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig};
 use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
+use crate::load::{Loaded, Plane};
 use crate::router::Router;
 use crate::{http_conn, proxy_protocol, telemetry, tls};
 
@@ -58,8 +59,12 @@ pub enum StartError {
     State(String),
 }
 
-/// Builds the request path's snapshot from a config.
-pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, String> {
+/// Builds the request path's snapshot from a config and the parts loaded from it.
+pub fn build_runtime(
+    config: &Config,
+    plane: &Plane,
+    failover: &Failover,
+) -> Result<Runtime, String> {
     telemetry::metrics_handle();
     let secret: &[u8] = match &config.proxy.secret {
         Some(s) => s,
@@ -68,8 +73,9 @@ pub fn build_runtime(config: &Config, failover: &Failover) -> Result<Runtime, St
     let clusters: Vec<Arc<Cluster>> = config
         .clusters
         .iter()
-        .map(|c| {
-            let mut cluster = Cluster::new(c.clone(), secret)?;
+        .zip(&plane.clusters)
+        .map(|(c, parts)| {
+            let mut cluster = Cluster::new(c.clone(), parts.clone(), secret)?;
             if let Some(gate) = failover.gate(&c.name) {
                 cluster.gate = gate;
             }
@@ -122,35 +128,36 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Binds every listener, then starts serving.
-    pub async fn start(config: Config) -> Result<Proxy, StartError> {
-        let failover = Failover::open(&config, crate::failover::Access::Owner)
+    /// Binds every listener of a loaded config (see `crate::load`), then starts serving.
+    pub async fn start(loaded: Loaded) -> Result<Proxy, StartError> {
+        let (config, plane) = (&loaded.config, &loaded.plane);
+        let failover = Failover::open(config, &loaded.coordination, crate::failover::Access::Owner)
             .await
             .map_err(StartError::State)?;
         let runtime = Arc::new(ArcSwap::from_pointee(
-            build_runtime(&config, &failover).map_err(StartError::Build)?,
+            build_runtime(config, plane, &failover).map_err(StartError::Build)?,
         ));
         let (shutdown, _) = watch::channel(false);
         let (drain_tx, drain_rx) = mpsc::channel(1);
 
         let mut listen_addrs = Vec::new();
         let mut bound = Vec::new();
-        for l in &config.listeners {
-            let sock = TcpListener::bind(l.listen)
+        for (l, at) in config.listeners.iter().zip(&plane.listeners) {
+            let sock = TcpListener::bind(at.addr)
                 .await
                 .map_err(|source| StartError::Bind {
-                    addr: l.listen,
+                    addr: at.addr,
                     source,
                 })?;
-            listen_addrs.push(sock.local_addr().unwrap_or(l.listen));
+            listen_addrs.push(sock.local_addr().unwrap_or(at.addr));
             bound.push((sock, l.clone()));
         }
         let mut tcp_bound = Vec::new();
-        for l in &config.tcp_listeners {
-            let bound = crate::tcp::TcpListenerHandle::bind(l)
+        for (l, at) in config.tcp_listeners.iter().zip(&plane.tcp_listeners) {
+            let bound = crate::tcp::TcpListenerHandle::bind(l, at)
                 .await
                 .map_err(|source| StartError::Bind {
-                    addr: l.listen,
+                    addr: at.addr,
                     source,
                 })?;
             tcp_bound.push(bound);
@@ -162,7 +169,8 @@ impl Proxy {
         let listener_states: Vec<Arc<ArcSwap<ListenerState>>> = config
             .listeners
             .iter()
-            .map(|l| Arc::new(ArcSwap::from_pointee(ListenerState::new(l))))
+            .zip(&plane.listeners)
+            .map(|(l, at)| Arc::new(ArcSwap::from_pointee(ListenerState::new(l, at))))
             .collect();
         let conn_limits: Vec<Arc<ConnLimit>> = config
             .listeners
@@ -174,7 +182,7 @@ impl Proxy {
             listeners: listener_states.clone(),
             conn_limits: conn_limits.clone(),
             tcp: tcp_bound.iter().map(|(_, h)| h.clone()).collect(),
-            current: std::sync::Mutex::new(config.clone()),
+            current: std::sync::Mutex::new(loaded.clone()),
             source: std::sync::Mutex::new(None),
             shutdown: shutdown.subscribe(),
             last: std::sync::Mutex::new(None),

@@ -62,6 +62,7 @@ fn view(c: &Cluster) -> ClusterView {
                 Health::Degraded => BackendHealth::Degraded,
                 Health::Unhealthy => BackendHealth::Unhealthy,
             },
+            address: c.backends[i].address,
             lag_ms: b.lag_ms,
             last_ok_ms: c.health.last_ok_unix_ms(i),
             since: c.health.since(i),

@@ -12,7 +12,7 @@ pub struct Reloader {
     pub(super) listeners: Vec<Arc<ArcSwap<ListenerState>>>,
     pub(super) conn_limits: Vec<Arc<ConnLimit>>,
     pub(super) tcp: Vec<Arc<crate::tcp::TcpListenerHandle>>,
-    pub(super) current: std::sync::Mutex<Config>,
+    pub(super) current: std::sync::Mutex<Loaded>,
     pub(super) source: std::sync::Mutex<Option<std::path::PathBuf>>,
     pub(super) shutdown: watch::Receiver<bool>,
     pub(super) last: std::sync::Mutex<Option<serde_json::Value>>,
@@ -22,7 +22,9 @@ pub struct Reloader {
 impl Reloader {
     /// Whether the running config asks for plugin files to be watched.
     pub fn watches_plugins(&self) -> bool {
-        self.current.lock().is_ok_and(|c| c.proxy.watch_plugins)
+        self.current
+            .lock()
+            .is_ok_and(|c| c.config.proxy.watch_plugins)
     }
 
     /// Promotion, fencing and failback (shared with the admin API).
@@ -35,7 +37,7 @@ impl Reloader {
         self.current
             .lock()
             .ok()
-            .and_then(|c| c.admin.as_ref().and_then(|a| a.token.clone()))
+            .and_then(|c| c.config.admin.as_ref().and_then(|a| a.token.clone()))
     }
 
     /// The TCP listeners for `/status`.
@@ -62,7 +64,7 @@ impl Reloader {
             .ok_or_else(|| {
                 "this keyway was not started from a config file; nothing to reload".to_string()
             })?;
-        let result = Config::load(&path)
+        let result = crate::load::load(&path)
             .map_err(|e| e.to_string())
             .and_then(|c| self.apply(c));
         let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -94,29 +96,31 @@ impl Reloader {
             return Vec::new();
         };
         let mut files: Vec<std::path::PathBuf> = current
+            .config
             .clusters
             .iter()
-            .flat_map(|c| c.plugins().into_iter().map(|(_, m)| m.path.clone()))
+            .flat_map(|c| c.plugins().into_iter().map(|(_, p)| p.path.clone()))
             .collect();
         files.sort();
         files.dedup();
         files
     }
 
-    /// Applies an already validated config.
-    pub fn apply(&self, next: Config) -> Result<String, String> {
+    /// Applies an already validated and loaded config.
+    pub fn apply(&self, next: Loaded) -> Result<String, String> {
         let mut current = self
             .current
             .lock()
             .map_err(|_| "reload state poisoned".to_string())?;
-        let old_listen: Vec<SocketAddr> = current.listeners.iter().map(|l| l.listen).collect();
-        let new_listen: Vec<SocketAddr> = next.listeners.iter().map(|l| l.listen).collect();
+        let listen = |l: &[crate::load::Listener]| l.iter().map(|l| l.addr).collect::<Vec<_>>();
+        let old_listen: Vec<SocketAddr> = listen(&current.plane.listeners);
+        let new_listen: Vec<SocketAddr> = listen(&next.plane.listeners);
         if old_listen != new_listen {
             return Err(format!(
                 "listener addresses changed ({old_listen:?} -> {new_listen:?}); restart keyway to apply them. Nothing was changed"
             ));
         }
-        let tcp_listen = |c: &Config| c.tcp_listeners.iter().map(|l| l.listen).collect::<Vec<_>>();
+        let tcp_listen = |c: &Loaded| listen(&c.plane.tcp_listeners);
         if tcp_listen(&current) != tcp_listen(&next) {
             return Err(format!(
                 "tcp_listener addresses changed ({:?} -> {:?}); restart keyway to apply them. Nothing was changed",
@@ -124,15 +128,15 @@ impl Reloader {
                 tcp_listen(&next)
             ));
         }
-        let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen);
+        let admin = |c: &Loaded| c.plane.admin;
         if admin(&current) != admin(&next) {
             return Err(
                 "the [admin] address changed; restart keyway to apply it. Nothing was changed"
                     .into(),
             );
         }
-        self.failover.admit(&next)?;
-        let runtime = build_runtime(&next, &self.failover)?;
+        self.failover.admit(&next.config)?;
+        let runtime = build_runtime(&next.config, &next.plane, &self.failover)?;
         let old = self.runtime.load_full();
         for cluster in &runtime.clusters {
             let Some(prev) = old.cluster(&cluster.cfg.name) else {
@@ -145,7 +149,7 @@ impl Reloader {
                 .filter_map(|(n, b)| {
                     prev.backends
                         .iter()
-                        .position(|p| p.cfg.id == b.cfg.id && p.cfg.address == b.cfg.address)
+                        .position(|p| p.cfg.id == b.cfg.id && p.address == b.address)
                         .map(|o| (n, o))
                 })
                 .collect();
@@ -153,7 +157,7 @@ impl Reloader {
         }
         let summary = format!(
             "{} route(s), {} cluster(s), {} backend(s)",
-            next.routes.len(),
+            next.config.routes.len(),
             runtime.clusters.len(),
             runtime
                 .clusters
@@ -165,6 +169,7 @@ impl Reloader {
         for c in &runtime.clusters {
             crate::health::spawn_probers(c, self.shutdown.clone());
         }
+        self.failover.use_parts(&next.coordination);
         // Every decision so far is applied to the new runtime under the coordinator's
         // lock, and it is published under that same lock.
         self.failover.swap_in(
@@ -172,14 +177,25 @@ impl Reloader {
             || self.runtime.store(runtime.clone()),
             &self.shutdown,
         );
-        for (state, cfg) in self.listeners.iter().zip(&next.listeners) {
-            state.store(Arc::new(ListenerState::new(cfg)));
+        let (cfg, plane) = (&next.config, &next.plane);
+        for ((state, l), at) in self
+            .listeners
+            .iter()
+            .zip(&cfg.listeners)
+            .zip(&plane.listeners)
+        {
+            state.store(Arc::new(ListenerState::new(l, at)));
         }
-        for (limit, cfg) in self.conn_limits.iter().zip(&next.listeners) {
-            limit.resize(cfg.max_connections);
+        for (limit, l) in self.conn_limits.iter().zip(&cfg.listeners) {
+            limit.resize(l.max_connections);
         }
-        for (handle, cfg) in self.tcp.iter().zip(&next.tcp_listeners) {
-            handle.reload(cfg);
+        for ((handle, l), at) in self
+            .tcp
+            .iter()
+            .zip(&cfg.tcp_listeners)
+            .zip(&plane.tcp_listeners)
+        {
+            handle.reload(l, at);
         }
         *current = next;
         Ok(summary)

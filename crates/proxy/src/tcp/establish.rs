@@ -226,7 +226,7 @@ pub(super) async fn attempt(
     protocol_timeout: Duration,
 ) -> Result<Won, AttemptError> {
     let id = &backend.cfg.id;
-    let addr = backend.cfg.address;
+    let addr = backend.address;
     let mut stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

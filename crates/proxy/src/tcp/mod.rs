@@ -79,8 +79,8 @@ struct ListenerState {
 }
 
 impl ListenerState {
-    fn new(cfg: &TcpListenerConfig) -> Self {
-        let tls = crate::tls::server_config(&cfg.tls).map(|c| {
+    fn new(cfg: &TcpListenerConfig, loaded: &crate::load::Listener) -> Self {
+        let tls = crate::tls::server_config(&loaded.certs).map(|c| {
             // Whatever the farm speaks, it is not HTTP/2 by ALPN: offer no protocol.
             let mut c = (*c).clone();
             c.alpn_protocols.clear();
@@ -94,13 +94,16 @@ impl ListenerState {
 }
 
 impl TcpListenerHandle {
-    /// Binds `cfg.listen`.
-    pub(crate) async fn bind(cfg: &TcpListenerConfig) -> io::Result<(TcpListener, Arc<Self>)> {
-        let sock = TcpListener::bind(cfg.listen).await?;
-        let addr = sock.local_addr().unwrap_or(cfg.listen);
+    /// Binds the listener's address (`loaded`: what the loader made of `cfg`).
+    pub(crate) async fn bind(
+        cfg: &TcpListenerConfig,
+        loaded: &crate::load::Listener,
+    ) -> io::Result<(TcpListener, Arc<Self>)> {
+        let sock = TcpListener::bind(loaded.addr).await?;
+        let addr = sock.local_addr().unwrap_or(loaded.addr);
         let handle = Arc::new(Self {
             addr,
-            state: ArcSwap::from_pointee(ListenerState::new(cfg)),
+            state: ArcSwap::from_pointee(ListenerState::new(cfg, loaded)),
             limit: Arc::new(ConnLimit::new(cfg.max_connections)),
             open: AtomicU64::new(0),
         });
@@ -114,8 +117,8 @@ impl TcpListenerHandle {
 
     /// Takes a reloaded listener's settings: new connections follow them, open ones
     /// keep theirs.
-    pub(crate) fn reload(&self, cfg: &TcpListenerConfig) {
-        self.state.store(Arc::new(ListenerState::new(cfg)));
+    pub(crate) fn reload(&self, cfg: &TcpListenerConfig, loaded: &crate::load::Listener) {
+        self.state.store(Arc::new(ListenerState::new(cfg, loaded)));
         self.limit.resize(cfg.max_connections);
     }
 

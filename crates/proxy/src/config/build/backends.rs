@@ -1,4 +1,5 @@
-//! A cluster's `health` table and its backends.
+//! A cluster's `health` table (a plugin policy stays a [`PluginRef`]) and its backends
+//! (addresses as written).
 
 use super::*;
 
@@ -46,24 +47,16 @@ pub(super) fn health(
         n
     };
     let policy = match h.policy.as_deref().unwrap_or("rise-fall") {
-        wasm if crate::plugin::is_plugin_path(wasm) => {
-            let file = resolve(base, wasm);
+        wasm if is_plugin_path(wasm) => {
             let on_error = on_error(h.on_error.as_deref(), &path.key("on_error"), errs);
-            let (rise, fall) = (
-                at_least_one("rise", h.rise, DEFAULT_RISE, errs),
-                at_least_one("fall", h.fall, DEFAULT_FALL, errs),
-            );
-            match crate::plugin::HealthPlugin::load(&file, &plugin_config_json(h.config.as_ref())) {
-                Ok(plugin) => HealthPolicyKind::Plugin {
-                    plugin,
-                    on_error,
-                    rise,
-                    fall,
+            HealthPolicyKind::Plugin {
+                plugin: PluginRef {
+                    path: resolve(base, wasm),
+                    config_json: plugin_config_json(h.config.as_ref()),
                 },
-                Err(e) => {
-                    errs.push(&path.key("policy"), e, "fix the plugin or its `config`, or use a built-in policy (\"rise-fall\", \"failed-checks\")");
-                    HealthPolicyKind::RiseFall { rise, fall }
-                }
+                on_error,
+                rise: at_least_one("rise", h.rise, DEFAULT_RISE, errs),
+                fall: at_least_one("fall", h.fall, DEFAULT_FALL, errs),
             }
         }
         "rise-fall" => HealthPolicyKind::RiseFall {
@@ -210,7 +203,7 @@ pub(super) fn backend(
             Role::Replica
         }
     };
-    let address = socket_addr(&b.address, &path.key("address"), errs);
+    let address = address(&b.address, &path.key("address"), errs);
     let weight = b.weight.unwrap_or(1);
     if weight == 0 || weight > 10_000 {
         errs.push(

@@ -1,58 +1,7 @@
-//! `[[route]]` and `[cluster.NAME]`: routes, strategies, balancing, stickiness, limits.
+//! `[cluster.NAME]`: strategies, balancing, stickiness, retries, limits, backends and
+//! the plugin references of a cluster.
 
 use super::*;
-
-pub(super) fn route(
-    r: &FileRoute,
-    path: &KeyPath,
-    defined: &BTreeSet<&str>,
-    errs: &mut Errors<'_>,
-) -> Option<RouteConfig> {
-    let host_text = r.host.as_deref().unwrap_or("*");
-    let host = match host_pattern(host_text) {
-        Ok(h) => Some(h),
-        Err(()) => {
-            errs.push(
-                &path.key("host"),
-                format!("`{host_text}` is not a host pattern"),
-                "write an exact name (\"pvwa.corp.test\"), a suffix (\"*.corp.test\") or \"*\"",
-            );
-            None
-        }
-    };
-    let prefix = r.path.clone().unwrap_or_else(|| "/".to_string());
-    if !prefix.starts_with('/') {
-        errs.push(
-            &path.key("path"),
-            format!("path `{prefix}` does not start with `/`"),
-            format!("write it as \"/{prefix}\""),
-        );
-    }
-    if !defined.contains(r.cluster.as_str()) {
-        let names: Vec<&str> = defined.iter().copied().collect();
-        errs.push(
-            &path.key("cluster"),
-            format!(
-                "route points at cluster `{}`, which is not defined",
-                r.cluster
-            ),
-            if names.is_empty() {
-                format!("add a [cluster.{}] table", r.cluster)
-            } else {
-                format!(
-                    "use one of: {}, or add a [cluster.{}] table",
-                    names.join(", "),
-                    r.cluster
-                )
-            },
-        );
-    }
-    Some(RouteConfig {
-        host: host?,
-        path: prefix,
-        cluster: r.cluster.clone(),
-    })
-}
 
 pub(super) fn cluster(
     name: &str,
@@ -60,7 +9,7 @@ pub(super) fn cluster(
     path: &KeyPath,
     base: &Path,
     errs: &mut Errors<'_>,
-) -> Option<ClusterConfig> {
+) -> Option<(ClusterConfig, Vec<usize>)> {
     if name.is_empty()
         || !name
             .chars()
@@ -211,6 +160,7 @@ pub(super) fn cluster(
     let mut seen = HashSet::new();
     let mut backends = Vec::new();
     let mut send_proxy = Vec::new();
+    let mut backend_at = Vec::new();
     for (i, b) in c.backends.iter().enumerate() {
         let bp = path.key("backends").index(i);
         if !seen.insert(b.id.as_str()) {
@@ -231,6 +181,7 @@ pub(super) fn cluster(
         if let Some(backend) = backend(b, &bp, strategy, &slots, errs) {
             backends.push(backend);
             send_proxy.push(send);
+            backend_at.push(i);
         }
     }
     if strategy == Strategy::PrimaryReplica {
@@ -258,17 +209,20 @@ pub(super) fn cluster(
             );
         }
         let on_error = on_error(cl.on_error.as_deref(), &cp.key("on_error"), errs);
-        if !crate::plugin::is_plugin_path(&cl.policy) {
+        if !is_plugin_path(&cl.policy) {
             errs.push(
                 &cp.key("policy"),
                 format!("`{}` is not a plugin file", cl.policy),
                 "name a .wasm classifier plugin, e.g. \"plugins/pam-classifier.wasm\"",
             );
         } else {
-            match crate::plugin::ClassifierPlugin::load(&resolve(base, &cl.policy), &plugin_config_json(cl.config.as_ref())) {
-                Ok(plugin) => split.classifier = Some(ClassifierHook { plugin, on_error }),
-                Err(e) => errs.push(&cp.key("policy"), e, "fix the plugin or its `config`, or remove `classifier` to use read_routes/write_routes"),
-            }
+            split.classifier = Some(ClassifierHook {
+                plugin: PluginRef {
+                    path: resolve(base, &cl.policy),
+                    config_json: plugin_config_json(cl.config.as_ref()),
+                },
+                on_error,
+            });
         }
     }
     let health = c
@@ -290,7 +244,6 @@ pub(super) fn cluster(
             &path.key("promotion"),
             strategy,
             health.as_ref(),
-            upstream_ca.as_deref(),
             base,
             errs,
         )
@@ -354,7 +307,7 @@ pub(super) fn cluster(
             })
             .collect(),
     };
-    Some(ClusterConfig {
+    let cluster = ClusterConfig {
         name: name.to_string(),
         strategy,
         balance,
@@ -409,5 +362,6 @@ pub(super) fn cluster(
         outlier,
         split,
         backends,
-    })
+    };
+    Some((cluster, backend_at))
 }

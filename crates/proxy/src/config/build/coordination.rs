@@ -1,4 +1,5 @@
-//! `[coordination]`: etcd endpoints and TLS, the failsafe peers, the instance name.
+//! `[coordination]`: etcd endpoints (as written) and TLS files, the failsafe peers, the
+//! instance name.
 
 use super::*;
 
@@ -61,9 +62,9 @@ pub(super) fn etcd_endpoint(
         None => (false, text.strip_prefix("http://").unwrap_or(text)),
     };
     let authority = rest.trim_end_matches('/');
-    match authority.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-        Some(addr) if !authority.contains('/') => Some(EtcdEndpoint {
-            addr,
+    // Syntax only: the loader resolves the name and reports one that does not resolve.
+    match authority.parse::<Address>() {
+        Ok(_) if !authority.contains('/') => Some(EtcdEndpoint {
             authority: authority.to_string(),
             tls,
         }),
@@ -107,26 +108,16 @@ pub(super) fn etcd_tls(
         return None;
     }
     let files = [&c.ca, &c.cert, &c.key].map(|f| f.as_deref().map(|f| resolve(base, f)));
-    let ca = match &files[0] {
-        Some(f) => Some(pem_certs(
-            f,
-            &cp.key("ca"),
-            "point ca at the PEM file of the CA that signed etcd's server certificates (etcd's --trusted-ca-file)",
-            errs,
-        )?),
-        None => None,
-    };
-    let identity = match (&files[1], &files[2]) {
-        (Some(cert), Some(key)) => Some((
-            pem_certs(
-                cert,
-                &cp.key("cert"),
-                "point cert at keyway's client certificate (PEM, leaf first)",
-                errs,
-            )?,
-            pem_key(key, &cp.key("key"), errs)?,
-        )),
-        (None, None) => None,
+    // The files must exist; the loader parses them and builds the client settings.
+    if let Some(ca) = &files[0] {
+        read_file_checked(ca, &cp.key("ca"), errs)?;
+    }
+    match (&files[1], &files[2]) {
+        (Some(cert), Some(key)) => {
+            read_file_checked(cert, &cp.key("cert"), errs)?;
+            read_file_checked(key, &cp.key("key"), errs)?;
+        }
+        (None, None) => {}
         (Some(_), None) | (None, Some(_)) => {
             errs.push(
                 &cp.key(if files[1].is_some() { "key" } else { "cert" }),
@@ -135,18 +126,8 @@ pub(super) fn etcd_tls(
             );
             return None;
         }
-    };
-    match crate::tls::client_config(ca.as_deref(), identity) {
-        Ok(client) => Some(EtcdTls { client, files }),
-        Err(e) => {
-            errs.push(
-                cp,
-                format!("TLS to etcd: {e}"),
-                "check ca, cert and key (the key must be the certificate's)",
-            );
-            None
-        }
     }
+    Some(EtcdTls { files })
 }
 
 /// `hostname-pid`: unique per process on one machine, readable in etcd and logs.

@@ -1,35 +1,23 @@
-//! Field helpers: addresses, durations, paths, tokens, PEM files, host patterns.
+//! Field helpers: addresses (syntax only), durations, paths, tokens, PEM files, host
+//! patterns.
 
 use super::*;
 
 // === field helpers ===
 
-pub(super) fn socket_addr(text: &str, path: &KeyPath, errs: &mut Errors<'_>) -> Option<SocketAddr> {
-    if let Ok(a) = text.parse::<SocketAddr>() {
-        return Some(a);
-    }
-    let has_port = text
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
-    if has_port {
-        if let Ok(mut addrs) = text.to_socket_addrs() {
-            if let Some(a) = addrs.next() {
-                return Some(a);
-            }
+/// A `HOST:PORT` address: an IP address, or a name the loader resolves.
+pub(super) fn address(text: &str, path: &KeyPath, errs: &mut Errors<'_>) -> Option<Address> {
+    match text.parse::<Address>() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            errs.push(
+                path,
+                e.to_string(),
+                "write HOST:PORT, e.g. \"10.0.0.1:443\" or \"[::1]:8443\"",
+            );
+            None
         }
-        errs.push(
-            path,
-            format!("`{text}` does not resolve to an address"),
-            "use an IP address with a port, e.g. \"10.0.0.1:443\", or a name this host can resolve",
-        );
-    } else {
-        errs.push(
-            path,
-            format!("`{text}` is not an address with a port"),
-            "write HOST:PORT, e.g. \"10.0.0.1:443\" or \"[::1]:8443\"",
-        );
     }
-    None
 }
 
 pub(super) fn duration(
@@ -120,44 +108,10 @@ pub(super) fn pem_certs(
     errs: &mut Errors<'_>,
 ) -> Option<Vec<CertificateDer<'static>>> {
     read_file_checked(file, path, errs)?;
-    let certs: Result<Vec<CertificateDer<'static>>, _> =
-        CertificateDer::pem_file_iter(file).and_then(|it| it.collect());
-    match certs {
-        Ok(c) if !c.is_empty() => Some(c),
-        Ok(_) => {
-            errs.push(
-                path,
-                format!("{} holds no PEM certificate", file.display()),
-                fix,
-            );
-            None
-        }
+    match super::super::pem::certs(file) {
+        Ok(c) => Some(c),
         Err(e) => {
-            errs.push(
-                path,
-                format!("{} is not a PEM certificate file: {e}", file.display()),
-                fix,
-            );
-            None
-        }
-    }
-}
-
-/// The PEM private key in `file`.
-pub(super) fn pem_key(
-    file: &Path,
-    path: &KeyPath,
-    errs: &mut Errors<'_>,
-) -> Option<PrivateKeyDer<'static>> {
-    read_file_checked(file, path, errs)?;
-    match PrivateKeyDer::from_pem_file(file) {
-        Ok(k) => Some(k),
-        Err(e) => {
-            errs.push(
-                path,
-                format!("{} holds no usable private key: {e}", file.display()),
-                "point key at a PEM file with a PKCS#8, PKCS#1 or SEC1 private key",
-            );
+            errs.push(path, e, fix);
             None
         }
     }

@@ -1,5 +1,5 @@
-//! `[[listener]]` and `[[tcp_listener]]`: addresses, TLS certificates, PROXY protocol,
-//! limits, and the TCP-only cluster keys.
+//! `[[listener]]` and `[[tcp_listener]]`: addresses (as written), TLS certificate files,
+//! PROXY protocol, limits, and the TCP-only cluster keys.
 
 use super::*;
 
@@ -7,19 +7,10 @@ pub(super) fn listener(
     l: &FileListener,
     path: &KeyPath,
     base: &Path,
-    bound: &mut Vec<(SocketAddr, KeyPath)>,
     errs: &mut Errors<'_>,
-) -> Option<ListenerConfig> {
-    let listen = socket_addr(&l.listen, &path.key("listen"), errs);
-    if let Some(a) = listen {
-        bound.push((a, path.key("listen")));
-    }
-    let tls: Vec<TlsCertConfig> = l
-        .tls
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| tls_cert(t, &path.key("tls").index(i), base, errs))
-        .collect();
+) -> Option<(ListenerConfig, Vec<usize>)> {
+    let listen = address(&l.listen, &path.key("listen"), errs);
+    let (tls, tls_at) = certs(&l.tls, &path.key("tls"), base, errs);
     let max_header = l
         .max_request_header_bytes
         .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
@@ -53,7 +44,7 @@ pub(super) fn listener(
         .iter()
         .flatten()
         .enumerate()
-        .filter_map(|(i, t)| match crate::frontdoor::Cidr::parse(t) {
+        .filter_map(|(i, t)| match Cidr::parse(t) {
             Ok(c) => Some(c),
             Err(e) => {
                 errs.push(
@@ -88,14 +79,15 @@ pub(super) fn listener(
         &path.key("proxy_protocol"),
         errs,
     );
-    Some(ListenerConfig {
+    let listener = ListenerConfig {
         listen: listen?,
         tls,
         limits,
         door,
         max_connections: max_connections.clamp(1, MAX_LISTENER_MAX_CONNECTIONS),
         proxy_protocol,
-    })
+    };
+    Some((listener, tls_at))
 }
 
 pub(super) fn tcp_listener(
@@ -103,13 +95,9 @@ pub(super) fn tcp_listener(
     path: &KeyPath,
     base: &Path,
     clusters: &std::collections::BTreeMap<String, FileCluster>,
-    bound: &mut Vec<(SocketAddr, KeyPath)>,
     errs: &mut Errors<'_>,
-) -> Option<TcpListenerConfig> {
-    let listen = socket_addr(&l.listen, &path.key("listen"), errs);
-    if let Some(a) = listen {
-        bound.push((a, path.key("listen")));
-    }
+) -> Option<(TcpListenerConfig, Vec<usize>)> {
+    let listen = address(&l.listen, &path.key("listen"), errs);
     // A TCP listener carries bytes it cannot classify: every cluster it names must
     // exist and must not split reads from writes.
     let check_cluster = |name: &str, at: &KeyPath, errs: &mut Errors<'_>| {
@@ -183,12 +171,7 @@ pub(super) fn tcp_listener(
             "add cluster = \"NAME\" (SNI routes stay passthrough), or remove tls",
         );
     }
-    let tls: Vec<TlsCertConfig> = l
-        .tls
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| tls_cert(t, &path.key("tls").index(i), base, errs))
-        .collect();
+    let (tls, tls_at) = certs(&l.tls, &path.key("tls"), base, errs);
     let max_connections = l
         .max_connections
         .unwrap_or(DEFAULT_LISTENER_MAX_CONNECTIONS);
@@ -201,7 +184,7 @@ pub(super) fn tcp_listener(
             ),
         );
     }
-    Some(TcpListenerConfig {
+    let listener = TcpListenerConfig {
         listen: listen?,
         cluster: l.cluster.clone(),
         sni,
@@ -224,7 +207,8 @@ pub(super) fn tcp_listener(
             &path.key("proxy_protocol"),
             errs,
         ),
-    })
+    };
+    Some((listener, tls_at))
 }
 
 /// `protocol_check`, `affinity` and a backend's `proxy_protocol` do nothing on a cluster
@@ -309,12 +293,7 @@ pub(super) fn backend_proxy_protocol(
     one_of(text, &choices, &path.key("proxy_protocol"), "proxy_protocol", "use \"off\", \"v1\" or \"v2\": the PROXY header version the backend accepts (only TCP listeners send it)", errs)
 }
 
-pub(super) fn proxy_protocol(
-    text: Option<&str>,
-    path: &KeyPath,
-    errs: &mut Errors<'_>,
-) -> crate::proxy_protocol::Accept {
-    use crate::proxy_protocol::Accept;
+pub(super) fn proxy_protocol(text: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> Accept {
     let choices = [
         ("off", Accept::Off),
         ("v1", Accept::V1),
@@ -322,6 +301,19 @@ pub(super) fn proxy_protocol(
         ("v1-or-v2", Accept::V1OrV2),
     ];
     one_of(text, &choices, path, "proxy_protocol", "use \"off\" (no header), \"v1\", \"v2\" or \"v1-or-v2\": what the load balancer in front sends (HAProxy `send-proxy` is v1, `send-proxy-v2` and AWS NLB are v2)", errs)
+}
+
+/// A listener's `tls` list: the certificates kept, and where each was written.
+fn certs(
+    list: &[FileTlsCert],
+    path: &KeyPath,
+    base: &Path,
+    errs: &mut Errors<'_>,
+) -> (Vec<TlsCertConfig>, Vec<usize>) {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((tls_cert(t, &path.index(i), base, errs)?, i)))
+        .unzip()
 }
 
 pub(super) fn tls_cert(
@@ -350,41 +342,12 @@ pub(super) fn tls_cert(
     }
     let cert_path = resolve(base, &t.cert);
     let key_path = resolve(base, &t.key);
-    let chain = pem_certs(
-        &cert_path,
-        &path.key("cert"),
-        "point cert at a PEM file with -----BEGIN CERTIFICATE----- blocks (leaf first)",
-        errs,
-    );
-    let key = pem_key(&key_path, &path.key("key"), errs);
-    let (chain, key) = (chain?, key?);
-    let signer = match rustls::crypto::ring::sign::any_supported_type(&key) {
-        Ok(s) => s,
-        Err(e) => {
-            errs.push(
-                &path.key("key"),
-                format!("unsupported private key: {e}"),
-                "use an RSA, ECDSA (P-256/P-384) or Ed25519 key",
-            );
-            return None;
-        }
-    };
-    let certified = rustls::sign::CertifiedKey::new(chain, signer);
-    if certified.keys_match().is_err() {
-        errs.push(
-            &path.key("key"),
-            format!(
-                "{} does not match the certificate in {}",
-                key_path.display(),
-                cert_path.display()
-            ),
-            "pair each certificate with the key it was issued for",
-        );
-        return None;
-    }
-    ok.then(|| TlsCertConfig {
+    // The loader parses both and checks that the key is the certificate's.
+    let cert = read_file_checked(&cert_path, &path.key("cert"), errs);
+    let key = read_file_checked(&key_path, &path.key("key"), errs);
+    (ok && cert.is_some() && key.is_some()).then(|| TlsCertConfig {
         hosts: t.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
         cert_path,
-        certified: Arc::new(certified),
+        key_path,
     })
 }

@@ -4,16 +4,16 @@
 //! `serde_ignored`) → each field (addresses, durations, names, files) → fields against
 //! each other (duplicate ids, routes to clusters that do not exist, listeners sharing an
 //! address). Each error carries the key path; `Locator` turns it into a line number.
-//! Nothing here binds sockets or touches live state.
+//! Pure: nothing here resolves a name, builds a TLS object, compiles a plugin, binds a
+//! socket or touches live state (that, and checks on resolved addresses such as two
+//! listeners on one address, is the loaders' work).
 
 use std::collections::{BTreeSet, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 
 use super::file::*;
 use super::locate::{KeyPath, Locator};
@@ -23,16 +23,20 @@ mod backends;
 mod clusters;
 mod coordination;
 mod fields;
+mod keys;
 mod listeners;
 mod promotion;
+mod routes;
 
 use backends::*;
 use clusters::*;
 use coordination::*;
 pub(crate) use fields::host_pattern;
 use fields::*;
+use keys::*;
 use listeners::*;
 use promotion::*;
+use routes::*;
 
 /// Collects errors while building.
 struct Errors<'a> {
@@ -58,7 +62,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
-pub(super) fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>> {
+/// Builds a config, failing on any problem (what the unit tests check).
+#[cfg(test)]
+fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>> {
+    match build_all(text, base)? {
+        (cfg, errors) if errors.is_empty() => Ok(cfg),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// The config as far as it can be built, with every problem in line order; `Err` when
+/// the text has no usable shape.
+pub(super) fn build_all(
+    text: &str,
+    base: &Path,
+) -> Result<(Config, Vec<ConfigError>), Vec<ConfigError>> {
     let loc = Locator::new(text);
     let mut errs = Errors {
         loc: &loc,
@@ -110,14 +128,11 @@ pub(super) fn build(text: &str, base: &Path) -> Result<Config, Vec<ConfigError>>
         }
     };
 
-    let cfg = check(&file, base, &mut errs);
-    if errs.list.is_empty() {
-        Ok(cfg)
-    } else {
-        let mut list = errs.list;
-        list.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
-        Err(list)
-    }
+    let mut cfg = check(&file, base, &mut errs);
+    cfg.source = Source(Arc::from(text));
+    let mut list = errs.list;
+    list.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    Ok((cfg, list))
 }
 
 fn toml_error(loc: &Locator<'_>, e: &toml::de::Error, fix: &str) -> ConfigError {
@@ -129,193 +144,8 @@ fn toml_error(loc: &Locator<'_>, e: &toml::de::Error, fix: &str) -> ConfigError 
     }
 }
 
-/// The keys each table accepts, for "did you mean" hints on unknown keys.
-fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
-    use super::locate::Seg::{Index, Key};
-    let segs: Vec<Option<&str>> = parent
-        .0
-        .iter()
-        .map(|s| match s {
-            Key(k) => Some(k.as_str()),
-            Index(_) => None,
-        })
-        .collect();
-    match segs.as_slice() {
-        [] => &[
-            "admin",
-            "proxy",
-            "listener",
-            "tcp_listener",
-            "route",
-            "cluster",
-            "state",
-            "coordination",
-        ],
-        [Some("state")] => &["file"],
-        [Some("coordination")] => &[
-            "etcd",
-            "prefix",
-            "lease_ttl",
-            "instance",
-            "timeout",
-            "ca",
-            "cert",
-            "key",
-            "failsafe",
-        ],
-        [Some("coordination"), Some("failsafe")] => &["peers"],
-        [Some("admin")] => &["listen", "token_file"],
-        [Some("proxy")] => &[
-            "workers",
-            "drain_timeout",
-            "access_log",
-            "secret_file",
-            "watch_plugins",
-        ],
-        [Some("listener"), None] => &[
-            "listen",
-            "tls",
-            "max_request_header_bytes",
-            "max_request_body_bytes",
-            "header_read_timeout",
-            "idle_timeout",
-            "allow_encoded_slashes",
-            "allow_trace",
-            "trusted_proxies",
-            "forwarded",
-            "max_connections",
-            "proxy_protocol",
-        ],
-        [Some("listener" | "tcp_listener"), None, Some("tls"), None] => &["hosts", "cert", "key"],
-        [Some("tcp_listener"), None] => &[
-            "listen",
-            "cluster",
-            "sni",
-            "tls",
-            "idle_timeout",
-            "handshake_timeout",
-            "max_connections",
-            "proxy_protocol",
-        ],
-        [Some("tcp_listener"), None, Some("sni"), None] => &["hosts", "cluster"],
-        [Some("route"), None] => &["host", "path", "cluster"],
-        [Some("cluster"), Some(_)] => &[
-            "strategy",
-            "balance",
-            "paths",
-            "upgrades",
-            "sticky",
-            "connect_timeout",
-            "connect_stagger",
-            "protocol_timeout",
-            "protocol_check",
-            "affinity",
-            "retries",
-            "retry_budget",
-            "upstream_ca",
-            "pool",
-            "max_connections",
-            "max_queue",
-            "queue_timeout",
-            "health",
-            "outlier",
-            "read_routes",
-            "write_routes",
-            "reads_on_primary",
-            "max_lag",
-            "read_your_writes",
-            "classifier",
-            "promotion",
-            "failback",
-            "backends",
-        ],
-        [Some("cluster"), Some(_), Some("promotion")] => &[
-            "policy",
-            "config",
-            "on_error",
-            "auto",
-            "hold",
-            "require_hook_ok",
-            "on_promote",
-            "on_repoint",
-            "drain",
-        ],
-        [Some("cluster"), Some(_), Some("promotion"), Some("on_promote" | "on_repoint")] => {
-            &["url", "timeout"]
-        }
-        [Some("cluster"), Some(_), Some("failback")] => &["after"],
-        [Some("cluster"), Some(_), Some("health")] => &[
-            "kind",
-            "path",
-            "interval",
-            "timeout",
-            "expect",
-            "rise",
-            "fall",
-            "policy",
-            "failures",
-            "window",
-            "initial",
-            "lag_header",
-            "lag_json",
-            "config",
-            "on_error",
-            "port",
-        ],
-        [Some("cluster"), Some(_), Some("classifier")] => &["policy", "config", "on_error"],
-        [Some("cluster"), Some(_), Some("outlier")] => &[
-            "consecutive_failures",
-            "base_ejection",
-            "max_ejection",
-            "count_5xx",
-        ],
-        [Some("cluster"), Some(_), Some("sticky")] => &["cookie", "max_age"],
-        [Some("cluster"), Some(_), Some("retry_budget")] => &["ratio", "min_per_second"],
-        [Some("cluster"), Some(_), Some("pool")] => &["max_idle", "idle_timeout"],
-        [Some("cluster"), Some(_), Some("backends"), None] => &[
-            "id",
-            "address",
-            "weight",
-            "priority",
-            "tls",
-            "sni",
-            "protocol",
-            "role",
-            "location",
-            "max_connections",
-            "max_queue",
-            "proxy_protocol",
-        ],
-        _ => &[],
-    }
-}
-
-/// The known key nearest to `key` by edit distance, if it is close enough to be a typo.
-fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
-    fn distance(a: &str, b: &str) -> usize {
-        let b: Vec<char> = b.chars().collect();
-        let mut prev: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.chars().enumerate() {
-            let mut cur = vec![i + 1; b.len() + 1];
-            for (j, cb) in b.iter().enumerate() {
-                let cost = usize::from(ca != *cb);
-                cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-            }
-            prev = cur;
-        }
-        prev[b.len()]
-    }
-    known
-        .iter()
-        .map(|k| (distance(key, k), *k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
 fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
     let root = KeyPath::root();
-    let mut bound: Vec<(SocketAddr, KeyPath)> = Vec::new();
 
     let admin = file.admin.as_ref().and_then(|a| {
         let p = root.key("admin").key("listen");
@@ -326,10 +156,8 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 errs,
             )
         });
-        let addr = socket_addr(&a.listen, &p, errs)?;
-        bound.push((addr, p));
         Some(AdminConfig {
-            listen: addr,
+            listen: address(&a.listen, &p, errs)?,
             token,
         })
     });
@@ -389,17 +217,26 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
             "add a [[listener]] table with listen = \"127.0.0.1:8080\" (or a [[tcp_listener]])",
         );
     }
+    let mut origins = Origins::default();
     let listeners = file
         .listeners
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| listener(l, &root.key("listener").index(i), base, &mut bound, errs))
+        .filter_map(|(i, l)| {
+            let (kept, certs) = listener(l, &root.key("listener").index(i), base, errs)?;
+            origins.listeners.push((i, certs));
+            Some(kept)
+        })
         .collect();
 
     let clusters: Vec<ClusterConfig> = file
         .clusters
         .iter()
-        .filter_map(|(name, c)| cluster(name, c, &root.key("cluster").key(name), base, errs))
+        .filter_map(|(name, c)| {
+            let (kept, backends) = cluster(name, c, &root.key("cluster").key(name), base, errs)?;
+            origins.backends.push(backends);
+            Some(kept)
+        })
         .collect();
 
     let defined: BTreeSet<&str> = file.clusters.keys().map(String::as_str).collect();
@@ -408,14 +245,15 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         .iter()
         .enumerate()
         .filter_map(|(i, l)| {
-            tcp_listener(
+            let (kept, certs) = tcp_listener(
                 l,
                 &root.key("tcp_listener").index(i),
                 base,
                 &file.clusters,
-                &mut bound,
                 errs,
-            )
+            )?;
+            origins.tcp_listeners.push((i, certs));
+            Some(kept)
         })
         .collect();
     tcp_keys_need_a_tcp_listener(file, &root, errs);
@@ -425,17 +263,6 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         .enumerate()
         .filter_map(|(i, r)| route(r, &root.key("route").index(i), &defined, errs))
         .collect();
-
-    // Two listeners (or a listener and the admin server) on one address would fail at bind.
-    for (i, (addr, path)) in bound.iter().enumerate() {
-        if addr.port() != 0 && bound[..i].iter().any(|(a, _)| a == addr) {
-            errs.push(
-                path,
-                format!("{addr} is already used by another listener or the admin server"),
-                "give each listener and [admin] its own address",
-            );
-        }
-    }
 
     let state = match &file.coordination {
         Some(c) => {
@@ -458,7 +285,11 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
                 .etcd
                 .iter()
                 .enumerate()
-                .filter_map(|(i, e)| etcd_endpoint(e, &cp.key("etcd").index(i), errs))
+                .filter_map(|(i, e)| {
+                    let kept = etcd_endpoint(e, &cp.key("etcd").index(i), errs)?;
+                    origins.etcd.push((i, e.clone()));
+                    Some(kept)
+                })
                 .collect();
             let tls = etcd_tls(c, &endpoints, &cp, base, errs);
             let prefix = c.prefix.clone().unwrap_or_else(|| "/keyway".into());
@@ -553,6 +384,8 @@ fn check(file: &FileConfig, base: &Path, errs: &mut Errors<'_>) -> Config {
         routes,
         clusters,
         state,
+        source: Source::default(),
+        origins,
     }
 }
 
@@ -811,7 +644,7 @@ mod listener_config {
         let cfg = |v: &str| {
             format!("[[listener]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = \"{v}\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"127.0.0.1:1\" }}]\n")
         };
-        use crate::proxy_protocol::Accept;
+        use crate::config::Accept;
         for (v, want) in [
             ("off", Accept::Off),
             ("v1", Accept::V1),
@@ -1041,7 +874,7 @@ backends = [{ id = "a", address = "127.0.0.1:1", proxy_protocol = "v1" }, { id =
         assert_eq!(l.idle_timeout, Duration::from_secs(8 * 3600));
         assert_eq!(l.handshake_timeout, Duration::from_secs(3));
         assert_eq!(l.max_connections, 50);
-        assert_eq!(l.proxy_protocol, crate::proxy_protocol::Accept::V2);
+        assert_eq!(l.proxy_protocol, Accept::V2);
         let c = &cfg.clusters[0];
         assert_eq!(c.balance, Balance::LeastConnections);
         assert_eq!(c.tcp.affinity, Affinity::ClientIp);

@@ -1,4 +1,5 @@
-//! A cluster's promotion, read/write split and plugin settings.
+//! A cluster's promotion (hooks checked as URLs; their TLS is the loader's), read/write
+//! split and plugin settings.
 
 use super::*;
 
@@ -7,7 +8,6 @@ pub(super) fn promotion(
     path: &KeyPath,
     strategy: Strategy,
     health: Option<&HealthConfig>,
-    upstream_ca: Option<&[CertificateDer<'static>]>,
     base: &Path,
     errs: &mut Errors<'_>,
 ) -> Option<PromotionConfig> {
@@ -42,22 +42,13 @@ pub(super) fn promotion(
                 .and_then(|v| v.as_integer())
                 .and_then(|v| u64::try_from(v).ok()),
         },
-        file if crate::plugin::is_plugin_path(file) => {
-            match crate::plugin::PromotionPlugin::load(
-                &resolve(base, file),
-                &plugin_config_json(cfg),
-            ) {
-                Ok(plugin) => PromotionPolicyKind::Plugin { plugin, on_error },
-                Err(e) => {
-                    errs.push(
-                        &path.key("policy"),
-                        e,
-                        "fix the plugin or its `config`, or use policy = \"priority-promotion\"",
-                    );
-                    return None;
-                }
-            }
-        }
+        file if is_plugin_path(file) => PromotionPolicyKind::Plugin {
+            plugin: PluginRef {
+                path: resolve(base, file),
+                config_json: plugin_config_json(cfg),
+            },
+            on_error,
+        },
         other => {
             errs.push(
                 &path.key("policy"),
@@ -74,15 +65,7 @@ pub(super) fn promotion(
             let probe = h.url.replace("{address}", "127.0.0.1:1").replace("{id}", "x").replace("{cluster}", "x").replace("{epoch}", "1");
             let uri = probe.parse::<http::Uri>().ok().filter(|u| u.authority().is_some());
             match uri.as_ref().and_then(|u| u.scheme_str()) {
-                Some("http") => Some(HookConfig { url: h.url.clone(), timeout, tls: None }),
-                // Hooks go to the backends: trust what the cluster trusts for them.
-                Some("https") => match crate::tls::client_config(upstream_ca, None) {
-                    Ok(tls) => Some(HookConfig { url: h.url.clone(), timeout, tls: Some(tls) }),
-                    Err(e) => {
-                        errs.push(&hp.key("url"), format!("https hook: {e}"), "set the cluster's upstream_ca to the CA that signed the backends' certificates");
-                        None
-                    }
-                },
+                Some(scheme @ ("http" | "https")) => Some(HookConfig { url: h.url.clone(), timeout, https: scheme == "https" }),
                 _ => {
                     errs.push(
                         &hp.key("url"),
@@ -213,19 +196,15 @@ pub(super) fn route_pattern(text: &str) -> Result<RoutePattern, &'static str> {
     })
 }
 
-pub(super) fn on_error(
-    v: Option<&str>,
-    path: &KeyPath,
-    errs: &mut Errors<'_>,
-) -> crate::plugin::OnError {
+pub(super) fn on_error(v: Option<&str>, path: &KeyPath, errs: &mut Errors<'_>) -> OnError {
     let text = v.unwrap_or("fallback");
-    crate::plugin::parse_on_error(text).unwrap_or_else(|| {
+    parse_on_error(text).unwrap_or_else(|| {
         errs.push(
             path,
             format!("unknown on_error `{text}`"),
             "use \"fallback\" (the native built-in), \"fail-closed\" (the safe answer) or \"fail-open\"",
         );
-        crate::plugin::OnError::Fallback
+        OnError::Fallback
     })
 }
 
