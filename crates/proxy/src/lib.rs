@@ -13,7 +13,7 @@ pub mod balance;
 pub mod body;
 pub mod classify;
 pub mod cluster;
-pub mod config;
+pub use keyway_config as config;
 pub mod error;
 pub mod etcd;
 pub mod failover;

@@ -594,7 +594,7 @@ backends = [{ id = "a", address = "127.0.0.1:1", weight = 2, priority = 1, tls =
 mod adversarial {
     use super::*;
 
-    const SEED: &str = include_str!("../../../../../config/demo.toml");
+    const SEED: &str = include_str!("../../../../config/demo.toml");
 
     #[test]
     fn mutated_configs_never_panic() {
@@ -644,7 +644,7 @@ mod listener_config {
         let cfg = |v: &str| {
             format!("[[listener]]\nlisten = \"127.0.0.1:0\"\nproxy_protocol = \"{v}\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"127.0.0.1:1\" }}]\n")
         };
-        use crate::config::Accept;
+        use crate::Accept;
         for (v, want) in [
             ("off", Accept::Off),
             ("v1", Accept::V1),

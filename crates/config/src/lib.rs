@@ -1,4 +1,5 @@
-//! Configuration: read a TOML file, validate it as a whole, produce an immutable [`Config`].
+//! keyway's configuration: read a TOML file, validate it as a whole, produce an
+//! immutable [`Config`].
 //!
 //! Three steps, as in the proxies we learn from: `file` (serde structs, the file's shape),
 //! `build` (every field checked, and fields against each other, with every error collected)
@@ -11,11 +12,13 @@
 //! and plugin files exist, but it never resolves a host name, never builds a TLS object,
 //! never compiles a plugin and never binds a socket. Addresses stay as written
 //! ([`Address`]), certificates and keys as paths, plugins as [`PluginRef`]s. The loaders
-//! turn a config into running parts: `crate::load` (listener certificates, backend
-//! addresses, health and classifier plugins) and `crate::failover::load` (the promotion
+//! turn a config into running parts: `keyway_proxy::load` (listener certificates, backend
+//! addresses, health and classifier plugins) and `keyway_coord::failover::load` (the promotion
 //! plugin, etcd endpoints and TLS, hook TLS). They report their problems as
 //! [`ConfigError`]s at the config's lines ([`Config::error_at`]), so an operator gets
 //! every problem of a file at once, whichever step found it.
+
+#![deny(missing_docs)]
 
 mod build;
 mod file;
