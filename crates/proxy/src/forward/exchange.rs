@@ -1,5 +1,9 @@
 //! One exchange with a backend: the request made ready for it, sent, and the response
 //! head awaited; a request hyper hands back unsent is returned for a retry.
+//! The waits of an exchange live here too: the protocol timeout, which runs from the end
+//! of the upload (a backend is never blamed for a client's slow body), the write lease
+//! lapsing while the body is still on its way, and what the client's body had done when
+//! the exchange ended.
 
 use super::*;
 
@@ -77,5 +81,91 @@ pub(super) async fn send(sender: Sender, req: Request<Body>) -> Result<Sent, Sen
                 Err((err, unsent, ending))
             }
         },
+    }
+}
+
+/// What the client's body had done when an exchange ended.
+pub(super) fn body_facts(watch: Option<&BodyWatch>) -> BodyFacts {
+    watch.map_or(BodyFacts::NONE, |w| BodyFacts {
+        client_failed: w.client_failed(),
+        sent: w.sent_at().is_some(),
+    })
+}
+
+/// Waits for a backend's response head. `limit` is the backend's time to answer once
+/// it has the whole request: a body that finished streaming late extends the wait, so a
+/// backend is never timed out (and blamed) for a client's slow upload. The wait still
+/// ends `limit` after sending began if the body is then still streaming (`None`, as
+/// for any timeout; whose fault that is, `Fault::of` decides).
+pub(super) async fn within_protocol_timeout<F: Future>(
+    mut fut: Pin<&mut F>,
+    limit: Duration,
+    body: Option<&BodyWatch>,
+) -> Option<F::Output> {
+    let started = tokio::time::Instant::now();
+    let mut deadline = started + limit;
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
+            return Some(out);
+        }
+        let sent = body.map_or(Some(started.into_std()), BodyWatch::sent_at);
+        match sent.map(|at| tokio::time::Instant::from_std(at) + limit) {
+            Some(later) if later > deadline => deadline = later,
+            _ => return None,
+        }
+    }
+}
+
+/// Resolves when `permit` runs out while the body is still on its way to the backend;
+/// never once the whole body was handed over (the backend has the request).
+pub(super) async fn lease_lapses_mid_body(permit: &Permit, body: &BodyWatch) {
+    loop {
+        if body.sent_at().is_some() {
+            return std::future::pending().await;
+        }
+        if !permit.holds() {
+            return;
+        }
+        // Wake at the deadline itself, and now and then to notice the body ended.
+        let wait = permit.remaining().min(Duration::from_millis(200));
+        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend's time to answer starts when it has the whole request.
+    #[tokio::test]
+    async fn protocol_timeout_runs_from_the_end_of_the_upload() {
+        let ms = Duration::from_millis;
+        let limit = ms(150);
+        let answer = || async move {
+            tokio::time::sleep(ms(200)).await;
+            7
+        };
+        // The upload ends at 100 ms; the answer at 200 ms is within 150 ms of it.
+        let watch = Arc::new(BodyWatch::new());
+        let w = watch.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(100)).await;
+            w.mark_sent();
+        });
+        let a = std::pin::pin!(answer());
+        assert_eq!(
+            within_protocol_timeout(a, limit, Some(&watch)).await,
+            Some(7)
+        );
+        // Without a body, sending ended at once: the same answer is late.
+        let a = std::pin::pin!(answer());
+        assert_eq!(within_protocol_timeout(a, limit, None).await, None);
+        // A body still streaming when the limit passes is cut.
+        let streaming = BodyWatch::new();
+        let started = Instant::now();
+        let never = std::pin::pin!(std::future::pending::<()>());
+        let cut = within_protocol_timeout(never, limit, Some(&streaming)).await;
+        assert_eq!(cut, None);
+        assert!(started.elapsed() >= limit);
     }
 }

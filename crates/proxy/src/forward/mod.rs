@@ -43,12 +43,14 @@ use crate::permit::{Permit, WriteTicket};
 use crate::router::Router;
 use crate::upstream::{self, Purpose, Sender};
 
+mod access;
 mod eligible;
 mod exchange;
 mod pick;
 mod respond;
 mod retry;
 
+use access::AccessLog;
 use eligible::*;
 use exchange::*;
 use pick::*;
@@ -111,38 +113,9 @@ pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) ->
         }
     };
     if let Some(method) = logged {
-        let path = log.path.as_deref().unwrap_or("");
-        let cluster = log.cluster.map(|c| &rt.clusters[c]);
-        tracing::info!(
-            target: "keyway::access",
-            client = %info.client,
-            method = %method,
-            host = log.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
-            path = %path,
-            status = resp.status().as_u16(),
-            cluster = cluster.map(|c| c.cfg.name.as_str()).unwrap_or(""),
-            backend = cluster
-                .zip(log.backend)
-                .map(|(c, b)| c.backends[b].cfg.id.as_str())
-                .unwrap_or(""),
-            attempts = log.attempts,
-            error = log.error.unwrap_or(""),
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-        );
+        log.emit(&rt, &info, &method, resp.status(), started);
     }
     resp
-}
-
-/// What the access log records about a request: indices and cheap clones, no strings.
-#[derive(Default)]
-struct AccessLog {
-    host: Option<HeaderValue>,
-    /// The path as sent, replaced by its normal form once the front door admitted it.
-    path: Option<String>,
-    cluster: Option<usize>,
-    backend: Option<usize>,
-    attempts: u32,
-    error: Option<&'static str>,
 }
 
 type Failure = (ProxyError, Option<String>);
@@ -407,64 +380,6 @@ async fn proxy(
     }
 }
 
-/// What the client's body had done when an exchange ended.
-fn body_facts(watch: Option<&BodyWatch>) -> BodyFacts {
-    watch.map_or(BodyFacts::NONE, |w| BodyFacts {
-        client_failed: w.client_failed(),
-        sent: w.sent_at().is_some(),
-    })
-}
-
-/// Waits for a backend's response head. `limit` is the backend's time to answer once
-/// it has the whole request: a body that finished streaming late extends the wait, so a
-/// backend is never timed out (and blamed) for a client's slow upload. The wait still
-/// ends `limit` after sending began if the body is then still streaming (`None`, as
-/// for any timeout; whose fault that is, `Fault::of` decides).
-async fn within_protocol_timeout<F: Future>(
-    mut fut: Pin<&mut F>,
-    limit: Duration,
-    body: Option<&BodyWatch>,
-) -> Option<F::Output> {
-    let started = tokio::time::Instant::now();
-    let mut deadline = started + limit;
-    loop {
-        if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
-            return Some(out);
-        }
-        let sent = body.map_or(Some(started.into_std()), BodyWatch::sent_at);
-        match sent.map(|at| tokio::time::Instant::from_std(at) + limit) {
-            Some(later) if later > deadline => deadline = later,
-            _ => return None,
-        }
-    }
-}
-
-/// Resolves when `permit` runs out while the body is still on its way to the backend;
-/// never once the whole body was handed over (the backend has the request).
-async fn lease_lapses_mid_body(permit: &Permit, body: &BodyWatch) {
-    loop {
-        if body.sent_at().is_some() {
-            return std::future::pending().await;
-        }
-        if !permit.holds() {
-            return;
-        }
-        // Wake at the deadline itself, and now and then to notice the body ended.
-        let wait = permit.remaining().min(Duration::from_millis(200));
-        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
-    }
-}
-
-/// Resolves once `permit` has run out (never for a single instance's permit).
-async fn lease_lapses(permit: &Permit) {
-    if !permit.is_coordinated() {
-        return std::future::pending().await;
-    }
-    while permit.holds() {
-        tokio::time::sleep(permit.remaining().max(Duration::from_millis(1))).await;
-    }
-}
-
 fn too_large(limit: u64) -> ProxyError {
     ProxyError::new(
         ErrorKind::BodyTooLarge,
@@ -474,58 +389,9 @@ fn too_large(limit: u64) -> ProxyError {
     )
 }
 
-fn no_backend_left(cluster: &Cluster, last: ProxyError) -> ProxyError {
-    if last.kind == ErrorKind::BackendBusy {
-        // Say so: the backends are up, just full.
-        return last;
-    }
-    ProxyError::new(
-        ErrorKind::NoBackendAvailable,
-        Side::Upstream,
-        false,
-        format!(
-            "no backend of cluster `{}` could be reached (last error: {})",
-            cluster.cfg.name, last.detail
-        ),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The backend's time to answer starts when it has the whole request.
-    #[tokio::test]
-    async fn protocol_timeout_runs_from_the_end_of_the_upload() {
-        let ms = Duration::from_millis;
-        let limit = ms(150);
-        let answer = || async move {
-            tokio::time::sleep(ms(200)).await;
-            7
-        };
-        // The upload ends at 100 ms; the answer at 200 ms is within 150 ms of it.
-        let watch = Arc::new(BodyWatch::new());
-        let w = watch.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(ms(100)).await;
-            w.mark_sent();
-        });
-        let a = std::pin::pin!(answer());
-        assert_eq!(
-            within_protocol_timeout(a, limit, Some(&watch)).await,
-            Some(7)
-        );
-        // Without a body, sending ended at once: the same answer is late.
-        let a = std::pin::pin!(answer());
-        assert_eq!(within_protocol_timeout(a, limit, None).await, None);
-        // A body still streaming when the limit passes is cut.
-        let streaming = BodyWatch::new();
-        let started = Instant::now();
-        let never = std::pin::pin!(std::future::pending::<()>());
-        let cut = within_protocol_timeout(never, limit, Some(&streaming)).await;
-        assert_eq!(cut, None);
-        assert!(started.elapsed() >= limit);
-    }
 
     /// hyper moves each request's future into place (`recv_msg`), so its size is paid
     /// in copying on every request. A TCP + TLS handshake inline made it 10 KiB;

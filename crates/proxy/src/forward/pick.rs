@@ -112,3 +112,21 @@ fn all_failed(cluster: &Cluster) -> ProxyError {
         ),
     )
 }
+
+/// No backend is left after the retries: the last error when the backends were only
+/// full, else that none could be reached.
+pub(super) fn no_backend_left(cluster: &Cluster, last: ProxyError) -> ProxyError {
+    if last.kind == ErrorKind::BackendBusy {
+        // Say so: the backends are up, just full.
+        return last;
+    }
+    ProxyError::new(
+        ErrorKind::NoBackendAvailable,
+        Side::Upstream,
+        false,
+        format!(
+            "no backend of cluster `{}` could be reached (last error: {})",
+            cluster.cfg.name, last.detail
+        ),
+    )
+}

@@ -197,3 +197,13 @@ impl HttpBody for UpstreamBody {
         self.inner.size_hint()
     }
 }
+
+/// Resolves once `permit` has run out (never for a single instance's permit).
+async fn lease_lapses(permit: &Permit) {
+    if !permit.is_coordinated() {
+        return std::future::pending().await;
+    }
+    while permit.holds() {
+        tokio::time::sleep(permit.remaining().max(Duration::from_millis(1))).await;
+    }
+}
