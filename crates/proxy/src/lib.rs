@@ -13,10 +13,7 @@ pub mod balance;
 pub mod body;
 pub mod classify;
 pub mod cluster;
-pub use keyway_config as config;
 pub mod error;
-pub mod etcd;
-pub mod failover;
 pub mod forward;
 pub mod frontdoor;
 pub mod headers;
@@ -24,8 +21,6 @@ pub mod health;
 mod http_conn;
 pub mod limits;
 pub mod load;
-pub mod oneshot;
-pub mod permit;
 pub mod plugin;
 pub mod proxy_protocol;
 pub mod router;
@@ -36,10 +31,10 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 
-pub use config::Config;
+// The crates under the data plane, under the names its modules use: the configuration
+// (`keyway-config`) and the coordinator with its write permits and stores
+// (`keyway-coord`).
+pub use keyway_config as config;
+pub use keyway_coord::{etcd, failover, oneshot, permit, unix_ms};
 
-/// Milliseconds since the Unix epoch (0 for times before it).
-pub fn unix_ms(at: std::time::SystemTime) -> u64 {
-    at.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use config::Config;

@@ -1,5 +1,6 @@
-//! Server-side TLS: certificates chosen by SNI, ALPN for HTTP/2 and HTTP/1.1; and the
-//! client side of the control plane (etcd, promotion hooks).
+//! Server-side TLS: certificates chosen by SNI, ALPN for HTTP/2 and HTTP/1.1. The
+//! client side (trust roots, client configs) lives in `keyway_coord::tls`; upstream
+//! connections use its [`roots`].
 //!
 //! Certificates are parsed and checked by the loader (`crate::load`); this module only arranges
 //! them for lookup. The first certificate of a listener is served when the client sends
@@ -85,55 +86,4 @@ pub fn server_config(certs: &[Cert]) -> Option<Arc<rustls::ServerConfig>> {
     Some(Arc::new(cfg))
 }
 
-/// Trust roots: the certificates of `ca`, or without it the system's store (an error
-/// when that is empty).
-pub fn roots(
-    ca: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(certs) => {
-            for c in certs {
-                roots
-                    .add(c.clone())
-                    .map_err(|e| format!("cannot use the CA certificate: {e}"))?;
-            }
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-            if roots.is_empty() {
-                return Err("the system has no CA store".into());
-            }
-        }
-    }
-    Ok(roots)
-}
-
-/// A rustls client config for control-plane calls (etcd, promotion hooks): trusts `ca`
-/// (or, without it, the system's roots), presents `identity` (certificate chain and key)
-/// when the server asks for one, and speaks http/1.1.
-pub fn client_config(
-    ca: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-    identity: Option<(
-        Vec<rustls_pki_types::CertificateDer<'static>>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    )>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let roots = roots(ca).map_err(|e| format!("{e}; name the CA with `ca`"))?;
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots);
-    let mut cfg = match identity {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| format!("cannot use the client certificate: {e}"))?,
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
+pub use keyway_coord::tls::roots;

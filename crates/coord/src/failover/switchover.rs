@@ -99,7 +99,7 @@ impl Failover {
         let drain = c
             .promotion
             .as_ref()
-            .map_or(crate::config::DEFAULT_SWITCHOVER_DRAIN, |p| p.drain);
+            .map_or(keyway_config::DEFAULT_SWITCHOVER_DRAIN, |p| p.drain);
         match &self.store {
             Store::File(_) => drain,
             Store::Etcd(e) => drain + e.cfg.lease_ttl + e.cfg.timeout * 2,

@@ -50,13 +50,14 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::{
+use crate::etcd;
+use crate::permit::{self, Grant, Permit, WriteGate};
+use keyway_config::OnError;
+use keyway_config::{
     BackendConfig, ClusterConfig, Config, EtcdConfig, HookConfig, PromotionPolicyKind, Role,
     StateConfig, Strategy,
 };
-use crate::etcd;
-use crate::permit::{self, Grant, Permit, WriteGate};
-use crate::plugin::{OnError, PromotionCandidate, PromotionDecision};
+use keyway_plugin_host::{PromotionCandidate, PromotionDecision};
 
 mod admit;
 mod apply;

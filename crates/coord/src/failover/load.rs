@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
-use crate::config::{
+use crate::etcd::Endpoint;
+use keyway_config::{
     pem, Config, ConfigError, EtcdConfig, HookConfig, KeyPath, PromotionPolicyKind, StateConfig,
 };
-use crate::etcd::Endpoint;
-use crate::plugin::PromotionPlugin;
+use keyway_plugin_host::PromotionPlugin;
 
 /// What the failover manager runs with, beside its config.
 #[derive(Clone, Debug, Default)]

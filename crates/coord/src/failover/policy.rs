@@ -10,7 +10,7 @@ pub(super) fn choose(
     view: &ClusterView,
     t: &Topology,
     hook_failed: &HashMap<String, Instant>,
-    plugin: Option<&crate::plugin::PromotionPlugin>,
+    plugin: Option<&keyway_plugin_host::PromotionPlugin>,
 ) -> Option<usize> {
     let c = &view.cfg;
     let candidates: Vec<PromotionCandidate> = c
