@@ -7,10 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use keyway_proxy::classify::Kind;
 use keyway_proxy::config::{BackendConfig, Role, UpstreamProtocol};
-use keyway_proxy::health::{Health, Probe};
+use keyway_proxy::health::{Health, HealthPlugin, Probe};
 use keyway_proxy::plugin::{
-    ClassifierPlugin, HealthPlugin, PluginError, PromotionCandidate, PromotionDecision,
-    PromotionPlugin,
+    ClassifierPlugin, PluginError, PromotionCandidate, PromotionDecision, PromotionPlugin,
 };
 use keyway_tests::*;
 

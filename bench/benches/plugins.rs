@@ -8,8 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use keyway_proxy::config::{BackendConfig, Role, UpstreamProtocol};
+use keyway_proxy::health::HealthPlugin;
 use keyway_proxy::health::{Health, Probe};
-use keyway_proxy::plugin::{ClassifierPlugin, HealthPlugin};
+use keyway_proxy::plugin::ClassifierPlugin;
 
 fn dist() -> std::path::PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

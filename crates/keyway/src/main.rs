@@ -329,8 +329,9 @@ fn print_demo_help(config: &Config, server: &Server) {
 /// Runs a plugin offline. Output is one JSON document.
 fn plugin_command(cmd: &PluginCommand) -> anyhow::Result<String> {
     use anyhow::anyhow;
+    use keyway_proxy::health::HealthPlugin;
     use keyway_proxy::plugin::{
-        ClassifierPlugin, HealthPlugin, PromotionCandidate, PromotionDecision, PromotionPlugin,
+        ClassifierPlugin, PromotionCandidate, PromotionDecision, PromotionPlugin,
     };
     use serde_json::{json, Value};
     let read_json = |p: &PathBuf| -> anyhow::Result<Value> {

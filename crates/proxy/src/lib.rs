@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod affinity;
+pub mod backend;
 pub mod balance;
 pub mod body;
 pub mod classify;
@@ -22,6 +23,7 @@ mod http_conn;
 pub mod limits;
 pub mod load;
 pub mod plugin;
+pub mod probers;
 pub mod proxy_protocol;
 pub mod router;
 pub mod server;

@@ -12,7 +12,20 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::load::Cert;
+/// One certificate of a TLS listener, parsed, with its signing key.
+#[derive(Clone)]
+pub struct Cert {
+    /// Host names (exact or `*.suffix`, lower case) it is served for.
+    pub hosts: Vec<String>,
+    /// The chain and signing key.
+    pub certified: Arc<CertifiedKey>,
+}
+
+impl std::fmt::Debug for Cert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cert").field("hosts", &self.hosts).finish()
+    }
+}
 
 /// Picks a certificate by SNI: exact name, then the longest `*.suffix`, then the default.
 #[derive(Debug)]

@@ -10,27 +10,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::body::Body;
-use crate::cluster::{Backend, Slot};
-use crate::config::{BackendConfig, PoolConfig, UpstreamProtocol};
+use crate::backend::{Backend, Sender, Slot};
+use crate::config::UpstreamProtocol;
 use crate::error::{ErrorKind, ProxyError, Side};
-
-/// A ready-to-use connection to a backend.
-pub enum Sender {
-    /// An HTTP/1.1 connection: one request at a time.
-    H1(http1::SendRequest<Body>),
-    /// An HTTP/2 connection: shared, multiplexed.
-    H2(http2::SendRequest<Body>),
-}
 
 /// What a connection will be used for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,133 +30,6 @@ pub enum Purpose {
     /// A dedicated HTTP/1.1 connection, never pooled: Upgrade (WebSocket) requests and
     /// health probes.
     Upgrade,
-}
-
-// === impl BackendTls ===
-
-/// TLS client settings for one backend.
-pub struct BackendTls {
-    /// ALPN per the backend's `protocol`.
-    normal: Arc<rustls::ClientConfig>,
-    /// ALPN `http/1.1` only, for Upgrade requests.
-    h1_only: Arc<rustls::ClientConfig>,
-    server_name: ServerName<'static>,
-}
-
-impl BackendTls {
-    /// Builds TLS settings that verify the backend against `ca` (or the system store).
-    pub fn new(
-        ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-        cfg: &BackendConfig,
-    ) -> Result<Self, String> {
-        let roots = crate::tls::roots(ca).map_err(|e| match ca {
-            Some(_) => format!("upstream_ca: {e}"),
-            None => format!(
-                "backend `{}` uses tls but no upstream_ca is set and {e}; set upstream_ca",
-                cfg.id
-            ),
-        })?;
-        let base = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let with_alpn = |alpn: &[&[u8]]| {
-            let mut c = base.clone();
-            c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-            Arc::new(c)
-        };
-        let normal = match cfg.protocol {
-            UpstreamProtocol::Http1 => with_alpn(&[b"http/1.1"]),
-            UpstreamProtocol::Http2 => with_alpn(&[b"h2"]),
-            UpstreamProtocol::Auto => with_alpn(&[b"h2", b"http/1.1"]),
-        };
-        let server_name = ServerName::try_from(cfg.sni.clone())
-            .map_err(|e| format!("backend `{}`: bad sni `{}`: {e}", cfg.id, cfg.sni))?;
-        Ok(Self {
-            normal,
-            h1_only: with_alpn(&[b"http/1.1"]),
-            server_name,
-        })
-    }
-}
-
-// === impl Pool ===
-
-struct Idle {
-    sender: http1::SendRequest<Body>,
-    since: Instant,
-}
-
-/// Idle connections of one backend.
-pub struct Pool {
-    cfg: PoolConfig,
-    h1: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
-}
-
-impl Pool {
-    /// An empty pool.
-    pub fn new(cfg: PoolConfig) -> Self {
-        Self {
-            cfg,
-            h1: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
-        }
-    }
-
-    /// A live idle connection, if there is one.
-    fn take(&self) -> Option<Sender> {
-        if let Ok(h2) = self.h2.lock() {
-            if let Some(s) = h2.as_ref().filter(|s| !s.is_closed()) {
-                return Some(Sender::H2(s.clone()));
-            }
-        }
-        let mut idle = self.h1.lock().ok()?;
-        while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.cfg.idle_timeout {
-                return Some(Sender::H1(conn.sender));
-            }
-        }
-        None
-    }
-
-    /// Whether an idle connection is available right now.
-    pub fn has_idle(&self) -> bool {
-        let h2 = self
-            .h2
-            .lock()
-            .map(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
-            .unwrap_or(false);
-        h2 || self
-            .h1
-            .lock()
-            .map(|g| g.iter().any(|c| !c.sender.is_closed()))
-            .unwrap_or(false)
-    }
-
-    /// Returns an HTTP/1.1 connection after its response completed.
-    pub fn put_h1(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
-        if let Ok(mut idle) = self.h1.lock() {
-            if idle.len() < self.cfg.max_idle {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
-        }
-    }
-
-    fn put_h2(&self, sender: http2::SendRequest<Body>) {
-        if let Ok(mut h2) = self.h2.lock() {
-            *h2 = Some(sender);
-        }
-    }
 }
 
 // === connect ===

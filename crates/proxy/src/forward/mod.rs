@@ -31,6 +31,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
+use crate::backend::Sender;
 use crate::body::{self, Body, BodyWatch, BoxError, Limited};
 use crate::classify::Kind;
 use crate::cluster::{Backend, Cluster, InFlight, Slot};
@@ -41,7 +42,7 @@ use crate::headers;
 use crate::health::{BodyFacts, Ending, Fault, HealthView};
 use crate::permit::{Permit, WriteTicket};
 use crate::router::Router;
-use crate::upstream::{self, Purpose, Sender};
+use crate::upstream::{self, Purpose};
 
 mod access;
 mod eligible;

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -31,13 +31,13 @@ use crate::config::{
 };
 
 mod fault;
+mod plugin;
 mod policy;
-mod probe;
 mod view;
 
 pub use fault::{BodyFacts, Ending, Fault};
+pub use plugin::{HealthPlugin, HealthVerdict};
 pub use policy::{policy_for, FailedChecks, HealthPolicy, RiseFall};
-pub use probe::spawn_probers;
 pub use view::{BackendView, HealthView};
 
 /// A backend's health.
@@ -143,7 +143,7 @@ const HISTORY: usize = 64;
 impl ClusterHealth {
     /// Initial health for a cluster: `Healthy` without active checks, else per `initial`.
     /// `plugin` is the compiled health-policy plugin when the policy names one.
-    pub fn new(cfg: &ClusterConfig, plugin: Option<&Arc<crate::plugin::HealthPlugin>>) -> Self {
+    pub fn new(cfg: &ClusterConfig, plugin: Option<&Arc<HealthPlugin>>) -> Self {
         let initial = match &cfg.health {
             None => Health::Healthy,
             Some(h) if h.initially_healthy => Health::Healthy,

@@ -129,7 +129,7 @@ pub(super) fn why(p: &Probe) -> String {
 /// behind its `on_error` rule; without the compiled plugin, its rise-fall fallback.
 pub fn policy_for(
     kind: &HealthPolicyKind,
-    plugin: Option<&Arc<crate::plugin::HealthPlugin>>,
+    plugin: Option<&Arc<super::HealthPlugin>>,
 ) -> Box<dyn HealthPolicy> {
     match kind {
         HealthPolicyKind::RiseFall { rise, fall } => Box::new(RiseFall {
@@ -164,8 +164,8 @@ pub fn policy_for(
 
 /// A WebAssembly health policy; a failed call is answered by `on_error`.
 pub(super) struct PluginPolicy {
-    pub(super) plugin: Arc<crate::plugin::HealthPlugin>,
-    pub(super) on_error: crate::plugin::OnError,
+    pub(super) plugin: Arc<super::HealthPlugin>,
+    pub(super) on_error: crate::config::OnError,
     pub(super) fallback: RiseFall,
 }
 
@@ -177,7 +177,7 @@ impl HealthPolicy for PluginPolicy {
         history: &VecDeque<Probe>,
         now: Instant,
     ) -> (Health, String) {
-        use crate::plugin::OnError;
+        use crate::config::OnError;
         let name = &self.plugin.meta.name;
         let now_ms = crate::unix_ms(SystemTime::now());
         match self.plugin.evaluate(b, current, history, now_ms) {

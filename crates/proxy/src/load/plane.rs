@@ -11,10 +11,13 @@ use std::sync::Arc;
 
 use rustls::sign::CertifiedKey;
 
+pub use crate::cluster::ClusterParts;
 use crate::config::{
     pem, Address, Config, ConfigError, HealthConfig, HealthPolicyKind, KeyPath, TlsCertConfig,
 };
-use crate::plugin::{ClassifierPlugin, HealthPlugin};
+use crate::health::HealthPlugin;
+use crate::plugin::ClassifierPlugin;
+pub use crate::tls::Cert;
 
 /// What the data plane runs with, beside its config (lists in the config's order).
 #[derive(Clone, Debug, Default)]
@@ -36,32 +39,6 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// Its certificates, in config order (empty: no TLS).
     pub certs: Vec<Cert>,
-}
-
-/// One certificate of a TLS listener, parsed, with its signing key.
-#[derive(Clone)]
-pub struct Cert {
-    /// Host names (exact or `*.suffix`, lower case) it is served for.
-    pub hosts: Vec<String>,
-    /// The chain and signing key.
-    pub certified: Arc<CertifiedKey>,
-}
-
-impl std::fmt::Debug for Cert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cert").field("hosts", &self.hosts).finish()
-    }
-}
-
-/// A cluster's resolved backend addresses and compiled plugins.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterParts {
-    /// Per backend, in config order: where to connect.
-    pub addresses: Vec<SocketAddr>,
-    /// The health-policy plugin, when `health.policy` names one.
-    pub health: Option<Arc<HealthPlugin>>,
-    /// The request classifier, when `classifier` is set.
-    pub classifier: Option<Arc<ClassifierPlugin>>,
 }
 
 /// Where a part that failed to load points (never used: a problem fails the load).

@@ -163,7 +163,7 @@ impl Proxy {
             tcp_bound.push(bound);
         }
         for c in &runtime.load().clusters {
-            crate::health::spawn_probers(c, shutdown.subscribe());
+            crate::probers::spawn_probers(c, shutdown.subscribe());
         }
         failover.start(Arc::new(LivePlane(runtime.clone())), shutdown.subscribe());
         let listener_states: Vec<Arc<ArcSwap<ListenerState>>> = config

@@ -167,7 +167,7 @@ impl Reloader {
         );
         let runtime = Arc::new(runtime);
         for c in &runtime.clusters {
-            crate::health::spawn_probers(c, self.shutdown.clone());
+            crate::probers::spawn_probers(c, self.shutdown.clone());
         }
         self.failover.use_parts(&next.coordination);
         // Every decision so far is applied to the new runtime under the coordinator's

@@ -1,7 +1,12 @@
-//! The active probers: one task per backend that checks it on its interval and records
-//! the result.
+//! The active health checks: one task per backend that probes it on its interval
+//! (through `upstream::probe`) and records the result in its cluster's health.
+//!
+//! It ties three layers together (cluster, upstream, health) so that none of them has
+//! to know the others: health only judges probe histories, upstream only performs one
+//! probe. A prober holds its cluster weakly and ends when the cluster is dropped (a
+//! reload retired it) or at shutdown. It never blocks an async worker on a plugin.
 
-use super::*;
+use std::sync::{Arc, Weak};
 
 /// Runs active checks for every backend of `cluster` until it is dropped or shutdown.
 pub fn spawn_probers(
