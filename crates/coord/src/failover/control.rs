@@ -57,8 +57,7 @@ impl Failover {
                     .await;
                 continue;
             }
-            if primary.is_none() && known.topology.epoch > 0 && self.decider_alive(&known.topology)
-            {
+            if primary.is_none() && known.topology.epoch > 0 && self.decider_alive(&known) {
                 // Another instance's change of primary may be draining: give it time to
                 // name the new primary before taking over.
                 let grace = self.drain_wait(c)

@@ -239,7 +239,7 @@ impl Failover {
             }
         }
         // Every decision, and who is registered, as of now.
-        let (kvs, _) = e.client.get_prefix(&format!("{}/", e.cfg.prefix)).await?;
+        let (kvs, read_at) = e.client.get_prefix(&format!("{}/", e.cfg.prefix)).await?;
         let clusters = format!("{}/clusters/", e.cfg.prefix);
         let mut instances = Vec::new();
         let mut listed = HashSet::new();
@@ -271,6 +271,7 @@ impl Failover {
         if let Ok(mut s) = e.status.lock() {
             s.registered = true;
             s.instances = instances;
+            s.instances_revision = read_at;
             let was = s.leader.as_deref() == Some(e.cfg.instance.as_str());
             let now = holder == e.cfg.instance;
             if was != now {

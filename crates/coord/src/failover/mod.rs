@@ -320,13 +320,15 @@ impl Failover {
         v
     }
 
-    /// Whether the instance that decided `t` is another one, still registered (and so
-    /// perhaps still completing a change of primary).
-    fn decider_alive(&self, t: &Topology) -> bool {
-        match (&self.store, &t.by) {
-            (Store::Etcd(e), Some(by)) if *by != e.cfg.instance => {
-                e.status.lock().is_ok_and(|s| s.instances.contains(by))
-            }
+    /// Whether another instance committed `known` and may still be finishing that change
+    /// of primary: it is registered, or it committed after this instance last read who is registered (a
+    /// list that old cannot show it, e.g. an instance that just started).
+    fn decider_alive(&self, known: &Known) -> bool {
+        match (&self.store, &known.topology.by) {
+            (Store::Etcd(e), Some(by)) if *by != e.cfg.instance => e
+                .status
+                .lock()
+                .is_ok_and(|s| s.instances.contains(by) || known.revision > s.instances_revision),
             _ => false,
         }
     }

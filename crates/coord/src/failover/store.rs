@@ -233,6 +233,9 @@ pub(super) struct EtcdStatus {
     pub(super) registered: bool,
     /// The instances registered at the last read (names), this one included.
     pub(super) instances: Vec<String>,
+    /// The store revision of that read: a decision committed after it may come from an
+    /// instance the list does not show yet.
+    pub(super) instances_revision: i64,
     /// The store revision the watch has seen up to (events and progress).
     pub(super) watch_revision: i64,
     /// The failsafe holds this instance's permit now (etcd unreachable for all).
