@@ -1,8 +1,9 @@
-//! Backend health: active probes, passive outlier ejection, and the snapshot the request
-//! path reads.
+//! Backend health: judging active probe results, passive outlier ejection, and the
+//! snapshot the request path reads. The probe tasks themselves live in `probers`, the
+//! probe exchange in `upstream`.
 //!
 //! A backend's state is one function of its probe history — the [`HealthPolicy`] seam
-//! (native `rise-fall` and `failed-checks` today; WebAssembly policies plug in here).
+//! (native `rise-fall` and `failed-checks`, or a WebAssembly plugin, `health::plugin`).
 //! Passive signals from live traffic (connect failures, 5xx) eject a backend for a
 //! backoff that doubles with each repeat; it returns through an active check (or when the
 //! ejection ends, if no active checks run). The last usable backend of a role is never
@@ -31,6 +32,7 @@ use crate::config::{
 };
 
 mod fault;
+mod outcome;
 mod plugin;
 mod policy;
 mod view;
@@ -387,194 +389,6 @@ impl ClusterHealth {
             }
         }
         self.publish(&new);
-    }
-
-    /// Records an active probe of backend `i` and re-evaluates it. The policy judges a
-    /// copy of the history without the lock held (the passive path on the request path
-    /// takes it); the probes of one backend come one at a time from its prober.
-    pub fn record_probe(&self, i: usize, probe: Probe) {
-        let now = probe.at;
-        let ok = probe.ok;
-        let (backend, current, history) = {
-            let Ok(mut records) = self.records.lock() else {
-                return;
-            };
-            let Some(r) = records.get_mut(i) else { return };
-            // Every probe sets the lag: a check that failed or stopped reporting lag
-            // makes it unknown, never leaves an old value standing.
-            let lag_changed = r.lag_ms != probe.lag_ms;
-            r.lag_ms = probe.lag_ms;
-            if r.history.len() == HISTORY {
-                r.history.pop_front();
-            }
-            r.history.push_back(probe);
-            if lag_changed {
-                self.publish(&records);
-            }
-            let r = &records[i];
-            // The policy sees the backend as it is now: its current role.
-            let mut backend = self.backend_cfgs[i].clone();
-            backend.role = r.role;
-            (backend, r.health, r.history.clone())
-        };
-        let (to, reason) = self.policy.evaluate(&backend, current, &history, now);
-        let Ok(mut records) = self.records.lock() else {
-            return;
-        };
-        let Some(r) = records.get_mut(i) else { return };
-        let at = SystemTime::now();
-        r.verdict = Some((to, reason.clone(), at));
-        let mut changed = false;
-        if to != r.health {
-            self.transition(i, r, to, reason);
-            changed = true;
-        } else if !reason.is_empty() {
-            r.reason = reason;
-            r.reason_at = at;
-        }
-        // An ejected backend returns through a passing probe once its ejection is over.
-        if let Some(until) = r.ejected_until {
-            if ok && now >= until {
-                r.ejected_until = None;
-                r.reason = "ejection over and a probe passed".into();
-                r.reason_at = at;
-                self.consecutive[i].store(0, Ordering::Relaxed);
-                tracing::info!(cluster = %self.cluster, backend = %self.ids[i], "backend returns after ejection");
-                changed = true;
-            }
-        }
-        if changed {
-            self.publish(&records);
-        }
-    }
-
-    /// Reports the outcome of a live request to backend `i`: `false` for a failure that
-    /// was the backend's ([`Fault::Backend`]), `true` for an answer that was not.
-    pub fn report(&self, i: usize, ok: bool) {
-        let Some(c) = self.consecutive.get(i) else {
-            return;
-        };
-        if ok {
-            if c.load(Ordering::Relaxed) != 0 {
-                c.store(0, Ordering::Relaxed);
-                if let Ok(mut records) = self.records.lock() {
-                    if let Some(r) = records.get_mut(i).filter(|r| r.kept_in_panic) {
-                        r.kept_in_panic = false;
-                        self.publish(&records);
-                    }
-                }
-            }
-            return;
-        }
-        let n = c.fetch_add(1, Ordering::Relaxed) + 1;
-        let limit = self.outlier.consecutive_failures;
-        if limit == 0 || n < limit {
-            return;
-        }
-        let Ok(mut records) = self.records.lock() else {
-            return;
-        };
-        let now = Instant::now();
-        if records[i].ejected_until.is_some_and(|u| u > now) {
-            return;
-        }
-        // The last usable backend of its role stays: panic mode.
-        let role = records[i].role;
-        let others = records
-            .iter()
-            .enumerate()
-            .filter(|(j, r)| {
-                *j != i
-                    && r.role == role
-                    && !r.fenced
-                    && matches!(r.health, Health::Healthy | Health::Degraded)
-                    && r.ejected_until
-                        .is_none_or(|u| self.active.is_none() && u <= now)
-            })
-            .count();
-        if others == 0 {
-            if !records[i].kept_in_panic {
-                records[i].kept_in_panic = true;
-                tracing::warn!(
-                    cluster = %self.cluster,
-                    backend = %self.ids[i],
-                    failures = n,
-                    "panic mode: not ejecting the last usable backend of its role; still routing to it"
-                );
-                self.publish(&records);
-            }
-            return;
-        }
-        let r = &mut records[i];
-        if r.last_ejection
-            .is_some_and(|t| now.duration_since(t) > self.outlier.max_ejection * 2)
-        {
-            r.ejections = 0;
-        }
-        r.ejections += 1;
-        let factor = 1u32 << (r.ejections - 1).min(16);
-        let length = self
-            .outlier
-            .base_ejection
-            .saturating_mul(factor)
-            .min(self.outlier.max_ejection);
-        r.ejected_until = Some(now + length);
-        r.last_ejection = Some(now);
-        r.kept_in_panic = false;
-        r.reason = format!(
-            "ejected for {} after {n} consecutive failures",
-            humantime::format_duration(length)
-        );
-        r.reason_at = SystemTime::now();
-        c.store(0, Ordering::Relaxed);
-        self.metrics[i].ejections.increment(1);
-        tracing::warn!(cluster = %self.cluster, backend = %self.ids[i], ejection = ?length, failures = n, "backend ejected");
-        self.publish(&records);
-    }
-
-    /// `/status` details for backend `i`.
-    pub fn status_json(&self, i: usize) -> serde_json::Value {
-        let Ok(records) = self.records.lock() else {
-            return serde_json::Value::Null;
-        };
-        let Some(r) = records.get(i) else {
-            return serde_json::Value::Null;
-        };
-        let now = Instant::now();
-        let ms = crate::unix_ms;
-        let checks: Vec<_> = r
-            .history
-            .iter()
-            .rev()
-            .take(5)
-            .map(|p| {
-                serde_json::json!({
-                    "at_unix_ms": ms(p.at_wall),
-                    "ok": p.ok,
-                    "status": p.status,
-                    "latency_us": p.latency.as_micros() as u64,
-                    "error": p.error,
-                    "lag_ms": p.lag_ms,
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "health": r.health.as_str(),
-            "reason": r.reason,
-            "reason_at_unix_ms": ms(r.reason_at),
-            "verdict": r.verdict.as_ref().map(|(h, why, at)| serde_json::json!({
-                "health": h.as_str(),
-                "reason": why,
-                "at_unix_ms": ms(*at),
-            })),
-            "since_unix_ms": ms(r.since),
-            "ejected_for_ms": r.ejected_until.map(|u| u.saturating_duration_since(now).as_millis() as u64),
-            "ejections": r.ejections,
-            "panic": r.kept_in_panic,
-            "fenced": r.fenced,
-            "lag_ms": r.lag_ms,
-            "last_checks": checks,
-        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! The view the request path reads: one cluster's health and topology, published as a
-//! whole so a request never sees health from one moment and topology from another.
+//! whole so a request never sees health from one moment and topology from another;
+//! and a backend's health as `/status` shows it.
 
 use super::*;
 
@@ -74,5 +75,52 @@ impl HealthView {
     /// Whether any backend is ejected (the request path then reads the clock).
     pub fn any_ejected(&self) -> bool {
         self.any_ejected
+    }
+}
+
+impl super::ClusterHealth {
+    /// `/status` details for backend `i`.
+    pub fn status_json(&self, i: usize) -> serde_json::Value {
+        let Ok(records) = self.records.lock() else {
+            return serde_json::Value::Null;
+        };
+        let Some(r) = records.get(i) else {
+            return serde_json::Value::Null;
+        };
+        let now = Instant::now();
+        let ms = crate::unix_ms;
+        let checks: Vec<_> = r
+            .history
+            .iter()
+            .rev()
+            .take(5)
+            .map(|p| {
+                serde_json::json!({
+                    "at_unix_ms": ms(p.at_wall),
+                    "ok": p.ok,
+                    "status": p.status,
+                    "latency_us": p.latency.as_micros() as u64,
+                    "error": p.error,
+                    "lag_ms": p.lag_ms,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "health": r.health.as_str(),
+            "reason": r.reason,
+            "reason_at_unix_ms": ms(r.reason_at),
+            "verdict": r.verdict.as_ref().map(|(h, why, at)| serde_json::json!({
+                "health": h.as_str(),
+                "reason": why,
+                "at_unix_ms": ms(*at),
+            })),
+            "since_unix_ms": ms(r.since),
+            "ejected_for_ms": r.ejected_until.map(|u| u.saturating_duration_since(now).as_millis() as u64),
+            "ejections": r.ejections,
+            "panic": r.kept_in_panic,
+            "fenced": r.fenced,
+            "lag_ms": r.lag_ms,
+            "last_checks": checks,
+        })
     }
 }
