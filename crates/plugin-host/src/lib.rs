@@ -100,32 +100,6 @@ pub const OUTPUT_LIMIT: usize = 4096;
 /// A plugin's failures of one kind (and its output) are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// Whether a config `policy` value names a plugin file rather than a built-in.
-pub fn is_plugin_path(policy: &str) -> bool {
-    policy.ends_with(".wasm")
-}
-
-/// `on_error`: what a failed plugin call means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnError {
-    /// Use the native built-in of the same kind.
-    Fallback,
-    /// The safe answer: classifier → write; health → unhealthy; promotion → no promotion.
-    FailClosed,
-    /// The permissive answer: classifier → read; health → healthy.
-    FailOpen,
-}
-
-/// Parses an `on_error` value.
-pub fn parse_on_error(text: &str) -> Option<OnError> {
-    match text {
-        "fallback" => Some(OnError::Fallback),
-        "fail-closed" => Some(OnError::FailClosed),
-        "fail-open" => Some(OnError::FailOpen),
-        _ => None,
-    }
-}
-
 /// Unix milliseconds of `at` (0 before the epoch).
 pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
     at.duration_since(std::time::UNIX_EPOCH)
