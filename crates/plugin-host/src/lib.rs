@@ -1,6 +1,6 @@
 //! keyway's WebAssembly plugin host: every wasmtime decision keyway makes lives in this
 //! crate, behind plain input and output types of its own ([`Backend`], [`Probe`],
-//! [`Health`], [`Kind`], [`PromotionCandidate`], [`PromotionDecision`], [`OnError`]).
+//! [`Health`], [`Kind`], [`PromotionCandidate`], [`PromotionDecision`]).
 //! It owns the engine, deadlines, memory limits, WASI restrictions, instance reuse,
 //! output capture, plugin errors and the generated bindings of `wit/policy.wit`. It must
 //! never depend on keyway's configuration, health or proxy types (keyway converts at its
