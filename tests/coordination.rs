@@ -994,8 +994,10 @@ fn ended_before(a: Instant, b: Instant) -> bool {
 fn endpoint(addr: SocketAddr) -> keyway_proxy::etcd::Endpoint {
     keyway_proxy::etcd::Endpoint {
         addr,
-        authority: addr.to_string(),
-        tls: false,
+        at: keyway_proxy::config::EtcdEndpoint {
+            authority: addr.to_string(),
+            tls: false,
+        },
     }
 }
 

@@ -48,26 +48,14 @@ use serde_json::{json, Value};
 
 use crate::oneshot;
 
-/// One etcd client endpoint, resolved.
+/// One etcd client endpoint: as configured, and the address its name resolved to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     /// Where to connect.
     pub addr: std::net::SocketAddr,
-    /// `host:port` as written: the Host header, and its host the TLS server name.
-    pub authority: String,
-    /// `https://`.
-    pub tls: bool,
-}
-
-impl Endpoint {
-    /// The endpoint as an URL, for messages.
-    pub fn url(&self) -> String {
-        format!(
-            "{}://{}",
-            if self.tls { "https" } else { "http" },
-            self.authority
-        )
-    }
+    /// As configured: `host:port` (the Host header, and its host the TLS server name)
+    /// and whether it is `https://`.
+    pub at: keyway_config::EtcdEndpoint,
 }
 
 /// One key as etcd returned it.
@@ -158,10 +146,10 @@ impl Client {
         let ep = &self.endpoints[i];
         match tokio::time::timeout(self.timeout, self.post(i, path, body)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(format!("etcd {}{path}: {e}", ep.url())),
+            Ok(Err(e)) => Err(format!("etcd {}{path}: {e}", ep.at.url())),
             Err(_) => Err(format!(
                 "etcd {}{path}: no answer within {:?}",
-                ep.url(),
+                ep.at.url(),
                 self.timeout
             )),
         }
@@ -231,8 +219,8 @@ impl Client {
     fn target<'a>(&'a self, ep: &'a Endpoint) -> oneshot::Target<'a, std::net::SocketAddr> {
         oneshot::Target {
             connect: ep.addr,
-            authority: &ep.authority,
-            tls: if ep.tls { self.tls.as_ref() } else { None },
+            authority: &ep.at.authority,
+            tls: if ep.at.tls { self.tls.as_ref() } else { None },
         }
     }
 
@@ -261,7 +249,7 @@ impl Client {
             Some(c) => c,
             None => oneshot::connect(&self.target(ep)).await?,
         };
-        let resp = oneshot::post_on(&mut conn, &ep.authority, path, body.to_string()).await?;
+        let resp = oneshot::post_on(&mut conn, &ep.at.authority, path, body.to_string()).await?;
         let resp = check_status(resp).await?;
         let bytes = read_limited(resp.into_body(), MAX_ANSWER).await?;
         if conn.is_open() {

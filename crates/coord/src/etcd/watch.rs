@@ -48,13 +48,13 @@ impl Client {
                 match tokio::time::timeout(self.timeout, self.open(ep, "/v3/watch", &body)).await {
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => {
-                        last = format!("etcd {}/v3/watch: {e}", ep.url());
+                        last = format!("etcd {}/v3/watch: {e}", ep.at.url());
                         continue;
                     }
                     Err(_) => {
                         last = format!(
                             "etcd {}/v3/watch: no answer within {:?}",
-                            ep.url(),
+                            ep.at.url(),
                             self.timeout
                         );
                         continue;

@@ -128,8 +128,7 @@ fn etcd(config: &Config, e: &EtcdConfig, errs: &mut Vec<ConfigError>) -> EtcdPar
         {
             Some(addr) => endpoints.push(Endpoint {
                 addr,
-                authority: ep.authority.clone(),
-                tls: ep.tls,
+                at: ep.clone(),
             }),
             None => {
                 let (at, text) = config.etcd_endpoint_key(i);
