@@ -2,10 +2,10 @@
 //!
 //! These structs say which keys exist and what TOML type each holds; nothing more.
 //! Strings that need interpretation (addresses, durations, enum names, file paths) stay
-//! strings here so that the builder in `build.rs` can check every one of them and
-//! report all problems at once, each with the line it came from. Unknown keys are not
-//! rejected by serde (that would stop at the first one); `load.rs` collects them with
-//! `serde_ignored` instead.
+//! strings here so that the builder (`build`) can check every one of them and report
+//! all problems at once, each with the line it came from. Unknown keys are not rejected
+//! by serde (that would stop at the first one); `build` collects them with
+//! `serde_ignored` instead. This module never validates.
 
 use std::collections::BTreeMap;
 

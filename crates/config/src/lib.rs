@@ -3,12 +3,14 @@
 //!
 //! Three steps, as in the proxies we learn from: `file` (serde structs, the file's shape),
 //! `build` (every field checked, and fields against each other, with every error collected)
-//! and the types below (validated, typed, ready for the engine). The engine only ever sees
+//! and the validated types (`cluster`, `listen`, `state`, `values`, `defaults`, all
+//! re-exported here, typed and ready for the engine). The engine only ever sees
 //! a [`Config`]; it never parses text. A config that fails any check produces
 //! [`ConfigErrors`], which lists every problem with its file, line and a fix.
 //!
 //! Building a config is pure: it reads the TOML text and the small files a config names
-//! (admin token, cookie secret, the upstream CA as PEM) and checks that certificate, key
+//! (admin token, cookie secret, the upstream CA as PEM; `/etc/hostname` for a default
+//! `[coordination] instance` name) and checks that certificate, key
 //! and plugin files exist, but it never resolves a host name, never builds a TLS object,
 //! never compiles a plugin and never binds a socket. Addresses stay as written
 //! ([`Address`]), certificates and keys as paths, plugins as [`PluginRef`]s. The loaders

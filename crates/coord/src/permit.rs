@@ -1,5 +1,5 @@
 //! The write permit of an instance and the write gate of a cluster: the two halves of
-//! "no two backends take writes at the same time" (DESIGN.md invariant 3).
+//! "no two backends take writes at the same time" (invariant 3 in `docs/architecture.md`).
 //!
 //! - [`Permit`]: whether this instance may route writes at all. A single instance (state
 //!   file) always may. With `[coordination]`, it may only until its etcd lease could

@@ -3,9 +3,10 @@
 //! This crate is the program: the command line (`main.rs`), the wiring of a running
 //! instance (`instance`: the data plane, the admin API and the plugin watcher started
 //! together), the admin API, the plugin-file watcher, the demo backends and the plugin
-//! scaffold. The engine lives in the library crates it wires: `keyway-proxy` (the data
-//! plane) and `keyway-plugin-host` (wasmtime). Read `docs/architecture.md` for the crate
-//! diagram and the module map.
+//! scaffold. It depends on `keyway-proxy` alone, which re-exports the configuration and
+//! the coordinator. It never holds engine logic: no routing, health or promotion
+//! decision is made here. Read `docs/architecture.md` for the crate diagram and the
+//! module map.
 #![deny(missing_docs)]
 
 pub mod admin;

@@ -1,4 +1,6 @@
-//! The keyway command line: `run`, `check`, `demo`. All behaviour lives in the library.
+//! The keyway command line: `run`, `check`, `demo`, `plugin` (`plugin_cmd`), `state
+//! export|import`. It parses arguments and calls the libraries; it never serves traffic
+//! itself.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

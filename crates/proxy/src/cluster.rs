@@ -1,13 +1,8 @@
-//! Runtime state of a cluster: its backends, their counters and pools, the balancer,
-//! the retry budget and sticky-cookie tokens.
-//!
-//! A [`Cluster`] is built from a [`ClusterConfig`] and then shared read-only by every
-//! request (`Arc`); per-request state lives in atomics. Metric handles are registered
-//! once here so the request path increments counters without hashing label sets.
-//! Each backend also owns its exchange slots (`max_connections`) and the bounded queue
-//! of requests waiting for one; a slot is held by the exchange's [`InFlight`] guard.
-//! This module decides nothing about where a request goes (see `forward`) and performs
-//! no I/O.
+//! A cluster at run time: its backends (see `backend`), balancer, classifier, health,
+//! write gate, retry budget, read-your-writes tokens and request metrics, built from a
+//! `ClusterConfig` and the loader's [`ClusterParts`]. Shared read-only by every request
+//! (`Arc`); per-request state lives in atomics. It decides nothing about where a
+//! request goes (see `forward`) and performs no I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

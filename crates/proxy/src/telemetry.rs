@@ -2,7 +2,7 @@
 //!
 //! The `metrics` facade has one global recorder per process; [`metrics_handle`] installs
 //! it on first use and returns the handle `/metrics` renders. It must run before any
-//! cluster registers its metric handles, so `server::Proxy::start` calls it first.
+//! cluster registers its metric handles, so `server::build_runtime` calls it before building any cluster.
 //!
 //! Histogram samples are buffered in the recorder until something drains them into their
 //! fixed buckets: `/metrics` does, and so does [`PrometheusHandle::run_upkeep`]. Since

@@ -1,6 +1,6 @@
-//! Server-side TLS: certificates chosen by SNI, ALPN for HTTP/2 and HTTP/1.1. The
-//! client side (trust roots, client configs) lives in `keyway_coord::tls`; upstream
-//! connections use its [`roots`].
+//! Server-side TLS: certificates chosen by SNI, ALPN for HTTP/2 and HTTP/1.1. Upstream
+//! client settings are `backend::tls`; their trust roots are `keyway_coord::tls::roots`,
+//! re-exported here as [`roots`].
 //!
 //! Certificates are parsed and checked by the loader (`crate::load`); this module only arranges
 //! them for lookup. The first certificate of a listener is served when the client sends

@@ -1,12 +1,7 @@
-//! Connections to backends: connect (TCP, TLS with the operator's CA, ALPN), the
-//! keep-alive pool, and the staggered race used by `ordered` clusters.
-//!
-//! A connection is a hyper client `SendRequest` whose connection task runs on its own.
-//! HTTP/1.1 senders are pooled per backend (LIFO, so warm connections are reused and
-//! cold ones age out); an HTTP/2 sender is shared by all requests to that backend. The
-//! pool is our own rather than hyper-util's because an `ordered` cluster races
-//! connections to *different* backends and keeps the winner, which a pool keyed by
-//! URI cannot express. This module never decides which backend a request should use.
+//! Connections to backends: connect (TCP, TLS with the backend's `BackendTls`, ALPN),
+//! take a sender from the backend's pool (`backend::pool` keeps them), the staggered
+//! race of `ordered` clusters, and one health probe ([`probe`]). It never keeps idle
+//! connections itself and never decides which backend a request should use.
 
 use std::future::Future;
 use std::pin::Pin;

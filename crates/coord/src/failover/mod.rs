@@ -18,7 +18,7 @@
 //! decision lands on the old runtime alone; a decision is applied to the serving data
 //! plane under that lock before it counts as applied for its acknowledgement.
 //!
-//! Rules (DESIGN.md §2, invariants):
+//! Rules (the invariants in `docs/architecture.md`):
 //! - A decision is made durable *before* it takes effect: written atomically to the
 //!   state file (single instance) or committed to etcd by a compare-and-swap on the
 //!   revision this instance last saw (several instances). An instance that cannot make a

@@ -1,8 +1,11 @@
 //! A backend's keep-alive pool: idle HTTP/1.1 senders (LIFO, so warm connections are
 //! reused and cold ones age out past `idle_timeout`) and the one shared HTTP/2 sender.
 //!
-//! It only keeps connections others made (`upstream` connects); it never opens one and
-//! never keeps more than `max_idle` idle HTTP/1.1 senders.
+//! A connection is a hyper client `SendRequest` whose connection task runs on its own.
+//! The pool is our own rather than hyper-util's because an `ordered` cluster races
+//! connections to *different* backends and keeps the winner, which a pool keyed by URI
+//! cannot express. It only keeps connections others made (`upstream` connects); it
+//! never opens one and never keeps more than `max_idle` idle HTTP/1.1 senders.
 
 use std::sync::Mutex;
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //! request over a pooled connection, retry where that is safe, and stream the response
 //! back. WebSocket upgrades become a byte tunnel.
 //!
-//! Retry rules (the only place they live):
+//! Retry rules (written down only here; `retry::Retry` enforces them):
 //! - a connection that was never established may be retried on another backend,
 //!   whatever the method (nothing reached the backend);
 //! - a request hyper hands back unsent (the pooled connection closed under it) is

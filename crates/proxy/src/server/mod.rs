@@ -1,11 +1,12 @@
-//! Assembles a running keyway from a [`Config`]: binds listeners, builds the runtime
-//! snapshot, serves client connections (plain or TLS, HTTP/1.1 and HTTP/2), enforces
-//! header-read and idle timeouts, caps open connections per listener, and drains on
-//! shutdown.
+//! Starts the data plane from a loaded config: opens the coordinator, builds the runtime
+//! snapshot (`build_runtime`), binds HTTP and TCP listeners, spawns the probers, and
+//! drains on shutdown. `conn` serves one client connection (TLS, PROXY header,
+//! HTTP/1.1 or HTTP/2, timeouts), `reload` reloads, `plane` is the coordinator's view.
 //!
 //! Everything the request path reads is published through one `ArcSwap<Runtime>`, so a
 //! later reload builds a new runtime and swaps it in without touching live connections.
-//! This module owns sockets and tasks; it makes no routing decision itself.
+//! It never starts the admin API or the watcher (the `keyway` crate does) and makes no
+//! routing decision.
 
 use std::io;
 use std::net::SocketAddr;
