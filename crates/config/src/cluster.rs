@@ -1,5 +1,5 @@
 //! Clusters and backends: strategies, balancing, health, the read/write split, sticky
-//! sessions, retries, pools and limits.
+//! sessions, retries, pools and limits. Plain data: no I/O.
 
 use super::*;
 

@@ -1,5 +1,5 @@
 //! Every default of the config and the fixed HTTP/2 client limits, named and documented
-//! (docs/config.md quotes them).
+//! (docs/config.md quotes them). Constants only.
 
 use super::*;
 

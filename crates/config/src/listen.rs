@@ -1,5 +1,5 @@
 //! The admin listener, proxy-wide settings, HTTP and TCP listeners, TLS certificates,
-//! the front door and routes.
+//! the front door and routes. Plain data: no I/O.
 
 use super::*;
 

@@ -1,5 +1,5 @@
 //! Where decisions live: the state file, or etcd with its TLS, lease and failsafe; and
-//! the promotion settings and hooks.
+//! the promotion settings and hooks. Plain data: no I/O.
 
 use super::*;
 

@@ -2,6 +2,7 @@
 //! the request path, so each thread keeps one configured instance per plugin version
 //! (reused call after call, dropped after a trap or once its version is gone), each call
 //! has the short [`CLASSIFY_DEADLINE`], and a breaker skips a plugin that keeps failing.
+//! It never reuses a trapped instance and never lets a plugin failure escape as a panic.
 
 use std::cell::RefCell;
 use std::path::Path;

@@ -2,6 +2,7 @@
 //! Its inputs ([`Backend`], [`Probe`], [`Health`]) are this crate's own, shaped like the
 //! WIT; the caller converts from its configuration and health records. A reason longer
 //! than [`MAX_REASON_BYTES`] is refused as an unusable answer.
+//! It never reuses a trapped instance and never lets a plugin failure escape as a panic.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;

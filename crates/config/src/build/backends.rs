@@ -1,5 +1,5 @@
 //! A cluster's `health` table (a plugin policy stays a [`PluginRef`]) and its backends
-//! (addresses as written).
+//! (addresses as written). It never resolves an address or compiles a plugin.
 
 use super::*;
 

@@ -1,5 +1,6 @@
 //! `[cluster.NAME]`: strategies, balancing, stickiness, retries, limits, backends and
 //! the plugin references of a cluster.
+//! It never resolves an address, reads a certificate or compiles a plugin.
 
 use super::*;
 

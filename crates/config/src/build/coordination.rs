@@ -1,5 +1,5 @@
 //! `[coordination]`: etcd endpoints (as written) and TLS files, the failsafe peers, the
-//! instance name.
+//! instance name. It never resolves an endpoint or builds a TLS object.
 
 use super::*;
 

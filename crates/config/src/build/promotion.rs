@@ -1,5 +1,5 @@
 //! A cluster's promotion (hooks checked as URLs; their TLS is the loader's), read/write
-//! split and plugin settings.
+//! split and plugin settings. It never calls a hook or compiles a plugin.
 
 use super::*;
 

@@ -1,5 +1,5 @@
 //! `[[route]]`: the host pattern, the path prefix and the cluster a route points at
-//! (which must be defined).
+//! (which must be defined). It never routes a request.
 
 use super::*;
 

@@ -1,5 +1,6 @@
 //! The control plane's outgoing calls: promote and repoint hooks on the backends, and
 //! the failsafe query to peers. Off the request path.
+//! It never decides anything and never runs on the request path.
 
 use super::*;
 

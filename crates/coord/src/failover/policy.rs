@@ -1,5 +1,6 @@
 //! Choosing a new primary: the candidates the promotion policy sees, the native
 //! `priority-promotion` and `least-lag-promotion`, and a plugin's choice checked.
+//! It never picks a fenced, unhealthy or (while a healthy one exists) degraded backend.
 
 use super::*;
 

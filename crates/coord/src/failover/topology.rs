@@ -1,5 +1,6 @@
 //! The stored form of decisions: a cluster's topology (epoch, primary, fenced) and the
 //! state document that holds every cluster's, as the state file and `keyway state` use it.
+//! It never stores or applies a decision.
 
 use super::*;
 

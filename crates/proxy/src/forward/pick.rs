@@ -1,5 +1,6 @@
 //! Choosing a backend among the eligible ones and getting a slot and a connection:
 //! the pinned backend, the balancer, or the ordered staggered race.
+//! It never widens the eligible set.
 
 use super::*;
 

@@ -1,5 +1,6 @@
 //! The response on its way back: cookies (sticky, read-your-writes), the upgraded
 //! tunnel, and the streamed body that returns the connection to the pool when it ends.
+//! It never buffers a whole body.
 
 use super::*;
 

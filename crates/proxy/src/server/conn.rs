@@ -1,5 +1,6 @@
 //! Accepting and serving client connections on an HTTP listener: TLS, PROXY header,
 //! HTTP/1.1 or HTTP/2, idle and header timeouts, and activity tracking.
+//! It makes no routing decision.
 
 use super::*;
 

@@ -1,5 +1,5 @@
 //! I/O wrappers: byte metering for the idle timeout and metrics, and replaying bytes
-//! already read from a stream.
+//! already read from a stream. It never buffers beyond what was already read.
 
 use super::*;
 
