@@ -11,7 +11,7 @@ cases=${CASES:-200000}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 start=$(date +%s)
-PROPTEST_CASES=$cases cargo test --release -q -p keyway --lib props -- --test-threads 2 2>&1 | tee "$log"
+PROPTEST_CASES=$cases cargo test --release -q -p keyway-proxy --lib props -- --test-threads 2 2>&1 | tee "$log"
 n=$(grep -cE '^test .*props::.* \.\.\. ok$' "$log" || true)
 [ "$n" -gt 0 ] || n=$(grep -oE '[0-9]+ passed' "$log" | tail -1 | grep -oE '[0-9]+')
 echo "properties: $n, cases each: $cases, total cases: $((n * cases)), seconds: $(( $(date +%s) - start ))"

@@ -618,3 +618,48 @@ fn plugin_test_shows_degraded_and_the_plugin_s_own_output() {
     );
     assert_eq!(fields["unlogged"], 0, "{logged}");
 }
+
+/// The README's run command, `cargo run --release -- demo`, needs exactly one binary
+/// among the workspace's default members, and that binary must be `keyway`; a second
+/// one (a bench tool, the test harness's instance) makes `cargo run` refuse to guess.
+#[test]
+fn cargo_run_at_the_root_runs_keyway() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(&root)
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let defaults: Vec<&str> = meta["workspace_default_members"]
+        .as_array()
+        .expect("cargo reports the default members")
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    let bins: Vec<&str> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| defaults.contains(&p["id"].as_str().unwrap_or_default()))
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(bins, ["keyway"], "binaries among the default members");
+}
