@@ -3,7 +3,7 @@
 # a listening port. Everything listens on loopback.
 cargo build --release -q -p keyway -p keyway-bench
 mkdir -p bench/results  # results, and the bench configs' state files
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }

@@ -175,7 +175,7 @@ pub fn add_forwarded(
         buf.extend_from_slice(p);
         buf.extend_from_slice(b", ");
     }
-    let _ = write!(buf, "{}", who.client);
+    push_ip(&mut buf, who.client);
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
         headers.insert(XFF.clone(), v);
     }
@@ -202,6 +202,30 @@ pub fn add_forwarded(
         }
     }
     append_via(headers, via);
+}
+
+/// Appends `ip` as text, as `Display` writes it. IPv4 (nearly every client) is written
+/// digit by digit: through the formatter it cost about 1,000 instructions per request.
+fn push_ip(buf: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                if o >= 100 {
+                    buf.push(b'0' + o / 100);
+                }
+                if o >= 10 {
+                    buf.push(b'0' + o / 10 % 10);
+                }
+                buf.push(b'0' + o % 10);
+            }
+        }
+        IpAddr::V6(a) => {
+            let _ = write!(buf, "{a}");
+        }
+    }
 }
 
 /// Removes headers that spell an identity header with `_` for `-` (`X_Forwarded_For`):
@@ -397,6 +421,22 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c, WebSocket"));
         assert!(allow_upgrade(&mut h, &allowed));
         assert_eq!(h[header::UPGRADE], "WebSocket");
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_display_writes_them() {
+        let mut addrs: Vec<IpAddr> = ["::1", "2001:db8::7", "::ffff:10.0.0.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        for o in [0u8, 1, 9, 10, 42, 99, 100, 109, 110, 199, 200, 255] {
+            addrs.push(IpAddr::from([o, 255 - o, o / 3, 7]));
+        }
+        for ip in addrs {
+            let mut buf = b"x, ".to_vec();
+            push_ip(&mut buf, ip);
+            assert_eq!(buf, format!("x, {ip}").into_bytes());
+        }
     }
 
     #[test]

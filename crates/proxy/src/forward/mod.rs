@@ -286,7 +286,7 @@ async fn proxy(
         log.backend = Some(idx);
 
         // 2. Send, bounded by protocol_timeout for the response head.
-        let Some(mut req) = retry.take() else {
+        let Some(mut req) = retry.take(|tried| eligible.remaining(cluster, tried)) else {
             return Err(fail(ProxyError::new(
                 ErrorKind::UpstreamProtocol,
                 Side::Internal,

@@ -1,7 +1,8 @@
 //! The retry rules of one request, as a small state machine: what may be sent again,
 //! and how often. Never re-sends a request that may have reached a backend's
 //! application, except one replay of a bodiless GET/HEAD/OPTIONS; every retry costs
-//! one of the cluster's `retries` and a token of its retry budget.
+//! one of the cluster's `retries` and a token of its retry budget. The copy kept for
+//! that replay is made only for an attempt that could be followed by one.
 
 use super::*;
 
@@ -9,8 +10,11 @@ use super::*;
 pub(super) struct Retry {
     /// What the next attempt sends: `None` once an attempt may have reached a backend.
     pending: Option<Request<Body>>,
-    /// Method, URI and headers of a bodiless safe request, to rebuild it once.
+    /// Method, URI and headers of a bodiless safe request, to rebuild it once; copied
+    /// from the request only when an attempt that could be replayed takes it.
     template: Option<(Method, Uri, http::HeaderMap)>,
+    /// A bodiless GET, HEAD or OPTIONS with retries configured.
+    replayable: bool,
     replayed: bool,
     left: u32,
     /// Backends this request tried (failed, full or answered).
@@ -35,16 +39,10 @@ impl Retry {
         let replayable = empty_body
             && retries > 0
             && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-        let template = replayable.then(|| {
-            (
-                req.method().clone(),
-                req.uri().clone(),
-                req.headers().clone(),
-            )
-        });
         Self {
             pending: Some(req),
-            template,
+            template: None,
+            replayable,
             replayed: false,
             left: retries,
             tried: Vec::new(),
@@ -52,8 +50,29 @@ impl Retry {
     }
 
     /// The request for this attempt (`None` would be a bug: an attempt after a
-    /// failure that allowed no retry).
-    pub(super) fn take(&mut self) -> Option<Request<Body>> {
+    /// failure that allowed no retry). `remaining` is the same question
+    /// [`Self::after_exchange_failure`] asks (an eligible backend not in `tried`, which
+    /// already holds this attempt's): the copy for a replay is made only when the
+    /// answer, a retry left and no replay yet could let one happen, so a request that
+    /// cannot be replayed (one eligible backend, `retries = 0`) is never copied.
+    pub(super) fn take(
+        &mut self,
+        remaining: impl FnOnce(&[usize]) -> bool,
+    ) -> Option<Request<Body>> {
+        if self.replayable
+            && !self.replayed
+            && self.template.is_none()
+            && self.left > 0
+            && remaining(&self.tried)
+        {
+            self.template = self.pending.as_ref().map(|req| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                )
+            });
+        }
         self.pending.take()
     }
 
@@ -124,21 +143,21 @@ mod tests {
     #[test]
     fn a_sent_get_is_replayed_once_and_a_sent_post_never() {
         let mut get = Retry::new(req(Method::GET), 3, true);
-        assert!(get.take().is_some());
+        assert!(get.take(ANY).is_some());
         assert_eq!(get.after_exchange_failure(None, ANY, || true), Next::Again);
-        let again = get.take().expect("the GET rebuilt");
+        let again = get.take(ANY).expect("the GET rebuilt");
         assert_eq!((again.method(), again.uri().path()), (&Method::GET, "/a"));
         assert_eq!(get.after_exchange_failure(None, ANY, || true), Next::GiveUp);
 
         let mut post = Retry::new(req(Method::POST), 3, true);
-        assert!(post.take().is_some());
+        assert!(post.take(ANY).is_some());
         assert_eq!(
             post.after_exchange_failure(None, ANY, || true),
             Next::GiveUp
         );
         // A GET with a body is not replayable either.
         let mut with_body = Retry::new(req(Method::GET), 3, false);
-        with_body.take();
+        with_body.take(ANY);
         assert_eq!(
             with_body.after_exchange_failure(None, ANY, || true),
             Next::GiveUp
@@ -146,16 +165,44 @@ mod tests {
     }
 
     #[test]
+    fn no_copy_is_kept_for_a_replay_that_could_not_happen() {
+        // Nothing eligible left besides this attempt's backend.
+        let mut get = Retry::new(req(Method::GET), 3, true);
+        get.tried.push(0);
+        assert!(get.take(|tried| tried != [0]).is_some());
+        assert!(get.template.is_none());
+        assert_eq!(
+            get.after_exchange_failure(None, |tried| tried != [0], || true),
+            Next::GiveUp
+        );
+        // No retries configured.
+        let mut none = Retry::new(req(Method::GET), 0, true);
+        assert!(none.take(ANY).is_some());
+        assert!(none.template.is_none());
+        // A backend left: the copy is made, and the replay is the same request.
+        let mut two = Retry::new(req(Method::HEAD), 1, true);
+        two.tried.push(0);
+        assert!(two.take(|tried| !tried.contains(&1)).is_some());
+        assert!(two.template.is_some());
+        assert_eq!(
+            two.after_exchange_failure(None, |tried| !tried.contains(&1), || true),
+            Next::Again
+        );
+        let again = two.take(ANY).expect("the HEAD rebuilt");
+        assert_eq!((again.method(), again.uri().path()), (&Method::HEAD, "/a"));
+    }
+
+    #[test]
     fn an_unsent_request_goes_again_whatever_its_method_within_the_retries() {
         let mut post = Retry::new(req(Method::POST), 2, false);
         for _ in 0..2 {
-            let r = post.take().unwrap();
+            let r = post.take(ANY).unwrap();
             assert_eq!(
                 post.after_exchange_failure(Some(r), ANY, || true),
                 Next::Again
             );
         }
-        let r = post.take().unwrap();
+        let r = post.take(ANY).unwrap();
         assert_eq!(
             post.after_exchange_failure(Some(r), ANY, || true),
             Next::GiveUp,
@@ -166,7 +213,7 @@ mod tests {
     #[test]
     fn no_backend_left_or_no_budget_ends_the_retries() {
         let mut get = Retry::new(req(Method::GET), 3, true);
-        get.take();
+        get.take(ANY);
         get.tried.push(0);
         assert_eq!(
             get.after_exchange_failure(None, |tried| tried != [0], || true),
@@ -189,7 +236,7 @@ mod tests {
         );
         assert_eq!(budget_calls, 1);
         let mut none = Retry::new(req(Method::GET), 0, true);
-        none.take();
+        none.take(ANY);
         assert_eq!(
             none.after_exchange_failure(None, ANY, || panic!("no budget asked with 0 retries")),
             Next::GiveUp
