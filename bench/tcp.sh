@@ -23,20 +23,7 @@ if ! command -v haproxy >/dev/null 2>&1; then
     exit 1
   fi
 fi
-cargo build --release -q -p keyway -p keyway-bench
-bin=${CARGO_TARGET_DIR:-target}/release
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 1 150); do
-    (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.2
-  done
-  echo "bench: nothing listening on port $1" >&2
-  exit 1
-}
+source bench/common.sh
 
 cat >"$tmp/keyway.toml" <<CFG
 [proxy]
