@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod error;
 pub mod forward;
 pub mod frontdoor;
+pub mod h1;
 pub mod headers;
 pub mod health;
 mod http_conn;

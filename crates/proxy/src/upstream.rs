@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use crate::backend::{Backend, Sender, Slot};
 use crate::config::UpstreamProtocol;
 use crate::error::{ErrorKind, ProxyError, Side};
+use crate::h1;
 
 /// What a connection will be used for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,25 +30,15 @@ pub enum Purpose {
 
 // === connect ===
 
-/// A connection from the pool, or a new one. HTTP/1.1 senders are made ready first.
+/// A connection from the pool (checked for an EOF or stray bytes), or a new one.
 pub async fn checkout(
     backend: &Arc<Backend>,
     purpose: Purpose,
     connect_timeout: Duration,
 ) -> Result<Sender, ProxyError> {
     if purpose == Purpose::Request {
-        while let Some(sender) = backend.pool.take() {
-            match sender {
-                Sender::H2(s) => return Ok(Sender::H2(s)),
-                Sender::H1(mut s) => {
-                    // A returned connection becomes ready once hyper has finished the
-                    // previous exchange; that is immediate unless the peer misbehaves.
-                    match tokio::time::timeout(connect_timeout, s.ready()).await {
-                        Ok(Ok(())) => return Ok(Sender::H1(s)),
-                        _ => continue,
-                    }
-                }
-            }
+        if let Some(sender) = backend.pool.take() {
+            return Ok(sender);
         }
     }
     // Boxed: a TCP + TLS + HTTP handshake is a large state machine, and inline it would
@@ -122,6 +113,9 @@ async fn connect_at(
     match &backend.tls {
         None => {
             let h2 = purpose == Purpose::Request && backend.cfg.protocol == UpstreamProtocol::Http2;
+            if !h2 && purpose == Purpose::Request {
+                return Ok(Sender::H1(h1::Conn::new(h1::Stream::Plain(tcp))));
+            }
             handshake(backend, TokioIo::new(tcp), h2).await
         }
         Some(tls) => {
@@ -134,6 +128,10 @@ async fn connect_at(
                 .await
                 .map_err(|e| connect_error(backend, "TLS handshake", e))?;
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            if !h2 && purpose == Purpose::Request {
+                let stream = h1::Stream::Tls(Box::new(stream));
+                return Ok(Sender::H1(h1::Conn::new(stream)));
+            }
             handshake(backend, TokioIo::new(stream), h2).await
         }
     }
@@ -172,7 +170,7 @@ where
                 tracing::debug!(backend = %id, error = %e, "upstream connection ended");
             }
         });
-        Ok(Sender::H1(sender))
+        Ok(Sender::Upgrade(sender))
     }
 }
 
@@ -298,7 +296,7 @@ async fn http_probe(
     let sender = connect_at(backend, addr, Purpose::Upgrade)
         .await
         .map_err(|e| e.detail)?;
-    let Sender::H1(mut sender) = sender else {
+    let Sender::Upgrade(mut sender) = sender else {
         return Err("probe connection is not HTTP/1.1".into());
     };
     let host = if backend.tls.is_some() {

@@ -1,8 +1,9 @@
-//! A backend's keep-alive pool: idle HTTP/1.1 senders (LIFO, so warm connections are
-//! reused and cold ones age out past `idle_timeout`) and the one shared HTTP/2 sender.
+//! A backend's keep-alive pool: idle HTTP/1.1 connections (LIFO, so warm connections
+//! are reused and cold ones age out past `idle_timeout`) and the one shared HTTP/2 sender.
 //!
-//! A connection is a hyper client `SendRequest` whose connection task runs on its own.
-//! The pool is our own rather than hyper-util's because an `ordered` cluster races
+//! An HTTP/1.1 connection is keyway's own client ([`crate::h1::Conn`]), driven by the
+//! request that uses it; checking one out looks for an EOF or stray bytes first. An
+//! HTTP/2 one is a hyper `SendRequest` whose connection task runs on its own. The pool is our own rather than hyper-util's because an `ordered` cluster races
 //! connections to *different* backends and keeps the winner, which a pool keyed by URI
 //! cannot express. It only keeps connections others made (`upstream` connects); it
 //! never opens one and never keeps more than `max_idle` idle HTTP/1.1 senders.
@@ -14,17 +15,21 @@ use hyper::client::conn::{http1, http2};
 
 use crate::body::Body;
 use crate::config::PoolConfig;
+use crate::h1;
 
 /// A ready-to-use connection to a backend.
 pub enum Sender {
-    /// An HTTP/1.1 connection: one request at a time.
-    H1(http1::SendRequest<Body>),
+    /// An HTTP/1.1 connection for ordinary requests: one request at a time, pooled.
+    H1(h1::Conn),
     /// An HTTP/2 connection: shared, multiplexed.
     H2(http2::SendRequest<Body>),
+    /// A dedicated HTTP/1.1 connection through hyper's client, never pooled: Upgrade
+    /// (WebSocket) requests and health probes.
+    Upgrade(http1::SendRequest<Body>),
 }
 
 struct Idle {
-    sender: http1::SendRequest<Body>,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -53,9 +58,9 @@ impl Pool {
             }
         }
         let mut idle = self.h1.lock().ok()?;
-        while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.cfg.idle_timeout {
-                return Some(Sender::H1(conn.sender));
+        while let Some(mut idle_conn) = idle.pop() {
+            if idle_conn.since.elapsed() < self.cfg.idle_timeout && idle_conn.conn.still_idle() {
+                return Some(Sender::H1(idle_conn.conn));
             }
         }
         None
@@ -71,19 +76,16 @@ impl Pool {
         h2 || self
             .h1
             .lock()
-            .map(|g| g.iter().any(|c| !c.sender.is_closed()))
+            .map(|g| g.iter().any(|c| c.since.elapsed() < self.cfg.idle_timeout))
             .unwrap_or(false)
     }
 
-    /// Returns an HTTP/1.1 connection after its response completed.
-    pub fn put_h1(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Returns an HTTP/1.1 connection after its exchange ended cleanly.
+    pub fn put_h1(&self, conn: h1::Conn) {
         if let Ok(mut idle) = self.h1.lock() {
             if idle.len() < self.cfg.max_idle {
                 idle.push(Idle {
-                    sender,
+                    conn,
                     since: Instant::now(),
                 });
             }

@@ -16,7 +16,7 @@ pub(super) fn prepare_upstream(
     tls: bool,
 ) {
     match sender {
-        Sender::H1(_) => {
+        Sender::H1(_) | Sender::Upgrade(_) => {
             *req.version_mut() = Version::HTTP_11;
             if req.uri().authority().is_some() {
                 let pq = req.uri().path_and_query().cloned();
@@ -47,40 +47,108 @@ pub(super) fn prepare_upstream(
     }
 }
 
-pub(super) type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
+pub(super) type Sent = Response<UpBody>;
 pub(super) type SendFailure = (ProxyError, Option<Request<Body>>, Ending);
 
-pub(super) async fn send(sender: Sender, req: Request<Body>) -> Result<Sent, SendFailure> {
-    let broken = |e: &hyper::Error, unsent: &Option<Request<Body>>| {
-        let err = ProxyError::new(
-            ErrorKind::UpstreamProtocol,
-            Side::Upstream,
-            false,
-            format!("backend failed before answering: {e}"),
-        );
-        let ending = Ending::Broken {
-            user: e.is_user(),
-            unsent: unsent.is_some(),
-        };
-        (err, ending)
-    };
+/// A backend's response body: from keyway's own HTTP/1.1 client, or from hyper's
+/// (HTTP/2, upgrades).
+pub(super) enum UpBody {
+    Own(h1::RespBody),
+    Hyper(Incoming),
+}
+
+impl HttpBody for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Own(b) => Pin::new(b).poll_frame(cx),
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Own(b) => b.is_end_stream(),
+            UpBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Own(b) => b.size_hint(),
+            UpBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Sends `req` over `sender` and waits for the response head. Dispatches to one future
+/// per kind of connection rather than awaiting inside one `async fn`, which would keep
+/// the arguments beside the chosen future in every request's state.
+pub(super) fn send(
+    sender: Sender,
+    req: Request<Body>,
+) -> impl Future<Output = Result<Sent, SendFailure>> {
+    use futures_util::future::Either;
     match sender {
-        Sender::H1(mut s) => match s.try_send_request(req).await {
-            Ok(resp) => Ok((resp, Some(s))),
-            Err(mut e) => {
-                let unsent = e.take_message();
-                let (err, ending) = broken(e.error(), &unsent);
-                Err((err, unsent, ending))
-            }
-        },
-        Sender::H2(mut s) => match s.try_send_request(req).await {
-            Ok(resp) => Ok((resp, None)),
-            Err(mut e) => {
-                let unsent = e.take_message();
-                let (err, ending) = broken(e.error(), &unsent);
-                Err((err, unsent, ending))
-            }
-        },
+        Sender::H1(conn) => Either::Left(send_own(conn, req)),
+        Sender::Upgrade(s) => Either::Right(Either::Left(async move {
+            let mut s = s;
+            from_hyper(s.try_send_request(req).await)
+        })),
+        Sender::H2(s) => Either::Right(Either::Right(async move {
+            let mut s = s;
+            from_hyper(s.try_send_request(req).await)
+        })),
+    }
+}
+
+async fn send_own(conn: h1::Conn, req: Request<Body>) -> Result<Sent, SendFailure> {
+    match h1::send(conn, req).await {
+        Ok(resp) => Ok(resp.map(UpBody::Own)),
+        Err(e) => {
+            let detail = format!("backend failed before answering: {e}");
+            let (user, unsent) = match e {
+                h1::SendError::Unsent(req, _) => (false, Some(*req)),
+                h1::SendError::Body(_) => (true, None),
+                h1::SendError::Backend(_) => (false, None),
+            };
+            let err = ProxyError::new(ErrorKind::UpstreamProtocol, Side::Upstream, false, detail);
+            let ending = Ending::Broken {
+                user,
+                unsent: unsent.is_some(),
+            };
+            Err((err, unsent, ending))
+        }
+    }
+}
+
+// The same result `send` resolves to; the request handed back for a retry is what makes
+// the error large, and it is moved once per failed exchange.
+#[allow(clippy::result_large_err)]
+fn from_hyper(
+    sent: Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>>,
+) -> Result<Sent, SendFailure> {
+    match sent {
+        Ok(resp) => Ok(resp.map(UpBody::Hyper)),
+        Err(mut e) => {
+            let unsent = e.take_message();
+            let err = ProxyError::new(
+                ErrorKind::UpstreamProtocol,
+                Side::Upstream,
+                false,
+                format!("backend failed before answering: {}", e.error()),
+            );
+            let ending = Ending::Broken {
+                user: e.error().is_user(),
+                unsent: unsent.is_some(),
+            };
+            Err((err, unsent, ending))
+        }
     }
 }
 

@@ -28,7 +28,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use crate::backend::Sender;
@@ -38,6 +37,7 @@ use crate::cluster::{Backend, Cluster, InFlight, Slot};
 use crate::config::{Balance, FrontDoorConfig, Limits, ReadsOnPrimary, Role, Strategy};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::frontdoor;
+use crate::h1;
 use crate::headers;
 use crate::health::{BodyFacts, Ending, Fault, HealthView};
 use crate::permit::{Permit, WriteTicket};
@@ -325,14 +325,13 @@ async fn proxy(
         };
         let count_5xx = cluster.cfg.outlier.count_5xx;
         let (failure, unsent, ending) = match result {
-            Some(Ok((resp, h1))) => {
+            Some(Ok(resp)) => {
                 let mut inflight = inflight;
                 inflight.carry(eligible.ticket.take());
                 let answer = Answer {
                     pinned,
                     idx,
                     kind,
-                    h1,
                     inflight,
                     on_client_upgrade,
                     watch: watch.clone(),
@@ -396,7 +395,10 @@ mod tests {
 
     /// hyper moves each request's future into place (`recv_msg`), so its size is paid
     /// in copying on every request. A TCP + TLS handshake inline made it 10 KiB;
-    /// rarely taken large branches are boxed. This keeps it that way.
+    /// rarely taken large branches are boxed. This keeps it that way. The bound is
+    /// 5 KiB since the HTTP/1.1 exchange runs in the request's own future (`h1::send`,
+    /// about 800 bytes): that state used to live in hyper's connection task, reached
+    /// through a channel.
     #[tokio::test]
     async fn the_per_request_future_stays_small() {
         let dir = std::env::temp_dir().join(format!("keyway-future-{}", std::process::id()));
@@ -453,7 +455,7 @@ mod tests {
         assert_eq!(resp.status(), 503, "the only backend refuses connections");
         let size = size.load(std::sync::atomic::Ordering::SeqCst);
         assert!(
-            size > 0 && size <= 4096,
+            size > 0 && size <= 5120,
             "the request future is {size} bytes"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -9,7 +9,6 @@ pub(super) struct Answer {
     pub(super) pinned: Option<usize>,
     pub(super) idx: usize,
     pub(super) kind: Option<Kind>,
-    pub(super) h1: Option<http1::SendRequest<Body>>,
     pub(super) inflight: InFlight,
     pub(super) on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     pub(super) watch: Option<Arc<BodyWatch>>,
@@ -19,7 +18,7 @@ pub(super) fn respond(
     cluster: &Cluster,
     backend: &Arc<Backend>,
     info: &ConnInfo,
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpBody>,
     answer: Answer,
     permit: &Arc<Permit>,
 ) -> Response<Body> {
@@ -27,7 +26,6 @@ pub(super) fn respond(
         pinned,
         idx,
         kind,
-        h1,
         inflight,
         on_client_upgrade,
         watch,
@@ -91,15 +89,16 @@ pub(super) fn respond(
     }
 
     let body = if incoming.is_end_stream() {
-        if let Some(s) = h1 {
-            backend.pool.put_h1(s);
+        if let UpBody::Own(b) = incoming {
+            if let Some(conn) = b.into_reusable() {
+                backend.pool.put_h1(conn);
+            }
         }
         drop(inflight);
         body::empty()
     } else {
         UpstreamBody {
             inner: incoming,
-            conn: h1.map(|s| (backend.clone(), s)),
             inflight,
             watch,
         }
@@ -145,18 +144,14 @@ pub(super) fn tunnel(
     });
 }
 
-pin_project_lite::pin_project! {
-    /// A backend's response body on its way to the client. When it ends, the HTTP/1.1
-    /// connection returns to the pool; dropping it early (the client went away)
-    /// discards the connection and counts against nobody. A body the backend breaks
-    /// off counts against the backend.
-    struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
-        conn: Option<(Arc<Backend>, http1::SendRequest<Body>)>,
-        inflight: InFlight,
-        watch: Option<Arc<BodyWatch>>,
-    }
+/// A backend's response body on its way to the client. When it ends cleanly, the
+/// HTTP/1.1 connection returns to the pool; dropping it early (the client went away)
+/// discards the connection and counts against nobody. A body the backend breaks off
+/// counts against the backend.
+struct UpstreamBody {
+    inner: UpBody,
+    inflight: InFlight,
+    watch: Option<Arc<BodyWatch>>,
 }
 
 impl HttpBody for UpstreamBody {
@@ -167,13 +162,12 @@ impl HttpBody for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
         let done = match &polled {
             Poll::Ready(None) => true,
             Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
             Poll::Ready(Some(Err(e))) => {
-                this.conn.take();
                 let fault = Fault::of(Ending::BodyBroken, body_facts(this.watch.as_deref()), false);
                 this.inflight
                     .backend()
@@ -183,11 +177,13 @@ impl HttpBody for UpstreamBody {
             Poll::Pending => false,
         };
         if done {
-            if let Some((backend, sender)) = this.conn.take() {
-                backend.pool.put_h1(sender);
+            if let UpBody::Own(b) = &mut this.inner {
+                if let Some(conn) = b.take_reusable() {
+                    this.inflight.backend().pool.put_h1(conn);
+                }
             }
         }
-        polled.map(|o| o.map(|r| r.map_err(Into::into)))
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

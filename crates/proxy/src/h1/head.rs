@@ -1,0 +1,237 @@
+//! Request heads written, response heads parsed, and how each message's body is framed
+//! (RFC 9112 §6). Parsing is strict: what `httparse` refuses, or a framing two readers
+//! could disagree on, is an error, never a guess.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Version};
+
+use super::MAX_HEADERS;
+use crate::body::Body;
+
+/// How the request body goes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReqFraming {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes (the request's Content-Length).
+    Length(u64),
+    /// Chunked (a streamed body of unknown length).
+    Chunked,
+}
+
+impl ReqFraming {
+    pub fn of(req: &Request<Body>) -> Self {
+        use http_body::Body as _;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        match declared {
+            Some(0) => ReqFraming::Empty,
+            Some(n) => ReqFraming::Length(n),
+            None if req.body().is_end_stream() => ReqFraming::Empty,
+            None => ReqFraming::Chunked,
+        }
+    }
+}
+
+/// Writes the request line and headers of `req` into `out` (cleared first). The
+/// request's own Transfer-Encoding never passes (the framing is ours); a body-carrying
+/// method with an empty body says `content-length: 0`, as servers that insist on a
+/// length for POST expect.
+pub fn encode_request(req: &Request<Body>, framing: ReqFraming, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    match req.uri().path_and_query() {
+        Some(pq) if !pq.as_str().is_empty() => out.extend_from_slice(pq.as_str().as_bytes()),
+        _ if req.method() == Method::OPTIONS && req.uri() == "*" => out.push(b'*'),
+        _ => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_length = false;
+    for (name, value) in req.headers() {
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            if has_length {
+                continue;
+            }
+            has_length = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ReqFraming::Empty
+            if !has_length
+                && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) =>
+        {
+            out.extend_from_slice(b"content-length: 0\r\n")
+        }
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// Parses a response head from the front of `buf` and consumes it. `Ok(None)`: not
+/// complete yet. Header values share the head's bytes (no copy per header).
+pub fn parse_response(buf: &mut BytesMut) -> Result<Option<Head>, String> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut slots);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(format!(
+                "backend's response has more than {MAX_HEADERS} header fields"
+            ))
+        }
+        Err(e) => return Err(format!("backend sent a malformed response head: {e}")),
+    };
+    let code = res.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| format!("backend sent an invalid status code {code}"))?;
+    let version = if res.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each name and value sits in `buf`, so values can share the frozen head.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = res.headers.len();
+    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *span = (n, n + h.name.len(), v, v + h.value.len());
+    }
+    let head: Bytes = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(n0, n1, v0, v1) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| "backend sent an invalid header name".to_string())?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| format!("backend sent an invalid value for header `{name}`"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// How a response body is delimited, and whether the connection may be reused after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked.
+    Chunked,
+    /// Until the backend closes the connection.
+    Close,
+}
+
+impl Framing {
+    /// The framing of a final response (RFC 9112 §6.3), or why it is ambiguous.
+    pub fn of(head: &Head, head_request: bool) -> Result<Framing, String> {
+        if head_request
+            || head.status == StatusCode::NO_CONTENT
+            || head.status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Framing::Empty);
+        }
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err("backend switched protocols on a request that did not ask to".into());
+        }
+        if head.headers.contains_key(header::TRANSFER_ENCODING) {
+            // The last coding decides: chunked is self-delimiting, anything else runs to
+            // the close. A Content-Length beside it is ignored (and the connection not
+            // reused: see `reusable`).
+            let last = head
+                .headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .map(str::trim)
+                .unwrap_or("");
+            return Ok(if last.eq_ignore_ascii_case("chunked") {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            });
+        }
+        match content_length(&head.headers)? {
+            Some(n) => Ok(Framing::Length(n)),
+            None => Ok(Framing::Close),
+        }
+    }
+}
+
+/// The Content-Length, if any: every value (and every element of a list) must be the
+/// same number, or the response is refused.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
+    let mut found: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let s = v
+            .to_str()
+            .map_err(|_| "backend sent an invalid Content-Length".to_string())?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("backend sent an invalid Content-Length `{s}`"));
+            }
+            let n: u64 = part
+                .parse()
+                .map_err(|_| format!("backend sent an invalid Content-Length `{s}`"))?;
+            if found.is_some_and(|f| f != n) {
+                return Err("backend sent conflicting Content-Length values".into());
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether the connection may carry another request once this response's body ended:
+/// HTTP/1.1 without `Connection: close`, or HTTP/1.0 with `keep-alive`; never after a
+/// close-delimited body or a Transfer-Encoding beside a Content-Length.
+pub fn reusable(head: &Head, framing: Framing) -> bool {
+    if framing == Framing::Close
+        || (head.headers.contains_key(header::TRANSFER_ENCODING)
+            && head.headers.contains_key(header::CONTENT_LENGTH))
+    {
+        return false;
+    }
+    let has = |token: &str| {
+        head.headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match head.version {
+        Version::HTTP_11 => !has("close"),
+        _ => has("keep-alive") && !has("close"),
+    }
+}

@@ -1,0 +1,268 @@
+//! keyway's own HTTP/1.1 client for pooled requests to backends, driven in the request's
+//! own task: the request head is written straight into one reused buffer, the response
+//! head parsed with `httparse`, and the body decoded (Content-Length, chunked with
+//! trailers, close-delimited) as the client side reads it. There is no connection task,
+//! channel or waker hop per request, which is what hyper's client costs.
+//!
+//! What it must never do: reuse a connection whose last exchange did not end cleanly
+//! (a body not read to its end, an upload cut short, `Connection: close`, a
+//! close-delimited body, stray bytes, EOF); accept an ambiguous response framing
+//! (conflicting Content-Length, an invalid chunk); grow a buffer without bound (a head
+//! over [`MAX_HEAD`], a chunk line over [`MAX_CHUNK_LINE`]). Upgrades (WebSocket) and
+//! health probes keep hyper's client; HTTP/2 to backends too.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
+use http::{Method, Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::body::{Body, BoxError};
+
+mod body;
+mod head;
+#[cfg(test)]
+mod tests;
+
+pub use body::RespBody;
+use body::Upload;
+use head::{Framing, ReqFraming};
+
+/// Largest response head (status line and headers) read from a backend.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head or a trailer block.
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (with extensions) in a chunked response body.
+pub const MAX_CHUNK_LINE: usize = 4096;
+/// Reads start at this size and double, up to [`MAX_READ`], while they fill up.
+const MIN_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// The byte stream under a connection: plain TCP or TLS.
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the rustls state is large and rare next to plain TCP).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection to a backend, idle between exchanges. Its buffers are kept
+/// and reused, so a warm connection allocates nothing for a request head.
+pub struct Conn {
+    io: Stream,
+    /// Bytes read and not yet consumed.
+    rbuf: BytesMut,
+    /// The request head being written.
+    wbuf: Vec<u8>,
+    /// How much the next read reserves (adapts between [`MIN_READ`] and [`MAX_READ`]).
+    next_read: usize,
+}
+
+impl Conn {
+    /// A fresh connection over `io`.
+    pub fn new(io: Stream) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+            next_read: MIN_READ,
+        }
+    }
+
+    /// Whether an idle connection can take another request: the backend has not closed
+    /// it, sent stray bytes or broken it since the last exchange. Never waits: it looks
+    /// at what the socket has already reported.
+    pub fn still_idle(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        // Pending: nothing to read, the connection is as we left it. Anything else (EOF,
+        // bytes nobody asked for, an error) makes it unusable.
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
+    }
+
+    /// Reads more bytes into `rbuf`. `Ok(0)` is EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < MIN_READ / 2 {
+            self.rbuf.reserve(self.next_read);
+        }
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        if n >= room && self.next_read < MAX_READ {
+            self.next_read *= 2;
+        } else if n < room / 4 && self.next_read > MIN_READ {
+            self.next_read /= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// Why an exchange failed before a response head.
+#[derive(Debug)]
+pub enum SendError {
+    /// Not a byte of the request was written: it comes back whole, for another
+    /// connection.
+    Unsent(Box<Request<Body>>, io::Error),
+    /// The client's request body failed while it was uploaded (aborted, malformed, too
+    /// large, cut off by keyway). Not the backend's doing.
+    Body(BoxError),
+    /// The backend broke the exchange: a reset, EOF, or a malformed response head.
+    Backend(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Unsent(_, e) => write!(f, "connection closed before the request: {e}"),
+            SendError::Body(e) => write!(f, "the request body failed: {e}"),
+            SendError::Backend(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Sends `req` over `conn` and waits for the response head; the request body streams
+/// meanwhile (and on, while the response body is read, if the backend answers early).
+/// The returned body owns the connection and hands it back through
+/// [`RespBody::into_reusable`] once the exchange ended cleanly.
+pub async fn send(mut conn: Conn, req: Request<Body>) -> Result<Response<RespBody>, SendError> {
+    let framing = ReqFraming::of(&req);
+    head::encode_request(&req, framing, &mut conn.wbuf);
+    let mut written = 0;
+    while written < conn.wbuf.len() {
+        match conn.io.write(&conn.wbuf[written..]).await {
+            Ok(0) => {
+                return Err(SendError::Backend(
+                    "backend connection closed while the request head was written".into(),
+                ))
+            }
+            Ok(n) => written += n,
+            Err(e) if written == 0 => return Err(SendError::Unsent(Box::new(req), e)),
+            Err(e) => return Err(SendError::Backend(format!("writing the request head: {e}"))),
+        }
+    }
+    let head_request = req.method() == Method::HEAD;
+    let mut upload = match framing {
+        ReqFraming::Empty => {
+            conn.io
+                .flush()
+                .await
+                .map_err(|e| SendError::Backend(format!("writing the request head: {e}")))?;
+            None
+        }
+        framing => Some(Upload::new(req.into_body(), framing)),
+    };
+    let mut seen = 0usize;
+    loop {
+        if !conn.rbuf.is_empty() {
+            match head::parse_response(&mut conn.rbuf) {
+                // 1xx (100 Continue, 103 Early Hints) precede the response; a 101 is
+                // final, and refused by `Framing::of`.
+                Ok(Some(h))
+                    if h.status.is_informational()
+                        && h.status != http::StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    continue
+                }
+                Ok(Some(h)) => {
+                    let framing = Framing::of(&h, head_request).map_err(SendError::Backend)?;
+                    return Ok(body::response(conn, h, framing, upload));
+                }
+                Ok(None) if conn.rbuf.len() > MAX_HEAD => {
+                    return Err(SendError::Backend(format!(
+                        "backend's response head is larger than {MAX_HEAD} bytes"
+                    )))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(SendError::Backend(e)),
+            }
+        }
+        let n = std::future::poll_fn(|cx| {
+            if let Some(u) = upload.as_mut().filter(|u| !u.is_done()) {
+                if let Poll::Ready(Err(e)) = u.poll(&mut conn.io, cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            conn.poll_fill(cx)
+                .map_err(|e| SendError::Backend(format!("reading the response: {e}")))
+        })
+        .await?;
+        if n == 0 {
+            return Err(SendError::Backend(if seen == 0 && conn.rbuf.is_empty() {
+                "backend closed the connection without answering".into()
+            } else {
+                "backend closed the connection in the middle of the response head".into()
+            }));
+        }
+        seen += n;
+    }
+}
