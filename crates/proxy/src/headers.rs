@@ -157,6 +157,8 @@ pub fn add_forwarded(
     if underscore {
         drop_lookalikes(headers, who.trusted);
     }
+    // Room for what is added below (and Via), so the map grows at most once.
+    headers.reserve(4);
     if !who.trusted {
         for (h, _) in identity.iter().zip(present).filter(|(_, p)| *p) {
             headers.remove(*h);

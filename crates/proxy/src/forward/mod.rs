@@ -96,7 +96,11 @@ pub struct ConnInfo {
 }
 
 /// Handles one client request. Never fails: errors become HTTP answers.
-pub async fn handle(rt: Arc<Runtime>, info: ConnInfo, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    rt: Arc<Runtime>,
+    info: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
     // Only what the access log needs is copied, and only when it is on: the method
     // here, the path in `proxy` (as sent, then as admitted).
@@ -419,13 +423,13 @@ mod tests {
         .unwrap();
         let rt = Arc::new(crate::server::build_runtime(&config, &loaded.plane, &failover).unwrap());
         let (drain, _rx) = tokio::sync::mpsc::channel(1);
-        let info = ConnInfo {
+        let info = Arc::new(ConnInfo {
             client: "127.0.0.1:1".parse().unwrap(),
             tls: false,
             limits: Arc::new(config.listeners[0].limits.clone()),
             door: Arc::new(config.listeners[0].door.clone()),
             drain: crate::limits::DrainGuard::new(drain, None),
-        };
+        });
         // A real `Request<Incoming>` comes only from a hyper connection.
         let (client, server) = tokio::io::duplex(4096);
         let size = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -86,14 +86,25 @@ pub struct Head {
     pub status: StatusCode,
     pub version: Version,
     pub headers: HeaderMap,
+    /// Whether Transfer-Encoding or Connection is among the headers (most responses
+    /// carry neither, and then need no lookup for them).
+    pub framing_fields: bool,
 }
 
 /// Parses a response head from the front of `buf` and consumes it. `Ok(None)`: not
-/// complete yet. Header values share the head's bytes (no copy per header).
-pub fn parse_response(buf: &mut BytesMut) -> Result<Option<Head>, String> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut slots);
-    let len = match res.parse(buf) {
+/// complete yet. Header values share the head's bytes (no copy per header). `spans` is
+/// scratch space kept by the connection: neither it nor the header slots are
+/// initialised per response (zeroing 100 slots cost more than the parse).
+pub fn parse_response(
+    buf: &mut BytesMut,
+    spans: &mut Vec<[usize; 4]>,
+) -> Result<Option<Head>, String> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -113,18 +124,21 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     };
     // Where each name and value sits in `buf`, so values can share the frozen head.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = res.headers.len();
-    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+    spans.clear();
+    spans.extend(res.headers.iter().map(|h| {
         let n = h.name.as_ptr() as usize - base;
         let v = h.value.as_ptr() as usize - base;
-        *span = (n, n + h.name.len(), v, v + h.value.len());
-    }
+        [n, n + h.name.len(), v, v + h.value.len()]
+    }));
+    let count = spans.len();
     let head: Bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(n0, n1, v0, v1) in &spans[..count] {
+    // Room for what the way back adds (Via, cookies), so the map is not grown for them.
+    let mut headers = HeaderMap::with_capacity(count + 3);
+    let mut framing_fields = false;
+    for &[n0, n1, v0, v1] in spans.iter() {
         let name = HeaderName::from_bytes(&head[n0..n1])
             .map_err(|_| "backend sent an invalid header name".to_string())?;
+        framing_fields |= name == header::TRANSFER_ENCODING || name == header::CONNECTION;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| format!("backend sent an invalid value for header `{name}`"))?;
         headers.append(name, value);
@@ -133,6 +147,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         status,
         version,
         headers,
+        framing_fields,
     }))
 }
 
@@ -161,7 +176,7 @@ impl Framing {
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err("backend switched protocols on a request that did not ask to".into());
         }
-        if head.headers.contains_key(header::TRANSFER_ENCODING) {
+        if head.framing_fields && head.headers.contains_key(header::TRANSFER_ENCODING) {
             // The last coding decides: chunked is self-delimiting, anything else runs to
             // the close. A Content-Length beside it is ignored (and the connection not
             // reused: see `reusable`).
@@ -216,6 +231,12 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
 /// HTTP/1.1 without `Connection: close`, or HTTP/1.0 with `keep-alive`; never after a
 /// close-delimited body or a Transfer-Encoding beside a Content-Length.
 pub fn reusable(head: &Head, framing: Framing) -> bool {
+    if framing == Framing::Close {
+        return false;
+    }
+    if !head.framing_fields {
+        return head.version == Version::HTTP_11;
+    }
     if framing == Framing::Close
         || (head.headers.contains_key(header::TRANSFER_ENCODING)
             && head.headers.contains_key(header::CONTENT_LENGTH))

@@ -115,6 +115,8 @@ pub struct Conn {
     rbuf: BytesMut,
     /// The request head being written.
     wbuf: Vec<u8>,
+    /// Where the response head's fields sit (scratch space for the parser).
+    spans: Vec<[usize; 4]>,
     /// How much the next read reserves (adapts between [`MIN_READ`] and [`MAX_READ`]).
     next_read: usize,
 }
@@ -126,6 +128,7 @@ impl Conn {
             io,
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
+            spans: Vec::new(),
             next_read: MIN_READ,
         }
     }
@@ -224,7 +227,7 @@ pub async fn send(mut conn: Conn, req: Request<Body>) -> Result<Response<RespBod
     let mut seen = 0usize;
     loop {
         if !conn.rbuf.is_empty() {
-            match head::parse_response(&mut conn.rbuf) {
+            match head::parse_response(&mut conn.rbuf, &mut conn.spans) {
                 // 1xx (100 Continue, 103 Early Hints) precede the response; a 101 is
                 // final, and refused by `Framing::of`.
                 Ok(Some(h))
