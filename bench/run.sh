@@ -202,11 +202,11 @@ for round in $(seq 1 "$ROUNDS"); do
   for t in $TARGETS; do
     name=${t%%:*}; port=${t##*:}
     lat=$(timeout -k 5 $((DURATION + 30)) "${on_front[@]}" "$bin/loadgen" --addr "127.0.0.1:$port" \
-      --rate "$RATE" --seconds "$DURATION" --connections "$LAT_CONNS" 2>&1) || true
+      --rate "$RATE" --seconds "$DURATION" --connections "$LAT_CONNS" 2>"$tmp/loadgen.err") || true
     all_p50[$name]+="$(sed -nE 's/.*"p50_us":([0-9]+).*/\1/p' <<<"$lat") "
     all_p99[$name]+="$(sed -nE 's/.*"p99_us":([0-9]+).*/\1/p' <<<"$lat") "
     lerr=$(sed -nE 's/.*"errors":([0-9]+).*/\1/p' <<<"$lat")
-    [ "${lerr:-x}" != 0 ] && echo "bench: $name: latency run: ${lerr:-no result} errors: $(tail -n 2 <<<"$lat")" >&2
+    [ "${lerr:-x}" != 0 ] && echo "bench: $name: latency run: ${lerr:-no result;} errors $(head -n 1 "$tmp/loadgen.err")" >&2
     echo "bench: round $round: latency $name at $RATE req/s: $lat" >&2
   done
 done
