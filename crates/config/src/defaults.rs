@@ -31,7 +31,7 @@ pub const DEFAULT_RETRY_RATIO: f64 = 0.2;
 /// ...plus this many retries per second, so a quiet cluster can still retry.
 pub const DEFAULT_RETRY_MIN_PER_SECOND: u32 = 10;
 /// Idle upstream connections kept per backend.
-pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
+pub const DEFAULT_POOL_MAX_IDLE: usize = 1024;
 /// An idle upstream connection older than this is closed, not reused.
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Largest request head (request line + headers) a listener accepts. hyper's floor is 8 KiB.

@@ -143,6 +143,18 @@ impl Cluster {
         }
     }
 
+    /// Whether every request connection of this cluster is keyway's own HTTP/1.1
+    /// client: plain backends not set to HTTP/2, and TLS backends set to HTTP/1.1 (which
+    /// offer no `h2` by ALPN).
+    pub fn plain_http1(&self) -> bool {
+        use crate::config::UpstreamProtocol;
+        self.backends.iter().all(|b| match b.cfg.protocol {
+            UpstreamProtocol::Http1 => true,
+            UpstreamProtocol::Auto => b.tls.is_none(),
+            UpstreamProtocol::Http2 => false,
+        })
+    }
+
     /// Classifies a request: the WebAssembly classifier when one is configured (its
     /// failures answered by `on_error`), else the native method + route rules.
     pub fn classify(&self, method: &http::Method, path: &str, host: &str) -> crate::classify::Kind {

@@ -141,6 +141,83 @@ pub fn add_forwarded(
     host: &HeaderValue,
     via: &'static str,
 ) {
+    forwarded(headers, who, host, via).apply(headers);
+}
+
+/// Header fields keyway adds to a request on its way to a backend. keyway's HTTP/1.1
+/// client writes them straight into the request head ([`Added::write`]); for hyper's
+/// client (HTTP/2, upgrades) they go into the header map ([`Added::apply`]). Either way
+/// the map was first cleared of what they replace ([`forwarded`]). Kept small: it lives
+/// in every request's future.
+#[derive(Clone, Debug)]
+pub struct Added {
+    /// The `X-Forwarded-For` value.
+    xff: Vec<u8>,
+    /// The `X-Forwarded-Proto` value, unless a trusted peer's is kept.
+    xfp: Option<&'static str>,
+    /// The `X-Forwarded-Host` value, unless a trusted peer's is kept.
+    xfh: Option<HeaderValue>,
+    /// An RFC 7239 `Forwarded` element, appended.
+    forwarded: Option<String>,
+    /// The `Via` entry, appended.
+    via: &'static str,
+}
+
+impl Added {
+    /// Writes the fields as header lines (`name: value\r\n`).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let mut line = |name: &str, value: &[u8]| {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        line("x-forwarded-for", &self.xff);
+        if let Some(v) = self.xfp {
+            line("x-forwarded-proto", v.as_bytes());
+        }
+        if let Some(v) = &self.xfh {
+            line("x-forwarded-host", v.as_bytes());
+        }
+        if let Some(v) = &self.forwarded {
+            line("forwarded", v.as_bytes());
+        }
+        line("via", self.via.as_bytes());
+    }
+
+    /// Appends the fields to `headers`.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.reserve(5);
+        if let Ok(v) = HeaderValue::from_bytes(&self.xff) {
+            headers.append(XFF.clone(), v);
+        }
+        if let Some(v) = self.xfp {
+            headers.append(XFP.clone(), HeaderValue::from_static(v));
+        }
+        if let Some(v) = &self.xfh {
+            headers.append(XFH.clone(), v.clone());
+        }
+        if let Some(v) = self.forwarded.as_deref() {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.append(header::FORWARDED, v);
+            }
+        }
+        headers.append(header::VIA, HeaderValue::from_static(self.via));
+    }
+}
+
+/// The client's identity for the backend's audit trail: `X-Forwarded-For`, `-Proto`,
+/// `-Host`, optionally `Forwarded`, and `Via`. From an untrusted peer every such header
+/// the client sent (and `X-Real-IP`) is removed from `headers` here, so nobody can put
+/// another address in the audit trail; from a trusted proxy `X-Forwarded-For` is
+/// replaced by its value with the client appended, `Forwarded` appended to, and its
+/// `-Proto`/`-Host` kept. Returns what is to be added.
+pub fn forwarded(
+    headers: &mut HeaderMap,
+    who: Identity,
+    host: &HeaderValue,
+    via: &'static str,
+) -> Added {
     // One pass over the names finds which identity headers are present (and whether
     // any name holds `_`), so only those are touched: hashing every name for a removal
     // or a lookup costs more than the scan.
@@ -157,8 +234,6 @@ pub fn add_forwarded(
     if underscore {
         drop_lookalikes(headers, who.trusted);
     }
-    // Room for what is added below (and Via), so the map grows at most once.
-    headers.reserve(4);
     if !who.trusted {
         for (h, _) in identity.iter().zip(present).filter(|(_, p)| *p) {
             headers.remove(*h);
@@ -178,15 +253,16 @@ pub fn add_forwarded(
         buf.extend_from_slice(b", ");
     }
     push_ip(&mut buf, who.client);
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
-        headers.insert(XFF.clone(), v);
+    if present[0] {
+        headers.remove(&XFF);
     }
-    if !present[1] {
-        headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
-    }
-    if !present[2] {
-        headers.insert(XFH.clone(), host.clone());
-    }
+    let mut added = Added {
+        xff: buf,
+        xfp: (!present[1]).then_some(scheme),
+        xfh: (!present[2]).then(|| host.clone()),
+        forwarded: None,
+        via,
+    };
     if who.rfc7239 {
         // RFC 7239 §6: IPv6 addresses are bracketed and quoted; the host is quoted (it
         // may carry a port). The host passed the front door's syntax check.
@@ -199,11 +275,9 @@ pub fn add_forwarded(
             "for={node};proto={scheme};host=\"{}\"",
             host.to_str().unwrap_or("")
         );
-        if let Ok(v) = HeaderValue::from_str(&element) {
-            headers.append(header::FORWARDED, v);
-        }
+        added.forwarded = Some(element);
     }
-    append_via(headers, via);
+    added
 }
 
 /// Appends `ip` as text, as `Display` writes it. IPv4 (nearly every client) is written

@@ -8,6 +8,7 @@
 //! cannot express. It only keeps connections others made (`upstream` connects); it
 //! never opens one and never keeps more than `max_idle` idle HTTP/1.1 senders.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -36,7 +37,8 @@ struct Idle {
 /// Idle connections of one backend.
 pub struct Pool {
     cfg: PoolConfig,
-    h1: Mutex<Vec<Idle>>,
+    /// Oldest first: taken from the back (warm), aged out from the front.
+    h1: Mutex<VecDeque<Idle>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -45,7 +47,7 @@ impl Pool {
     pub fn new(cfg: PoolConfig) -> Self {
         Self {
             cfg,
-            h1: Mutex::new(Vec::new()),
+            h1: Mutex::new(VecDeque::new()),
             h2: Mutex::new(None),
         }
     }
@@ -58,7 +60,7 @@ impl Pool {
             }
         }
         let mut idle = self.h1.lock().ok()?;
-        while let Some(mut idle_conn) = idle.pop() {
+        while let Some(mut idle_conn) = idle.pop_back() {
             if idle_conn.since.elapsed() < self.cfg.idle_timeout && idle_conn.conn.still_idle() {
                 return Some(Sender::H1(idle_conn.conn));
             }
@@ -81,13 +83,19 @@ impl Pool {
     }
 
     /// Returns an HTTP/1.1 connection after its exchange ended cleanly.
+    /// Connections idle past `idle_timeout` at the cold end are closed on the way, so a
+    /// burst's surplus does not stay open once traffic is back to normal.
     pub fn put_h1(&self, conn: h1::Conn) {
         if let Ok(mut idle) = self.h1.lock() {
+            let now = Instant::now();
+            while idle
+                .front()
+                .is_some_and(|c| now.duration_since(c.since) >= self.cfg.idle_timeout)
+            {
+                idle.pop_front();
+            }
             if idle.len() < self.cfg.max_idle {
-                idle.push(Idle {
-                    conn,
-                    since: Instant::now(),
-                });
+                idle.push_back(Idle { conn, since: now });
             }
         }
     }

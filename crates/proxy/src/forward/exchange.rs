@@ -89,13 +89,16 @@ impl HttpBody for UpBody {
 /// Sends `req` over `sender` and waits for the response head. Dispatches to one future
 /// per kind of connection rather than awaiting inside one `async fn`, which would keep
 /// the arguments beside the chosen future in every request's state.
-pub(super) fn send(
+/// `extra`: header fields keyway's HTTP/1.1 client writes after the request's own (the
+/// forwarded identity); for hyper's clients they are already in the request's map.
+pub(super) fn send<'a>(
     sender: Sender,
     req: Request<Body>,
-) -> impl Future<Output = Result<Sent, SendFailure>> {
+    extra: Option<&'a headers::Added>,
+) -> impl Future<Output = Result<Sent, SendFailure>> + 'a {
     use futures_util::future::Either;
     match sender {
-        Sender::H1(conn) => Either::Left(send_own(conn, req)),
+        Sender::H1(conn) => Either::Left(send_own(conn, req, extra)),
         Sender::Upgrade(s) => Either::Right(Either::Left(async move {
             let mut s = s;
             from_hyper(s.try_send_request(req).await)
@@ -107,8 +110,12 @@ pub(super) fn send(
     }
 }
 
-async fn send_own(conn: h1::Conn, req: Request<Body>) -> Result<Sent, SendFailure> {
-    match h1::send(conn, req).await {
+async fn send_own(
+    conn: h1::Conn,
+    req: Request<Body>,
+    extra: Option<&headers::Added>,
+) -> Result<Sent, SendFailure> {
+    match h1::send(conn, req, extra).await {
         Ok(resp) => Ok(resp.map(UpBody::Own)),
         Err(e) => {
             let detail = format!("backend failed before answering: {e}");

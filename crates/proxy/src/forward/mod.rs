@@ -216,7 +216,17 @@ async fn proxy(
         rfc7239: info.door.forwarded,
     };
     let host = door.host;
-    headers::add_forwarded(&mut parts.headers, who, &host, via);
+    let added = headers::forwarded(&mut parts.headers, who, &host, via);
+    // keyway's HTTP/1.1 client writes the added fields straight into the request head.
+    // Where a connection may be hyper's (an upgrade; a backend that speaks or may
+    // negotiate HTTP/2) they go into the map now, so a request handed back unsent and
+    // sent again never carries them twice.
+    let extra = if upgrade || !cluster.plain_http1() {
+        added.apply(&mut parts.headers);
+        None
+    } else {
+        Some(added)
+    };
     // A write carries the topology epoch that routed it: a fencing token the backend (or
     // its audit trail) can check. Clients cannot supply their own.
     parts.headers.remove(EPOCH_HEADER);
@@ -300,10 +310,15 @@ async fn proxy(
         };
         let inflight = backend.start_request(slot);
         prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
+        if let (Some(a), false) = (&extra, matches!(sender, Sender::H1(_))) {
+            // Not expected (`plain_http1` said every connection is keyway's own), but
+            // the fields must reach the backend whichever client carries them.
+            a.apply(req.headers_mut());
+        }
         let pt = cluster.cfg.protocol_timeout;
         // Pinned here, not inside the helper: moving it in would store it twice in this
         // future, which hyper moves on every request.
-        let sending = std::pin::pin!(send(sender, req));
+        let sending = std::pin::pin!(send(sender, req, extra.as_ref()));
         let exchange = within_protocol_timeout(sending, pt, watch.as_deref());
         // A write whose body is still arriving when this instance's write lease runs
         // out is cut off: the old primary never gets (or acts on) the whole request,

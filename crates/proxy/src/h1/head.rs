@@ -8,6 +8,7 @@ use http::{Method, Request, StatusCode, Version};
 
 use super::MAX_HEADERS;
 use crate::body::Body;
+use crate::headers::Added;
 
 /// How the request body goes on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +42,12 @@ impl ReqFraming {
 /// request's own Transfer-Encoding never passes (the framing is ours); a body-carrying
 /// method with an empty body says `content-length: 0`, as servers that insist on a
 /// length for POST expect.
-pub fn encode_request(req: &Request<Body>, framing: ReqFraming, out: &mut Vec<u8>) {
+pub fn encode_request(
+    req: &Request<Body>,
+    extra: Option<&Added>,
+    framing: ReqFraming,
+    out: &mut Vec<u8>,
+) {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -66,6 +72,9 @@ pub fn encode_request(req: &Request<Body>, framing: ReqFraming, out: &mut Vec<u8
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(added) = extra {
+        added.write(out);
     }
     match framing {
         ReqFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),

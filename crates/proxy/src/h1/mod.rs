@@ -197,9 +197,14 @@ impl std::fmt::Display for SendError {
 /// meanwhile (and on, while the response body is read, if the backend answers early).
 /// The returned body owns the connection and hands it back through
 /// [`RespBody::into_reusable`] once the exchange ended cleanly.
-pub async fn send(mut conn: Conn, req: Request<Body>) -> Result<Response<RespBody>, SendError> {
+/// `extra` fields (the forwarded identity) are written after the request's own headers.
+pub async fn send(
+    mut conn: Conn,
+    req: Request<Body>,
+    extra: Option<&crate::headers::Added>,
+) -> Result<Response<RespBody>, SendError> {
     let framing = ReqFraming::of(&req);
-    head::encode_request(&req, framing, &mut conn.wbuf);
+    head::encode_request(&req, extra, framing, &mut conn.wbuf);
     let mut written = 0;
     while written < conn.wbuf.len() {
         match conn.io.write(&conn.wbuf[written..]).await {

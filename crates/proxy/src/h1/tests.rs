@@ -65,7 +65,7 @@ fn request(method: &Method) -> Request<Body> {
 async fn ours(answer: &[u8], method: &Method) -> Result<Seen, String> {
     let addr = backend(answer.to_vec()).await;
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let resp = send(Conn::new(Stream::Plain(tcp)), request(method))
+    let resp = send(Conn::new(Stream::Plain(tcp)), request(method), None)
         .await
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
@@ -222,7 +222,7 @@ async fn only_clean_exchanges_leave_a_reusable_connection() {
     for (answer, reusable) in cases {
         let addr = backend(answer.to_vec()).await;
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let resp = send(Conn::new(Stream::Plain(tcp)), request(&Method::GET))
+        let resp = send(Conn::new(Stream::Plain(tcp)), request(&Method::GET), None)
             .await
             .unwrap();
         let mut body = resp.into_body();
@@ -256,7 +256,7 @@ async fn only_clean_exchanges_leave_a_reusable_connection() {
 async fn an_unfinished_body_keeps_its_connection_out_of_the_pool() {
     let addr = backend(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf".to_vec()).await;
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let resp = send(Conn::new(Stream::Plain(tcp)), request(&Method::GET))
+    let resp = send(Conn::new(Stream::Plain(tcp)), request(&Method::GET), None)
         .await
         .unwrap();
     let mut body = resp.into_body();
@@ -320,7 +320,7 @@ fn streamed(pieces: Vec<Vec<u8>>, trailers: Option<http::HeaderMap>) -> Body {
 }
 
 async fn upload(conn: Conn, req: Request<Body>) -> (String, Option<Conn>) {
-    let resp = send(conn, req).await.unwrap();
+    let resp = send(conn, req, None).await.unwrap();
     let mut body = resp.into_body();
     let mut text = Vec::new();
     while let Some(f) = body.frame().await {
@@ -388,7 +388,7 @@ async fn a_body_that_breaks_its_length_fails_as_the_clients() {
             .header("content-length", "5")
             .body(streamed(pieces, None))
             .unwrap();
-        match send(conn, req).await {
+        match send(conn, req, None).await {
             Err(SendError::Body(_)) => {}
             Err(e) => panic!("expected the body's failure, got {e}"),
             Ok(resp) => panic!("sent a broken body, got {}", resp.status()),
