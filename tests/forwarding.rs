@@ -307,3 +307,44 @@ async fn websocket_passes_through() {
     }
     ws.close(None).await.unwrap();
 }
+
+/// A backend that says keep-alive and then closes every connection right after its
+/// answer (as one whose keep-alive timeout ran out would): a pooled connection it
+/// closed is noticed when it is checked out, so no client request fails on it.
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_not_used() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+                    )
+                    .await;
+                // Closed at once: the answer and the FIN leave together.
+            });
+        }
+    });
+    let config = format!(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"{addr}\" }}]\n"
+    );
+    let proxy = Proxy::start(&config).await;
+    for i in 0..30 {
+        let r = get(proxy.addr, "h", "/").await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 30);
+}
