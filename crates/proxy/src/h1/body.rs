@@ -195,8 +195,9 @@ pub(super) fn response(
     mut head: Head,
     framing: Framing,
     upload: Option<Upload>,
+    upload_clean: bool,
 ) -> Response<RespBody> {
-    let reusable = head::reusable(&head, framing);
+    let reusable = upload_clean && head::reusable(&head, framing);
     if framing == Framing::Chunked || framing == Framing::Close {
         // Chunked wins over a Content-Length beside it; passing both on would let the
         // next hop read the body differently from us.
@@ -330,7 +331,15 @@ impl HttpBody for RespBody {
             if let (Some(u), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
                 match u.poll(&mut conn.io, cx) {
                     Poll::Ready(Ok(())) => this.upload = None,
-                    Poll::Ready(Err(e)) => return this.fail(e.to_string()),
+                    // The client's body failed mid-way: the answer to a request the
+                    // backend never got whole is not passed on as if it were.
+                    Poll::Ready(Err(e @ SendError::Body(_))) => return this.fail(e.to_string()),
+                    // The backend stopped taking the body: its answer is still read
+                    // to the end; the connection is not reused.
+                    Poll::Ready(Err(_)) => {
+                        this.upload = None;
+                        this.reusable = false;
+                    }
                     Poll::Pending => {}
                 }
             }

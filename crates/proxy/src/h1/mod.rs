@@ -230,6 +230,7 @@ pub async fn send(
         framing => Some(Upload::new(req.into_body(), framing)),
     };
     let mut seen = 0usize;
+    let mut upload_failed: Option<SendError> = None;
     loop {
         if !conn.rbuf.is_empty() {
             match head::parse_response(&mut conn.rbuf, &mut conn.spans) {
@@ -243,7 +244,8 @@ pub async fn send(
                 }
                 Ok(Some(h)) => {
                     let framing = Framing::of(&h, head_request).map_err(SendError::Backend)?;
-                    return Ok(body::response(conn, h, framing, upload));
+                    let clean = upload_failed.is_none();
+                    return Ok(body::response(conn, h, framing, upload, clean));
                 }
                 Ok(None) if conn.rbuf.len() > MAX_HEAD => {
                     return Err(SendError::Backend(format!(
@@ -255,16 +257,38 @@ pub async fn send(
             }
         }
         let n = std::future::poll_fn(|cx| {
-            if let Some(u) = upload.as_mut().filter(|u| !u.is_done()) {
-                if let Poll::Ready(Err(e)) = u.poll(&mut conn.io, cx) {
-                    return Poll::Ready(Err(e));
+            if let Some(u) = upload.as_mut() {
+                match u.poll(&mut conn.io, cx) {
+                    Poll::Ready(Ok(())) => upload = None,
+                    // The client's body failed: the backend must not get a truncated
+                    // request that looks whole, so the exchange ends here.
+                    Poll::Ready(Err(e @ SendError::Body(_))) => return Poll::Ready(Err(e)),
+                    // The backend stopped taking the body (it answered early and
+                    // closed, as a 413 does): its answer may already be on its way,
+                    // so reading goes on; the connection is not reused.
+                    Poll::Ready(Err(e)) => {
+                        upload = None;
+                        upload_failed = Some(e);
+                    }
+                    Poll::Pending => {}
                 }
             }
             conn.poll_fill(cx)
                 .map_err(|e| SendError::Backend(format!("reading the response: {e}")))
         })
-        .await?;
+        .await;
+        let n = match (n, upload_failed.take()) {
+            (Ok(n), failed) => {
+                upload_failed = failed;
+                n
+            }
+            (Err(_), Some(failed)) => return Err(failed),
+            (Err(e), None) => return Err(e),
+        };
         if n == 0 {
+            if let Some(failed) = upload_failed {
+                return Err(failed);
+            }
             return Err(SendError::Backend(if seen == 0 && conn.rbuf.is_empty() {
                 "backend closed the connection without answering".into()
             } else {

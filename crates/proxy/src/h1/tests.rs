@@ -485,3 +485,30 @@ proptest! {
         prop_assert!(text.ends_with(&want), "{} / {}", text, want);
     }
 }
+
+/// A backend that refuses an upload early (a 413 as soon as it has the head) and closes:
+/// its answer reaches the client, not a 502 about the body it stopped reading.
+#[tokio::test]
+async fn an_early_answer_to_an_upload_is_passed_on() {
+    let answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large".to_vec();
+    let addr = backend(answer).await;
+    let conn = Conn::new(Stream::Plain(TcpStream::connect(addr).await.unwrap()));
+    let size = 8 * 1024 * 1024;
+    let pieces: Vec<Vec<u8>> = (0..size / 65536).map(|_| vec![b'x'; 65536]).collect();
+    let req = Request::post("/import")
+        .header("host", "b")
+        .header("content-length", size.to_string())
+        .body(streamed(pieces, None))
+        .unwrap();
+    let resp = send(conn, req, None).await.expect("the backend's answer");
+    assert_eq!(resp.status(), 413);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.expect("the answer's body").into_data() {
+            got.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(got, b"too large");
+    assert!(body.take_reusable().is_none());
+}
