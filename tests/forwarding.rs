@@ -348,3 +348,58 @@ async fn a_pooled_connection_the_backend_closed_is_not_used() {
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 30);
 }
+
+/// The keep-alive race: a backend whose idle timeout runs out just as a pooled
+/// connection carries the next request closes it unanswered. A bodiless GET is then
+/// sent once more on a fresh connection to the same backend (nginx's rule for cached
+/// connections), so the client sees no 502 even with a single backend.
+#[tokio::test]
+async fn a_get_caught_by_the_keep_alive_race_is_sent_again_on_a_new_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Answers the first request, keeps the connection open, and closes it
+                // unanswered when the second request arrives.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut answered = 0;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        if answered == 1 {
+                            return;
+                        }
+                        got.clear();
+                        answered += 1;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let config = format!(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"{addr}\" }}]\n"
+    );
+    let proxy = Proxy::start(&config).await;
+    for i in 0..10 {
+        let r = get(proxy.addr, "h", "/").await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    // Every request after the first found its pooled connection closed and opened one.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    // A POST caught the same way is never sent twice: it gets the 502, and no new
+    // connection was opened for it.
+    let r = send(proxy.addr, request("POST", "h", "/", "x")).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+}

@@ -66,6 +66,35 @@ pub async fn checkout(
     }
 }
 
+/// A new HTTP/1.1 connection to `backend` for keyway's own client, never from the pool:
+/// the second try of a request whose pooled connection was found closed.
+pub async fn connect_h1(
+    backend: &Arc<Backend>,
+    connect_timeout: Duration,
+) -> Result<h1::Conn, ProxyError> {
+    match tokio::time::timeout(connect_timeout, connect(backend, Purpose::Request)).await {
+        Ok(Ok(Sender::H1(conn))) => Ok(conn),
+        Ok(Ok(_)) => Err(connect_error(
+            backend,
+            "connect",
+            "the backend negotiated HTTP/2 where HTTP/1.1 was expected",
+        )),
+        Ok(Err(e)) => {
+            backend.record_connect_error(&e.detail);
+            Err(e)
+        }
+        Err(_) => {
+            let e = connect_error(
+                backend,
+                "connect",
+                format!("no connection within {connect_timeout:?}"),
+            );
+            backend.record_connect_error(&e.detail);
+            Err(e)
+        }
+    }
+}
+
 /// One of `backend`'s slots (waiting up to `queue_timeout` in its bounded queue when
 /// all are taken), then a connection. The slot comes first, so a backend at its
 /// `max_connections` is never opened another connection.

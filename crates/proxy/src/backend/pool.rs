@@ -62,6 +62,7 @@ impl Pool {
         let mut idle = self.h1.lock().ok()?;
         while let Some(mut idle_conn) = idle.pop_back() {
             if idle_conn.since.elapsed() < self.cfg.idle_timeout && idle_conn.conn.still_idle() {
+                idle_conn.conn.set_reused();
                 return Some(Sender::H1(idle_conn.conn));
             }
         }

@@ -95,10 +95,12 @@ pub(super) fn send<'a>(
     sender: Sender,
     req: Request<Body>,
     extra: Option<&'a headers::Added>,
+    backend: &'a Arc<Backend>,
+    connect_timeout: Duration,
 ) -> impl Future<Output = Result<Sent, SendFailure>> + 'a {
     use futures_util::future::Either;
     match sender {
-        Sender::H1(conn) => Either::Left(send_own(conn, req, extra)),
+        Sender::H1(conn) => Either::Left(send_own(conn, req, extra, backend, connect_timeout)),
         Sender::Upgrade(s) => Either::Right(Either::Left(async move {
             let mut s = s;
             from_hyper(s.try_send_request(req).await)
@@ -114,13 +116,49 @@ async fn send_own(
     conn: h1::Conn,
     req: Request<Body>,
     extra: Option<&headers::Added>,
+    backend: &Arc<Backend>,
+    connect_timeout: Duration,
 ) -> Result<Sent, SendFailure> {
     match h1::send(conn, req, extra).await {
+        // The keep-alive race says nothing about the backend: one more try on a fresh
+        // connection (boxed: the rare path stays out of every request's future).
+        Err(h1::SendError::Stale(req)) => {
+            Box::pin(send_again(*req, extra, backend, connect_timeout)).await
+        }
+        sent => from_own(sent),
+    }
+}
+
+async fn send_again(
+    req: Request<Body>,
+    extra: Option<&headers::Added>,
+    backend: &Arc<Backend>,
+    connect_timeout: Duration,
+) -> Result<Sent, SendFailure> {
+    tracing::debug!(backend = %backend.cfg.id, "pooled connection closed under a request; sending it again on a new one");
+    match upstream::connect_h1(backend, connect_timeout).await {
+        Ok(conn) => from_own(h1::send(conn, req, extra).await),
+        Err(e) => {
+            let ending = Ending::Broken {
+                user: false,
+                unsent: true,
+            };
+            Err((e, Some(req), ending))
+        }
+    }
+}
+
+// The same result `send` resolves to (see `from_hyper`).
+#[allow(clippy::result_large_err)]
+fn from_own(sent: Result<Response<h1::RespBody>, h1::SendError>) -> Result<Sent, SendFailure> {
+    match sent {
         Ok(resp) => Ok(resp.map(UpBody::Own)),
         Err(e) => {
             let detail = format!("backend failed before answering: {e}");
             let (user, unsent) = match e {
                 h1::SendError::Unsent(req, _) => (false, Some(*req)),
+                // Only a pooled connection is stale, and `send_own` retries those.
+                h1::SendError::Stale(req) => (false, Some(*req)),
                 h1::SendError::Body(_) => (true, None),
                 h1::SendError::Backend(_) => (false, None),
             };

@@ -5,8 +5,12 @@
 //! Retry rules (written down only here; `retry::Retry` enforces them):
 //! - a connection that was never established may be retried on another backend,
 //!   whatever the method (nothing reached the backend);
-//! - a request hyper hands back unsent (the pooled connection closed under it) is
-//!   retried likewise;
+//! - a request of which not a byte was written (the pooled connection closed under it)
+//!   is retried likewise;
+//! - a bodiless GET/HEAD/OPTIONS whose pooled connection the backend closed before a
+//!   byte of the answer (the keep-alive race) is sent once more on a new connection to
+//!   the same backend (`exchange::send_own`), counted neither as a retry nor against the
+//!   backend;
 //! - a GET/HEAD/OPTIONS without a body that fails before response headers is retried
 //!   once on another backend;
 //! - anything else is never sent twice. All retries are bounded by the cluster's
@@ -318,7 +322,13 @@ async fn proxy(
         let pt = cluster.cfg.protocol_timeout;
         // Pinned here, not inside the helper: moving it in would store it twice in this
         // future, which hyper moves on every request.
-        let sending = std::pin::pin!(send(sender, req, extra.as_ref()));
+        let sending = std::pin::pin!(send(
+            sender,
+            req,
+            extra.as_ref(),
+            &backend,
+            cluster.cfg.connect_timeout
+        ));
         let exchange = within_protocol_timeout(sending, pt, watch.as_deref());
         // A write whose body is still arriving when this instance's write lease runs
         // out is cut off: the old primary never gets (or acts on) the whole request,
@@ -414,10 +424,10 @@ mod tests {
 
     /// hyper moves each request's future into place (`recv_msg`), so its size is paid
     /// in copying on every request. A TCP + TLS handshake inline made it 10 KiB;
-    /// rarely taken large branches are boxed. This keeps it that way. The bound is
-    /// 5 KiB since the HTTP/1.1 exchange runs in the request's own future (`h1::send`,
-    /// about 800 bytes): that state used to live in hyper's connection task, reached
-    /// through a channel.
+    /// rarely taken large branches are boxed. This keeps it that way. It is about
+    /// 5.3 KiB since the HTTP/1.1 exchange runs in the request's own future (`h1::send`,
+    /// about 900 bytes, state that used to live in hyper's connection task); the bound,
+    /// 6 KiB, leaves room for that and still catches an unboxed handshake.
     #[tokio::test]
     async fn the_per_request_future_stays_small() {
         let dir = std::env::temp_dir().join(format!("keyway-future-{}", std::process::id()));
@@ -474,7 +484,7 @@ mod tests {
         assert_eq!(resp.status(), 503, "the only backend refuses connections");
         let size = size.load(std::sync::atomic::Ordering::SeqCst);
         assert!(
-            size > 0 && size <= 5120,
+            size > 0 && size <= 6144,
             "the request future is {size} bytes"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -119,6 +119,8 @@ pub struct Conn {
     spans: Vec<[usize; 4]>,
     /// How much the next read reserves (adapts between [`MIN_READ`] and [`MAX_READ`]).
     next_read: usize,
+    /// It carried an exchange before (it came from the pool).
+    reused: bool,
 }
 
 impl Conn {
@@ -130,7 +132,14 @@ impl Conn {
             wbuf: Vec::new(),
             spans: Vec::new(),
             next_read: MIN_READ,
+            reused: false,
         }
+    }
+
+    /// Marks the connection as one that carried an exchange before (see
+    /// [`SendError::Stale`]).
+    pub fn set_reused(&mut self) {
+        self.reused = true;
     }
 
     /// Whether an idle connection can take another request: the backend has not closed
@@ -181,6 +190,11 @@ pub enum SendError {
     Body(BoxError),
     /// The backend broke the exchange: a reset, EOF, or a malformed response head.
     Backend(String),
+    /// A pooled connection was closed by the backend before a byte of the answer to a
+    /// bodiless GET, HEAD or OPTIONS came back: the keep-alive race (the backend's idle
+    /// timeout ran out as the request went out). The request comes back for one more try
+    /// on a fresh connection, as nginx does for cached connections.
+    Stale(Box<Request<Body>>),
 }
 
 impl std::fmt::Display for SendError {
@@ -189,6 +203,9 @@ impl std::fmt::Display for SendError {
             SendError::Unsent(_, e) => write!(f, "connection closed before the request: {e}"),
             SendError::Body(e) => write!(f, "the request body failed: {e}"),
             SendError::Backend(e) => f.write_str(e),
+            SendError::Stale(_) => {
+                f.write_str("the backend closed a pooled connection as the request went out")
+            }
         }
     }
 }
@@ -200,7 +217,7 @@ impl std::fmt::Display for SendError {
 /// `extra` fields (the forwarded identity) are written after the request's own headers.
 pub async fn send(
     mut conn: Conn,
-    req: Request<Body>,
+    mut req: Request<Body>,
     extra: Option<&crate::headers::Added>,
 ) -> Result<Response<RespBody>, SendError> {
     let framing = ReqFraming::of(&req);
@@ -219,6 +236,13 @@ pub async fn send(
         }
     }
     let head_request = req.method() == Method::HEAD;
+    // A bodiless safe request on a pooled connection is kept until an answer starts, to
+    // be sent once more if the connection turns out closed (`SendError::Stale`). The
+    // request stays where it is (only a body is taken out of it): a second copy would
+    // grow every request's future.
+    let again = framing == ReqFraming::Empty
+        && conn.reused
+        && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let mut upload = match framing {
         ReqFraming::Empty => {
             conn.io
@@ -227,7 +251,10 @@ pub async fn send(
                 .map_err(|e| SendError::Backend(format!("writing the request head: {e}")))?;
             None
         }
-        framing => Some(Upload::new(req.into_body(), framing)),
+        framing => {
+            let body = std::mem::replace(req.body_mut(), crate::body::empty());
+            Some(Upload::new(body, framing))
+        }
     };
     let mut seen = 0usize;
     let mut upload_failed: Option<SendError> = None;
@@ -283,11 +310,20 @@ pub async fn send(
                 n
             }
             (Err(_), Some(failed)) => return Err(failed),
-            (Err(e), None) => return Err(e),
+            (Err(e), None) => {
+                return Err(if again && seen == 0 {
+                    SendError::Stale(Box::new(req))
+                } else {
+                    e
+                });
+            }
         };
         if n == 0 {
             if let Some(failed) = upload_failed {
                 return Err(failed);
+            }
+            if again && seen == 0 {
+                return Err(SendError::Stale(Box::new(req)));
             }
             return Err(SendError::Backend(if seen == 0 && conn.rbuf.is_empty() {
                 "backend closed the connection without answering".into()
