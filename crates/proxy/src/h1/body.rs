@@ -183,7 +183,7 @@ enum Decode {
 /// A backend's response body, read from the connection as it is polled. Owns the
 /// connection; [`RespBody::into_reusable`] gives it back when the exchange ended cleanly.
 pub struct RespBody {
-    conn: Option<Conn>,
+    pub(super) conn: Option<Conn>,
     state: Decode,
     upload: Option<Upload>,
     reusable: bool,
@@ -231,7 +231,8 @@ impl RespBody {
     /// [`RespBody::into_reusable`] through a reference (the body is done either way).
     pub fn take_reusable(&mut self) -> Option<Conn> {
         let clean = self.state == Decode::Done && self.reusable && self.upload.is_none();
-        let conn = self.conn.take()?;
+        let mut conn = self.conn.take()?;
+        conn.release_buffers();
         clean.then_some(conn)
     }
 

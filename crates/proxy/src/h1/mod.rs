@@ -159,6 +159,19 @@ impl Conn {
             .is_pending()
     }
 
+    /// Gives back what a large exchange grew (reads of up to [`MAX_READ`], a long request
+    /// head) before the connection idles in the pool: up to `max_idle` pooled
+    /// connections must not each pin a quarter of a MiB.
+    pub(crate) fn release_buffers(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * MIN_READ {
+            self.rbuf = BytesMut::new();
+        }
+        self.next_read = MIN_READ;
+        if self.wbuf.capacity() > 2 * MIN_READ {
+            self.wbuf = Vec::new();
+        }
+    }
+
     /// Reads more bytes into `rbuf`. `Ok(0)` is EOF.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < MIN_READ / 2 {

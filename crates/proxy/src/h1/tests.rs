@@ -512,3 +512,31 @@ async fn an_early_answer_to_an_upload_is_passed_on() {
     assert_eq!(got, b"too large");
     assert!(body.take_reusable().is_none());
 }
+
+/// A connection that carried a large response goes back to the pool without the read
+/// buffer it grew for it.
+#[tokio::test]
+async fn a_pooled_connection_does_not_keep_a_large_read_buffer() {
+    let big = vec![b'z'; 2_000_000];
+    let mut answer =
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+    answer.extend_from_slice(&big);
+    let addr = backend(answer).await;
+    let conn = Conn::new(Stream::Plain(TcpStream::connect(addr).await.unwrap()));
+    let resp = send(conn, request(&Method::GET), None).await.unwrap();
+    let mut body = resp.into_body();
+    let mut grew = 0;
+    let mut n = 0;
+    while let Some(f) = body.frame().await {
+        n += f.unwrap().into_data().unwrap().len();
+        grew = grew.max(body.conn.as_ref().map_or(0, |c| c.rbuf.capacity()));
+    }
+    assert_eq!(n, big.len());
+    assert!(grew > 2 * MIN_READ, "reads grew to {grew} bytes");
+    let conn = body.take_reusable().expect("a clean exchange");
+    assert!(
+        conn.rbuf.capacity() <= 2 * MIN_READ,
+        "kept {}",
+        conn.rbuf.capacity()
+    );
+}
