@@ -308,11 +308,23 @@ async fn websocket_passes_through() {
     ws.close(None).await.unwrap();
 }
 
-/// A backend that says keep-alive and then closes every connection right after its
-/// answer (as one whose keep-alive timeout ran out would): a pooled connection it
-/// closed is noticed when it is checked out, so no client request fails on it.
-#[tokio::test]
-async fn a_pooled_connection_the_backend_closed_is_not_used() {
+/// A listener in front of one backend at `addr`, for any host and path.
+fn one_backend(addr: std::net::SocketAddr) -> String {
+    format!(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"{addr}\" }}]\n"
+    )
+}
+
+/// A raw HTTP/1.1 backend that answers one request per connection with `answer`. Then
+/// it closes the connection at once, or (`wait`) when the next request arrives,
+/// unanswered. Returns its address and the number of connections it accepted.
+async fn one_answer_per_connection(
+    answer: &'static [u8],
+    wait: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -323,27 +335,43 @@ async fn a_pooled_connection_the_backend_closed_is_not_used() {
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut heads = 0;
+                loop {
                     match s.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
+                    if !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    got.clear();
+                    heads += 1;
+                    if heads > 1 {
+                        return;
+                    }
+                    let _ = s.write_all(answer).await;
+                    if !wait {
+                        return;
+                    }
                 }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
-                    )
-                    .await;
-                // Closed at once: the answer and the FIN leave together.
             });
         }
     });
-    let config = format!(
-        "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"{addr}\" }}]\n"
-    );
-    let proxy = Proxy::start(&config).await;
+    (addr, accepted)
+}
+
+/// A backend that says keep-alive and then closes every connection right after its
+/// answer (as one whose keep-alive timeout ran out would): a pooled connection it
+/// closed is noticed when it is checked out, so no client request fails on it. The
+/// requests are POSTs, which are never sent twice: each must find a live connection.
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_not_used() {
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok";
+    // Closed at once: the answer and the FIN leave together.
+    let (addr, accepted) = one_answer_per_connection(answer, false).await;
+    let proxy = Proxy::start(&one_backend(addr)).await;
     for i in 0..30 {
-        let r = get(proxy.addr, "h", "/").await;
+        let r = send(proxy.addr, request("POST", "h", "/", "")).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.body);
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 30);
@@ -355,42 +383,11 @@ async fn a_pooled_connection_the_backend_closed_is_not_used() {
 /// connections), so the client sees no 502 even with a single backend.
 #[tokio::test]
 async fn a_get_caught_by_the_keep_alive_race_is_sent_again_on_a_new_connection() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                // Answers the first request, keeps the connection open, and closes it
-                // unanswered when the second request arrives.
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                let mut answered = 0;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        if answered == 1 {
-                            return;
-                        }
-                        got.clear();
-                        answered += 1;
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                            .await;
-                    }
-                }
-            });
-        }
-    });
-    let config = format!(
-        "[[listener]]\nlisten = \"127.0.0.1:0\"\n[[route]]\ncluster = \"c\"\n[cluster.c]\nbackends = [{{ id = \"a\", address = \"{addr}\" }}]\n"
-    );
-    let proxy = Proxy::start(&config).await;
+    // The connection stays open after the answer and is closed, unanswered, when the
+    // second request arrives.
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let (addr, accepted) = one_answer_per_connection(answer, true).await;
+    let proxy = Proxy::start(&one_backend(addr)).await;
     for i in 0..10 {
         let r = get(proxy.addr, "h", "/").await;
         assert_eq!(r.status, 200, "request {i}: {}", r.body);

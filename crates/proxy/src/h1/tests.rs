@@ -62,12 +62,12 @@ fn request(method: &Method) -> Request<Body> {
         .unwrap()
 }
 
-async fn ours(answer: &[u8], method: &Method) -> Result<Seen, String> {
-    let addr = backend(answer.to_vec()).await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let resp = send(Conn::new(Stream::Plain(tcp)), request(method), None)
-        .await
-        .map_err(|e| e.to_string())?;
+/// What a client side saw: the head, then the whole body and its trailers.
+async fn seen<B>(resp: http::Response<B>) -> Result<Seen, String>
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Display,
+{
     let status = resp.status().as_u16();
     let headers = fields(resp.headers());
     let collected = resp
@@ -84,6 +84,15 @@ async fn ours(answer: &[u8], method: &Method) -> Result<Seen, String> {
     })
 }
 
+async fn ours(answer: &[u8], method: &Method) -> Result<Seen, String> {
+    let addr = backend(answer.to_vec()).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let resp = send(Conn::new(Stream::Plain(tcp)), request(method), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    seen(resp).await
+}
+
 async fn hypers(answer: &[u8], method: &Method) -> Result<Seen, String> {
     let addr = backend(answer.to_vec()).await;
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -96,20 +105,7 @@ async fn hypers(answer: &[u8], method: &Method) -> Result<Seen, String> {
         .send_request(request(method))
         .await
         .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let headers = fields(resp.headers());
-    let collected = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    let trailers = collected.trailers().map(fields).unwrap_or_default();
-    Ok(Seen {
-        status,
-        headers,
-        body: collected.to_bytes().to_vec(),
-        trailers,
-    })
+    seen(resp).await
 }
 
 /// Responses both clients must read alike, as recorded from servers and written to hit
