@@ -157,6 +157,66 @@ async fn reads_every_response_as_hypers_client_does() {
     }
 }
 
+/// A generated response: status, extra fields, framing (0: Content-Length, 1: chunked in
+/// the given sizes, 2: until close), body, and the request method.
+fn generated(
+    status: u16,
+    fields: &[(String, String)],
+    framing: u8,
+    sizes: &[usize],
+    body: &[u8],
+    head: bool,
+) -> Vec<u8> {
+    let bodiless = head || status == 204 || status == 304;
+    let mut out = format!("HTTP/1.1 {status} X\r\n").into_bytes();
+    for (n, v) in fields {
+        out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+    }
+    match (framing, bodiless) {
+        (_, true) if status == 204 => {}
+        (0, _) | (_, true) => {
+            out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes())
+        }
+        (1, _) => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        _ => out.extend_from_slice(b"Connection: close\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+    if !bodiless {
+        if framing == 1 {
+            out.extend_from_slice(&chunked(body, sizes));
+        } else {
+            out.extend_from_slice(body);
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Generated responses (any status, fields, framing and body) read the same through
+    /// keyway's client and hyper's.
+    #[test]
+    fn generated_responses_read_as_hypers_client_does(
+        status in proptest::sample::select(vec![200u16, 201, 204, 206, 301, 302, 304, 400, 404, 500, 503]),
+        fields in proptest::collection::vec(("x-[a-z0-9-]{1,12}", "[!-~]([ -~]{0,30}[!-~])?"), 0..8),
+        framing in 0u8..3,
+        sizes in proptest::collection::vec(1usize..600, 1..6),
+        body in proptest::collection::vec(any::<u8>(), 0..2000),
+        head in any::<bool>(),
+    ) {
+        let answer = generated(status, &fields, framing, &sizes, &body, head);
+        let method = if head { Method::HEAD } else { Method::GET };
+        let rt = runtime();
+        let (a, b) = rt.block_on(async { (ours(&answer, &method).await, hypers(&answer, &method).await) });
+        match (&a, &b) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            _ => prop_assert!(false, "keyway saw {:?}, hyper saw {:?}", a, b),
+        }
+    }
+}
+
 /// Where keyway is deliberately stricter than hyper's client, or tidier.
 #[tokio::test]
 async fn refuses_what_could_be_read_two_ways() {
