@@ -47,6 +47,8 @@ pub struct Cluster {
     pub classifier: Classifier,
     /// The parts loaded for it: resolved addresses and compiled plugins.
     pub plugins: ClusterParts,
+    /// See [`Cluster::plain_http1`].
+    plain_http1: bool,
     ryw_key: ring::hmac::Key,
     ryw_cookie: String,
     budget: Budget,
@@ -89,7 +91,15 @@ impl Cluster {
         by_priority.sort_by_key(|&i| backends[i].cfg.priority);
         let weights: Vec<u32> = backends.iter().map(|b| b.cfg.weight).collect();
         let labels = [("cluster", cfg.name.clone())];
+        // Plain backends not set to HTTP/2, and TLS backends set to HTTP/1.1 (which offer
+        // no `h2` by ALPN).
+        let plain_http1 = backends.iter().all(|b| match b.cfg.protocol {
+            crate::config::UpstreamProtocol::Http1 => true,
+            crate::config::UpstreamProtocol::Auto => b.tls.is_none(),
+            crate::config::UpstreamProtocol::Http2 => false,
+        });
         Ok(Self {
+            plain_http1,
             balancer: Balancer::new(cfg.balance, &weights),
             health,
             classifier: Classifier::new(&cfg.split.read_routes, &cfg.split.write_routes, cfg.paths),
@@ -144,15 +154,9 @@ impl Cluster {
     }
 
     /// Whether every request connection of this cluster is keyway's own HTTP/1.1
-    /// client: plain backends not set to HTTP/2, and TLS backends set to HTTP/1.1 (which
-    /// offer no `h2` by ALPN).
+    /// client (decided once, when the cluster is built).
     pub fn plain_http1(&self) -> bool {
-        use crate::config::UpstreamProtocol;
-        self.backends.iter().all(|b| match b.cfg.protocol {
-            UpstreamProtocol::Http1 => true,
-            UpstreamProtocol::Auto => b.tls.is_none(),
-            UpstreamProtocol::Http2 => false,
-        })
+        self.plain_http1
     }
 
     /// Classifies a request: the WebAssembly classifier when one is configured (its

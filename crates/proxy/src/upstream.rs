@@ -41,6 +41,15 @@ pub async fn checkout(
             return Ok(sender);
         }
     }
+    connect_within(backend, purpose, connect_timeout).await
+}
+
+/// A new connection within `connect_timeout`; a failure is recorded on the backend.
+async fn connect_within(
+    backend: &Arc<Backend>,
+    purpose: Purpose,
+    connect_timeout: Duration,
+) -> Result<Sender, ProxyError> {
     // Boxed: a TCP + TLS + HTTP handshake is a large state machine, and inline it would
     // make every request's future that large (hyper moves the future per request),
     // while new connections are the rare case once the pool is warm.
@@ -72,26 +81,13 @@ pub async fn connect_h1(
     backend: &Arc<Backend>,
     connect_timeout: Duration,
 ) -> Result<h1::Conn, ProxyError> {
-    match tokio::time::timeout(connect_timeout, connect(backend, Purpose::Request)).await {
-        Ok(Ok(Sender::H1(conn))) => Ok(conn),
-        Ok(Ok(_)) => Err(connect_error(
+    match connect_within(backend, Purpose::Request, connect_timeout).await? {
+        Sender::H1(conn) => Ok(conn),
+        _ => Err(connect_error(
             backend,
             "connect",
             "the backend negotiated HTTP/2 where HTTP/1.1 was expected",
         )),
-        Ok(Err(e)) => {
-            backend.record_connect_error(&e.detail);
-            Err(e)
-        }
-        Err(_) => {
-            let e = connect_error(
-                backend,
-                "connect",
-                format!("no connection within {connect_timeout:?}"),
-            );
-            backend.record_connect_error(&e.detail);
-            Err(e)
-        }
     }
 }
 

@@ -3,10 +3,11 @@
 //!
 //! An HTTP/1.1 connection is keyway's own client ([`crate::h1::Conn`]), driven by the
 //! request that uses it; checking one out looks for an EOF or stray bytes first. An
-//! HTTP/2 one is a hyper `SendRequest` whose connection task runs on its own. The pool is our own rather than hyper-util's because an `ordered` cluster races
+//! HTTP/2 one is a hyper `SendRequest` whose connection task runs on its own.
+//! The pool is our own rather than hyper-util's because an `ordered` cluster races
 //! connections to *different* backends and keeps the winner, which a pool keyed by URI
 //! cannot express. It only keeps connections others made (`upstream` connects); it
-//! never opens one and never keeps more than `max_idle` idle HTTP/1.1 senders.
+//! never opens one and never keeps more than `max_idle` idle HTTP/1.1 connections.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

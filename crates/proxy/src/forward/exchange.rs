@@ -138,14 +138,27 @@ async fn send_again(
     tracing::debug!(backend = %backend.cfg.id, "pooled connection closed under a request; sending it again on a new one");
     match upstream::connect_h1(backend, connect_timeout).await {
         Ok(conn) => from_own(h1::send(conn, req, extra).await),
-        Err(e) => {
-            let ending = Ending::Broken {
-                user: false,
-                unsent: true,
-            };
-            Err((e, Some(req), ending))
-        }
+        Err(e) => Err(failed(e, false, Some(req))),
     }
+}
+
+/// A failed exchange: `user` when our side failed it (the client's body), and the
+/// request when it may be sent again.
+fn failed(err: ProxyError, user: bool, unsent: Option<Request<Body>>) -> SendFailure {
+    let ending = Ending::Broken {
+        user,
+        unsent: unsent.is_some(),
+    };
+    (err, unsent, ending)
+}
+
+fn broken_before_answer(e: impl std::fmt::Display) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::UpstreamProtocol,
+        Side::Upstream,
+        false,
+        format!("backend failed before answering: {e}"),
+    )
 }
 
 // The same result `send` resolves to (see `from_hyper`).
@@ -154,7 +167,7 @@ fn from_own(sent: Result<Response<h1::RespBody>, h1::SendError>) -> Result<Sent,
     match sent {
         Ok(resp) => Ok(resp.map(UpBody::Own)),
         Err(e) => {
-            let detail = format!("backend failed before answering: {e}");
+            let err = broken_before_answer(&e);
             let (user, unsent) = match e {
                 h1::SendError::Unsent(req, _) => (false, Some(*req)),
                 // Only a pooled connection is stale, and `send_own` retries those.
@@ -162,12 +175,7 @@ fn from_own(sent: Result<Response<h1::RespBody>, h1::SendError>) -> Result<Sent,
                 h1::SendError::Body(_) => (true, None),
                 h1::SendError::Backend(_) => (false, None),
             };
-            let err = ProxyError::new(ErrorKind::UpstreamProtocol, Side::Upstream, false, detail);
-            let ending = Ending::Broken {
-                user,
-                unsent: unsent.is_some(),
-            };
-            Err((err, unsent, ending))
+            Err(failed(err, user, unsent))
         }
     }
 }
@@ -182,17 +190,11 @@ fn from_hyper(
         Ok(resp) => Ok(resp.map(UpBody::Hyper)),
         Err(mut e) => {
             let unsent = e.take_message();
-            let err = ProxyError::new(
-                ErrorKind::UpstreamProtocol,
-                Side::Upstream,
-                false,
-                format!("backend failed before answering: {}", e.error()),
-            );
-            let ending = Ending::Broken {
-                user: e.error().is_user(),
-                unsent: unsent.is_some(),
-            };
-            Err((err, unsent, ending))
+            Err(failed(
+                broken_before_answer(e.error()),
+                e.error().is_user(),
+                unsent,
+            ))
         }
     }
 }

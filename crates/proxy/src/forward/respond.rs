@@ -89,8 +89,8 @@ pub(super) fn respond(
     }
 
     let body = if incoming.is_end_stream() {
-        if let UpBody::Own(b) = incoming {
-            if let Some(conn) = b.into_reusable() {
+        if let UpBody::Own(mut b) = incoming {
+            if let Some(conn) = b.take_reusable() {
                 backend.pool.put_h1(conn);
             }
         }

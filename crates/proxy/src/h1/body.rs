@@ -181,7 +181,7 @@ enum Decode {
 }
 
 /// A backend's response body, read from the connection as it is polled. Owns the
-/// connection; [`RespBody::into_reusable`] gives it back when the exchange ended cleanly.
+/// connection; [`RespBody::take_reusable`] gives it back when the exchange ended cleanly.
 pub struct RespBody {
     pub(super) conn: Option<Conn>,
     state: Decode,
@@ -223,12 +223,8 @@ pub(super) fn response(
 }
 
 impl RespBody {
-    /// The connection, if the exchange ended cleanly and it may carry another request.
-    pub fn into_reusable(mut self) -> Option<Conn> {
-        self.take_reusable()
-    }
-
-    /// [`RespBody::into_reusable`] through a reference (the body is done either way).
+    /// The connection, if the exchange ended cleanly and it may carry another request
+    /// (it is taken either way: the body reads nothing more).
     pub fn take_reusable(&mut self) -> Option<Conn> {
         let clean = self.state == Decode::Done && self.reusable && self.upload.is_none();
         let mut conn = self.conn.take()?;

@@ -246,9 +246,8 @@ pub fn reusable(head: &Head, framing: Framing) -> bool {
     if !head.framing_fields {
         return head.version == Version::HTTP_11;
     }
-    if framing == Framing::Close
-        || (head.headers.contains_key(header::TRANSFER_ENCODING)
-            && head.headers.contains_key(header::CONTENT_LENGTH))
+    if head.headers.contains_key(header::TRANSFER_ENCODING)
+        && head.headers.contains_key(header::CONTENT_LENGTH)
     {
         return false;
     }

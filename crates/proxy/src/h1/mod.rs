@@ -226,7 +226,7 @@ impl std::fmt::Display for SendError {
 /// Sends `req` over `conn` and waits for the response head; the request body streams
 /// meanwhile (and on, while the response body is read, if the backend answers early).
 /// The returned body owns the connection and hands it back through
-/// [`RespBody::into_reusable`] once the exchange ended cleanly.
+/// [`RespBody::take_reusable`] once the exchange ended cleanly.
 /// `extra` fields (the forwarded identity) are written after the request's own headers.
 pub async fn send(
     mut conn: Conn,
