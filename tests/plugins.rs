@@ -192,6 +192,86 @@ fn pam_classifier_knows_the_read_only_calls() {
     assert!(err.contains("refused its configuration"), "{err}");
 }
 
+/// A classifier remembers its answers per request: a request seen before costs no
+/// call, a request that differs in method, host or path is never answered for another,
+/// a thousand distinct requests sharing the fixed table still get their own answers,
+/// and a request too long to remember is always a call.
+#[test]
+fn a_classifier_answers_a_request_it_has_seen_from_memory_and_never_mixes_requests() {
+    let c = ClassifierPlugin::load(
+        &plugin("pam-classifier"),
+        r#"{"extra_reads": ["POST /custom/*/peek"]}"#,
+    )
+    .unwrap();
+    let k = |m: &str, p: &str, h: &str| c.classify(m, p, h).unwrap();
+    assert_eq!(k("POST", "/custom/1/poke", "a"), Kind::Write);
+    assert_eq!(k("POST", "/custom/1/poke", "a"), Kind::Write);
+    assert_eq!((c.meta.calls(), c.meta.remembered()), (1, 1));
+    // Same path and host, another method: its own answer.
+    assert_eq!(k("GET", "/custom/1/poke", "a"), Kind::Read);
+    assert_eq!(k("POST", "/custom/1/peek", "a"), Kind::Read);
+    assert_eq!((c.meta.calls(), c.meta.remembered()), (3, 1));
+
+    // More distinct requests than slots: they collide, and each still gets its answer.
+    let expect = |i: usize| {
+        if i.is_multiple_of(2) {
+            Kind::Read
+        } else {
+            Kind::Write
+        }
+    };
+    let path = |i: usize| {
+        format!(
+            "/custom/{i}/{}",
+            if i.is_multiple_of(2) { "peek" } else { "poke" }
+        )
+    };
+    for round in 0..2 {
+        for i in 0..3000 {
+            assert_eq!(
+                k("POST", &path(i), "pvwa"),
+                expect(i),
+                "round {round}, request {i}"
+            );
+        }
+    }
+    let calls = c.meta.calls();
+    assert!(
+        calls > 3 + 3000,
+        "colliding requests are called again: {calls} calls"
+    );
+    assert!(c.meta.remembered() > 1, "some answers come from memory");
+
+    let long = format!("/custom/{}/poke", "x".repeat(300));
+    assert_eq!(k("POST", &long, "a"), Kind::Write);
+    assert_eq!(k("POST", &long, "a"), Kind::Write);
+    assert_eq!(
+        c.meta.calls(),
+        calls + 2,
+        "a long request is not remembered"
+    );
+    // `keyway plugin classify` and `remember_answers = false` always call.
+    let (before, remembered) = (c.meta.calls(), c.meta.remembered());
+    assert_eq!(
+        c.classify_traced("POST", "/custom/1/poke", "a")
+            .result
+            .unwrap(),
+        Kind::Write
+    );
+    assert_eq!(
+        c.classify_each_time("POST", "/custom/1/poke", "a").unwrap(),
+        Kind::Write
+    );
+    assert_eq!(
+        c.classify_each_time("POST", "/custom/1/poke", "a").unwrap(),
+        Kind::Write
+    );
+    assert_eq!(
+        (c.meta.calls(), c.meta.remembered()),
+        (before + 3, remembered)
+    );
+}
+
 /// A thread keeps one configured instance per classifier version; once a version is
 /// swapped out and dropped, its instances go with the thread's next call of the new
 /// one, so hot swaps do not pile up instances (each holds its own linear memory).
@@ -339,6 +419,36 @@ async fn classifier_plugin_routes_requests_in_the_proxy() {
     assert_eq!(p["kind"], "classifier");
     assert!(p["calls"].as_u64().unwrap() >= 2);
     assert_eq!(p["sha256"].as_str().unwrap().len(), 16);
+}
+
+/// In the proxy, a request seen before is answered from memory (`/status` counts
+/// `answers_remembered`); `remember_answers = false` calls the plugin every time.
+#[tokio::test]
+async fn remember_answers_false_calls_the_classifier_for_every_request() {
+    for (remember, calls, remembered) in [(true, 1, 2), (false, 3, 0)] {
+        let hook = format!(
+            r#"classifier = {{ policy = "{}", remember_answers = {remember} }}"#,
+            plugin("pam-classifier").display()
+        );
+        let (_p, _r, proxy) = farm(&hook).await;
+        for _ in 0..3 {
+            let r = request(
+                "POST",
+                "pvwa",
+                "/PasswordVault/api/Accounts/1/Password/Retrieve",
+                "{}",
+            );
+            assert_eq!(send(proxy.addr, r).await.backend(), "replica");
+        }
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(proxy.admin.unwrap(), "/status").await).unwrap();
+        let p = &status["clusters"][0]["plugins"][0];
+        assert_eq!(
+            (p["calls"].as_u64(), p["answers_remembered"].as_u64()),
+            (Some(calls), Some(remembered)),
+            "remember_answers = {remember}: {p}"
+        );
+    }
 }
 
 #[tokio::test]

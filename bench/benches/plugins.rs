@@ -39,8 +39,27 @@ fn bench(c: &mut Criterion) {
         .classify("POST", path, "pvwa.corp.test")
         .expect("classify");
     c.bench_function("plugin: pam-classifier call (reused instance)", |b| {
+        b.iter(|| {
+            classifier.classify_each_time("POST", std::hint::black_box(path), "pvwa.corp.test")
+        })
+    });
+    c.bench_function("plugin: pam-classifier answer remembered", |b| {
         b.iter(|| classifier.classify("POST", std::hint::black_box(path), "pvwa.corp.test"))
     });
+    // A new request every time: a call, plus the slot it takes in the memo.
+    let paths: Vec<String> = (0..4096)
+        .map(|i| format!("/PasswordVault/api/Accounts/{i}_3/Password/Retrieve"))
+        .collect();
+    let mut next = 0;
+    c.bench_function(
+        "plugin: pam-classifier new request (call + remember)",
+        |b| {
+            b.iter(|| {
+                next = (next + 1) % paths.len();
+                classifier.classify("POST", &paths[next], "pvwa.corp.test")
+            })
+        },
+    );
     c.bench_function("native: classifier with one read route", |b| {
         b.iter(|| native.classify(&http::Method::POST, std::hint::black_box(path)))
     });

@@ -86,6 +86,10 @@ pub struct ClassifierHook {
     pub plugin: PluginRef,
     /// What a failed call means.
     pub on_error: OnError,
+    /// `remember_answers` (default true): answer a request seen before from the
+    /// instance's memo. Off for a classifier whose answer depends on more than the
+    /// request (the clock, say).
+    pub remember_answers: bool,
 }
 
 /// How replication lag is read from a health response.

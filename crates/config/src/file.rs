@@ -209,12 +209,13 @@ pub struct FileHealth {
     pub port: Option<u16>,
 }
 
-/// `classifier = { policy = "x.wasm", config = { ... }, on_error = "..." }`
+/// `classifier = { policy = "x.wasm", config = { ... }, on_error = "...", remember_answers = true }`
 #[derive(Debug, Deserialize)]
 pub struct FileClassifier {
     pub policy: String,
     pub config: Option<toml::Table>,
     pub on_error: Option<String>,
+    pub remember_answers: Option<bool>,
 }
 
 /// `outlier = { ... }`: passive ejection from live traffic.

@@ -55,6 +55,7 @@ fn read_component(path: &Path, config: &str) -> Result<(Component, PluginMeta), 
             id: IDS.fetch_add(1, Ordering::Relaxed),
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            remembered: AtomicU64::new(0),
             logged: Mutex::new(Vec::new()),
         },
     ))

@@ -26,6 +26,8 @@ pub struct PluginMeta {
     pub(crate) id: u64,
     pub(crate) calls: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Requests a classifier answered from its memo, without a call.
+    pub(crate) remembered: AtomicU64,
     pub(crate) logged: Mutex<Vec<LogSlot>>,
 }
 
@@ -49,6 +51,11 @@ impl PluginMeta {
     /// Calls made.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Requests a classifier answered from its memo, without a call.
+    pub fn remembered(&self) -> u64 {
+        self.remembered.load(Ordering::Relaxed)
     }
 
     /// Calls that failed.
@@ -110,6 +117,7 @@ impl PluginMeta {
             "loaded_at_unix_ms": crate::unix_ms(self.loaded_at),
             "calls": self.calls(),
             "errors": self.errors(),
+            "answers_remembered": self.remembered.load(Ordering::Relaxed),
         })
     }
 }
@@ -128,6 +136,7 @@ mod tests {
             id: 0,
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            remembered: AtomicU64::new(0),
             logged: Mutex::new(Vec::new()),
         }
     }

@@ -167,7 +167,12 @@ impl Cluster {
         else {
             return self.classifier.classify(method, path);
         };
-        match plugin.classify(method.as_str(), path, host) {
+        let answer = if hook.remember_answers {
+            plugin.classify(method.as_str(), path, host)
+        } else {
+            plugin.classify_each_time(method.as_str(), path, host)
+        };
+        match answer {
             Ok(kind) => kind,
             Err(_) => match hook.on_error {
                 OnError::Fallback => self.classifier.classify(method, path),

@@ -40,7 +40,8 @@ impl ClassifierPlugin {
         host::ClassifierPlugin::load(path, config).map(|p| Arc::new(Self(p)))
     }
 
-    /// Classifies one request with this thread's instance (made on first use).
+    /// Classifies one request with this thread's instance (made on first use), or from
+    /// the answers that instance remembers.
     pub fn classify(
         &self,
         method: &str,
@@ -48,6 +49,18 @@ impl ClassifierPlugin {
         host: &str,
     ) -> Result<crate::classify::Kind, PluginError> {
         self.0.classify(method, path, host).map(from_host_kind)
+    }
+
+    /// [`Self::classify`] with a call every time, never an answer remembered.
+    pub fn classify_each_time(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+    ) -> Result<crate::classify::Kind, PluginError> {
+        self.0
+            .classify_each_time(method, path, host)
+            .map(from_host_kind)
     }
 
     /// [`Self::classify`], with what the plugin wrote to stdout and stderr.

@@ -102,7 +102,9 @@ pub mod classifier {
     pub trait Classifier: Sized + Send + 'static {
         /// Builds the classifier from its configuration, or says what is wrong with it.
         fn configure(config: serde_json::Value) -> Result<Self, String>;
-        /// Classifies a request.
+        /// Classifies a request. keyway remembers the answer for the same method, path
+        /// and host (unless the cluster sets `remember_answers = false`), so the answer
+        /// should depend on nothing else.
         fn classify(&self, method: &str, path: &str, host: &str) -> Kind;
     }
 }

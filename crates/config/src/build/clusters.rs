@@ -223,6 +223,7 @@ pub(super) fn cluster(
                     config_json: plugin_config_json(cl.config.as_ref()),
                 },
                 on_error,
+                remember_answers: cl.remember_answers.unwrap_or(true),
             });
         }
     }

@@ -137,7 +137,9 @@ pub(super) fn known_keys(parent: &KeyPath) -> &'static [&'static str] {
             "on_error",
             "port",
         ],
-        [Some("cluster"), Some(_), Some("classifier")] => &["policy", "config", "on_error"],
+        [Some("cluster"), Some(_), Some("classifier")] => {
+            &["policy", "config", "on_error", "remember_answers"]
+        }
         [Some("cluster"), Some(_), Some("outlier")] => &[
             "consecutive_failures",
             "base_ejection",
