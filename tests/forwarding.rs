@@ -275,18 +275,23 @@ async fn h2_downstream_and_h2_upstream() {
     );
 }
 
+/// Each worker keeps its own idle connections (a connection belongs to the poller of
+/// the worker that made it): sequential requests reuse one per worker at most.
 #[tokio::test]
 async fn upstream_connections_are_pooled() {
-    let a = TestBackend::start("a").await;
-    let proxy = Proxy::start(&simple(&a, "", "")).await;
-    for _ in 0..20 {
-        assert_eq!(get(proxy.addr, "pvwa.corp.test", "/").await.status, 200);
+    for workers in [1, 2] {
+        let a = TestBackend::start("a").await;
+        let cfg = format!("[proxy]\nworkers = {workers}\n{}", simple(&a, "", ""));
+        let proxy = Proxy::start(&cfg).await;
+        for _ in 0..20 {
+            assert_eq!(get(proxy.addr, "pvwa.corp.test", "/").await.status, 200);
+        }
+        assert!(
+            (1..=workers).contains(&a.connections()),
+            "{workers} workers: sequential requests reuse a keep-alive connection per worker, not {}",
+            a.connections()
+        );
     }
-    assert_eq!(
-        a.connections(),
-        1,
-        "sequential requests reuse one keep-alive connection"
-    );
 }
 
 #[tokio::test]
@@ -399,4 +404,70 @@ async fn a_get_caught_by_the_keep_alive_race_is_sent_again_on_a_new_connection()
     let r = send(proxy.addr, request("POST", "h", "/", "x")).await;
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+}
+
+/// One GET on a kept-alive raw connection: its status, the response read whole.
+async fn get_on(s: &mut tokio::net::TcpStream) -> u16 {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: pvwa.corp.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before the head: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("a content-length");
+    while got.len() < head_end + length {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed in the body");
+        got.extend_from_slice(&buf[..n]);
+    }
+    head[9..12].parse().unwrap()
+}
+
+/// `workers = 3`: keep-alive connections are spread evenly over the workers, each
+/// keeps being served by its worker, and closed connections leave no count behind.
+#[tokio::test]
+async fn connections_are_spread_over_the_workers_and_served_there() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&format!("[proxy]\nworkers = 3\n{}", simple(&a, "", ""))).await;
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        assert_eq!(get_on(&mut s).await, 200);
+        conns.push(s);
+    }
+    assert_eq!(proxy.server().worker_connections(), vec![2, 2, 2]);
+    for _ in 0..3 {
+        for s in &mut conns {
+            assert_eq!(get_on(s).await, 200);
+        }
+    }
+    // At most one upstream connection per worker: each pools its own.
+    assert!(
+        a.connections() <= 3,
+        "{} upstream connections",
+        a.connections()
+    );
+    drop(conns);
+    eventually(
+        Duration::from_secs(10),
+        "closed connections leave their workers",
+        || async { proxy.server().worker_connections() == vec![0, 0, 0] },
+    )
+    .await;
 }

@@ -374,18 +374,24 @@ fn misbehaving_plugins_are_contained() {
 }
 
 async fn farm(classifier: &str) -> (TestBackend, TestBackend, Proxy) {
+    farm_with("", classifier).await
+}
+
+/// [`farm`] with `proxy` (e.g. `[proxy]` settings) before the rest of the config.
+async fn farm_with(proxy: &str, classifier: &str) -> (TestBackend, TestBackend, Proxy) {
     let primary = TestBackend::start("primary").await;
     let replica = TestBackend::start("replica").await;
-    let cfg = one_cluster(
-        "pam",
-        &format!(
-            r#"strategy = "primary-replica"
+    let cfg = proxy.to_string()
+        + &one_cluster(
+            "pam",
+            &format!(
+                r#"strategy = "primary-replica"
 {classifier}
 backends = [{{ id = "primary", address = "{}", role = "primary" }}, {{ id = "replica", address = "{}", role = "replica" }}]
 "#,
-            primary.addr, replica.addr
-        ),
-    );
+                primary.addr, replica.addr
+            ),
+        );
     (primary, replica, Proxy::start(&cfg).await)
 }
 
@@ -422,7 +428,8 @@ async fn classifier_plugin_routes_requests_in_the_proxy() {
 }
 
 /// In the proxy, a request seen before is answered from memory (`/status` counts
-/// `answers_remembered`); `remember_answers = false` calls the plugin every time.
+/// `answers_remembered`); `remember_answers = false` calls the plugin every time. One
+/// worker: each worker thread has an instance, and its own memo.
 #[tokio::test]
 async fn remember_answers_false_calls_the_classifier_for_every_request() {
     for (remember, calls, remembered) in [(true, 1, 2), (false, 3, 0)] {
@@ -430,7 +437,7 @@ async fn remember_answers_false_calls_the_classifier_for_every_request() {
             r#"classifier = {{ policy = "{}", remember_answers = {remember} }}"#,
             plugin("pam-classifier").display()
         );
-        let (_p, _r, proxy) = farm(&hook).await;
+        let (_p, _r, proxy) = farm_with("[proxy]\nworkers = 1\n", &hook).await;
         for _ in 0..3 {
             let r = request(
                 "POST",

@@ -71,6 +71,11 @@ impl Server {
         self.proxy.listen_addrs()
     }
 
+    /// Open downstream connections on each worker, in worker order.
+    pub fn worker_connections(&self) -> Vec<usize> {
+        self.proxy.worker_connections()
+    }
+
     /// Bound addresses of the TCP listeners, in config order.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         self.proxy.tcp_addrs()

@@ -144,15 +144,12 @@ fn main() -> ExitCode {
             std::env::temp_dir().join(format!("keyway-demo-state-{}.json", std::process::id()));
         config.state = keyway_proxy::config::StateConfig::File(file);
     }
-    let mut rt = if config.proxy.workers == Some(1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if let Some(n) = config.proxy.workers.filter(|&n| n > 1) {
-        rt.worker_threads(n);
-    }
-    let rt = match rt.enable_all().build() {
+    // The control plane and the first worker; the data plane starts the other workers
+    // (`keyway_proxy::workers`), each on a single-threaded runtime of its own.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyway: cannot start the runtime: {e}");

@@ -33,6 +33,7 @@ pub mod tcp;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 // The crates under the data plane, under the names its modules use: the configuration
 // (`keyway-config`) and the coordinator with its write permits and stores

@@ -65,6 +65,7 @@ pub(super) async fn accept_loop(
     runtime: Arc<ArcSwap<Runtime>>,
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
+    workers: Arc<crate::workers::Workers>,
 ) {
     let open = metrics::gauge!("keyway_downstream_connections", "listener" => label.clone());
     let reached =
@@ -89,7 +90,7 @@ pub(super) async fn accept_loop(
             shutdown: shutdown.clone(),
             open: open.clone(),
         };
-        tokio::spawn(conn.serve(stream));
+        workers.place(stream, move |stream| conn.serve(stream));
     }
     tracing::info!(listen = %label, "stopped accepting");
 }

@@ -29,6 +29,7 @@ use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
 use crate::load::{Loaded, Plane};
 use crate::router::Router;
+use crate::workers::Workers;
 use crate::{http_conn, proxy_protocol, telemetry, tls};
 
 mod conn;
@@ -126,6 +127,8 @@ pub struct Proxy {
     drain_tx: Option<mpsc::Sender<()>>,
     drain_rx: mpsc::Receiver<()>,
     drain_timeout: Duration,
+    /// The worker threads: they stop when the proxy is dropped.
+    workers: Arc<Workers>,
 }
 
 impl Proxy {
@@ -140,6 +143,13 @@ impl Proxy {
         ));
         let (shutdown, _) = watch::channel(false);
         let (drain_tx, drain_rx) = mpsc::channel(1);
+        let workers = Workers::start(
+            config
+                .proxy
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        )
+        .map_err(|e| StartError::Build(format!("cannot start the worker threads: {e}")))?;
 
         let mut listen_addrs = Vec::new();
         let mut bound = Vec::new();
@@ -204,6 +214,7 @@ impl Proxy {
                 runtime.clone(),
                 shutdown.subscribe(),
                 drain_tx.clone(),
+                workers.clone(),
             ));
         }
         let tcp_addrs = tcp_bound.iter().map(|(_, h)| h.addr()).collect();
@@ -215,6 +226,7 @@ impl Proxy {
                 runtime.clone(),
                 shutdown.subscribe(),
                 drain_tx.clone(),
+                workers.clone(),
             ));
         }
         Ok(Proxy {
@@ -226,12 +238,19 @@ impl Proxy {
             drain_tx: Some(drain_tx),
             drain_rx,
             drain_timeout: config.proxy.drain_timeout,
+            workers,
         })
     }
 
     /// Bound addresses of the listeners, in config order (ports resolved when `:0`).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen_addrs
+    }
+
+    /// Open downstream connections on each worker, in worker order (worker 0 is the
+    /// runtime the proxy started on).
+    pub fn worker_connections(&self) -> Vec<usize> {
+        self.workers.open()
     }
 
     /// Bound addresses of the TCP listeners, in config order.

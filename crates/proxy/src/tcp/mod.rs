@@ -183,6 +183,7 @@ pub(crate) async fn accept_loop(
     runtime: Arc<ArcSwap<Runtime>>,
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
+    workers: Arc<crate::workers::Workers>,
 ) {
     let label = handle.addr.to_string();
     let accepted = metrics::counter!("keyway_tcp_accepted_total", "listener" => label.clone());
@@ -199,7 +200,7 @@ pub(crate) async fn accept_loop(
             label: label.clone(),
             _guard: DrainGuard::new(drain.clone(), Some(slot)),
         };
-        tokio::spawn(conn.serve(stream, peer));
+        workers.place(stream, move |stream| conn.serve(stream, peer));
     }
     tracing::info!(listen = %label, "stopped accepting TCP connections");
 }
