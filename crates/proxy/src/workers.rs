@@ -39,6 +39,14 @@ pub fn slots() -> usize {
     SLOTS.load(Ordering::Relaxed).max(cores)
 }
 
+/// What every accept loop hands its connections to: the workers, and the drain that
+/// shutdown waits on (each connection holds a sender until it closes).
+#[derive(Clone)]
+pub(crate) struct Serving {
+    pub(crate) workers: Arc<Workers>,
+    pub(crate) drain: tokio::sync::mpsc::Sender<()>,
+}
+
 /// The workers connections are placed on.
 pub struct Workers {
     workers: Vec<Worker>,

@@ -64,8 +64,7 @@ pub(super) async fn accept_loop(
     limit: Arc<ConnLimit>,
     runtime: Arc<ArcSwap<Runtime>>,
     mut shutdown: watch::Receiver<bool>,
-    drain: mpsc::Sender<()>,
-    workers: Arc<crate::workers::Workers>,
+    serving: crate::workers::Serving,
 ) {
     let open = metrics::gauge!("keyway_downstream_connections", "listener" => label.clone());
     let reached =
@@ -85,12 +84,14 @@ pub(super) async fn accept_loop(
                 tls: current.tls.is_some(),
                 limits: current.limits.clone(),
                 door: current.door.clone(),
-                drain: DrainGuard::new(drain.clone(), Some(slot)),
+                drain: DrainGuard::new(serving.drain.clone(), Some(slot)),
             },
             shutdown: shutdown.clone(),
             open: open.clone(),
         };
-        workers.place(stream, move |stream| conn.serve(stream));
+        serving
+            .workers
+            .place(stream, move |stream| conn.serve(stream));
     }
     tracing::info!(listen = %label, "stopped accepting");
 }

@@ -29,7 +29,7 @@ use crate::failover::Failover;
 use crate::forward::{self, ConnInfo, Runtime};
 use crate::load::{Loaded, Plane};
 use crate::router::Router;
-use crate::workers::Workers;
+use crate::workers::{Serving, Workers};
 use crate::{http_conn, proxy_protocol, telemetry, tls};
 
 mod conn;
@@ -213,8 +213,10 @@ impl Proxy {
                 limit,
                 runtime.clone(),
                 shutdown.subscribe(),
-                drain_tx.clone(),
-                workers.clone(),
+                Serving {
+                    workers: workers.clone(),
+                    drain: drain_tx.clone(),
+                },
             ));
         }
         let tcp_addrs = tcp_bound.iter().map(|(_, h)| h.addr()).collect();
@@ -225,8 +227,10 @@ impl Proxy {
                 handle,
                 runtime.clone(),
                 shutdown.subscribe(),
-                drain_tx.clone(),
-                workers.clone(),
+                Serving {
+                    workers: workers.clone(),
+                    drain: drain_tx.clone(),
+                },
             ));
         }
         Ok(Proxy {

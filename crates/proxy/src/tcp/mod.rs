@@ -35,7 +35,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::cluster::{Backend, Cluster, InFlight, Slot};
 use crate::config::{
@@ -182,8 +182,7 @@ pub(crate) async fn accept_loop(
     handle: Arc<TcpListenerHandle>,
     runtime: Arc<ArcSwap<Runtime>>,
     mut shutdown: watch::Receiver<bool>,
-    drain: mpsc::Sender<()>,
-    workers: Arc<crate::workers::Workers>,
+    serving: crate::workers::Serving,
 ) {
     let label = handle.addr.to_string();
     let accepted = metrics::counter!("keyway_tcp_accepted_total", "listener" => label.clone());
@@ -198,9 +197,11 @@ pub(crate) async fn accept_loop(
             state: handle.state.load_full(),
             runtime: runtime.load_full(),
             label: label.clone(),
-            _guard: DrainGuard::new(drain.clone(), Some(slot)),
+            _guard: DrainGuard::new(serving.drain.clone(), Some(slot)),
         };
-        workers.place(stream, move |stream| conn.serve(stream, peer));
+        serving
+            .workers
+            .place(stream, move |stream| conn.serve(stream, peer));
     }
     tracing::info!(listen = %label, "stopped accepting TCP connections");
 }
