@@ -23,6 +23,8 @@ use keyway_proxy::body::{self, Body};
 use keyway_proxy::forward::Runtime;
 use keyway_proxy::telemetry;
 
+pub use crate::admin_drain::OPERATOR_HEADER;
+
 /// Serves the admin API until shutdown.
 pub async fn serve(
     sock: TcpListener,
@@ -86,6 +88,20 @@ pub async fn serve(
                         if let Some(resp) = crate::admin_drain::call(&reloader, &req, peer).await {
                             return Ok(resp);
                         }
+                    }
+                    if req.method() == Method::GET && req.uri().path() == "/state" {
+                        return Ok(match reloader.failover().export().await {
+                            Ok(doc) => reply(
+                                StatusCode::OK,
+                                "application/json",
+                                serde_json::to_string_pretty(&doc).unwrap_or_default(),
+                            ),
+                            Err(e) => reply(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "text/plain",
+                                format!("the stored decisions could not be read: {e}\n"),
+                            ),
+                        });
                     }
                     Ok::<_, Infallible>(route(&rt, &reloader, req))
                 }
@@ -209,7 +225,7 @@ fn route(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try GET /metrics, /status, /healthz, POST /reload, POST /clusters/NAME/promote/BACKEND, POST /clusters/NAME/failback or POST /clusters/NAME/backends/BACKEND/drain|undrain\n".into(),
+            "not found: try GET /metrics, /status, /state, /healthz, POST /reload, POST /clusters/NAME/promote/BACKEND, POST /clusters/NAME/failback or POST /clusters/NAME/backends/BACKEND/drain|undrain\n".into(),
         ),
     }
 }

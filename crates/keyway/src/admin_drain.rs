@@ -86,6 +86,7 @@ fn caller(req: &Request<Incoming>, peer: SocketAddr) -> String {
 /// `deadline=DURATION` from the query (`600s`, `10m`, `1h30m`), if given.
 fn deadline(query: Option<&str>) -> Result<Option<Duration>, String> {
     let Some(q) = query else { return Ok(None) };
+    let mut found = None;
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k != "deadline" {
@@ -101,9 +102,9 @@ fn deadline(query: Option<&str>) -> Result<Option<Duration>, String> {
                 "deadline `{v}` must be more than 0 and at most 7 days; without one, pinned sessions keep the backend until they end\n"
             ));
         }
-        return Ok(Some(d));
+        found = Some(d);
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// A backend's `drain` in `/status`: who, when, the deadline and who still holds on.
