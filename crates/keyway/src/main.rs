@@ -16,7 +16,7 @@ use plugin_cmd::{plugin_command, PluginCommand};
 #[derive(Parser)]
 #[command(
     name = "keyway",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KEYWAY_GIT_COMMIT"), ")"),
     about = "An L7 proxy for privileged-access-management server farms"
 )]
 struct Cli {

@@ -1,5 +1,5 @@
 //! The `keyway` program as an operator runs it: `keyway ctl` against a running keyway
-//! (tables, `--json`, exit statuses). These live beside the
+//! (tables, `--json`, exit statuses) and `keyway --version`. These live beside the
 //! program because Cargo tells only its own package's tests where its binary is
 //! (`CARGO_BIN_EXE_keyway`); the suites in `tests/` run keyway in-process.
 
@@ -152,4 +152,22 @@ async fn ctl_drains_shows_status_and_says_what_went_wrong() {
     let (code, _, stderr) = out(&keyway(&with(&["status"]), &[]).await);
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("cannot reach the admin API"), "{stderr}");
+}
+
+#[tokio::test]
+async fn version_names_the_build() {
+    let (code, stdout, _) = out(&keyway(&["--version"], &[]).await);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("keyway 0."), "{stdout}");
+    assert!(stdout.contains("commit "), "{stdout}");
+    let commit = stdout
+        .split("commit ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_end_matches(')');
+    assert!(
+        commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{stdout}"
+    );
 }
