@@ -1237,3 +1237,50 @@ async fn a_dead_etcd_endpoint_costs_one_timeout_not_one_per_call() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_made_on_one_instance_is_seen_by_every_instance() {
+    let _serial = one_at_a_time().await;
+    let etcd = Etcd::start().await;
+    let b = farm().await;
+    let dir = unique_dir("coordination-drain");
+    let inst: Vec<Instance> = (0..2)
+        .map(|n| Instance::start(&config(&dir, n, &etcd, &b, PROMOTION)))
+        .collect();
+    ready(&inst).await;
+    let r = send(
+        inst[0].admin,
+        request("POST", "admin", "/clusters/pam/backends/r1/drain", ""),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["drain"]["instance"], "kw-0");
+    eventually(
+        Duration::from_secs(10),
+        "the other instance to see the drain",
+        || async { !backend_status(inst[1].admin, "pam", "r1").await["drain"].is_null() },
+    )
+    .await;
+    for _ in 0..20 {
+        let r = get(inst[1].addr, "h", "/").await;
+        assert_eq!(r.status, 200);
+        assert_ne!(
+            r.backend(),
+            "r1",
+            "a read took a new session on the drained replica"
+        );
+    }
+    // Undrained on the other instance: the first sees that too.
+    let r = send(
+        inst[1].admin,
+        request("POST", "admin", "/clusters/pam/backends/r1/undrain", ""),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(
+        Duration::from_secs(10),
+        "the first instance to see the undrain",
+        || async { backend_status(inst[0].admin, "pam", "r1").await["drain"].is_null() },
+    )
+    .await;
+}

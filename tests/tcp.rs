@@ -536,6 +536,66 @@ async fn client_ip_affinity_is_stable_spreads_and_re_pins_on_a_dead_server() {
     assert_eq!(home_of(1).await, home);
 }
 
+#[tokio::test]
+async fn a_drained_server_keeps_its_affinity_clients_and_takes_no_new_ones() {
+    let psm: Vec<Server> = futures_util::future::join_all(
+        ["psm-1", "psm-2", "psm-3"].map(|n| Server::start(Behaviour::Greet(n.into()))),
+    )
+    .await;
+    let backends: Vec<String> = psm
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{{ id = \"psm-{}\", address = \"{}\" }}", i + 1, s.addr))
+        .collect();
+    let proxy = Proxy::start(&tcp_config(
+        "cluster = \"psm\"",
+        &format!(
+            "[cluster.psm]\nbalance = \"least-connections\"\naffinity = \"client-ip\"\nbackends = [{}]\n",
+            backends.join(", ")
+        ),
+    ))
+    .await;
+    let (addr, admin) = (proxy.server().tcp_addrs()[0], proxy.admin.unwrap());
+    let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
+    let mut open = connect_from(ip(1), addr).await;
+    let home = greeted_by(&mut open).await;
+    // A client that never connected and whose first choice is the same server.
+    let farm = [("psm-1", 1), ("psm-2", 1), ("psm-3", 1)];
+    let newcomer = (2..=250u8)
+        .find(|&n| farm[keyway_proxy::affinity::rank(ip(n), farm)[0]].0 == home)
+        .expect("a client that prefers the same server");
+
+    let r = send(
+        admin,
+        request(
+            "POST",
+            "admin",
+            &format!("/clusters/psm/backends/{home}/drain"),
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut c = connect_from(ip(newcomer), addr).await;
+    assert_ne!(
+        greeted_by(&mut c).await,
+        home,
+        "a new client went to the drained server"
+    );
+    let mut again = connect_from(ip(1), addr).await;
+    assert_eq!(
+        greeted_by(&mut again).await,
+        home,
+        "the client with a session there moved"
+    );
+    // The open connection still carries bytes.
+    open.write_all(b"still here\n").await.unwrap();
+    read_until(&mut open, "still here").await;
+    let d = backend_status(admin, "psm", &home).await["drain"].clone();
+    assert_eq!(d["holding_clients"], 1, "{d}");
+    assert_eq!(d["in_flight"], 2, "{d}");
+}
+
 // === half-close and volume ===
 
 #[tokio::test]

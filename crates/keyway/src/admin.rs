@@ -1,6 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/status` (JSON), `/healthz`, and
-//! the calls that change things (`POST /reload`, promote, failback), which need
-//! `Authorization: Bearer TOKEN` when `[admin] token_file` is set.
+//! the calls that change things (`POST /reload`, promote, failback, drain, undrain),
+//! which need `Authorization: Bearer TOKEN` when `[admin] token_file` is set.
 //!
 //! The views are read-only. It shares nothing mutable with the request path
 //! beyond reading the runtime snapshot and counters, and it must stay answerable while
@@ -23,6 +23,8 @@ use keyway_proxy::body::{self, Body};
 use keyway_proxy::forward::Runtime;
 use keyway_proxy::telemetry;
 
+pub use crate::admin_drain::OPERATOR_HEADER;
+
 /// Serves the admin API until shutdown.
 pub async fn serve(
     sock: TcpListener,
@@ -37,7 +39,7 @@ pub async fn serve(
         }
     }
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = sock.accept() => match r {
                 Ok(x) => x,
                 Err(_) => continue,
@@ -83,6 +85,23 @@ pub async fn serve(
                         if let Some(resp) = topology_call(&reloader, req.uri().path()).await {
                             return Ok(resp);
                         }
+                        if let Some(resp) = crate::admin_drain::call(&reloader, &req, peer).await {
+                            return Ok(resp);
+                        }
+                    }
+                    if req.method() == Method::GET && req.uri().path() == "/state" {
+                        return Ok(match reloader.failover().export().await {
+                            Ok(doc) => reply(
+                                StatusCode::OK,
+                                "application/json",
+                                serde_json::to_string_pretty(&doc).unwrap_or_default(),
+                            ),
+                            Err(e) => reply(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "text/plain",
+                                format!("the stored decisions could not be read: {e}\n"),
+                            ),
+                        });
                     }
                     Ok::<_, Infallible>(route(&rt, &reloader, req))
                 }
@@ -206,7 +225,7 @@ fn route(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try GET /metrics, /status, /healthz, POST /reload, POST /clusters/NAME/promote/BACKEND or POST /clusters/NAME/failback\n".into(),
+            "not found: try GET /metrics, /status, /state, /healthz, POST /reload, POST /clusters/NAME/promote/BACKEND, POST /clusters/NAME/failback or POST /clusters/NAME/backends/BACKEND/drain|undrain\n".into(),
         ),
     }
 }
@@ -237,7 +256,7 @@ fn plugins_json(
         .collect()
 }
 
-fn reply(status: StatusCode, ctype: &'static str, text: String) -> Response<Body> {
+pub(crate) fn reply(status: StatusCode, ctype: &'static str, text: String) -> Response<Body> {
     let mut r = Response::new(body::full(text));
     *r.status_mut() = status;
     r.headers_mut()
@@ -252,6 +271,7 @@ pub fn status_json(rt: &Runtime, failover: &keyway_proxy::failover::Failover) ->
         .iter()
         .map(|c| {
             let view = c.health.view_full();
+            let drains = failover.drains(&c.cfg.name);
             let backends: Vec<_> = c
                 .backends
                 .iter()
@@ -285,6 +305,7 @@ pub fn status_json(rt: &Runtime, failover: &keyway_proxy::failover::Failover) ->
                             _ => None,
                         },
                         "health": c.health.status_json(i),
+                        "drain": crate::admin_drain::backend_json(drains.get(&b.cfg.id), b),
                     })
                 })
                 .collect();
@@ -297,6 +318,7 @@ pub fn status_json(rt: &Runtime, failover: &keyway_proxy::failover::Failover) ->
                 "epoch": view.epoch,
                 "plugins": plugins_json(c, failover),
                 "active_checks": c.health.active().is_some(),
+                "drained": drains.keys().filter(|id| c.backends.iter().any(|b| &b.cfg.id == *id)).collect::<Vec<_>>(),
                 "backends": backends,
             })
         })

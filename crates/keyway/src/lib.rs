@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+mod admin_drain;
 pub mod demo;
 pub mod instance;
 pub mod scaffold;

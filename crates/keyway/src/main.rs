@@ -1,5 +1,5 @@
 //! The keyway command line: `run`, `check`, `demo`, `plugin` (`plugin_cmd`), `state
-//! export|import`. It parses arguments and calls the libraries; it never serves traffic
+//! export|import`, `ctl` (the admin API's client, `ctl`). It parses arguments and calls the libraries; it never serves traffic
 //! itself.
 
 use std::path::PathBuf;
@@ -9,13 +9,14 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyway::{Config, Server};
 
+mod ctl;
 mod plugin_cmd;
 use plugin_cmd::{plugin_command, PluginCommand};
 
 #[derive(Parser)]
 #[command(
     name = "keyway",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KEYWAY_GIT_COMMIT"), ")"),
     about = "An L7 proxy for privileged-access-management server farms"
 )]
 struct Cli {
@@ -50,6 +51,9 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Talk to a running keyway's admin API: status, drain, undrain, promote, failback,
+    /// reload, state export. Exit status: 0 done, 1 refused, 2 usage, 3 unreachable.
+    Ctl(ctl::Ctl),
     /// Start demo backends on loopback and keyway in front of them.
     Demo {
         /// Demo config (its backend addresses become demo servers).
@@ -81,6 +85,9 @@ enum StateCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Ctl(ctl) = cli.command {
+        return ctl::run(ctl);
+    }
     keyway_proxy::telemetry::init_logs(cli.log_json);
     if let Command::Plugin { command } = &cli.command {
         return match plugin_command(command) {
@@ -127,7 +134,9 @@ fn main() -> ExitCode {
             };
         }
         Command::Run { config } => (config.clone(), false),
-        Command::Plugin { .. } | Command::State { .. } => unreachable!("handled above"),
+        Command::Plugin { .. } | Command::State { .. } | Command::Ctl(_) => {
+            unreachable!("handled above")
+        }
         Command::Demo { config } => (config.clone(), true),
     };
     let mut loaded = match keyway_proxy::load::load(&path) {

@@ -1,4 +1,4 @@
-//! Applying decisions: every topology to a runtime before it serves, a reloaded
+//! Applying decisions: every topology (and every drain) to a runtime before it serves, a reloaded
 //! runtime swapped in under the lock that applies decisions, a new decision recorded and
 //! applied to the serving data plane, and the acknowledgement that follows once the
 //! cluster's write gate has fenced. Never acknowledges an epoch before it was applied
@@ -11,6 +11,7 @@ impl Failover {
     /// yet (a freshly built runtime), so none of its clusters serves a request under
     /// the configured primary when a decision says otherwise.
     pub fn apply(&self, next: &dyn DataPlane) {
+        self.apply_drains(next);
         for cfg in next.clusters() {
             if cfg.strategy != Strategy::PrimaryReplica {
                 continue;

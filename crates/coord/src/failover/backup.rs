@@ -7,9 +7,15 @@ impl Failover {
     /// Every stored decision.
     pub async fn export(&self) -> Result<StateDoc, String> {
         let all = self.store.load_all().await?;
+        let drains = self.store.load_drains().await?;
         Ok(StateDoc {
             version: 1,
             clusters: all.into_iter().map(|(k, (t, _))| (k, t)).collect(),
+            drains: drains
+                .into_iter()
+                .filter(|(_, (d, _))| !d.is_empty())
+                .map(|(k, (d, _))| (k, d))
+                .collect(),
         })
     }
 

@@ -104,10 +104,16 @@ impl Failover {
             hook_failed.retain(|_, at| at.elapsed() < p.hold.max(Duration::from_secs(5)));
             // A plugin policy runs to its deadline: off the async workers.
             let chosen = {
+                // Drained backends are in maintenance: never promoted (Patroni's
+                // `nofailover`), so they join the excluded ones.
+                let mut failed = hook_failed.clone();
+                for id in self.drains(&name).into_keys() {
+                    failed.entry(id).or_insert_with(Instant::now);
+                }
                 let (view, t, failed, plugin) = (
                     view.clone(),
                     known.topology.clone(),
-                    hook_failed.clone(),
+                    failed,
                     self.promotion_plugin(&name),
                 );
                 tokio::task::spawn_blocking(move || choose(&view, &t, &failed, plugin.as_deref()))
@@ -185,6 +191,7 @@ impl Failover {
         };
         if view.primary == Some(home)
             || view.backends[home].health != BackendHealth::Healthy
+            || self.is_drained(&c.name, &c.backends[home].id)
             || !(self.store.may_decide() && self.permit.holds())
         {
             return;

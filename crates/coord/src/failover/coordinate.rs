@@ -374,6 +374,14 @@ impl Failover {
     }
 
     pub(super) fn on_etcd_put(self: &Arc<Self>, prefix: &str, kv: etcd::Kv) {
+        if let Some(name) = kv
+            .key
+            .strip_prefix(prefix)
+            .and_then(|k| k.strip_suffix("/drains"))
+        {
+            self.on_drains_put(name, &kv);
+            return;
+        }
         let Some(name) = kv
             .key
             .strip_prefix(prefix)

@@ -64,6 +64,7 @@ mod apply;
 mod backup;
 mod control;
 mod coordinate;
+mod drain;
 mod failsafe;
 mod hooks;
 pub mod load;
@@ -78,10 +79,11 @@ use plane::index;
 use policy::*;
 use store::*;
 
+pub use drain::DrainChange;
 pub use plane::{BackendHealth, BackendState, ClusterView, DataPlane};
 pub use policy::{native_least_lag, native_priority};
 pub use store::{Access, EtcdStore, FileStore, Store};
-pub use topology::{parse_state, StateDoc, Topology};
+pub use topology::{parse_state, Drain, Drains, StateDoc, Topology};
 
 /// The header a failsafe query names its asker in.
 pub const FAILSAFE_FROM: &str = "keyway-failsafe-from";
@@ -135,6 +137,10 @@ pub struct Failover {
     vouched_until: Mutex<Option<Instant>>,
     /// Per cluster: the promotion plugin and hook TLS loaded with the running config.
     parts: Mutex<HashMap<String, load::PromotionParts>>,
+    /// Per cluster (any strategy): the drains in force and the store's token for them.
+    drains: Mutex<HashMap<String, (Drains, i64)>>,
+    /// Serializes drain calls (`drain.rs`).
+    drain_lock: tokio::sync::Mutex<()>,
 }
 
 /// Why an admin request could not switch the primary.
@@ -194,8 +200,19 @@ impl Failover {
             acks_changed: tokio::sync::Notify::new(),
             vouched_until: Mutex::new(None),
             parts: Mutex::new(parts.clusters.clone()),
+            drains: Mutex::new(HashMap::new()),
+            drain_lock: tokio::sync::Mutex::new(()),
         });
         me.adopt_config(config, &stored, false)?;
+        if !unconfirmed {
+            // etcd answered a moment ago; if it fails now, the watch brings the drains.
+            match me.store.load_drains().await {
+                Ok(d) => me.adopt_drains(config, d),
+                Err(e) => {
+                    tracing::warn!(error = %e, "drains not read at start; they apply once etcd answers")
+                }
+            }
+        }
         if unconfirmed {
             if let Ok(mut cells) = me.cells.lock() {
                 for cell in cells.values_mut() {

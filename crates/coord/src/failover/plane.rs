@@ -78,6 +78,11 @@ pub trait DataPlane: Send + Sync {
     /// eligible from then on carries the new epoch. Backend ids it does not have are
     /// ignored. Takes effect at once for every request that reads the cluster after.
     fn apply(&self, cluster: &str, topology: &Topology);
+
+    /// Applies a cluster's drains (every drain it has: a backend not named is not
+    /// drained): drained backends take no new sessions, pinned ones keep them until
+    /// the drain's deadline. Backend ids it does not have are ignored.
+    fn apply_drains(&self, cluster: &str, drains: &Drains);
 }
 
 /// A backend's index in its cluster's configuration.

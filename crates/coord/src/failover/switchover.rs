@@ -300,6 +300,12 @@ impl Failover {
                 ),
             ));
         }
+        if self.is_drained(cluster, target) {
+            return Err(refused(
+                409,
+                format!("`{target}` is drained (maintenance) and is not promoted: undrain it first (POST /clusters/{cluster}/backends/{target}/undrain)"),
+            ));
+        }
         let mut fenced = known.topology.fenced.clone();
         fenced.retain(|f| f != target);
         let old = known.topology.primary.clone();

@@ -1,6 +1,6 @@
-//! The stored form of decisions: a cluster's topology (epoch, primary, fenced) and the
-//! state document that holds every cluster's, as the state file and `keyway state` use it.
-//! It never stores or applies a decision.
+//! The stored form of decisions: a cluster's topology (epoch, primary, fenced), the
+//! operator's drains, and the state document that holds every cluster's, as the state
+//! file and `keyway state` use it. It never stores or applies a decision.
 
 use super::*;
 
@@ -83,14 +83,47 @@ impl Topology {
     }
 }
 
-/// The whole state: every cluster's topology. This is the state file's format and what
-/// `keyway state export` prints.
+// === drains ===
+
+/// An operator's drain of one backend (maintenance mode): no new sessions; sessions
+/// pinned to it (sticky cookie, client-IP affinity) keep going until the deadline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// Who asked: the admin caller's identity as the admin API knows it.
+    pub by: String,
+    /// When (Unix milliseconds).
+    pub unix_ms: u64,
+    /// After this (Unix milliseconds), pinned sessions are moved too; `None`: they
+    /// keep the backend until they end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<u64>,
+    /// The instance that took the call (with etcd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+impl Drain {
+    /// Whether pinned sessions are released (the deadline passed) at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.deadline_unix_ms.is_some_and(|d| now_ms >= d)
+    }
+}
+
+/// One cluster's drains, by backend id.
+pub type Drains = BTreeMap<String, Drain>;
+
+/// The whole state: every cluster's topology and the drains. This is the state file's
+/// format and what `keyway state export` prints.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateDoc {
     /// Format version (1).
     pub version: u32,
     /// By cluster name.
     pub clusters: BTreeMap<String, Topology>,
+    /// Drained backends, by cluster name (any strategy). Absent in files written before
+    /// drains existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drains: BTreeMap<String, Drains>,
 }
 
 /// Parses a state document, checking its version.

@@ -1,15 +1,18 @@
 //! One backend at run time: its configuration and resolved address, its keep-alive pool
 //! and TLS settings, its counters and metric handles, the exchange slots
 //! (`max_connections`) with the bounded queue of requests waiting for one, and the
-//! sticky-cookie token that pins a client to it.
+//! sticky-cookie token that pins a client to it, and the clients holding on to it
+//! (`holders`).
 //!
 //! A slot is held by the exchange's [`InFlight`] guard. This module counts and limits;
 //! it never connects (see `upstream`) and never decides where a request goes (see
 //! `forward`).
 
+mod holders;
 mod pool;
 mod tls;
 
+pub use holders::{Holders, HOLD_WINDOW};
 pub use pool::{Pool, Sender};
 pub use tls::BackendTls;
 
@@ -40,6 +43,8 @@ pub struct Backend {
     pub tls: Option<BackendTls>,
     /// Position in the cluster's backend list.
     pub index: usize,
+    /// Clients its affinity sent to it lately (drains keep them; `/status` counts them).
+    pub holders: Holders,
     health: Arc<ClusterHealth>,
     in_flight: AtomicU32,
     requests: AtomicU64,
@@ -111,6 +116,7 @@ impl Backend {
             pool: Pool::new(cluster.pool),
             tls,
             index,
+            holders: Holders::default(),
             health,
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),

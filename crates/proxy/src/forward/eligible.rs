@@ -27,11 +27,8 @@ pub(super) enum Mode {
     Healthy,
     /// The primary only.
     Primary(usize),
-    /// Healthy replicas within max_lag (if `replicas`), and the primary if given.
-    Reads {
-        replicas: bool,
-        primary: Option<usize>,
-    },
+    /// Healthy replicas within max_lag, and the primary if given.
+    Reads { primary: Option<usize> },
 }
 
 impl Eligible {
@@ -105,11 +102,14 @@ impl Eligible {
                 let lag_ok = |i: usize| {
                     max_lag_ms.is_none_or(|max| view.backends[i].lag_ms.is_some_and(|l| l <= max))
                 };
+                // A drained replica takes no new read sessions: with only drained
+                // replicas left, reads fall back as if there were none.
                 let replicas = (0..n).any(|i| {
                     view.backends[i].role == Role::Replica
                         && Some(i) != view.primary
                         && usable(i)
                         && lag_ok(i)
+                        && !view.drained(i)
                 });
                 let primary = primary.filter(|&p| {
                     usable(p)
@@ -139,7 +139,7 @@ impl Eligible {
                         ),
                     ));
                 }
-                Mode::Reads { replicas, primary }
+                Mode::Reads { primary }
             }
         };
         Ok(Self {
@@ -164,10 +164,11 @@ impl Eligible {
         match self.mode {
             Mode::Healthy => self.view.usable(i, self.now),
             Mode::Primary(p) => i == p,
-            Mode::Reads { replicas, primary } => {
+            // A drained replica stays allowed here (a pinned session keeps it); fresh
+            // picks use `fresh`.
+            Mode::Reads { primary } => {
                 Some(i) == primary
-                    || (replicas
-                        && Some(i) != primary
+                    || (Some(i) != primary
                         && self.is_replica(i)
                         && self.view.usable(i, self.now)
                         && self.max_lag_ms.is_none_or(|max| {
@@ -177,6 +178,19 @@ impl Eligible {
         }
     }
 
+    /// Whether backend `i` may take a new session (a request no affinity pins): allowed
+    /// and not drained. A write's primary is never refused for a drain (the primary is
+    /// not drained; a race with a drain must not cut writes off).
+    pub(super) fn fresh(&self, i: usize) -> bool {
+        self.allows(i) && (matches!(self.mode, Mode::Primary(_)) || !self.view.drained(i))
+    }
+
+    /// Whether a request pinned to backend `i` by its sticky cookie keeps it: allowed,
+    /// and not drained past the drain's deadline.
+    pub(super) fn pin_holds(&self, i: usize) -> bool {
+        self.allows(i) && self.view.pin_holds(i)
+    }
+
     pub(super) fn is_replica(&self, i: usize) -> bool {
         self.view
             .backends
@@ -184,9 +198,10 @@ impl Eligible {
             .is_some_and(|b| b.role == Role::Replica)
     }
 
-    /// Whether an eligible backend remains that this request has not tried.
+    /// Whether an eligible backend remains that this request has not tried (a drained
+    /// one is not: a retry is a new choice).
     pub(super) fn remaining(&self, cluster: &Cluster, tried: &[usize]) -> bool {
-        (0..cluster.backends.len()).any(|i| !tried.contains(&i) && self.allows(i))
+        (0..cluster.backends.len()).any(|i| !tried.contains(&i) && self.fresh(i))
     }
 }
 

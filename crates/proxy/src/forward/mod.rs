@@ -197,6 +197,7 @@ async fn proxy(
     let mut eligible = Eligible::new(cluster, kind, ryw_fresh, &rt.permit).map_err(fail)?;
 
     // A sticky cookie is a preference among eligible backends; a write never follows it.
+    // It keeps a drained backend until the drain's deadline (no one is logged out).
     let pinned = cluster
         .cfg
         .sticky
@@ -204,7 +205,10 @@ async fn proxy(
         .and_then(|s| {
             headers::cookie(req.headers(), &s.cookie).and_then(|t| cluster.backend_by_token(t))
         })
-        .filter(|&p| eligible.allows(p));
+        .filter(|&p| eligible.pin_holds(p));
+    if let Some(p) = pinned.filter(|&p| eligible.view.drained(p)) {
+        cluster.backends[p].holders.note(info.client.ip());
+    }
 
     let via = if req.version() == Version::HTTP_2 {
         "2 keyway"

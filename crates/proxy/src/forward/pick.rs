@@ -1,6 +1,6 @@
 //! Choosing a backend among the eligible ones and getting a slot and a connection:
 //! the pinned backend, the balancer, or the ordered staggered race.
-//! It never widens the eligible set.
+//! It never widens the eligible set, and gives a drained backend only a pinned request.
 
 use super::*;
 
@@ -25,7 +25,7 @@ pub(super) async fn pick_and_connect(
     }
     match cfg.strategy {
         Strategy::Balanced | Strategy::PrimaryReplica => {
-            let eligible_now = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            let eligible_now = |i: usize| !tried.contains(&i) && eligible.fresh(i);
             // Degraded backends are standbys: only when no healthy one is allowed.
             let healthy_left = healthy_left(cluster, &eligible.view, &eligible_now);
             let allowed = |i: usize| eligible_now(i) && !(healthy_left && eligible.view.standby(i));
@@ -48,7 +48,7 @@ pub(super) async fn pick_and_connect(
             }
         }
         Strategy::Ordered => {
-            let allowed = |i: usize| !tried.contains(&i) && eligible.allows(i);
+            let allowed = |i: usize| !tried.contains(&i) && eligible.fresh(i);
             // Degraded backends are standbys: only when no healthy one is allowed.
             let healthy_left = healthy_left(cluster, &eligible.view, &allowed);
             let mut order: Vec<usize> = cluster

@@ -111,6 +111,8 @@ struct Record {
     kept_in_panic: bool,
     role: Role,
     fenced: bool,
+    /// Drained by the operator: `Some(deadline)` (Unix ms, if any).
+    drain: Option<Option<u64>>,
 }
 
 struct BackendMetrics {
@@ -157,6 +159,7 @@ impl ClusterHealth {
             .map(|b| Record {
                 role: b.role,
                 fenced: false,
+                drain: None,
                 health: initial,
                 reason: match initial {
                     Health::Unknown => "waiting for the first probe".into(),
@@ -215,6 +218,7 @@ impl ClusterHealth {
                 epoch_header: http::HeaderValue::from_static("0"),
                 ejection_needs_probe: false,
                 any_ejected: false,
+                any_drained: false,
             }),
             consecutive: cfg.backends.iter().map(|_| AtomicU32::new(0)).collect(),
             metrics,
@@ -258,6 +262,7 @@ impl ClusterHealth {
                 lag_ms: r.lag_ms,
                 role: r.role,
                 fenced: r.fenced,
+                drain: r.drain,
             })
             .collect();
         for (r, m) in records.iter().zip(&self.metrics) {
@@ -282,6 +287,7 @@ impl ClusterHealth {
         let epoch = self.epoch.load(Ordering::Relaxed);
         self.view.store(Arc::new(HealthView {
             any_ejected: backends.iter().any(|b| b.ejected_until.is_some()),
+            any_drained: backends.iter().any(|b| b.drain.is_some()),
             primary: backends.iter().position(|b| b.role == Role::Primary),
             epoch,
             epoch_header: http::HeaderValue::from(epoch),
@@ -329,6 +335,18 @@ impl ClusterHealth {
             r.fenced = fenced.contains(&i) && Some(i) != primary;
         }
         self.epoch.store(epoch, Ordering::Relaxed);
+        self.publish(&records);
+    }
+
+    /// Applies the operator's drains: `drains[i]` is `Some(deadline)` for a drained
+    /// backend. Published at once to the request path.
+    pub fn set_drains(&self, drains: &[Option<Option<u64>>]) {
+        let Ok(mut records) = self.records.lock() else {
+            return;
+        };
+        for (i, r) in records.iter_mut().enumerate() {
+            r.drain = drains.get(i).copied().flatten();
+        }
         self.publish(&records);
     }
 

@@ -1,5 +1,5 @@
-//! The view the request path reads: one cluster's health and topology, published as a
-//! whole so a request never sees health from one moment and topology from another;
+//! The view the request path reads: one cluster's health, topology and drains, published
+//! as a whole so a request never sees health from one moment and topology from another;
 //! and a backend's health as `/status` shows it.
 
 use super::*;
@@ -19,6 +19,9 @@ pub struct BackendView {
     pub role: Role,
     /// A demoted primary: no traffic until an explicit failback or promotion.
     pub fenced: bool,
+    /// Drained by the operator (no new sessions): `Some(deadline)`, the deadline in
+    /// Unix milliseconds after which pinned sessions move too.
+    pub drain: Option<Option<u64>>,
 }
 
 /// One cluster's health, as published.
@@ -37,6 +40,7 @@ pub struct HealthView {
     /// Whether an expired ejection ends by itself (no active checks) or needs a probe.
     pub(super) ejection_needs_probe: bool,
     pub(super) any_ejected: bool,
+    pub(super) any_drained: bool,
 }
 
 impl HealthView {
@@ -55,6 +59,28 @@ impl HealthView {
             (Some(until), Some(now)) => now >= until,
             (Some(_), None) => false,
         }
+    }
+
+    /// Whether backend `i` is drained: it takes no new sessions.
+    pub fn drained(&self, i: usize) -> bool {
+        self.any_drained && self.backends.get(i).is_some_and(|b| b.drain.is_some())
+    }
+
+    /// Whether a session pinned to backend `i` (sticky cookie, client-IP affinity)
+    /// stays on it: it is not drained, or its drain's deadline has not passed.
+    pub fn pin_holds(&self, i: usize) -> bool {
+        if !self.any_drained {
+            return true;
+        }
+        match self.backends.get(i).and_then(|b| b.drain) {
+            Some(Some(deadline)) => crate::unix_ms(std::time::SystemTime::now()) < deadline,
+            _ => true,
+        }
+    }
+
+    /// Whether any backend is drained.
+    pub fn any_drained(&self) -> bool {
+        self.any_drained
     }
 
     /// Whether backend `i` is degraded: a standby, to be given a request only when no

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 
 use crate::cluster::Cluster;
 use crate::config::ClusterConfig;
-use crate::failover::{BackendHealth, BackendState, ClusterView, DataPlane, Topology};
+use crate::failover::{BackendHealth, BackendState, ClusterView, DataPlane, Drains, Topology};
 use crate::forward::Runtime;
 use crate::health::Health;
 
@@ -31,6 +31,10 @@ impl DataPlane for LivePlane {
     fn apply(&self, cluster: &str, topology: &Topology) {
         DataPlane::apply(&**self.0.load(), cluster, topology);
     }
+
+    fn apply_drains(&self, cluster: &str, drains: &Drains) {
+        DataPlane::apply_drains(&**self.0.load(), cluster, drains);
+    }
 }
 
 impl DataPlane for Runtime {
@@ -45,6 +49,17 @@ impl DataPlane for Runtime {
     fn apply(&self, cluster: &str, topology: &Topology) {
         if let Some(c) = self.cluster(cluster) {
             apply(c, topology);
+        }
+    }
+
+    fn apply_drains(&self, cluster: &str, drains: &Drains) {
+        if let Some(c) = self.cluster(cluster) {
+            let marks: Vec<Option<Option<u64>>> = c
+                .backends
+                .iter()
+                .map(|b| drains.get(&b.cfg.id).map(|d| d.deadline_unix_ms))
+                .collect();
+            c.health.set_drains(&marks);
         }
     }
 }

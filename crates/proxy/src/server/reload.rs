@@ -154,6 +154,11 @@ impl Reloader {
                 })
                 .collect();
             cluster.health.inherit(&prev.health, &pairs);
+            for &(n, o) in &pairs {
+                cluster.backends[n]
+                    .holders
+                    .inherit(&prev.backends[o].holders);
+            }
         }
         let summary = format!(
             "{} route(s), {} cluster(s), {} backend(s)",

@@ -220,6 +220,11 @@ pub(super) async fn carry<IO>(
     };
     let backend = est.inflight.backend().clone();
     log.backend = Some(backend.index);
+    // Affinity clients are remembered (a drain keeps them), at the start and the end.
+    let affinity = cluster.cfg.tcp.affinity == crate::config::Affinity::ClientIp;
+    if affinity {
+        backend.holders.note(client_ip);
+    }
     let labels = [
         ("cluster", cluster.cfg.name.clone()),
         ("backend", backend.cfg.id.clone()),
@@ -293,6 +298,9 @@ pub(super) async fn carry<IO>(
             }
         }
     };
+    if affinity {
+        backend.holders.note(client_ip);
+    }
     match result {
         Ok(()) => {}
         Err(Side::Idle) => log.fail(

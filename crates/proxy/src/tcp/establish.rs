@@ -6,7 +6,8 @@ use super::*;
 
 // === choosing and establishing a backend ===
 
-/// The backends to try for a client, most preferred first: usable ones only.
+/// The backends to try for a client, most preferred first: usable ones only, and
+/// drained ones only for a client that holds a session there (client-IP affinity).
 pub(super) fn order(cluster: &Cluster, client: IpAddr) -> Vec<usize> {
     let view = cluster.health.view_full();
     let now = view.any_ejected().then(Instant::now);
@@ -35,6 +36,14 @@ pub(super) fn order(cluster: &Cluster, client: IpAddr) -> Vec<usize> {
         (0..n).map(|k| (first + k) % n.max(1)).collect()
     };
     order.retain(|&i| usable(i));
+    if view.any_drained() {
+        // A drained backend keeps only the clients its affinity sent it lately (they
+        // have a session there), and only until the drain's deadline.
+        let affinity = cluster.cfg.tcp.affinity == Affinity::ClientIp;
+        order.retain(|&i| {
+            !view.drained(i) || (affinity && view.pin_holds(i) && backends[i].holders.holds(client))
+        });
+    }
     // Degraded backends are standbys: after every healthy one (stable, so each group
     // keeps the order above).
     order.sort_by_key(|&i| view.standby(i));

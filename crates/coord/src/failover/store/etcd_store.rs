@@ -48,6 +48,10 @@ impl EtcdStore {
         format!("{}/clusters/{cluster}/topology", self.cfg.prefix)
     }
 
+    pub(crate) fn drains_key(&self, cluster: &str) -> String {
+        format!("{}/clusters/{cluster}/drains", self.cfg.prefix)
+    }
+
     pub(crate) fn leader_key(&self) -> String {
         format!("{}/leader", self.cfg.prefix)
     }

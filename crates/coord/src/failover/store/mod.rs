@@ -20,6 +20,20 @@ pub(crate) struct Known {
     pub(crate) revision: i64,
 }
 
+/// The outcome of writing a cluster's drains.
+pub(crate) enum DrainCommit {
+    Done(i64),
+    /// Another instance changed them first: the store's drains and revision.
+    Lost((Drains, i64)),
+}
+
+/// A cluster's drains as etcd holds them; an unreadable value is logged and skipped.
+pub(crate) fn parse_drains(kv: &etcd::Kv) -> Option<Drains> {
+    serde_json::from_slice::<Drains>(&kv.value)
+        .map_err(|err| tracing::error!(key = %kv.key, error = %err, "unreadable drains in etcd; ignoring them"))
+        .ok()
+}
+
 pub(crate) enum Commit {
     Done(i64),
     /// Someone else decided first: the store's current value.
@@ -129,6 +143,67 @@ impl Store {
                                 revision: kv.mod_revision,
                             })
                     })),
+                })
+            }
+        }
+    }
+
+    /// Reads every cluster's drains, with the store's token for each (etcd: the key's
+    /// revision; the state file: 0, its writes are serialized by the manager).
+    pub async fn load_drains(&self) -> Result<HashMap<String, (Drains, i64)>, String> {
+        match self {
+            Store::File(f) => Ok(f
+                .doc()
+                .drains
+                .into_iter()
+                .map(|(k, d)| (k, (d, 0)))
+                .collect()),
+            Store::Etcd(e) => {
+                let prefix = format!("{}/clusters/", e.cfg.prefix);
+                let r = e.client.get_prefix(&prefix).await;
+                e.note(&r);
+                let (kvs, _) = r?;
+                Ok(kvs
+                    .into_iter()
+                    .filter_map(|kv| {
+                        let name = kv.key.strip_prefix(&prefix)?.strip_suffix("/drains")?;
+                        let d = parse_drains(&kv)?;
+                        Some((name.to_string(), (d, kv.mod_revision)))
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Writes `cluster`'s drains if the store still holds what `revision` names (etcd);
+    /// the state file is written at once, atomically.
+    pub(super) async fn commit_drains(
+        &self,
+        cluster: &str,
+        revision: i64,
+        drains: &Drains,
+    ) -> Result<DrainCommit, String> {
+        match self {
+            Store::File(f) => {
+                let (f, cluster, drains) = (f.clone(), cluster.to_string(), drains.clone());
+                tokio::task::spawn_blocking(move || f.commit_drains(&cluster, &drains))
+                    .await
+                    .map_err(|e| format!("state write task failed: {e}"))??;
+                Ok(DrainCommit::Done(0))
+            }
+            Store::Etcd(e) => {
+                let value = serde_json::to_vec(drains).map_err(|e| e.to_string())?;
+                let r = e
+                    .client
+                    .swap(&e.drains_key(cluster), revision, &value, None)
+                    .await;
+                e.note(&r);
+                Ok(match r? {
+                    etcd::Swap::Done(rev) => DrainCommit::Done(rev),
+                    etcd::Swap::Lost(kv) => DrainCommit::Lost(kv.map_or_else(
+                        || (Drains::new(), 0),
+                        |kv| (parse_drains(&kv).unwrap_or_default(), kv.mod_revision),
+                    )),
                 })
             }
         }

@@ -42,7 +42,7 @@ impl FileStore {
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateDoc {
                 version: 1,
-                clusters: BTreeMap::new(),
+                ..StateDoc::default()
             },
             Err(e) => {
                 return Err(format!(
@@ -105,6 +105,24 @@ impl FileStore {
         } else {
             Err("this keyway does not hold the state file's lock (it is shutting down, or opened the file to read only)".into())
         }
+    }
+
+    /// Writes `cluster`'s drains (none: the entry goes), atomically, before they apply.
+    pub(crate) fn commit_drains(&self, cluster: &str, drains: &Drains) -> Result<(), String> {
+        let mut doc = self
+            .doc
+            .lock()
+            .map_err(|_| "state lock poisoned".to_string())?;
+        self.check_owner()?;
+        let mut updated = doc.clone();
+        if drains.is_empty() {
+            updated.drains.remove(cluster);
+        } else {
+            updated.drains.insert(cluster.to_string(), drains.clone());
+        }
+        write_atomically(&self.path, &updated)?;
+        *doc = updated;
+        Ok(())
     }
 
     /// Every cluster's topology, with its epoch as the compare-and-swap token.
