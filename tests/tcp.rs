@@ -480,8 +480,8 @@ async fn the_stagger_adds_the_next_backend_while_a_black_hole_is_pending() {
 
 // === affinity ===
 
-#[tokio::test]
-async fn client_ip_affinity_is_stable_spreads_and_re_pins_on_a_dead_server() {
+/// Three greeting PSM servers behind a TCP listener with client-IP affinity.
+async fn psm_farm() -> (Vec<Server>, Proxy) {
     let psm: Vec<Server> = futures_util::future::join_all(
         ["psm-1", "psm-2", "psm-3"].map(|n| Server::start(Behaviour::Greet(n.into()))),
     )
@@ -499,6 +499,12 @@ async fn client_ip_affinity_is_stable_spreads_and_re_pins_on_a_dead_server() {
         ),
     ))
     .await;
+    (psm, proxy)
+}
+
+#[tokio::test]
+async fn client_ip_affinity_is_stable_spreads_and_re_pins_on_a_dead_server() {
+    let (psm, proxy) = psm_farm().await;
     let addr = proxy.server().tcp_addrs()[0];
     let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
     let home_of = |n: u8| async move {
@@ -538,23 +544,7 @@ async fn client_ip_affinity_is_stable_spreads_and_re_pins_on_a_dead_server() {
 
 #[tokio::test]
 async fn a_drained_server_keeps_its_affinity_clients_and_takes_no_new_ones() {
-    let psm: Vec<Server> = futures_util::future::join_all(
-        ["psm-1", "psm-2", "psm-3"].map(|n| Server::start(Behaviour::Greet(n.into()))),
-    )
-    .await;
-    let backends: Vec<String> = psm
-        .iter()
-        .enumerate()
-        .map(|(i, s)| format!("{{ id = \"psm-{}\", address = \"{}\" }}", i + 1, s.addr))
-        .collect();
-    let proxy = Proxy::start(&tcp_config(
-        "cluster = \"psm\"",
-        &format!(
-            "[cluster.psm]\nbalance = \"least-connections\"\naffinity = \"client-ip\"\nbackends = [{}]\n",
-            backends.join(", ")
-        ),
-    ))
-    .await;
+    let (psm, proxy) = psm_farm().await;
     let (addr, admin) = (proxy.server().tcp_addrs()[0], proxy.admin.unwrap());
     let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
     let mut open = connect_from(ip(1), addr).await;
