@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use metrics::{counter, gauge, Counter, Gauge};
 
 use crate::config::{
-    BackendConfig, ClusterConfig, HealthConfig, HealthPolicyKind, OutlierConfig, Role,
+    BackendConfig, ClusterConfig, HealthConfig, HealthPolicyKind, OutlierConfig, Role, Strategy,
 };
 
 mod fault;
@@ -122,6 +122,9 @@ struct BackendMetrics {
     to_degraded: Counter,
     to_unhealthy: Counter,
     ejections: Counter,
+    /// `keyway_backend_primary` and `keyway_backend_fenced`: `primary-replica` only, so
+    /// "no backend is primary" never fires for a cluster that has no primary by design.
+    role: Option<(Gauge, Gauge)>,
 }
 
 /// Health of one cluster's backends.
@@ -193,6 +196,12 @@ impl ClusterHealth {
                     to_degraded: to("degraded"),
                     to_unhealthy: to("unhealthy"),
                     ejections: counter!("keyway_backend_ejections_total", &l),
+                    role: (cfg.strategy == Strategy::PrimaryReplica).then(|| {
+                        (
+                            gauge!("keyway_backend_primary", &l),
+                            gauge!("keyway_backend_fenced", &l),
+                        )
+                    }),
                 }
             })
             .collect();
@@ -278,6 +287,10 @@ impl ClusterHealth {
             } else {
                 0.0
             });
+            if let Some((primary, fenced)) = &m.role {
+                primary.set(if r.role == Role::Primary { 1.0 } else { 0.0 });
+                fenced.set(if r.fenced { 1.0 } else { 0.0 });
+            }
         }
         let panic = |role| records.iter().any(|r| r.role == role && r.kept_in_panic);
         self.panic_primary

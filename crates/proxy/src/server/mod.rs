@@ -188,6 +188,12 @@ impl Proxy {
             .iter()
             .map(|l| Arc::new(ConnLimit::new(l.max_connections)))
             .collect();
+        // Both outcomes exist from the start at 0, so an alert on
+        // `increase(keyway_config_reloads_total{result="error"}[..])` sees the first failure
+        // (Prometheus reads a series that appears already at 1 as no increase).
+        for outcome in ["ok", "error"] {
+            metrics::counter!("keyway_config_reloads_total", "result" => outcome).absolute(0);
+        }
         let reloader = Arc::new(Reloader {
             runtime: runtime.clone(),
             listeners: listener_states.clone(),
