@@ -31,6 +31,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub use keyway;
 pub use keyway_proxy;
 
+mod browser;
+pub use browser::{chromium_binaries, ChromeDriver, ChromiumBinaries};
+
 /// How a test backend behaves right now. Tests change it while traffic flows.
 #[derive(Clone, Debug)]
 pub enum Mode {

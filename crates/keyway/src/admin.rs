@@ -1,6 +1,7 @@
-//! The admin listener: `/metrics` (Prometheus text), `/status` (JSON), `/healthz`, and
-//! the calls that change things (`POST /reload`, promote, failback, drain, undrain),
-//! which need `Authorization: Bearer TOKEN` when `[admin] token_file` is set.
+//! The admin listener: the dashboard (`/`, `dashboard`), `/metrics` (Prometheus text),
+//! `/status` (JSON), `/healthz`, and the calls that change things (`POST /reload`,
+//! promote, failback, drain, undrain, and in `keyway demo` only the demo backends' stop
+//! and start), which need `Authorization: Bearer TOKEN` when `[admin] token_file` is set.
 //!
 //! The views are read-only. It shares nothing mutable with the request path
 //! beyond reading the runtime snapshot and counters, and it must stay answerable while
@@ -24,12 +25,14 @@ use keyway_proxy::forward::Runtime;
 use keyway_proxy::telemetry;
 
 pub use crate::admin_drain::OPERATOR_HEADER;
+use crate::demo::{ControlError as DemoError, DemoBackends};
 
 /// Serves the admin API until shutdown.
 pub async fn serve(
     sock: TcpListener,
     runtime: Arc<ArcSwap<Runtime>>,
     reloader: Arc<keyway_proxy::server::Reloader>,
+    demo: Option<Arc<DemoBackends>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if let Ok(a) = sock.local_addr() {
@@ -48,10 +51,12 @@ pub async fn serve(
         };
         let runtime = runtime.clone();
         let reloader = reloader.clone();
+        let demo = demo.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let rt = runtime.load_full();
                 let reloader = reloader.clone();
+                let demo = demo.clone();
                 async move {
                     if req.method() == Method::POST {
                         if let Some(denied) = authorize(&reloader, &req) {
@@ -88,6 +93,14 @@ pub async fn serve(
                         if let Some(resp) = crate::admin_drain::call(&reloader, &req, peer).await {
                             return Ok(resp);
                         }
+                        if let Some(resp) = demo_call(demo.as_deref(), req.uri().path()).await {
+                            return Ok(resp);
+                        }
+                    }
+                    if matches!(*req.method(), Method::GET | Method::HEAD) {
+                        if let Some(page) = crate::dashboard::asset(req.uri().path()) {
+                            return Ok(page);
+                        }
                     }
                     if req.method() == Method::GET && req.uri().path() == "/state" {
                         return Ok(match reloader.failover().export().await {
@@ -103,7 +116,7 @@ pub async fn serve(
                             ),
                         });
                     }
-                    Ok::<_, Infallible>(route(&rt, &reloader, req))
+                    Ok::<_, Infallible>(route(&rt, &reloader, demo.as_deref(), req))
                 }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
@@ -185,9 +198,37 @@ async fn topology_call(
     })
 }
 
+/// `POST /demo/backends/CLUSTER/BACKEND/stop|start`, answered only by `keyway demo`
+/// (elsewhere the path is unknown: `None`, so a 404).
+async fn demo_call(demo: Option<&DemoBackends>, path: &str) -> Option<Response<Body>> {
+    let demo = demo?;
+    let rest = path.strip_prefix("/demo/backends/")?;
+    let (cluster, rest) = rest.split_once('/')?;
+    let (backend, action) = rest.split_once('/')?;
+    let result = match action {
+        "stop" => demo.stop(cluster, backend),
+        "start" => demo.start(cluster, backend).await,
+        _ => return None,
+    };
+    Some(match result {
+        Ok(()) => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!("demo backend {cluster}/{backend}: {action} done\n"),
+        ),
+        Err(DemoError::Unknown) => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no demo backend `{backend}` in cluster `{cluster}`\n"),
+        ),
+        Err(DemoError::Bind(e)) => reply(StatusCode::CONFLICT, "text/plain", format!("{e}\n")),
+    })
+}
+
 fn route(
     rt: &Runtime,
     reloader: &keyway_proxy::server::Reloader,
+    demo: Option<&DemoBackends>,
     req: Request<Incoming>,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
@@ -204,6 +245,7 @@ fn route(
                 s["last_reload"] = reloader.last_json();
                 s["coordination"] = reloader.failover().status_json();
                 s["tcp_listeners"] = reloader.tcp_status_json();
+                s["demo"] = demo.map_or(serde_json::Value::Null, DemoBackends::status_json);
                 s.to_string()
             },
         ),
@@ -225,7 +267,7 @@ fn route(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try GET /metrics, /status, /state, /healthz, POST /reload, POST /clusters/NAME/promote/BACKEND, POST /clusters/NAME/failback or POST /clusters/NAME/backends/BACKEND/drain|undrain\n".into(),
+            "not found: try GET / (the dashboard), /metrics, /status, /state, /healthz, POST /reload, POST /clusters/NAME/promote/BACKEND, POST /clusters/NAME/failback or POST /clusters/NAME/backends/BACKEND/drain|undrain\n".into(),
         ),
     }
 }
@@ -296,6 +338,7 @@ pub fn status_json(rt: &Runtime, failover: &keyway_proxy::failover::Failover) ->
                         "queue_rejected": b.queue_rejected(),
                         "requests": b.requests(),
                         "connect_errors": b.connect_errors(),
+                        "responses_5xx": b.responses_5xx(),
                         "pool_idle": b.pool.has_idle(),
                         "last_error": last_error,
                         "role": match (c.cfg.strategy, view.backends.get(i).map(|v| (v.role, v.fenced))) {

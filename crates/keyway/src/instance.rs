@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::demo::DemoBackends;
 use crate::watch::PluginWatcher;
 use keyway_proxy::config::Config;
 use keyway_proxy::forward::Runtime;
@@ -40,6 +41,19 @@ impl Server {
 
     /// Binds the admin listener and every proxy listener, then starts serving.
     pub async fn start_loaded(loaded: Loaded) -> Result<Server, StartError> {
+        Self::start_with(loaded, None).await
+    }
+
+    /// As [`Server::start_loaded`], for `keyway demo`: the admin API also says it is a
+    /// demo in `/status` and serves the calls that stop and start `demo`'s backends.
+    pub async fn start_demo(loaded: Loaded, demo: Arc<DemoBackends>) -> Result<Server, StartError> {
+        Self::start_with(loaded, Some(demo)).await
+    }
+
+    async fn start_with(
+        loaded: Loaded,
+        demo: Option<Arc<DemoBackends>>,
+    ) -> Result<Server, StartError> {
         let admin = match loaded.plane.admin {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -55,6 +69,7 @@ impl Server {
                 sock,
                 proxy.runtime_cell(),
                 proxy.reloader(),
+                demo,
                 proxy.shutdown_signal(),
             ));
             addr

@@ -2,7 +2,7 @@
 //!
 //! This crate is the program: the command line (`main.rs`), the wiring of a running
 //! instance (`instance`: the data plane, the admin API and the plugin watcher started
-//! together), the admin API, the plugin-file watcher, the demo backends and the plugin
+//! together), the admin API and its dashboard, the plugin-file watcher, the demo backends and the plugin
 //! scaffold. It depends on `keyway-proxy` alone, which re-exports the configuration and
 //! the coordinator. It never holds engine logic: no routing, health or promotion
 //! decision is made here. Read `docs/architecture.md` for the crate diagram and the
@@ -11,6 +11,7 @@
 
 pub mod admin;
 mod admin_drain;
+pub mod dashboard;
 pub mod demo;
 pub mod instance;
 pub mod scaffold;

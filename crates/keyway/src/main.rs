@@ -179,16 +179,22 @@ async fn run(loaded: keyway_proxy::load::Loaded, path: PathBuf, demo: bool) -> a
     // otherwise meet the default action and kill the process.
     let stop = shutdown_signal();
     let hangups = Hangups::register();
-    if demo {
+    let demo_backends = if demo {
         let backends = keyway::demo::start_backends(&loaded)
             .await
             .context("starting demo backends")?;
-        for (cluster, id, addr) in &backends {
+        for (cluster, id, addr) in backends.list() {
             tracing::info!(%cluster, backend = %id, %addr, "demo backend up");
         }
-    }
+        Some(backends)
+    } else {
+        None
+    };
     let config = loaded.config.clone();
-    let server = Server::start_loaded(loaded).await?;
+    let server = match demo_backends {
+        Some(b) => Server::start_demo(loaded, b).await?,
+        None => Server::start_loaded(loaded).await?,
+    };
     server.set_config_source(path);
     hangups.reload_with(server.reloader());
     if demo {
@@ -254,6 +260,7 @@ fn print_demo_help(config: &Config, server: &Server) {
         );
     }
     if let Some(a) = server.admin_addr() {
+        println!("\n  Dashboard: http://{a}/   (\"break something\" stops a demo backend: watch the promotion)");
         println!("\n  curl -s http://{a}/status      # clusters and backends");
         println!("  curl -s http://{a}/metrics     # Prometheus metrics");
     }

@@ -49,6 +49,7 @@ pub struct Backend {
     in_flight: AtomicU32,
     requests: AtomicU64,
     connect_errors: AtomicU64,
+    responses_5xx: AtomicU64,
     last_error: Mutex<Option<(SystemTime, String)>>,
     slots: Slots,
     metrics: BackendMetrics,
@@ -121,6 +122,7 @@ impl Backend {
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            responses_5xx: AtomicU64::new(0),
             last_error: Mutex::new(None),
             slots: Slots {
                 free: Arc::new(Semaphore::new(cfg.max_connections as usize)),
@@ -159,6 +161,12 @@ impl Backend {
     /// Failed connection attempts since start.
     pub fn connect_errors(&self) -> u64 {
         self.connect_errors.load(Ordering::Relaxed)
+    }
+
+    /// Answers with a 5xx status passed on since start (the dashboard's error rate is
+    /// these and the connect errors over the requests).
+    pub fn responses_5xx(&self) -> u64 {
+        self.responses_5xx.load(Ordering::Relaxed)
     }
 
     /// The most recent failure, with when it happened.
@@ -235,6 +243,9 @@ impl Backend {
     /// Counts a response by status class.
     pub fn record_response(&self, status: u16) {
         let idx = usize::from((status / 100).clamp(1, 5) - 1);
+        if idx == 4 {
+            self.responses_5xx.fetch_add(1, Ordering::Relaxed);
+        }
         self.metrics.responses[idx].increment(1);
     }
 
