@@ -544,7 +544,7 @@ async fn client_ip_affinity_is_stable_spreads_and_re_pins_on_a_dead_server() {
 
 #[tokio::test]
 async fn a_drained_server_keeps_its_affinity_clients_and_takes_no_new_ones() {
-    let (psm, proxy) = psm_farm().await;
+    let (_psm, proxy) = psm_farm().await;
     let (addr, admin) = (proxy.server().tcp_addrs()[0], proxy.admin.unwrap());
     let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
     let mut open = connect_from(ip(1), addr).await;

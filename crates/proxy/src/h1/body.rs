@@ -104,48 +104,153 @@ impl Upload {
                     }
                     return Poll::Pending;
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(SendError::Body(e))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) => match &mut self.remaining {
-                        Some(left) => {
-                            let n = data.len() as u64;
-                            if n > *left {
-                                return Poll::Ready(Err(SendError::Body(
-                                    "the request body is longer than its Content-Length".into(),
-                                )));
-                            }
-                            *left -= n;
-                            self.out.push_back(data);
-                        }
-                        None => {
-                            self.out
-                                .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
-                            self.out.push_back(data);
-                            self.out.push_back(Bytes::from_static(b"\r\n"));
-                        }
-                    },
-                    Err(frame) => {
-                        if let (Ok(trailers), None) = (frame.into_trailers(), self.remaining) {
-                            self.out.push_back(encode_trailers(&trailers));
-                            self.ended = true;
-                        }
+                Poll::Ready(frame) => {
+                    if let Err(e) = self.take(frame) {
+                        return Poll::Ready(Err(e));
                     }
-                },
-                Poll::Ready(None) => {
-                    match self.remaining {
-                        Some(0) => {}
-                        Some(_) => {
-                            return Poll::Ready(Err(SendError::Body(
-                                "the request body ended before its Content-Length".into(),
-                            )))
-                        }
-                        None => self.out.push_back(Bytes::from_static(b"0\r\n\r\n")),
-                    }
-                    self.ended = true;
                 }
             }
         }
+    }
+
+    /// Waits for the body's first frame (`None`: the body ended at once) and hands it
+    /// out, writing nothing: a body broken from its first bytes (a bad chunk size, more or
+    /// fewer bytes than its Content-Length) fails here, before the backend has seen
+    /// anything of the request. The frame goes back with [`Self::queue_first`] once the
+    /// head is written, or [`Self::into_body`] if it could not be.
+    pub(super) fn poll_first(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Frame<Bytes>>, SendError>> {
+        loop {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(SendError::Body(e))),
+                Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {}
+                Poll::Ready(Some(Ok(f))) => {
+                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                    if self.remaining.is_some_and(|left| n > left) {
+                        return Poll::Ready(Err(SendError::Body(
+                            "the request body is longer than its Content-Length".into(),
+                        )));
+                    }
+                    return Poll::Ready(Ok(Some(f)));
+                }
+                Poll::Ready(None) => {
+                    if self.remaining.is_some_and(|left| left > 0) {
+                        return Poll::Ready(Err(SendError::Body(
+                            "the request body ended before its Content-Length".into(),
+                        )));
+                    }
+                    return Poll::Ready(Ok(None));
+                }
+            }
+        }
+    }
+
+    /// Queues what [`Self::poll_first`] returned, after the head.
+    pub(super) fn queue_first(&mut self, first: Option<Frame<Bytes>>) -> Result<(), SendError> {
+        self.take(first.map(Ok))
+    }
+
+    /// The body as the client sent it, with what [`Self::poll_first`] returned put back
+    /// in front: for a request sent again elsewhere because its head could not be
+    /// written. Only before [`Self::poll`].
+    pub(super) fn into_body(self, first: Option<Frame<Bytes>>) -> Body {
+        match first {
+            Some(first) => http_body_util::BodyExt::boxed(Prepend {
+                first: Some(first),
+                rest: self.body,
+            }),
+            None => crate::body::empty(),
+        }
+    }
+
+    /// Queues one frame of the body (`None`: its end), encoded for the wire.
+    fn take(&mut self, frame: Option<Result<Frame<Bytes>, BoxError>>) -> Result<(), SendError> {
+        match frame {
+            Some(Err(e)) => return Err(SendError::Body(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => match &mut self.remaining {
+                    Some(left) => {
+                        let n = data.len() as u64;
+                        if n > *left {
+                            return Err(SendError::Body(
+                                "the request body is longer than its Content-Length".into(),
+                            ));
+                        }
+                        *left -= n;
+                        self.out.push_back(data);
+                    }
+                    None => {
+                        self.out
+                            .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                        self.out.push_back(data);
+                        self.out.push_back(Bytes::from_static(b"\r\n"));
+                    }
+                },
+                Err(frame) => {
+                    if let (Ok(trailers), None) = (frame.into_trailers(), self.remaining) {
+                        self.out.push_back(encode_trailers(&trailers));
+                        self.ended = true;
+                    }
+                }
+            },
+            None => {
+                match self.remaining {
+                    Some(0) => {}
+                    Some(_) => {
+                        return Err(SendError::Body(
+                            "the request body ended before its Content-Length".into(),
+                        ))
+                    }
+                    None => self.out.push_back(Bytes::from_static(b"0\r\n\r\n")),
+                }
+                self.ended = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A body with a frame already taken from it put back in front.
+struct Prepend {
+    first: Option<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl HttpBody for Prepend {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.first.take() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = self
+            .first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + first);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint
     }
 }
 

@@ -234,6 +234,17 @@ pub async fn send(
     extra: Option<&crate::headers::Added>,
 ) -> Result<Response<RespBody>, SendError> {
     let framing = ReqFraming::of(&req);
+    // A body's first bytes are awaited before the head goes out: a body broken from the
+    // start (a bad chunk size) is refused without the backend seeing the request at all.
+    let (mut upload, mut first) = match framing {
+        ReqFraming::Empty => (None, None),
+        framing => {
+            let body = std::mem::replace(req.body_mut(), crate::body::empty());
+            let mut upload = Upload::new(body, framing);
+            let first = std::future::poll_fn(|cx| upload.poll_first(cx)).await?;
+            (Some(upload), Some(first))
+        }
+    };
     head::encode_request(&req, extra, framing, &mut conn.wbuf);
     let mut written = 0;
     while written < conn.wbuf.len() {
@@ -244,7 +255,12 @@ pub async fn send(
                 ))
             }
             Ok(n) => written += n,
-            Err(e) if written == 0 => return Err(SendError::Unsent(Box::new(req), e)),
+            Err(e) if written == 0 => {
+                if let (Some(upload), Some(first)) = (upload.take(), first.take()) {
+                    *req.body_mut() = upload.into_body(first);
+                }
+                return Err(SendError::Unsent(Box::new(req), e));
+            }
             Err(e) => return Err(SendError::Backend(format!("writing the request head: {e}"))),
         }
     }
@@ -256,19 +272,15 @@ pub async fn send(
     let again = framing == ReqFraming::Empty
         && conn.reused
         && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let mut upload = match framing {
-        ReqFraming::Empty => {
-            conn.io
-                .flush()
-                .await
-                .map_err(|e| SendError::Backend(format!("writing the request head: {e}")))?;
-            None
-        }
-        framing => {
-            let body = std::mem::replace(req.body_mut(), crate::body::empty());
-            Some(Upload::new(body, framing))
-        }
-    };
+    if let (Some(upload), Some(first)) = (upload.as_mut(), first.take()) {
+        upload.queue_first(first)?;
+    }
+    if upload.is_none() {
+        conn.io
+            .flush()
+            .await
+            .map_err(|e| SendError::Backend(format!("writing the request head: {e}")))?;
+    }
     let mut seen = 0usize;
     let mut upload_failed: Option<SendError> = None;
     loop {

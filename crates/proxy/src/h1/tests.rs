@@ -452,6 +452,64 @@ async fn a_body_that_breaks_its_length_fails_as_the_clients() {
     }
 }
 
+/// A body broken from its first bytes (here: an error, a body longer than its length,
+/// a body that ends short) fails before anything is written: the backend sees no byte
+/// of the request, not even its head.
+#[tokio::test]
+async fn a_body_broken_from_its_first_bytes_sends_nothing() {
+    let failing = || -> Body {
+        let frames: Vec<Result<http_body::Frame<Bytes>, crate::body::BoxError>> =
+            vec![Err("invalid chunk size line".into())];
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    };
+    let cases: Vec<(Option<&str>, Body)> = vec![
+        (None, failing()),
+        (Some("5"), streamed(vec![b"abcdefgh".to_vec()], None)),
+        (Some("5"), streamed(vec![], None)),
+    ];
+    for (length, body) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut backend, _) = b.unwrap();
+        let conn = Conn::new(Stream::Plain(a.unwrap()));
+        let mut req = Request::post("/").header("host", "b");
+        if let Some(n) = length {
+            req = req.header("content-length", n);
+        }
+        match send(conn, req.body(body).unwrap(), None).await {
+            Err(SendError::Body(_)) => {}
+            Err(e) => panic!("{length:?}: expected the body's failure, got {e}"),
+            Ok(resp) => panic!("{length:?}: sent a broken body, got {}", resp.status()),
+        }
+        // The connection is gone (dropped with the failed exchange): EOF, no byte.
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut backend, &mut got)
+            .await
+            .unwrap();
+        assert!(got.is_empty(), "{length:?}: the backend got {got:?}");
+    }
+}
+
+/// A request whose head could not be written goes elsewhere whole: the first frame,
+/// taken before the head, is put back in front of the rest of the body.
+#[tokio::test]
+async fn an_upload_gives_back_its_whole_body() {
+    for framing in [ReqFraming::Chunked, ReqFraming::Length(7)] {
+        let mut upload = Upload::new(
+            streamed(vec![Vec::new(), b"abc".to_vec(), b"defg".to_vec()], None),
+            framing,
+        );
+        let first = std::future::poll_fn(|cx| upload.poll_first(cx))
+            .await
+            .unwrap();
+        let body = upload.into_body(first);
+        assert_eq!(http_body::Body::size_hint(&body).lower(), 3);
+        let back = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&back[..], b"abcdefg", "{framing:?}");
+    }
+}
+
 fn chunked(body: &[u8], sizes: &[usize]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = body;
