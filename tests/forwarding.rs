@@ -471,3 +471,52 @@ async fn connections_are_spread_over_the_workers_and_served_there() {
     )
     .await;
 }
+
+/// `Expect: 100-continue`: the client holds its body until it hears `100 Continue`, and
+/// keyway waits for a body's first bytes before it sends the head upstream, so keyway
+/// must answer the 100 itself: the upload then goes through whole.
+#[tokio::test]
+async fn a_client_waiting_for_100_continue_gets_it_and_its_body_arrives() {
+    let a = TestBackend::start("a").await;
+    let proxy = Proxy::start(&simple(&a, "", "")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: pvwa.corp.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before 100 Continue");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("no 100 Continue within 10 s: the client would wait for ever");
+    assert!(
+        got.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    s.write_all(b"hello").await.unwrap();
+    let mut rest = got.split_off(got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !rest.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the answer");
+            rest.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer");
+    assert!(
+        rest.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    let seen = a.seen();
+    assert_eq!((seen[0].path.as_str(), seen[0].body_len), ("/upload", 5));
+}
