@@ -520,3 +520,34 @@ async fn a_client_waiting_for_100_continue_gets_it_and_its_body_arrives() {
     let seen = a.seen();
     assert_eq!((seen[0].path.as_str(), seen[0].body_len), ("/upload", 5));
 }
+
+/// Full duplex: a client that sends a chunked POST's head and waits for the backend's
+/// answer before sending its body (a backend that refuses on the head alone, a streaming
+/// client) still gets that answer: keyway waits only briefly for the first body bytes
+/// before the head goes upstream.
+#[tokio::test]
+async fn a_backend_answering_a_head_alone_reaches_a_client_holding_its_body() {
+    let answer = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let (addr, _) = one_answer_per_connection(answer, false).await;
+    let proxy = Proxy::start(&one_backend(addr)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /stream HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the backend's answer within 10 s, the body never sent");
+    assert!(
+        got.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}

@@ -33,6 +33,12 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// Makes this thread count as worker `i` (tests of per-worker structures).
+#[cfg(test)]
+pub(crate) fn set_current(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
 /// How many per-worker slots to make: one per core, or more if more workers started.
 pub fn slots() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

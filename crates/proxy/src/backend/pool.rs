@@ -45,6 +45,9 @@ pub struct Pool {
     /// oldest first, taken from the back (warm), aged out from the front.
     h1: Box<[Mutex<VecDeque<Idle>>]>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// The other worker's slot the next return trims, so a worker that stopped using
+    /// this backend does not keep its idle connections past `idle_timeout` for ever.
+    sweep: std::sync::atomic::AtomicUsize,
 }
 
 impl Pool {
@@ -56,6 +59,7 @@ impl Pool {
                 .map(|_| Mutex::new(VecDeque::new()))
                 .collect(),
             h2: Mutex::new(None),
+            sweep: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -99,17 +103,35 @@ impl Pool {
     /// Connections idle past `idle_timeout` at the cold end are closed on the way, so a
     /// burst's surplus does not stay open once traffic is back to normal.
     pub fn put_h1(&self, conn: h1::Conn) {
-        if let Ok(mut idle) = self.here().lock() {
-            let now = Instant::now();
-            while idle
-                .front()
-                .is_some_and(|c| now.duration_since(c.since) >= self.cfg.idle_timeout)
-            {
-                idle.pop_front();
-            }
+        let now = Instant::now();
+        let here = crate::workers::current() % self.h1.len();
+        if let Ok(mut idle) = self.h1[here].lock() {
+            self.age_out(&mut idle, now);
             if idle.len() < self.cfg.max_idle {
                 idle.push_back(Idle { conn, since: now });
             }
+        }
+        // One other worker's slot too, in turn.
+        if self.h1.len() > 1 {
+            let other = self
+                .sweep
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % self.h1.len();
+            if other != here {
+                if let Ok(mut idle) = self.h1[other].try_lock() {
+                    self.age_out(&mut idle, now);
+                }
+            }
+        }
+    }
+
+    /// Closes the connections idle past `idle_timeout`, from the cold end.
+    fn age_out(&self, idle: &mut VecDeque<Idle>, now: Instant) {
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= self.cfg.idle_timeout)
+        {
+            idle.pop_front();
         }
     }
 
@@ -117,5 +139,59 @@ impl Pool {
         if let Ok(mut h2) = self.h2.lock() {
             *h2 = Some(sender);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn conn() -> h1::Conn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = tokio::join!(
+            tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        std::mem::forget(b.unwrap());
+        h1::Conn::new(h1::Stream::Plain(a.unwrap()))
+    }
+
+    fn idle(pool: &Pool) -> Vec<usize> {
+        pool.h1.iter().map(|s| s.lock().unwrap().len()).collect()
+    }
+
+    /// Each worker takes back only the connections it returned, and a worker that stops
+    /// using a backend has its idle connections closed past `idle_timeout` by the
+    /// returns of the others.
+    #[tokio::test]
+    async fn each_worker_keeps_its_own_idle_connections_and_stale_ones_are_swept() {
+        // At least two slots, whatever the machine's cores.
+        let _workers = crate::workers::Workers::start(2).unwrap();
+        let pool = Pool::new(PoolConfig {
+            max_idle: 8,
+            idle_timeout: Duration::from_millis(20),
+        });
+        assert!(
+            pool.h1.len() >= 2,
+            "a slot per core, at least two workers started"
+        );
+        crate::workers::set_current(1);
+        pool.put_h1(conn().await);
+        crate::workers::set_current(0);
+        assert!(
+            pool.take().is_none(),
+            "worker 0 does not take worker 1's connection"
+        );
+        assert_eq!(idle(&pool)[..2], [0, 1]);
+        // Worker 1 goes quiet; its connection ages past idle_timeout while worker 0's
+        // returns go on.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for _ in 0..pool.h1.len() {
+            let c = conn().await;
+            pool.put_h1(c);
+            assert!(pool.take().is_some());
+        }
+        assert_eq!(idle(&pool)[1], 0, "worker 1's stale connection was swept");
     }
 }

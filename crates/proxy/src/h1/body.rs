@@ -153,16 +153,17 @@ impl Upload {
         self.take(first.map(Ok))
     }
 
-    /// The body as the client sent it, with what [`Self::poll_first`] returned put back
-    /// in front: for a request sent again elsewhere because its head could not be
-    /// written. Only before [`Self::poll`].
-    pub(super) fn into_body(self, first: Option<Frame<Bytes>>) -> Body {
+    /// The body as the client sent it, with what [`Self::poll_first`] returned (if it
+    /// was called and returned) put back in front: for a request sent again because its
+    /// head could not be written. Only before [`Self::poll`].
+    pub(super) fn into_body(self, first: Option<Option<Frame<Bytes>>>) -> Body {
         match first {
-            Some(first) => http_body_util::BodyExt::boxed(Prepend {
+            None => self.body,
+            Some(Some(first)) => http_body_util::BodyExt::boxed(Prepend {
                 first: Some(first),
                 rest: self.body,
             }),
-            None => crate::body::empty(),
+            Some(None) => crate::body::empty(),
         }
     }
 

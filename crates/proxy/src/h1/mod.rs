@@ -11,6 +11,7 @@
 //! over [`MAX_HEAD`], a chunk line over [`MAX_CHUNK_LINE`]). Upgrades (WebSocket) and
 //! health probes keep hyper's client; HTTP/2 to backends too.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -38,6 +39,10 @@ pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (with extensions) in a chunked response body.
 pub const MAX_CHUNK_LINE: usize = 4096;
 /// Reads start at this size and double, up to [`MAX_READ`], while they fill up.
+/// How long a request's first body bytes are awaited before its head goes out anyway
+/// (see [`send`]). Bytes already received arrive within microseconds; a client that
+/// holds its body until the backend answers waits this long once.
+const FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 
@@ -234,15 +239,27 @@ pub async fn send(
     extra: Option<&crate::headers::Added>,
 ) -> Result<Response<RespBody>, SendError> {
     let framing = ReqFraming::of(&req);
-    // A body's first bytes are awaited before the head goes out: a body broken from the
-    // start (a bad chunk size) is refused without the backend seeing the request at all.
+    // A body's first bytes are awaited (for at most FIRST_BYTES_WAIT) before the head
+    // goes out: a body broken from the start (a bad chunk size) is refused without the
+    // backend seeing the request at all. The wait is short so that a client that sends
+    // its body only once the backend answered (full duplex) is not held up, and a pooled
+    // connection is checked once more after it.
     let (mut upload, mut first) = match framing {
         ReqFraming::Empty => (None, None),
         framing => {
             let body = std::mem::replace(req.body_mut(), crate::body::empty());
             let mut upload = Upload::new(body, framing);
-            let first = std::future::poll_fn(|cx| upload.poll_first(cx)).await?;
-            (Some(upload), Some(first))
+            let mut wait = std::pin::pin!(tokio::time::sleep(FIRST_BYTES_WAIT));
+            let first = std::future::poll_fn(|cx| match upload.poll_first(cx) {
+                Poll::Ready(got) => Poll::Ready(got.map(Some)),
+                Poll::Pending => wait.as_mut().poll(cx).map(|()| Ok(None)),
+            })
+            .await?;
+            if conn.reused && !conn.still_idle() {
+                *req.body_mut() = upload.into_body(first);
+                return Err(SendError::Stale(Box::new(req)));
+            }
+            (Some(upload), first)
         }
     };
     head::encode_request(&req, extra, framing, &mut conn.wbuf);
@@ -256,8 +273,8 @@ pub async fn send(
             }
             Ok(n) => written += n,
             Err(e) if written == 0 => {
-                if let (Some(upload), Some(first)) = (upload.take(), first.take()) {
-                    *req.body_mut() = upload.into_body(first);
+                if let Some(upload) = upload.take() {
+                    *req.body_mut() = upload.into_body(first.take());
                 }
                 return Err(SendError::Unsent(Box::new(req), e));
             }

@@ -503,7 +503,7 @@ async fn an_upload_gives_back_its_whole_body() {
         let first = std::future::poll_fn(|cx| upload.poll_first(cx))
             .await
             .unwrap();
-        let body = upload.into_body(first);
+        let body = upload.into_body(Some(first));
         assert_eq!(http_body::Body::size_hint(&body).lower(), 3);
         let back = body.collect().await.unwrap().to_bytes();
         assert_eq!(&back[..], b"abcdefg", "{framing:?}");

@@ -138,11 +138,8 @@ impl Proxy {
         let failover = Failover::open(config, &loaded.coordination, crate::failover::Access::Owner)
             .await
             .map_err(StartError::State)?;
-        let runtime = Arc::new(ArcSwap::from_pointee(
-            build_runtime(config, plane, &failover).map_err(StartError::Build)?,
-        ));
-        let (shutdown, _) = watch::channel(false);
-        let (drain_tx, drain_rx) = mpsc::channel(1);
+        // Workers first: the backends' pools, built with the runtime, keep a slot per
+        // worker.
         let workers = Workers::start(
             config
                 .proxy
@@ -150,6 +147,11 @@ impl Proxy {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         )
         .map_err(|e| StartError::Build(format!("cannot start the worker threads: {e}")))?;
+        let runtime = Arc::new(ArcSwap::from_pointee(
+            build_runtime(config, plane, &failover).map_err(StartError::Build)?,
+        ));
+        let (shutdown, _) = watch::channel(false);
+        let (drain_tx, drain_rx) = mpsc::channel(1);
 
         let mut listen_addrs = Vec::new();
         let mut bound = Vec::new();
