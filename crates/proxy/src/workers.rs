@@ -79,6 +79,8 @@ impl Workers {
     /// running a single-threaded runtime named `keyway-worker-I`.
     pub fn start(n: usize) -> std::io::Result<Arc<Self>> {
         SLOTS.fetch_max(n, Ordering::Relaxed);
+        // The workers' gauges go to the process's recorder, installed by its first use.
+        crate::telemetry::metrics_handle();
         let mut workers = vec![Worker::new(0, None, None)];
         for i in 1..n.max(1) {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
