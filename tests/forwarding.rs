@@ -485,38 +485,11 @@ async fn a_client_waiting_for_100_continue_gets_it_and_its_body_arrives() {
     )
     .await
     .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before 100 Continue");
-            got.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("no 100 Continue within 10 s: the client would wait for ever");
-    assert!(
-        got.starts_with(b"HTTP/1.1 100 Continue\r\n"),
-        "{}",
-        String::from_utf8_lossy(&got)
-    );
+    let head = read_head(&mut s, "no 100 Continue: the client would wait for ever").await;
+    assert!(head.starts_with("HTTP/1.1 100 Continue\r\n"), "{head}");
     s.write_all(b"hello").await.unwrap();
-    let mut rest = got.split_off(got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !rest.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before the answer");
-            rest.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("an answer");
-    assert!(
-        rest.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&rest)
-    );
+    let head = read_head(&mut s, "no answer").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let seen = a.seen();
     assert_eq!((seen[0].path.as_str(), seen[0].body_len), ("/upload", 5));
 }
@@ -534,20 +507,27 @@ async fn a_backend_answering_a_head_alone_reaches_a_client_holding_its_body() {
     s.write_all(b"POST /stream HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
         .await
         .unwrap();
+    let head = read_head(&mut s, "no answer while the body is held").await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+}
+
+/// Reads one response head, byte by byte (nothing after it is consumed), within 10 s;
+/// `what` names the failure.
+async fn read_head(s: &mut tokio::net::TcpStream, what: &str) -> String {
     let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
     tokio::time::timeout(Duration::from_secs(10), async {
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before the answer");
-            got.extend_from_slice(&buf[..n]);
+        while !got.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let n = s.read(&mut byte).await.unwrap();
+            assert!(
+                n > 0,
+                "{what}: closed after {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.push(byte[0]);
         }
     })
     .await
-    .expect("the backend's answer within 10 s, the body never sent");
-    assert!(
-        got.starts_with(b"HTTP/1.1 401"),
-        "{}",
-        String::from_utf8_lossy(&got)
-    );
+    .unwrap_or_else(|_| panic!("{what} within 10 s"));
+    String::from_utf8_lossy(&got).into_owned()
 }
