@@ -184,7 +184,15 @@ async fn topology_call(
         }
         _ => return None,
     };
-    Some(match result {
+    Some(decided(result))
+}
+
+/// The answer to a decision call: the decision as JSON, or why it was refused with the
+/// status the coordinator chose.
+pub(crate) fn decided<T: serde::Serialize>(
+    result: Result<T, keyway_proxy::failover::Refused>,
+) -> Response<Body> {
+    match result {
         Ok(t) => reply(
             StatusCode::OK,
             "application/json",
@@ -195,7 +203,7 @@ async fn topology_call(
             "text/plain",
             format!("{}\n", e.message),
         ),
-    })
+    }
 }
 
 /// `POST /demo/backends/CLUSTER/BACKEND/stop|start`, answered only by `keyway demo`

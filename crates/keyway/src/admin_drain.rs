@@ -16,7 +16,7 @@ use keyway_proxy::backend::Backend;
 use keyway_proxy::body::Body;
 use keyway_proxy::failover::Drain;
 
-use crate::admin::reply;
+use crate::admin::{decided, reply};
 
 /// The request header naming the operator behind a call (`keyway ctl` sends `$USER`).
 pub const OPERATOR_HEADER: &str = "keyway-operator";
@@ -49,18 +49,7 @@ pub(crate) async fn call(
         "undrain" => failover.undrain(cluster, backend, &by).await,
         _ => return None,
     };
-    Some(match result {
-        Ok(change) => reply(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string(&change).unwrap_or_default(),
-        ),
-        Err(e) => reply(
-            StatusCode::from_u16(e.status).unwrap_or(StatusCode::CONFLICT),
-            "text/plain",
-            format!("{}\n", e.message),
-        ),
-    })
+    Some(decided(result))
 }
 
 /// `OPERATOR from PEER-IP`, or the peer address alone. The operator's name is what the
