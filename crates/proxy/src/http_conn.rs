@@ -1,5 +1,8 @@
-//! Serves one client connection with hyper: HTTP/2 when the client opens with the HTTP/2
-//! preface (prior knowledge, or after ALPN `h2`), HTTP/1.1 with upgrades otherwise.
+//! Serves one client connection: HTTP/2 (hyper) when the client opens with the HTTP/2
+//! preface (prior knowledge, or after ALPN `h2`); otherwise keyway's own HTTP/1.1 server
+//! side (`h1::serve`) for plain bodiless requests, which hands the connection, with
+//! every byte it read, to hyper's HTTP/1.1 server (with upgrades) at the first request
+//! it does not serve.
 //!
 //! This replaces hyper-util's `auto::Builder` for one reason: memory per idle connection.
 //! `auto` reads the first bytes (up to the 24 of the preface) and hands them back to
@@ -15,8 +18,12 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response};
 
 use hyper::body::{Body, Incoming};
 use hyper::rt::bounds::Http2ServerConnExec;
@@ -24,6 +31,8 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::h1::serve::{self, Ended, NoBody};
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -35,6 +44,8 @@ pub(crate) struct Builder {
     pub(crate) http1: http1::Builder,
     /// HTTP/2 settings.
     pub(crate) http2: http2::Builder<TokioExecutor>,
+    /// keyway's own HTTP/1.1 side; `None` leaves all of HTTP/1.1 to hyper.
+    pub(crate) own: Option<serve::Settings>,
 }
 
 impl Builder {
@@ -43,19 +54,23 @@ impl Builder {
         Self {
             http1: http1::Builder::new(),
             http2: http2::Builder::new(TokioExecutor::new()),
+            own: None,
         }
     }
 
-    /// Serves `io` with `service` once the protocol is known.
-    pub(crate) fn serve<I, S>(self: &Arc<Self>, io: I, service: S) -> Connection<I, S>
+    /// Serves `io` once the protocol is known: with `own` (keyway's HTTP/1.1 side)
+    /// while it can, with `service` (hyper) otherwise.
+    pub(crate) fn serve<I, S, H>(self: &Arc<Self>, io: I, service: S, own: H) -> Connection<I, S>
     where
         S: HttpService<Incoming>,
+        H: OwnHandler,
     {
         Connection {
             state: State::Detect {
                 builder: self.clone(),
                 io: Some(io),
                 service: Some(service),
+                own: Some(Box::new(own)),
                 pre: [0; 24],
                 filled: 0,
                 cancelled: false,
@@ -63,6 +78,26 @@ impl Builder {
         }
     }
 }
+
+/// A boxed answer to a request served by keyway's own HTTP/1.1 side.
+pub(crate) type OwnAnswer = Pin<Box<dyn Future<Output = Response<crate::body::Body>> + Send>>;
+
+/// What keyway's own HTTP/1.1 side calls for each request it serves.
+pub(crate) trait OwnHandler: Send + 'static {
+    /// The answer to `req`.
+    fn call(&mut self, req: Request<NoBody>) -> OwnAnswer;
+}
+
+impl<F> OwnHandler for F
+where
+    F: FnMut(Request<NoBody>) -> OwnAnswer + Send + 'static,
+{
+    fn call(&mut self, req: Request<NoBody>) -> OwnAnswer {
+        self(req)
+    }
+}
+
+type OwnFuture<I> = Pin<Box<dyn Future<Output = Ended<I>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// One client connection, first detecting the protocol, then served by hyper.
@@ -85,9 +120,16 @@ pin_project_lite::pin_project! {
             builder: Arc<Builder>,
             io: Option<I>,
             service: Option<S>,
+            own: Option<Box<dyn OwnHandler>>,
             pre: [u8; 24],
             filled: usize,
             cancelled: bool,
+        },
+        Own {
+            serving: OwnFuture<I>,
+            builder: Arc<Builder>,
+            service: Option<S>,
+            closing: Arc<AtomicBool>,
         },
         H1 {
             #[pin]
@@ -114,6 +156,7 @@ where
     pub(crate) fn graceful_shutdown(self: Pin<&mut Self>) {
         match self.project().state.project() {
             StateProj::Detect { cancelled, .. } => *cancelled = true,
+            StateProj::Own { closing, .. } => closing.store(true, Ordering::Relaxed),
             StateProj::H1 { conn } => conn.graceful_shutdown(),
             StateProj::H2 { conn } => conn.graceful_shutdown(),
         }
@@ -137,10 +180,31 @@ where
             let next = match state.as_mut().project() {
                 StateProj::H1 { conn } => return conn.poll(cx),
                 StateProj::H2 { conn } => return conn.poll(cx),
+                StateProj::Own {
+                    serving,
+                    builder,
+                    service,
+                    closing,
+                } => {
+                    let (io, pre) = match std::task::ready!(serving.as_mut().poll(cx)) {
+                        Ended::Closed => return Poll::Ready(Ok(())),
+                        Ended::HandOff(io, pre) => (io, pre),
+                    };
+                    let Some(service) = service.take() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    let io = TokioIo::new(Prefixed::new(pre, io));
+                    let mut conn = builder.http1.serve_connection(io, service).with_upgrades();
+                    if closing.load(Ordering::Relaxed) {
+                        Pin::new(&mut conn).graceful_shutdown();
+                    }
+                    State::H1 { conn }
+                }
                 StateProj::Detect {
                     builder,
                     io,
                     service,
+                    own,
                     pre,
                     filled,
                     cancelled,
@@ -176,20 +240,40 @@ where
                     let (Some(stream), Some(service)) = (io.take(), service.take()) else {
                         return Poll::Ready(Ok(()));
                     };
-                    let io = TokioIo::new(Prefixed {
-                        pre: *pre,
-                        pos: 0,
-                        len: *filled,
-                        error: None,
-                        inner: stream,
-                    });
-                    if h2 {
-                        State::H2 {
-                            conn: builder.http2.serve_connection(io, service),
+                    let own = own.take();
+                    if let (false, true, Some(settings), Some(mut own)) =
+                        (h2, *filled > 0, builder.own, own)
+                    {
+                        // keyway's own side, starting from the bytes read so far.
+                        let mut buf = BytesMut::with_capacity(8 * 1024);
+                        buf.extend_from_slice(&pre[..*filled]);
+                        let closing = Arc::new(AtomicBool::new(false));
+                        let serving = Box::pin(serve::serve(
+                            stream,
+                            buf,
+                            move |req| own.call(req),
+                            settings,
+                            closing.clone(),
+                        ));
+                        State::Own {
+                            serving,
+                            builder: builder.clone(),
+                            service: Some(service),
+                            closing,
                         }
                     } else {
-                        State::H1 {
-                            conn: builder.http1.serve_connection(io, service).with_upgrades(),
+                        let io = TokioIo::new(Prefixed::new(
+                            Bytes::copy_from_slice(&pre[..*filled]),
+                            stream,
+                        ));
+                        if h2 {
+                            State::H2 {
+                                conn: builder.http2.serve_connection(io, service),
+                            }
+                        } else {
+                            State::H1 {
+                                conn: builder.http1.serve_connection(io, service).with_upgrades(),
+                            }
                         }
                     }
                 }
@@ -201,16 +285,25 @@ where
 
 // === Prefixed ===
 
-/// The client's socket with the bytes read to detect the protocol put back in front.
-/// The read that returns them also takes whatever the socket already holds behind
-/// them, so hyper sees a head that arrived in one segment in one read.
+/// The client's socket with the bytes already read from it (to detect the protocol,
+/// or by keyway's own HTTP/1.1 side) put back in front. The read that returns the last
+/// of them also takes whatever the socket already holds behind them, so hyper sees a
+/// head that arrived in one segment in one read.
 pub(crate) struct Prefixed<I> {
-    pre: [u8; 24],
-    pos: usize,
-    len: usize,
+    pre: Bytes,
     /// An error met while topping up the read that returned the prefix, for the next.
     error: Option<io::Error>,
     inner: I,
+}
+
+impl<I> Prefixed<I> {
+    fn new(pre: Bytes, inner: I) -> Self {
+        Self {
+            pre,
+            error: None,
+            inner,
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
@@ -220,11 +313,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.pos < this.len {
-            let n = (this.len - this.pos).min(buf.remaining());
-            buf.put_slice(&this.pre[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.len && buf.remaining() > 0 {
+        if !this.pre.is_empty() {
+            let n = this.pre.len().min(buf.remaining());
+            buf.put_slice(&this.pre[..n]);
+            this.pre.advance(n);
+            if this.pre.is_empty() && buf.remaining() > 0 {
                 // Pending leaves the waker registered, which is harmless: the prefix is
                 // returned now either way.
                 if let Poll::Ready(Err(e)) = Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -284,15 +377,7 @@ mod tests {
             .write_all(b" / HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .unwrap();
-        let mut pre = [0u8; 24];
-        pre[..3].copy_from_slice(b"GET");
-        let mut io = Prefixed {
-            pre,
-            pos: 0,
-            len: 3,
-            error: None,
-            inner: server,
-        };
+        let mut io = Prefixed::new(Bytes::from_static(b"GET"), server);
         let mut buf = [0u8; 64];
         let n = io.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");

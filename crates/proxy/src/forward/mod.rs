@@ -99,12 +99,13 @@ pub struct ConnInfo {
     pub drain: crate::limits::DrainGuard,
 }
 
-/// Handles one client request. Never fails: errors become HTTP answers.
-pub async fn handle(
-    rt: Arc<Runtime>,
-    info: Arc<ConnInfo>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+/// Handles one client request, with hyper's request body or none (keyway's own
+/// HTTP/1.1 side serves only bodiless requests). Never fails: errors become HTTP answers.
+pub async fn handle<B>(rt: Arc<Runtime>, info: Arc<ConnInfo>, req: Request<B>) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let started = Instant::now();
     // Only what the access log needs is copied, and only when it is on: the method
     // here, the path in `proxy` (as sent, then as admitted).
@@ -129,12 +130,16 @@ pub async fn handle(
 
 type Failure = (ProxyError, Option<String>);
 
-async fn proxy(
+async fn proxy<B>(
     rt: &Runtime,
     info: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     log: &mut AccessLog,
-) -> Result<Response<Body>, Failure> {
+) -> Result<Response<Body>, Failure>
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     // The front door first: what it admits is what is routed, classified and forwarded.
     let door = frontdoor::admit(&mut req, &info.door, info.client.ip()).map_err(|e| (e, None))?;
     log.host = Some(door.host.clone());

@@ -25,6 +25,7 @@ use crate::body::{Body, BoxError};
 
 mod body;
 mod head;
+pub mod serve;
 #[cfg(test)]
 mod tests;
 

@@ -41,6 +41,10 @@ pub(super) fn http_builder(cfg: &ListenerConfig) -> http_conn::Builder {
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.limits.header_read_timeout)
         .max_buf_size(cfg.limits.max_request_header_bytes);
+    builder.own = Some(crate::h1::serve::Settings {
+        max_head: cfg.limits.max_request_header_bytes,
+        header_read_timeout: cfg.limits.header_read_timeout,
+    });
     builder
         .http2
         .timer(TokioTimer::new())
@@ -165,6 +169,17 @@ impl Connection {
         // instead of one per field.
         let info = Arc::new(info);
         let svc_activity = activity.clone();
+        let (own_rt, own_info, own_activity) = (runtime.clone(), info.clone(), activity.clone());
+        let own = move |req| -> http_conn::OwnAnswer {
+            let rt = own_rt.load_full();
+            let info = own_info.clone();
+            let guard = RequestGuard::new(own_activity.clone());
+            Box::pin(async move {
+                let resp = forward::handle(rt, info, req).await;
+                drop(guard);
+                resp
+            })
+        };
         let service = service_fn(move |req| {
             let rt = runtime.load_full();
             let info = info.clone();
@@ -178,7 +193,7 @@ impl Connection {
                 Ok::<_, std::convert::Infallible>(resp)
             })
         });
-        let conn = builder.serve(io, service);
+        let conn = builder.serve(io, service, own);
         tokio::pin!(conn);
         let mut draining = false;
         // Idle check: every quarter of the timeout, see whether any byte moved or any

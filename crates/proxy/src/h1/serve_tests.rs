@@ -1,0 +1,321 @@
+//! keyway's own HTTP/1.1 server side over an in-memory socket: what it serves, how it
+//! frames answers, and what it hands to hyper untouched.
+
+use std::sync::atomic::AtomicUsize;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::*;
+use crate::body;
+
+const SETTINGS: Settings = Settings {
+    max_head: 8192,
+    header_read_timeout: Duration::from_secs(5),
+};
+
+type Answer = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// Answers with the request's method and path, with a Content-Length.
+fn echo(req: Request<NoBody>) -> Answer {
+    let text = format!("{} {}", req.method(), req.uri());
+    Box::pin(async move { Response::new(body::full(text)) })
+}
+
+/// Runs `serve` on one end of a pipe after `input` was written to the other; returns
+/// everything the client received (until the server's side closed) and how serving
+/// ended.
+async fn run<H>(input: &[u8], handler: H, settings: Settings) -> (String, Ended<DuplexStream>)
+where
+    H: FnMut(Request<NoBody>) -> Answer,
+{
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    client.write_all(input).await.unwrap();
+    let closing = Arc::new(AtomicBool::new(false));
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        serve(server, BytesMut::new(), handler, settings, closing),
+    )
+    .await
+    .expect("serving ends (closed or handed to hyper) once the input is used up");
+    let mut got = Vec::new();
+    if let Ended::Closed = ended {
+        client.read_to_end(&mut got).await.unwrap();
+    }
+    (String::from_utf8_lossy(&got).into_owned(), ended)
+}
+
+fn handed(ended: Ended<DuplexStream>) -> Bytes {
+    match ended {
+        Ended::HandOff(_, bytes) => bytes,
+        Ended::Closed => panic!("expected a hand-off to hyper"),
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_until_close() {
+    let (got, ended) = run(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nHEAD /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n",
+        echo,
+        SETTINGS,
+    )
+    .await;
+    assert!(matches!(ended, Ended::Closed));
+    let answers: Vec<&str> = got.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "{got}");
+    assert!(answers[0].starts_with("200 OK\r\ncontent-length: 6\r\ndate: "));
+    assert!(answers[0].ends_with("\r\n\r\nGET /a"), "{}", answers[0]);
+    // HEAD: the length of the GET answer, no body.
+    assert!(
+        answers[1].contains("content-length: 7\r\n"),
+        "{}",
+        answers[1]
+    );
+    assert!(answers[1].ends_with("\r\n\r\n"), "{}", answers[1]);
+    assert!(
+        answers[2].contains("connection: close\r\n"),
+        "{}",
+        answers[2]
+    );
+    assert!(answers[2].ends_with("GET /c"));
+}
+
+#[tokio::test]
+async fn requests_it_does_not_serve_go_to_hyper_with_every_byte() {
+    let unserved: [&[u8]; 9] = [
+        b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /p HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"PUT /p HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+        b"GET /p HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    for input in unserved {
+        // Served first, then the one for hyper, then more behind it.
+        let mut all = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        all.extend_from_slice(input);
+        all.extend_from_slice(b"GET /after HTTP/1.1\r\n\r\n");
+        let (_, ended) = run(&all, echo, SETTINGS).await;
+        let rest = handed(ended);
+        let mut want = input.to_vec();
+        want.extend_from_slice(b"GET /after HTTP/1.1\r\n\r\n");
+        assert_eq!(rest, want, "{}", String::from_utf8_lossy(input));
+    }
+}
+
+#[tokio::test]
+async fn a_head_past_the_limit_goes_to_hyper() {
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.resize(9000, b'a');
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    client.write_all(&big).await.unwrap();
+    let closing = Arc::new(AtomicBool::new(false));
+    let ended = serve(server, BytesMut::new(), echo, SETTINGS, closing).await;
+    let rest = handed(ended);
+    assert_eq!(rest.len(), SETTINGS.max_head, "never reads past the limit");
+    assert_eq!(&rest[..], &big[..SETTINGS.max_head]);
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_chunked_with_only_the_announced_trailers() {
+    let stream = |req: Request<NoBody>| -> Answer {
+        let head = req.method() == Method::HEAD;
+        Box::pin(async move {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-sum", HeaderValue::from_static("9"));
+            trailers.insert("x-secret", HeaderValue::from_static("no"));
+            let frames = vec![
+                Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(b"hello "))),
+                Ok(http_body::Frame::data(Bytes::from(vec![b'w'; 5000]))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+            let mut resp = Response::new(body);
+            resp.headers_mut()
+                .insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+            if head {
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+            }
+            resp
+        })
+    };
+    let (got, ended) = run(
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        stream,
+        SETTINGS,
+    )
+    .await;
+    assert!(matches!(ended, Ended::Closed));
+    let (first, second) = got.split_at(got.find("HTTP/1.1 204").expect("second answer"));
+    assert!(first.contains("transfer-encoding: chunked\r\n"), "{first}");
+    let body = &first[first.find("\r\n\r\n").unwrap() + 4..];
+    let want = format!(
+        "6\r\nhello \r\n1388\r\n{}\r\n0\r\nx-sum: 9\r\n\r\n",
+        "w".repeat(5000)
+    );
+    assert_eq!(body, want);
+    // 204: no body, no framing header, no trailer announcement.
+    assert!(!second.contains("transfer-encoding"), "{second}");
+    assert!(!second.contains("content-length"), "{second}");
+    assert!(!second.contains("trailer"), "{second}");
+    assert!(second.ends_with("\r\n\r\n"), "{second}");
+}
+
+type BoxError = crate::body::BoxError;
+
+#[tokio::test]
+async fn a_body_shorter_than_its_length_closes_the_connection() {
+    let short = |_req: Request<NoBody>| -> Answer {
+        Box::pin(async move {
+            let frames = vec![Ok::<_, BoxError>(http_body::Frame::data(
+                Bytes::from_static(b"abc"),
+            ))];
+            let mut resp =
+                Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+            resp
+        })
+    };
+    // The second request is never answered: the first one's framing broke.
+    let (got, ended) = run(
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        short,
+        SETTINGS,
+    )
+    .await;
+    assert!(matches!(ended, Ended::Closed));
+    assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "{got}");
+    assert!(got.contains("content-length: 10\r\n"));
+    assert!(got.ends_with("\r\n\r\nabc"), "{got}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_request() {
+    struct Dropped(Arc<AtomicUsize>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let seen = dropped.clone();
+    let forever = move |_req: Request<NoBody>| -> Answer {
+        let guard = Dropped(seen.clone());
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            unreachable!()
+        })
+    };
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let closing = Arc::new(AtomicBool::new(false));
+    let serving = tokio::spawn(serve(server, BytesMut::new(), forever, SETTINGS, closing));
+    drop(client);
+    let ended = tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("serving ends when the client leaves")
+        .unwrap();
+    assert!(matches!(ended, Ended::Closed));
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the request was cancelled"
+    );
+}
+
+#[tokio::test]
+async fn a_head_that_never_completes_is_closed_unanswered() {
+    let settings = Settings {
+        header_read_timeout: Duration::from_millis(200),
+        ..SETTINGS
+    };
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let closing = Arc::new(AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        serve(server, BytesMut::new(), echo, settings, closing),
+    )
+    .await
+    .expect("header_read_timeout ends a head that never completes");
+    assert!(matches!(ended, Ended::Closed));
+    assert!(started.elapsed() >= settings.header_read_timeout);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert!(got.is_empty(), "no answer to an incomplete head");
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_answers_the_request_in_flight_with_close() {
+    let closing = Arc::new(AtomicBool::new(false));
+    let flag = closing.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mut rx = Some(rx);
+    let slow = move |req: Request<NoBody>| -> Answer {
+        let rx = rx.take();
+        Box::pin(async move {
+            if let Some(rx) = rx {
+                let _ = rx.await;
+            }
+            echo(req).await
+        })
+    };
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    client
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let serving = tokio::spawn(serve(server, BytesMut::new(), slow, SETTINGS, closing));
+    tokio::task::yield_now().await;
+    flag.store(true, Ordering::SeqCst);
+    tx.send(()).unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("connection: close\r\n"), "{got}");
+    assert!(got.ends_with("GET /a"), "{got}");
+    assert!(matches!(serving.await.unwrap(), Ended::Closed));
+}
+
+#[tokio::test]
+async fn an_idle_connection_ends_at_once_on_a_graceful_shutdown() {
+    let (_client, server) = tokio::io::duplex(1 << 16);
+    let closing = Arc::new(AtomicBool::new(true));
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        serve(server, BytesMut::new(), echo, SETTINGS, closing),
+    )
+    .await
+    .expect("an idle connection ends without waiting for a request");
+    assert!(matches!(ended, Ended::Closed));
+}
+
+#[test]
+fn content_length_values_are_digits_only() {
+    assert_eq!(parse_length(b"0"), Some(0));
+    assert_eq!(parse_length(b"1234"), Some(1234));
+    for bad in [
+        &b""[..],
+        b"+1",
+        b"-1",
+        b"1,1",
+        b" 1",
+        b"99999999999999999999",
+    ] {
+        assert_eq!(parse_length(bad), None, "{bad:?}");
+    }
+    let mut out = Vec::new();
+    put_hex(&mut out, 0);
+    put_hex(&mut out, 5000);
+    assert_eq!(out, b"01388");
+}
