@@ -10,8 +10,10 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1;
-/// `HTTP2-Settings` belongs to an `h2c` upgrade, RFC 7540 §3.2.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// `HTTP2-Settings` belongs to an `h2c` upgrade, RFC 7540 §3.2.1). A `static`, not a
+/// `const`: a `const` array is built and dropped again at every use, once per header
+/// field scanned (about 500 instructions per request).
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

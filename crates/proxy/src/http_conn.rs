@@ -317,6 +317,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
             let n = this.pre.len().min(buf.remaining());
             buf.put_slice(&this.pre[..n]);
             this.pre.advance(n);
+            if this.pre.is_empty() {
+                // Release the prefix's allocation; the connection may live for hours.
+                this.pre = Bytes::new();
+            }
             if this.pre.is_empty() && buf.remaining() > 0 {
                 // Pending leaves the waker registered, which is harmless: the prefix is
                 // returned now either way.

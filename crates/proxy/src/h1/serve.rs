@@ -85,40 +85,62 @@ where
     let mut out: Vec<u8> = Vec::new();
     let mut spans: Vec<[usize; 4]> = Vec::new();
     let mut cached: Option<HeaderMap> = None;
+    // header_read_timeout runs from the moment a head is awaited (as hyper's does), so
+    // an idle keep-alive connection closes after it too. One timer serves the whole
+    // connection: it is re-armed only when it fires before the current deadline, so a
+    // request costs one clock reading, not a timer registration.
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut first = true;
     loop {
+        // A graceful shutdown between two requests ends the connection, even with a
+        // pipelined request buffered (hyper does the same).
+        if !first && closing.load(Ordering::Relaxed) {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+        first = false;
         // 1. A whole head.
-        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
+        // Where the search for the end of the head resumes: each byte is scanned once
+        // however the head is split into reads (a head dribbled a byte at a time must
+        // not be parsed again from its start on every byte).
+        let mut scanned = 0;
         let (req, keep_alive) = loop {
-            if !buf.is_empty() {
+            if head_may_be_complete(&buf, &mut scanned) {
                 match parse(&mut buf, &mut spans, &mut cached) {
                     Parsed::Ready(req, keep_alive) => break (req, keep_alive),
-                    Parsed::HandOff => return Ended::HandOff(io, buf.split().freeze()),
-                    Parsed::Partial if buf.len() >= settings.max_head => {
-                        return Ended::HandOff(io, buf.split().freeze())
-                    }
+                    Parsed::HandOff => return hand_off(io, &mut buf),
                     Parsed::Partial => {}
                 }
-                if timer.is_none() {
-                    timer = Some(Box::pin(tokio::time::sleep(settings.header_read_timeout)));
-                }
+            }
+            if buf.len() >= settings.max_head {
+                return hand_off(io, &mut buf);
             }
             let read = poll_fn(|cx| {
                 if closing.load(Ordering::Relaxed) {
                     return Poll::Ready(Err(()));
                 }
-                if let Some(t) = timer.as_mut() {
-                    if t.as_mut().poll(cx).is_ready() {
-                        tracing::debug!("request head not complete within header_read_timeout");
+                let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                while t.as_mut().poll(cx).is_ready() {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::debug!("no complete request head within header_read_timeout");
                         return Poll::Ready(Err(()));
                     }
+                    // Armed for an earlier request's deadline: move it and poll again
+                    // so the new deadline is registered.
+                    t.as_mut().reset(deadline);
                 }
                 poll_fill(&mut io, &mut buf, cx, settings.max_head).map_err(|_| ())
             })
             .await;
             match read {
                 Ok(n) if n > 0 => {}
-                // EOF, an error, the head timer or a graceful shutdown.
-                _ => return Ended::Closed,
+                Ok(_) => return Ended::Closed,
+                // An error, the head timer or a graceful shutdown.
+                Err(()) => {
+                    let _ = io.shutdown().await;
+                    return Ended::Closed;
+                }
             }
         };
         let head_only = req.method() == Method::HEAD;
@@ -148,7 +170,7 @@ where
         let mut headers = std::mem::take(resp.headers_mut());
         headers.clear();
         cached = Some(headers);
-        let reusable = match framing {
+        let sent = match framing {
             Framing::Length(0) => write_all(&mut io, &mut out).await.is_ok(),
             framing => {
                 let mut body = resp.into_body();
@@ -159,11 +181,40 @@ where
                 .is_ok()
             }
         };
+        // Flushed after every answer: a TLS stream may hold written bytes until then.
+        let reusable = sent && io.flush().await.is_ok();
         if !reusable || last {
             let _ = io.shutdown().await;
             return Ended::Closed;
         }
+        // What a large head or answer grew is not kept by an idle connection.
+        if out.capacity() > INITIAL_BUF {
+            out = Vec::new();
+        }
+        if spans.capacity() > 32 {
+            spans = Vec::new();
+        }
+        if buf.is_empty() && buf.capacity() > INITIAL_BUF {
+            buf = BytesMut::new();
+        }
     }
+}
+
+/// Hands the connection to hyper with the bytes read so far, copied out of the read
+/// buffer so hyper's connection does not keep the buffer's allocation.
+fn hand_off<I>(io: I, buf: &mut BytesMut) -> Ended<I> {
+    Ended::HandOff(io, Bytes::copy_from_slice(buf))
+}
+
+/// Whether the end of a head (an empty line) may be in `buf`: only bytes not scanned
+/// before are searched (with three bytes of overlap for a `\r\n\r\n` split by a read).
+fn head_may_be_complete(buf: &[u8], scanned: &mut usize) -> bool {
+    if buf.is_empty() {
+        return false;
+    }
+    let from = scanned.saturating_sub(3);
+    *scanned = buf.len();
+    buf[from..].windows(2).any(|w| w == b"\n\n") || buf[from..].windows(3).any(|w| w == b"\n\r\n")
 }
 
 // === reading ===
@@ -186,15 +237,16 @@ fn poll_fill<I: AsyncRead + Unpin>(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut limited)
 }
 
-/// Ready when the client has closed its side (or the socket failed). Bytes that arrive
-/// meanwhile (a pipelined request) are kept; once the buffer is full it stops reading.
+/// Ready when the client has closed its side (or the socket failed). Once bytes of a
+/// next (pipelined) request are buffered it stops reading, as hyper does, so a client
+/// that pipelines and then half-closes still gets every answer.
 fn poll_gone<I: AsyncRead + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
     max: usize,
 ) -> Poll<()> {
-    while buf.len() < max {
+    while buf.is_empty() && buf.len() < max {
         match ready!(poll_fill(io, buf, cx, max)) {
             Ok(0) | Err(_) => return Poll::Ready(()),
             Ok(_) => {}
@@ -446,6 +498,26 @@ fn put_length(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Fields that must not travel as trailers (hyper's list): framing, routing,
+/// authentication and cookies, which some clients would merge into the head.
+fn trailer_allowed(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+            | header::TE
+    )
+}
+
 fn put_hex(out: &mut Vec<u8>, mut n: usize) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();
@@ -491,6 +563,7 @@ async fn write_body<I: AsyncRead + AsyncWrite + Unpin>(
             Poll::Ready(n) => n,
             Poll::Pending => {
                 write_all(io, out).await.map_err(|_| ())?;
+                io.flush().await.map_err(|_| ())?;
                 // Wait for the body, and notice a client that leaves meanwhile.
                 let n = poll_fn(|cx| {
                     if let Poll::Ready(n) = Pin::new(&mut *body).poll_frame(cx) {
@@ -562,7 +635,7 @@ async fn write_body<I: AsyncRead + AsyncWrite + Unpin>(
                     // Trailers end the body: only the fields the head announced.
                     out.extend_from_slice(b"0\r\n");
                     for (name, value) in &trailers {
-                        if allowed.contains(name) {
+                        if allowed.contains(name) && trailer_allowed(name) {
                             out.extend_from_slice(name.as_str().as_bytes());
                             out.extend_from_slice(b": ");
                             out.extend_from_slice(value.as_bytes());

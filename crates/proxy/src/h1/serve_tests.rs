@@ -128,6 +128,7 @@ async fn a_streamed_body_is_chunked_with_only_the_announced_trailers() {
             let mut trailers = HeaderMap::new();
             trailers.insert("x-sum", HeaderValue::from_static("9"));
             trailers.insert("x-secret", HeaderValue::from_static("no"));
+            trailers.insert("set-cookie", HeaderValue::from_static("session=stolen"));
             let frames = vec![
                 Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(b"hello "))),
                 Ok(http_body::Frame::data(Bytes::from(vec![b'w'; 5000]))),
@@ -135,8 +136,10 @@ async fn a_streamed_body_is_chunked_with_only_the_announced_trailers() {
             ];
             let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
             let mut resp = Response::new(body);
-            resp.headers_mut()
-                .insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+            resp.headers_mut().insert(
+                header::TRAILER,
+                HeaderValue::from_static("x-sum, set-cookie"),
+            );
             if head {
                 *resp.status_mut() = StatusCode::NO_CONTENT;
             }
@@ -318,4 +321,120 @@ fn content_length_values_are_digits_only() {
     put_hex(&mut out, 0);
     put_hex(&mut out, 5000);
     assert_eq!(out, b"01388");
+}
+
+/// A stream that holds written bytes until flushed (as TLS does): every answer must be
+/// flushed, or a keep-alive client waits for it for ever.
+#[tokio::test]
+async fn every_answer_is_flushed() {
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let server = tokio::io::BufWriter::new(server);
+    client
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let closing = Arc::new(AtomicBool::new(false));
+    // Long enough that only a flush, not the close after it, can deliver the answer.
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(600),
+        ..SETTINGS
+    };
+    let _serving = tokio::spawn(serve(server, BytesMut::new(), echo, settings, closing));
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.ends_with(b"GET /a") {
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut chunk))
+            .await
+            .expect("the answer arrives while the connection stays open")
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_closes_after_header_read_timeout() {
+    let settings = Settings {
+        header_read_timeout: Duration::from_millis(300),
+        ..SETTINGS
+    };
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    client
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let closing = Arc::new(AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        serve(server, BytesMut::new(), echo, settings, closing),
+    )
+    .await
+    .expect("an idle keep-alive connection is closed");
+    assert!(matches!(ended, Ended::Closed));
+    assert!(started.elapsed() >= settings.header_read_timeout);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    assert!(String::from_utf8_lossy(&got).ends_with("GET /a"));
+}
+
+/// A client that pipelines and then half-closes: a request whose successor is already
+/// buffered is answered (nothing more is read while it is served, as in hyper); the
+/// last one meets the client's EOF, which hyper's default (no half-close) and nginx
+/// both take as the client going away.
+#[tokio::test]
+async fn a_half_close_does_not_cancel_a_request_with_a_pipelined_successor() {
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    client
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    // Not ready at once, so the client's side is watched while it works.
+    let later = |req: Request<NoBody>| -> Answer {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            echo(req).await
+        })
+    };
+    let closing = Arc::new(AtomicBool::new(false));
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        serve(server, BytesMut::new(), later, SETTINGS, closing),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(ended, Ended::Closed));
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).await.unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.ends_with("GET /a"), "{got}");
+}
+
+#[test]
+fn the_end_of_a_head_is_found_across_reads_scanning_each_byte_once() {
+    let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut scanned = 0;
+    let mut found_at = None;
+    for end in 1..=head.len() {
+        if head_may_be_complete(&head[..end], &mut scanned) {
+            found_at.get_or_insert(end);
+        }
+        assert_eq!(scanned, end, "the next search starts behind what was read");
+    }
+    assert_eq!(
+        found_at,
+        Some(head.len()),
+        "found only once the empty line is whole"
+    );
+    let mut scanned = 0;
+    assert!(head_may_be_complete(
+        b"GET / HTTP/1.1\nHost: x\n\n",
+        &mut scanned
+    ));
+    let mut scanned = 0;
+    assert!(!head_may_be_complete(
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+        &mut scanned
+    ));
 }
