@@ -265,6 +265,12 @@ impl ClusterRequest<'_> {
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
+
+    /// The clock reading the request started at, for others in the same request that
+    /// need one at that moment.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
 }
 
 impl Drop for ClusterRequest<'_> {
