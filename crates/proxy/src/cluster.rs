@@ -265,12 +265,6 @@ impl ClusterRequest<'_> {
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
-
-    /// The clock reading the request started at, for others in the same request that
-    /// need one at that moment.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
 }
 
 impl Drop for ClusterRequest<'_> {

@@ -212,15 +212,12 @@ pub(super) fn body_facts(watch: Option<&BodyWatch>) -> BodyFacts {
 /// backend is never timed out (and blamed) for a client's slow upload. The wait still
 /// ends `limit` after sending began if the body is then still streaming (`None`, as
 /// for any timeout; whose fault that is, `Fault::of` decides).
-/// `started`: when sending begins; a clock reading the caller took in the same poll
-/// (nothing awaited since), or `None` to read the clock here.
 pub(super) async fn within_protocol_timeout<F: Future>(
     mut fut: Pin<&mut F>,
     limit: Duration,
     body: Option<&BodyWatch>,
-    started: Option<Instant>,
 ) -> Option<F::Output> {
-    let started = started.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+    let started = tokio::time::Instant::now();
     let mut deadline = started + limit;
     loop {
         if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
@@ -272,17 +269,17 @@ mod tests {
         });
         let a = std::pin::pin!(answer());
         assert_eq!(
-            within_protocol_timeout(a, limit, Some(&watch), None).await,
+            within_protocol_timeout(a, limit, Some(&watch)).await,
             Some(7)
         );
         // Without a body, sending ended at once: the same answer is late.
         let a = std::pin::pin!(answer());
-        assert_eq!(within_protocol_timeout(a, limit, None, None).await, None);
+        assert_eq!(within_protocol_timeout(a, limit, None).await, None);
         // A body still streaming when the limit passes is cut.
         let streaming = BodyWatch::new();
         let started = Instant::now();
         let never = std::pin::pin!(std::future::pending::<()>());
-        let cut = within_protocol_timeout(never, limit, Some(&streaming), Some(started)).await;
+        let cut = within_protocol_timeout(never, limit, Some(&streaming)).await;
         assert_eq!(cut, None);
         assert!(started.elapsed() >= limit);
     }

@@ -171,7 +171,7 @@ async fn proxy(
     let cluster = &rt.clusters[ci];
     log.cluster = Some(ci);
     let fail = |e: ProxyError| (e, Some(cluster.cfg.name.clone()));
-    let request = cluster.start_request();
+    let _request = cluster.start_request();
 
     // Body limit: refuse early on a declared length, count bytes on a streamed one.
     let limit = info.limits.max_request_body_bytes;
@@ -265,40 +265,22 @@ async fn proxy(
         Purpose::Request
     };
 
-    // Nothing was awaited since the request's start was read: the first attempt's
-    // sending begins at that reading too, unless getting its connection waits.
-    let mut start_reading = Some(request.started());
     loop {
         // 1. A slot and a connection: the pinned backend first, then the cluster's strategy.
-        let mut sending_from = start_reading.take();
-        let picked = {
-            let mut picking = std::pin::pin!(pick_and_connect(
-                cluster,
-                pinned,
-                &mut retry.tried,
-                purpose,
-                &eligible
-            ));
-            std::future::poll_fn(|cx| {
-                let polled = picking.as_mut().poll(cx);
-                if polled.is_pending() {
-                    sending_from = None;
+        let (idx, sender, slot) =
+            match pick_and_connect(cluster, pinned, &mut retry.tried, purpose, &eligible).await {
+                Ok(x) => x,
+                Err(e) => {
+                    let remaining = eligible.remaining(cluster, &retry.tried);
+                    match retry
+                        .after_connect_failure(e.retryable, remaining, || cluster.try_retry())
+                    {
+                        Next::Again => continue,
+                        Next::NoneLeft => return Err(fail(no_backend_left(cluster, e))),
+                        Next::GiveUp => return Err(fail(e)),
+                    }
                 }
-                polled
-            })
-            .await
-        };
-        let (idx, sender, slot) = match picked {
-            Ok(x) => x,
-            Err(e) => {
-                let remaining = eligible.remaining(cluster, &retry.tried);
-                match retry.after_connect_failure(e.retryable, remaining, || cluster.try_retry()) {
-                    Next::Again => continue,
-                    Next::NoneLeft => return Err(fail(no_backend_left(cluster, e))),
-                    Next::GiveUp => return Err(fail(e)),
-                }
-            }
-        };
+            };
         if !eligible.still_valid(cluster, &rt.permit) {
             // The write waited (for a slot or a connection) while the topology moved
             // on or the permit ran out: its decision is stale, so it is not sent.
@@ -352,7 +334,7 @@ async fn proxy(
             &backend,
             cluster.cfg.connect_timeout
         ));
-        let exchange = within_protocol_timeout(sending, pt, watch.as_deref(), sending_from);
+        let exchange = within_protocol_timeout(sending, pt, watch.as_deref());
         // A write whose body is still arriving when this instance's write lease runs
         // out is cut off: the old primary never gets (or acts on) the whole request,
         // so it cannot commit it after another backend became primary.
