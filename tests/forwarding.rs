@@ -531,3 +531,48 @@ async fn read_head(s: &mut tokio::net::TcpStream, what: &str) -> String {
     .unwrap_or_else(|_| panic!("{what} within 10 s"));
     String::from_utf8_lossy(&got).into_owned()
 }
+
+/// The protocol timeout of a request sent over a pooled connection (the first attempt,
+/// its connection taken without waiting) still runs its full length from sending.
+/// One worker: idle connections are kept per worker.
+#[tokio::test]
+async fn a_pooled_connection_that_never_answers_is_bounded_by_protocol_timeout() {
+    let a = TestBackend::start("a").await;
+    let config = format!(
+        r#"
+[proxy]
+workers = 1
+[[listener]]
+listen = "127.0.0.1:0"
+[[route]]
+cluster = "pvwa"
+[cluster.pvwa]
+protocol_timeout = "300ms"
+backends = [{{ id = "a", address = "{}" }}]
+"#,
+        a.addr
+    );
+    let proxy = Proxy::start(&config).await;
+    let r = get(proxy.addr, "pvwa.corp.test", "/").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(a.connections(), 1);
+    a.set_mode(Mode::Hang);
+    let t = std::time::Instant::now();
+    let r = send(
+        proxy.addr,
+        request("POST", "pvwa.corp.test", "/x", "payload"),
+    )
+    .await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        a.connections(),
+        1,
+        "the POST went over the pooled connection"
+    );
+}

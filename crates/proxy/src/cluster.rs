@@ -143,13 +143,15 @@ impl Cluster {
     }
 
     /// Notes a new request (for metrics and the retry budget); the guard ends it.
+    /// One clock reading serves the budget's window and the request's start.
     pub fn start_request(&self) -> ClusterRequest<'_> {
-        self.budget.deposit();
+        let now = Instant::now();
+        self.budget.deposit(now);
         self.metrics.requests.increment(1);
         self.metrics.in_flight.increment(1.0);
         ClusterRequest {
             cluster: self,
-            started: Instant::now(),
+            started: now,
         }
     }
 
@@ -224,7 +226,7 @@ impl Cluster {
 
     /// Asks the retry budget for one retry; counts the retry or the refusal.
     pub fn try_retry(&self) -> bool {
-        if self.budget.withdraw() {
+        if self.budget.withdraw(Instant::now()) {
             self.metrics.retries.increment(1);
             true
         } else {
@@ -300,8 +302,8 @@ impl Budget {
         }
     }
 
-    fn roll(&self) {
-        let now = self.epoch.elapsed().as_secs() / BUDGET_WINDOW_SECS;
+    fn roll(&self, now: Instant) {
+        let now = now.saturating_duration_since(self.epoch).as_secs() / BUDGET_WINDOW_SECS;
         let seen = self.window.load(Ordering::Relaxed);
         if now != seen
             && self
@@ -314,13 +316,13 @@ impl Budget {
         }
     }
 
-    fn deposit(&self) {
-        self.roll();
+    fn deposit(&self, now: Instant) {
+        self.roll(now);
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn withdraw(&self) -> bool {
-        self.roll();
+    fn withdraw(&self, now: Instant) -> bool {
+        self.roll(now);
         let requests = self.requests.load(Ordering::Relaxed) as f64;
         let allowed = (requests * self.cfg.ratio) as u64
             + u64::from(self.cfg.min_per_second) * BUDGET_WINDOW_SECS;
@@ -352,10 +354,11 @@ mod tests {
             ratio: 0.5,
             min_per_second: 0,
         });
+        let now = Instant::now();
         for _ in 0..10 {
-            b.deposit();
+            b.deposit(now);
         }
-        let granted = (0..20).filter(|_| b.withdraw()).count();
+        let granted = (0..20).filter(|_| b.withdraw(now)).count();
         assert_eq!(granted, 5);
     }
 }

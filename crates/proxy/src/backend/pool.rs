@@ -35,7 +35,17 @@ pub enum Sender {
 
 struct Idle {
     conn: h1::Conn,
-    since: Instant,
+    /// When it will have been idle for `idle_timeout` (`None`: past the clock's range,
+    /// never). Kept instead of when it went idle, so a check compares two readings
+    /// rather than subtracting them.
+    expires: Option<Instant>,
+}
+
+impl Idle {
+    /// Whether it has been idle for less than `idle_timeout` at `now`.
+    fn fresh_at(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|e| now < e)
+    }
 }
 
 /// Idle connections of one backend.
@@ -71,8 +81,11 @@ impl Pool {
             }
         }
         let mut idle = self.here().lock().ok()?;
+        // One clock reading for the whole look (none when nothing is idle).
+        let mut now = None;
         while let Some(mut idle_conn) = idle.pop_back() {
-            if idle_conn.since.elapsed() < self.cfg.idle_timeout && idle_conn.conn.still_idle() {
+            let now = *now.get_or_insert_with(Instant::now);
+            if idle_conn.fresh_at(now) && idle_conn.conn.still_idle() {
                 idle_conn.conn.set_reused();
                 return Some(Sender::H1(idle_conn.conn));
             }
@@ -92,9 +105,10 @@ impl Pool {
             .lock()
             .map(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
             .unwrap_or(false);
+        let now = Instant::now();
         h2 || self.h1.iter().any(|h1| {
             h1.lock()
-                .map(|g| g.iter().any(|c| c.since.elapsed() < self.cfg.idle_timeout))
+                .map(|g| g.iter().any(|c| c.fresh_at(now)))
                 .unwrap_or(false)
         })
     }
@@ -108,7 +122,10 @@ impl Pool {
         if let Ok(mut idle) = self.h1[here].lock() {
             self.age_out(&mut idle, now);
             if idle.len() < self.cfg.max_idle {
-                idle.push_back(Idle { conn, since: now });
+                idle.push_back(Idle {
+                    conn,
+                    expires: now.checked_add(self.cfg.idle_timeout),
+                });
             }
         }
         // One other worker's slot too, in turn.
@@ -127,10 +144,7 @@ impl Pool {
 
     /// Closes the connections idle past `idle_timeout`, from the cold end.
     fn age_out(&self, idle: &mut VecDeque<Idle>, now: Instant) {
-        while idle
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= self.cfg.idle_timeout)
-        {
+        while idle.front().is_some_and(|c| !c.fresh_at(now)) {
             idle.pop_front();
         }
     }

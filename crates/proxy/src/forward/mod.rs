@@ -106,10 +106,11 @@ where
     B: HttpBody<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    let started = Instant::now();
-    // Only what the access log needs is copied, and only when it is on: the method
-    // here, the path in `proxy` (as sent, then as admitted).
-    let logged = rt.access_log.then(|| req.method().clone());
+    // Only what the access log needs is copied (and the clock read), and only when it
+    // is on: the method and start here, the path in `proxy` (as sent, then as admitted).
+    let logged = rt
+        .access_log
+        .then(|| (req.method().clone(), Instant::now()));
     let mut log = AccessLog {
         path: rt.access_log.then(|| req.uri().path().to_owned()),
         ..AccessLog::default()
@@ -122,7 +123,7 @@ where
             e.into_response(cluster.as_deref())
         }
     };
-    if let Some(method) = logged {
+    if let Some((method, started)) = logged {
         log.emit(&rt, &info, &method, resp.status(), started);
     }
     resp
