@@ -112,20 +112,25 @@ pub(super) fn send<'a>(
     }
 }
 
-async fn send_own(
+// Deliberately not an `async fn` (the note inside says why).
+#[allow(clippy::manual_async_fn)]
+fn send_own<'a>(
     conn: h1::Conn,
     req: Request<Body>,
-    extra: Option<&headers::Added>,
-    backend: &Arc<Backend>,
+    extra: Option<&'a headers::Added>,
+    backend: &'a Arc<Backend>,
     connect_timeout: Duration,
-) -> Result<Sent, SendFailure> {
-    match h1::send(conn, req, extra).await {
-        // The keep-alive race says nothing about the backend: one more try on a fresh
-        // connection (boxed: the rare path stays out of every request's future).
-        Err(h1::SendError::Stale(req)) => {
-            Box::pin(send_again(*req, extra, backend, connect_timeout)).await
+) -> impl Future<Output = Result<Sent, SendFailure>> + 'a {
+    // Not an `async fn`, which would keep a second copy of the arguments (see `h1::send`).
+    async move {
+        match h1::send(conn, req, extra).await {
+            // The keep-alive race says nothing about the backend: one more try on a fresh
+            // connection (boxed: the rare path stays out of every request's future).
+            Err(h1::SendError::Stale(req)) => {
+                Box::pin(send_again(*req, extra, backend, connect_timeout)).await
+            }
+            sent => from_own(sent),
         }
-        sent => from_own(sent),
     }
 }
 

@@ -101,320 +101,338 @@ pub struct ConnInfo {
 
 /// Handles one client request, with hyper's request body or none (keyway's own
 /// HTTP/1.1 side serves only bodiless requests). Never fails: errors become HTTP answers.
-pub async fn handle<B>(rt: Arc<Runtime>, info: Arc<ConnInfo>, req: Request<B>) -> Response<Body>
+// Deliberately not an `async fn` (the note inside says why).
+#[allow(clippy::manual_async_fn)]
+pub fn handle<B>(
+    rt: Arc<Runtime>,
+    info: Arc<ConnInfo>,
+    req: Request<B>,
+) -> impl Future<Output = Response<Body>>
 where
     B: HttpBody<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    // Only what the access log needs is copied (and the clock read), and only when it
-    // is on: the method and start here, the path in `proxy` (as sent, then as admitted).
-    let logged = rt
-        .access_log
-        .then(|| (req.method().clone(), Instant::now()));
-    let mut log = AccessLog {
-        path: rt.access_log.then(|| req.uri().path().to_owned()),
-        ..AccessLog::default()
-    };
-    let resp = match proxy(&rt, &info, req, &mut log).await {
-        Ok(r) => r,
-        Err((e, cluster)) => {
-            tracing::debug!(error = %e, "request failed");
-            log.error = Some(e.reason());
-            e.into_response(cluster.as_deref())
+    // An `async` block using the arguments where they are: an `async fn` moves them
+    // into locals and keeps both copies in every request's future (see `h1::send`).
+    async move {
+        // Only what the access log needs is copied (and the clock read), and only when it
+        // is on: the method and start here, the path in `proxy` (as sent, then as admitted).
+        let logged = rt
+            .access_log
+            .then(|| (req.method().clone(), Instant::now()));
+        let mut log = AccessLog {
+            path: rt.access_log.then(|| req.uri().path().to_owned()),
+            ..AccessLog::default()
+        };
+        let resp = match proxy(&rt, &info, req, &mut log).await {
+            Ok(r) => r,
+            Err((e, cluster)) => {
+                tracing::debug!(error = %e, "request failed");
+                log.error = Some(e.reason());
+                e.into_response(cluster.as_deref())
+            }
+        };
+        if let Some((method, started)) = logged {
+            log.emit(&rt, &info, &method, resp.status(), started);
         }
-    };
-    if let Some((method, started)) = logged {
-        log.emit(&rt, &info, &method, resp.status(), started);
+        resp
     }
-    resp
 }
 
 type Failure = (ProxyError, Option<String>);
 
-async fn proxy<B>(
-    rt: &Runtime,
-    info: &ConnInfo,
+// Deliberately not an `async fn` (the note inside says why).
+#[allow(clippy::manual_async_fn)]
+fn proxy<'a, B>(
+    rt: &'a Runtime,
+    info: &'a ConnInfo,
     mut req: Request<B>,
-    log: &mut AccessLog,
-) -> Result<Response<Body>, Failure>
+    log: &'a mut AccessLog,
+) -> impl Future<Output = Result<Response<Body>, Failure>> + 'a
 where
     B: HttpBody<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    // The front door first: what it admits is what is routed, classified and forwarded.
-    let door = frontdoor::admit(&mut req, &info.door, info.client.ip()).map_err(|e| (e, None))?;
-    log.host = Some(door.host.clone());
-    // The access log records the path routed; it is copied again only if the front
-    // door changed it.
-    if log.path.as_deref().is_some_and(|p| p != req.uri().path()) {
-        log.path = Some(req.uri().path().to_owned());
-    }
-    let host_str = door.host.to_str().unwrap_or("");
-    // Servlet containers cut `;parameters` from segments before they route, so routes
-    // match on that view; a request is a read only if both views say so.
-    let path = req.uri().path();
-    let bare = frontdoor::without_parameters(path);
-    let Some(ci) = rt.router.route(door.host_name(), &bare) else {
-        return Err((
-            ProxyError::new(
-                ErrorKind::NoRoute,
-                Side::Downstream,
-                false,
-                format!("no route for host `{host_str}` and path `{path}`"),
-            ),
-            None,
-        ));
-    };
-    let kind = (rt.clusters[ci].cfg.strategy == Strategy::PrimaryReplica).then(|| {
+    async move {
+        // The front door first: what it admits is what is routed, classified and forwarded.
+        let door =
+            frontdoor::admit(&mut req, &info.door, info.client.ip()).map_err(|e| (e, None))?;
+        log.host = Some(door.host.clone());
+        // The access log records the path routed; it is copied again only if the front
+        // door changed it.
+        if log.path.as_deref().is_some_and(|p| p != req.uri().path()) {
+            log.path = Some(req.uri().path().to_owned());
+        }
+        let host_str = door.host.to_str().unwrap_or("");
+        // Servlet containers cut `;parameters` from segments before they route, so routes
+        // match on that view; a request is a read only if both views say so.
+        let path = req.uri().path();
+        let bare = frontdoor::without_parameters(path);
+        let Some(ci) = rt.router.route(door.host_name(), &bare) else {
+            return Err((
+                ProxyError::new(
+                    ErrorKind::NoRoute,
+                    Side::Downstream,
+                    false,
+                    format!("no route for host `{host_str}` and path `{path}`"),
+                ),
+                None,
+            ));
+        };
+        let kind = (rt.clusters[ci].cfg.strategy == Strategy::PrimaryReplica).then(|| {
+            let cluster = &rt.clusters[ci];
+            match cluster.classify(req.method(), path, host_str) {
+                Kind::Read if bare != path => cluster.classify(req.method(), &bare, host_str),
+                k => k,
+            }
+        });
+        drop(bare);
         let cluster = &rt.clusters[ci];
-        match cluster.classify(req.method(), path, host_str) {
-            Kind::Read if bare != path => cluster.classify(req.method(), &bare, host_str),
-            k => k,
-        }
-    });
-    drop(bare);
-    let cluster = &rt.clusters[ci];
-    log.cluster = Some(ci);
-    let fail = |e: ProxyError| (e, Some(cluster.cfg.name.clone()));
-    let _request = cluster.start_request();
+        log.cluster = Some(ci);
+        let fail = |e: ProxyError| (e, Some(cluster.cfg.name.clone()));
+        let _request = cluster.start_request();
 
-    // Body limit: refuse early on a declared length, count bytes on a streamed one.
-    let limit = info.limits.max_request_body_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(fail(too_large(limit)));
-    }
-
-    // Only the cluster's upgrade protocols pass (WebSocket by default); any other is
-    // dropped and the request served as plain HTTP, so no tunnel bypasses the split.
-    let upgrade = req.version() == Version::HTTP_11
-        && headers::allow_upgrade(req.headers_mut(), &cluster.cfg.upgrades);
-    let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    // Which backends may take this request: health, then (primary-replica) role and lag.
-    let ryw_fresh = kind == Some(Kind::Read)
-        && cluster.cfg.split.read_your_writes.is_some()
-        && headers::cookie(req.headers(), cluster.ryw_cookie_name())
-            .is_some_and(|t| cluster.ryw_valid(t, crate::unix_ms(std::time::SystemTime::now())));
-    let mut eligible = Eligible::new(cluster, kind, ryw_fresh, &rt.permit).map_err(fail)?;
-
-    // A sticky cookie is a preference among eligible backends; a write never follows it.
-    // It keeps a drained backend until the drain's deadline (no one is logged out).
-    let pinned = cluster
-        .cfg
-        .sticky
-        .as_ref()
-        .and_then(|s| {
-            headers::cookie(req.headers(), &s.cookie).and_then(|t| cluster.backend_by_token(t))
-        })
-        .filter(|&p| eligible.pin_holds(p));
-    if let Some(p) = pinned.filter(|&p| eligible.view.drained(p)) {
-        cluster.backends[p].holders.note(info.client.ip());
-    }
-
-    let via = if req.version() == Version::HTTP_2 {
-        "2 keyway"
-    } else {
-        "1.1 keyway"
-    };
-    let (mut parts, incoming) = req.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    let who = headers::Identity {
-        client: info.client.ip(),
-        tls: info.tls,
-        trusted: door.trusted_peer,
-        rfc7239: info.door.forwarded,
-    };
-    let host = door.host;
-    let added = headers::forwarded(&mut parts.headers, who, &host, via);
-    // keyway's HTTP/1.1 client writes the added fields straight into the request head.
-    // Where a connection may be hyper's (an upgrade; a backend that speaks or may
-    // negotiate HTTP/2) they go into the map now, so a request handed back unsent and
-    // sent again never carries them twice.
-    let extra = if upgrade || !cluster.plain_http1() {
-        added.apply(&mut parts.headers);
-        None
-    } else {
-        Some(added)
-    };
-    // A write carries the topology epoch that routed it: a fencing token the backend (or
-    // its audit trail) can check. Clients cannot supply their own.
-    parts.headers.remove(EPOCH_HEADER);
-    if kind == Some(Kind::Write) {
-        parts
-            .headers
-            .insert(EPOCH_HEADER, eligible.view.epoch_header.clone());
-    }
-
-    // The body watch (size limit, how the body ended) is only needed (and allocated)
-    // when there is a body.
-    let empty_body = incoming.is_end_stream();
-    let watch = (!empty_body).then(|| Arc::new(BodyWatch::new()));
-    let body = match &watch {
-        None => body::empty(),
-        Some(w) => Limited::new(incoming, limit, w.clone()).boxed(),
-    };
-    // Only bodiless safe requests can be rebuilt for a retry after they were sent.
-    let mut retry = Retry::new(
-        Request::from_parts(parts, body),
-        cluster.cfg.retries,
-        empty_body,
-    );
-    let purpose = if upgrade {
-        Purpose::Upgrade
-    } else {
-        Purpose::Request
-    };
-
-    loop {
-        // 1. A slot and a connection: the pinned backend first, then the cluster's strategy.
-        let (idx, sender, slot) =
-            match pick_and_connect(cluster, pinned, &mut retry.tried, purpose, &eligible).await {
-                Ok(x) => x,
-                Err(e) => {
-                    let remaining = eligible.remaining(cluster, &retry.tried);
-                    match retry
-                        .after_connect_failure(e.retryable, remaining, || cluster.try_retry())
-                    {
-                        Next::Again => continue,
-                        Next::NoneLeft => return Err(fail(no_backend_left(cluster, e))),
-                        Next::GiveUp => return Err(fail(e)),
-                    }
-                }
-            };
-        if !eligible.still_valid(cluster, &rt.permit) {
-            // The write waited (for a slot or a connection) while the topology moved
-            // on or the permit ran out: its decision is stale, so it is not sent.
-            cluster.count_write_refused();
-            let (kind, why) = if rt.permit.holds() {
-                (
-                    ErrorKind::NoBackendAvailable,
-                    "the primary changed while this write waited for a connection; it was not sent, send it again",
-                )
-            } else {
-                (
-                    ErrorKind::CoordinationLost,
-                    "this instance lost its write lease while the write waited for a connection; it was not sent",
-                )
-            };
-            return Err(fail(ProxyError::new(
-                kind,
-                Side::Internal,
-                false,
-                format!("cluster `{}`: {why}", cluster.cfg.name),
-            )));
-        }
-        let backend = cluster.backends[idx].clone();
-        retry.tried.push(idx);
-        log.attempts += 1;
-        log.backend = Some(idx);
-
-        // 2. Send, bounded by protocol_timeout for the response head.
-        let Some(mut req) = retry.take(|tried| eligible.remaining(cluster, tried)) else {
-            return Err(fail(ProxyError::new(
-                ErrorKind::UpstreamProtocol,
-                Side::Internal,
-                false,
-                "request was consumed by an earlier attempt",
-            )));
-        };
-        let inflight = backend.start_request(slot);
-        prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
-        if let (Some(a), false) = (&extra, matches!(sender, Sender::H1(_))) {
-            // Not expected (`plain_http1` said every connection is keyway's own), but
-            // the fields must reach the backend whichever client carries them.
-            a.apply(req.headers_mut());
-        }
-        let pt = cluster.cfg.protocol_timeout;
-        // Pinned here, not inside the helper: moving it in would store it twice in this
-        // future, which hyper moves on every request.
-        let sending = std::pin::pin!(send(
-            sender,
-            req,
-            extra.as_ref(),
-            &backend,
-            cluster.cfg.connect_timeout
-        ));
-        let exchange = within_protocol_timeout(sending, pt, watch.as_deref());
-        // A write whose body is still arriving when this instance's write lease runs
-        // out is cut off: the old primary never gets (or acts on) the whole request,
-        // so it cannot commit it after another backend became primary.
-        let result = match (&eligible.ticket, &watch) {
-            (Some(_), Some(w)) if rt.permit.is_coordinated() => tokio::select! {
-                r = exchange => r,
-                () = lease_lapses_mid_body(&rt.permit, w) => {
-                    w.cut();
-                    cluster.count_write_refused();
-                    return Err(fail(ProxyError::new(
-                        ErrorKind::CoordinationLost,
-                        Side::Internal,
-                        false,
-                        format!(
-                            "this instance lost its write lease while the write's body was still arriving; the body was cut off before backend `{}` had all of it",
-                            backend.cfg.id
-                        ),
-                    )));
-                }
-            },
-            _ => exchange.await,
-        };
-        let count_5xx = cluster.cfg.outlier.count_5xx;
-        let (failure, unsent, ending) = match result {
-            Some(Ok(resp)) => {
-                let mut inflight = inflight;
-                inflight.carry(eligible.ticket.take());
-                let answer = Answer {
-                    pinned,
-                    idx,
-                    kind,
-                    inflight,
-                    on_client_upgrade,
-                    watch: watch.clone(),
-                };
-                return Ok(respond(cluster, &backend, info, resp, answer, &rt.permit));
-            }
-            Some(Err((e, unsent, ending))) => (e, unsent, ending),
-            None => {
-                let id = &backend.cfg.id;
-                let detail = match watch.as_deref().map(BodyWatch::sent_at) {
-                    Some(None) => format!(
-                        "the request body was still streaming to backend `{id}` {pt:?} after sending began"
-                    ),
-                    _ => format!(
-                        "backend `{id}` sent no response headers within {pt:?} of the whole request"
-                    ),
-                };
-                let e = ProxyError::new(ErrorKind::ProtocolTimeout, Side::Upstream, false, detail);
-                (e, None, Ending::TimedOut)
-            }
-        };
-        // Passive ejection counts only what the backend did, never the client's abort.
-        let fault = Fault::of(ending, body_facts(watch.as_deref()), count_5xx);
-        backend.report_failure(fault, &failure.detail);
-        drop(inflight);
-        if watch.as_ref().is_some_and(|w| w.too_large()) {
+        // Body limit: refuse early on a declared length, count bytes on a streamed one.
+        let limit = info.limits.max_request_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
             return Err(fail(too_large(limit)));
         }
-        if fault == Fault::Client {
-            return Err(fail(ProxyError::new(
-                ErrorKind::BadRequest,
-                Side::Downstream,
-                false,
-                "the client's request body ended early or was malformed",
-            )));
+
+        // Only the cluster's upgrade protocols pass (WebSocket by default); any other is
+        // dropped and the request served as plain HTTP, so no tunnel bypasses the split.
+        let upgrade = req.version() == Version::HTTP_11
+            && headers::allow_upgrade(req.headers_mut(), &cluster.cfg.upgrades);
+        let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        // Which backends may take this request: health, then (primary-replica) role and lag.
+        let ryw_fresh = kind == Some(Kind::Read)
+            && cluster.cfg.split.read_your_writes.is_some()
+            && headers::cookie(req.headers(), cluster.ryw_cookie_name()).is_some_and(|t| {
+                cluster.ryw_valid(t, crate::unix_ms(std::time::SystemTime::now()))
+            });
+        let mut eligible = Eligible::new(cluster, kind, ryw_fresh, &rt.permit).map_err(fail)?;
+
+        // A sticky cookie is a preference among eligible backends; a write never follows it.
+        // It keeps a drained backend until the drain's deadline (no one is logged out).
+        let pinned = cluster
+            .cfg
+            .sticky
+            .as_ref()
+            .and_then(|s| {
+                headers::cookie(req.headers(), &s.cookie).and_then(|t| cluster.backend_by_token(t))
+            })
+            .filter(|&p| eligible.pin_holds(p));
+        if let Some(p) = pinned.filter(|&p| eligible.view.drained(p)) {
+            cluster.backends[p].holders.note(info.client.ip());
         }
-        // 3. Retry where the rules allow it (`retry.rs`).
-        let next = retry.after_exchange_failure(
-            unsent,
-            |tried| eligible.remaining(cluster, tried),
-            || cluster.try_retry(),
+
+        let via = if req.version() == Version::HTTP_2 {
+            "2 keyway"
+        } else {
+            "1.1 keyway"
+        };
+        let (mut parts, incoming) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        let who = headers::Identity {
+            client: info.client.ip(),
+            tls: info.tls,
+            trusted: door.trusted_peer,
+            rfc7239: info.door.forwarded,
+        };
+        let host = door.host;
+        let added = headers::forwarded(&mut parts.headers, who, &host, via);
+        // keyway's HTTP/1.1 client writes the added fields straight into the request head.
+        // Where a connection may be hyper's (an upgrade; a backend that speaks or may
+        // negotiate HTTP/2) they go into the map now, so a request handed back unsent and
+        // sent again never carries them twice.
+        let extra = if upgrade || !cluster.plain_http1() {
+            added.apply(&mut parts.headers);
+            None
+        } else {
+            Some(added)
+        };
+        // A write carries the topology epoch that routed it: a fencing token the backend (or
+        // its audit trail) can check. Clients cannot supply their own.
+        parts.headers.remove(EPOCH_HEADER);
+        if kind == Some(Kind::Write) {
+            parts
+                .headers
+                .insert(EPOCH_HEADER, eligible.view.epoch_header.clone());
+        }
+
+        // The body watch (size limit, how the body ended) is only needed (and allocated)
+        // when there is a body.
+        let empty_body = incoming.is_end_stream();
+        let watch = (!empty_body).then(|| Arc::new(BodyWatch::new()));
+        let body = match &watch {
+            None => body::empty(),
+            Some(w) => Limited::new(incoming, limit, w.clone()).boxed(),
+        };
+        // Only bodiless safe requests can be rebuilt for a retry after they were sent.
+        let mut retry = Retry::new(
+            Request::from_parts(parts, body),
+            cluster.cfg.retries,
+            empty_body,
         );
-        if next != Next::Again {
-            return Err(fail(failure));
+        let purpose = if upgrade {
+            Purpose::Upgrade
+        } else {
+            Purpose::Request
+        };
+
+        loop {
+            // 1. A slot and a connection: the pinned backend first, then the cluster's strategy.
+            let (idx, sender, slot) =
+                match pick_and_connect(cluster, pinned, &mut retry.tried, purpose, &eligible).await
+                {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let remaining = eligible.remaining(cluster, &retry.tried);
+                        match retry
+                            .after_connect_failure(e.retryable, remaining, || cluster.try_retry())
+                        {
+                            Next::Again => continue,
+                            Next::NoneLeft => return Err(fail(no_backend_left(cluster, e))),
+                            Next::GiveUp => return Err(fail(e)),
+                        }
+                    }
+                };
+            if !eligible.still_valid(cluster, &rt.permit) {
+                // The write waited (for a slot or a connection) while the topology moved
+                // on or the permit ran out: its decision is stale, so it is not sent.
+                cluster.count_write_refused();
+                let (kind, why) = if rt.permit.holds() {
+                    (
+                        ErrorKind::NoBackendAvailable,
+                        "the primary changed while this write waited for a connection; it was not sent, send it again",
+                    )
+                } else {
+                    (
+                        ErrorKind::CoordinationLost,
+                        "this instance lost its write lease while the write waited for a connection; it was not sent",
+                    )
+                };
+                return Err(fail(ProxyError::new(
+                    kind,
+                    Side::Internal,
+                    false,
+                    format!("cluster `{}`: {why}", cluster.cfg.name),
+                )));
+            }
+            let backend = cluster.backends[idx].clone();
+            retry.tried.push(idx);
+            log.attempts += 1;
+            log.backend = Some(idx);
+
+            // 2. Send, bounded by protocol_timeout for the response head.
+            let Some(mut req) = retry.take(|tried| eligible.remaining(cluster, tried)) else {
+                return Err(fail(ProxyError::new(
+                    ErrorKind::UpstreamProtocol,
+                    Side::Internal,
+                    false,
+                    "request was consumed by an earlier attempt",
+                )));
+            };
+            let inflight = backend.start_request(slot);
+            prepare_upstream(&mut req, &sender, &host, backend.tls.is_some());
+            if let (Some(a), false) = (&extra, matches!(sender, Sender::H1(_))) {
+                // Not expected (`plain_http1` said every connection is keyway's own), but
+                // the fields must reach the backend whichever client carries them.
+                a.apply(req.headers_mut());
+            }
+            let pt = cluster.cfg.protocol_timeout;
+            // Pinned here, not inside the helper: moving it in would store it twice in this
+            // future, which hyper moves on every request.
+            let sending = std::pin::pin!(send(
+                sender,
+                req,
+                extra.as_ref(),
+                &backend,
+                cluster.cfg.connect_timeout
+            ));
+            let exchange = within_protocol_timeout(sending, pt, watch.as_deref());
+            // A write whose body is still arriving when this instance's write lease runs
+            // out is cut off: the old primary never gets (or acts on) the whole request,
+            // so it cannot commit it after another backend became primary.
+            let result = match (&eligible.ticket, &watch) {
+                (Some(_), Some(w)) if rt.permit.is_coordinated() => tokio::select! {
+                    r = exchange => r,
+                    () = lease_lapses_mid_body(&rt.permit, w) => {
+                        w.cut();
+                        cluster.count_write_refused();
+                        return Err(fail(ProxyError::new(
+                            ErrorKind::CoordinationLost,
+                            Side::Internal,
+                            false,
+                            format!(
+                                "this instance lost its write lease while the write's body was still arriving; the body was cut off before backend `{}` had all of it",
+                                backend.cfg.id
+                            ),
+                        )));
+                    }
+                },
+                _ => exchange.await,
+            };
+            let count_5xx = cluster.cfg.outlier.count_5xx;
+            let (failure, unsent, ending) = match result {
+                Some(Ok(resp)) => {
+                    let mut inflight = inflight;
+                    inflight.carry(eligible.ticket.take());
+                    let answer = Answer {
+                        pinned,
+                        idx,
+                        kind,
+                        inflight,
+                        on_client_upgrade,
+                        watch: watch.clone(),
+                    };
+                    return Ok(respond(cluster, &backend, info, resp, answer, &rt.permit));
+                }
+                Some(Err((e, unsent, ending))) => (e, unsent, ending),
+                None => {
+                    let id = &backend.cfg.id;
+                    let detail = match watch.as_deref().map(BodyWatch::sent_at) {
+                        Some(None) => format!(
+                            "the request body was still streaming to backend `{id}` {pt:?} after sending began"
+                        ),
+                        _ => format!(
+                            "backend `{id}` sent no response headers within {pt:?} of the whole request"
+                        ),
+                    };
+                    let e =
+                        ProxyError::new(ErrorKind::ProtocolTimeout, Side::Upstream, false, detail);
+                    (e, None, Ending::TimedOut)
+                }
+            };
+            // Passive ejection counts only what the backend did, never the client's abort.
+            let fault = Fault::of(ending, body_facts(watch.as_deref()), count_5xx);
+            backend.report_failure(fault, &failure.detail);
+            drop(inflight);
+            if watch.as_ref().is_some_and(|w| w.too_large()) {
+                return Err(fail(too_large(limit)));
+            }
+            if fault == Fault::Client {
+                return Err(fail(ProxyError::new(
+                    ErrorKind::BadRequest,
+                    Side::Downstream,
+                    false,
+                    "the client's request body ended early or was malformed",
+                )));
+            }
+            // 3. Retry where the rules allow it (`retry.rs`).
+            let next = retry.after_exchange_failure(
+                unsent,
+                |tried| eligible.remaining(cluster, tried),
+                || cluster.try_retry(),
+            );
+            if next != Next::Again {
+                return Err(fail(failure));
+            }
         }
     }
 }

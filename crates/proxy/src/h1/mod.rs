@@ -234,146 +234,152 @@ impl std::fmt::Display for SendError {
 /// The returned body owns the connection and hands it back through
 /// [`RespBody::take_reusable`] once the exchange ended cleanly.
 /// `extra` fields (the forwarded identity) are written after the request's own headers.
-pub async fn send(
+// Deliberately not an `async fn` (the note inside says why).
+#[allow(clippy::manual_async_fn)]
+pub fn send(
     mut conn: Conn,
     mut req: Request<Body>,
     extra: Option<&crate::headers::Added>,
-) -> Result<Response<RespBody>, SendError> {
-    let framing = ReqFraming::of(&req);
-    // A body's first bytes are awaited (for at most FIRST_BYTES_WAIT) before the head
-    // goes out: a body broken from the start (a bad chunk size) is refused without the
-    // backend seeing the request at all. The wait is short so that a client that sends
-    // its body only once the backend answered (full duplex) is not held up, and a pooled
-    // connection is checked once more after it.
-    let (mut upload, mut first) = match framing {
-        ReqFraming::Empty => (None, None),
-        framing => {
-            let body = std::mem::replace(req.body_mut(), crate::body::empty());
-            let mut upload = Upload::new(body, framing);
-            let mut wait = std::pin::pin!(tokio::time::sleep(FIRST_BYTES_WAIT));
-            let first = std::future::poll_fn(|cx| match upload.poll_first(cx) {
-                Poll::Ready(got) => Poll::Ready(got.map(Some)),
-                Poll::Pending => wait.as_mut().poll(cx).map(|()| Ok(None)),
-            })
-            .await?;
-            if conn.reused && !conn.still_idle() {
-                *req.body_mut() = upload.into_body(first);
-                return Err(SendError::Stale(Box::new(req)));
-            }
-            (Some(upload), first)
-        }
-    };
-    head::encode_request(&req, extra, framing, &mut conn.wbuf);
-    let mut written = 0;
-    while written < conn.wbuf.len() {
-        match conn.io.write(&conn.wbuf[written..]).await {
-            Ok(0) => {
-                return Err(SendError::Backend(
-                    "backend connection closed while the request head was written".into(),
-                ))
-            }
-            Ok(n) => written += n,
-            Err(e) if written == 0 => {
-                if let Some(upload) = upload.take() {
-                    *req.body_mut() = upload.into_body(first.take());
+) -> impl Future<Output = Result<Response<RespBody>, SendError>> + '_ {
+    // Not an `async fn`: that moves the arguments into locals and keeps both copies
+    // (the connection and the request, about 400 bytes) in every request's future.
+    async move {
+        let framing = ReqFraming::of(&req);
+        // A body's first bytes are awaited (for at most FIRST_BYTES_WAIT) before the head
+        // goes out: a body broken from the start (a bad chunk size) is refused without the
+        // backend seeing the request at all. The wait is short so that a client that sends
+        // its body only once the backend answered (full duplex) is not held up, and a pooled
+        // connection is checked once more after it.
+        let (mut upload, mut first) = match framing {
+            ReqFraming::Empty => (None, None),
+            framing => {
+                let body = std::mem::replace(req.body_mut(), crate::body::empty());
+                let mut upload = Upload::new(body, framing);
+                let mut wait = std::pin::pin!(tokio::time::sleep(FIRST_BYTES_WAIT));
+                let first = std::future::poll_fn(|cx| match upload.poll_first(cx) {
+                    Poll::Ready(got) => Poll::Ready(got.map(Some)),
+                    Poll::Pending => wait.as_mut().poll(cx).map(|()| Ok(None)),
+                })
+                .await?;
+                if conn.reused && !conn.still_idle() {
+                    *req.body_mut() = upload.into_body(first);
+                    return Err(SendError::Stale(Box::new(req)));
                 }
-                return Err(SendError::Unsent(Box::new(req), e));
-            }
-            Err(e) => return Err(SendError::Backend(format!("writing the request head: {e}"))),
-        }
-    }
-    let head_request = req.method() == Method::HEAD;
-    // A bodiless safe request on a pooled connection is kept until an answer starts, to
-    // be sent once more if the connection turns out closed (`SendError::Stale`). The
-    // request stays where it is (only a body is taken out of it): a second copy would
-    // grow every request's future.
-    let again = framing == ReqFraming::Empty
-        && conn.reused
-        && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if let (Some(upload), Some(first)) = (upload.as_mut(), first.take()) {
-        upload.queue_first(first)?;
-    }
-    if upload.is_none() {
-        conn.io
-            .flush()
-            .await
-            .map_err(|e| SendError::Backend(format!("writing the request head: {e}")))?;
-    }
-    let mut seen = 0usize;
-    let mut upload_failed: Option<SendError> = None;
-    loop {
-        if !conn.rbuf.is_empty() {
-            match head::parse_response(&mut conn.rbuf, &mut conn.spans) {
-                // 1xx (100 Continue, 103 Early Hints) precede the response; a 101 is
-                // final, and refused by `Framing::of`.
-                Ok(Some(h))
-                    if h.status.is_informational()
-                        && h.status != http::StatusCode::SWITCHING_PROTOCOLS =>
-                {
-                    continue
-                }
-                Ok(Some(h)) => {
-                    let framing = Framing::of(&h, head_request).map_err(SendError::Backend)?;
-                    let clean = upload_failed.is_none();
-                    return Ok(body::response(conn, h, framing, upload, clean));
-                }
-                Ok(None) if conn.rbuf.len() > MAX_HEAD => {
-                    return Err(SendError::Backend(format!(
-                        "backend's response head is larger than {MAX_HEAD} bytes"
-                    )))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(SendError::Backend(e)),
-            }
-        }
-        let n = std::future::poll_fn(|cx| {
-            if let Some(u) = upload.as_mut() {
-                match u.poll(&mut conn.io, cx) {
-                    Poll::Ready(Ok(())) => upload = None,
-                    // The client's body failed: the backend must not get a truncated
-                    // request that looks whole, so the exchange ends here.
-                    Poll::Ready(Err(e @ SendError::Body(_))) => return Poll::Ready(Err(e)),
-                    // The backend stopped taking the body (it answered early and
-                    // closed, as a 413 does): its answer may already be on its way,
-                    // so reading goes on; the connection is not reused.
-                    Poll::Ready(Err(e)) => {
-                        upload = None;
-                        upload_failed = Some(e);
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            conn.poll_fill(cx)
-                .map_err(|e| SendError::Backend(format!("reading the response: {e}")))
-        })
-        .await;
-        let n = match (n, upload_failed.take()) {
-            (Ok(n), failed) => {
-                upload_failed = failed;
-                n
-            }
-            (Err(_), Some(failed)) => return Err(failed),
-            (Err(e), None) => {
-                return Err(if again && seen == 0 {
-                    SendError::Stale(Box::new(req))
-                } else {
-                    e
-                });
+                (Some(upload), first)
             }
         };
-        if n == 0 {
-            if let Some(failed) = upload_failed {
-                return Err(failed);
+        head::encode_request(&req, extra, framing, &mut conn.wbuf);
+        let mut written = 0;
+        while written < conn.wbuf.len() {
+            match conn.io.write(&conn.wbuf[written..]).await {
+                Ok(0) => {
+                    return Err(SendError::Backend(
+                        "backend connection closed while the request head was written".into(),
+                    ))
+                }
+                Ok(n) => written += n,
+                Err(e) if written == 0 => {
+                    if let Some(upload) = upload.take() {
+                        *req.body_mut() = upload.into_body(first.take());
+                    }
+                    return Err(SendError::Unsent(Box::new(req), e));
+                }
+                Err(e) => return Err(SendError::Backend(format!("writing the request head: {e}"))),
             }
-            if again && seen == 0 {
-                return Err(SendError::Stale(Box::new(req)));
-            }
-            return Err(SendError::Backend(if seen == 0 && conn.rbuf.is_empty() {
-                "backend closed the connection without answering".into()
-            } else {
-                "backend closed the connection in the middle of the response head".into()
-            }));
         }
-        seen += n;
+        let head_request = req.method() == Method::HEAD;
+        // A bodiless safe request on a pooled connection is kept until an answer starts, to
+        // be sent once more if the connection turns out closed (`SendError::Stale`). The
+        // request stays where it is (only a body is taken out of it): a second copy would
+        // grow every request's future.
+        let again = framing == ReqFraming::Empty
+            && conn.reused
+            && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        if let (Some(upload), Some(first)) = (upload.as_mut(), first.take()) {
+            upload.queue_first(first)?;
+        }
+        if upload.is_none() {
+            conn.io
+                .flush()
+                .await
+                .map_err(|e| SendError::Backend(format!("writing the request head: {e}")))?;
+        }
+        let mut seen = 0usize;
+        let mut upload_failed: Option<SendError> = None;
+        loop {
+            if !conn.rbuf.is_empty() {
+                match head::parse_response(&mut conn.rbuf, &mut conn.spans) {
+                    // 1xx (100 Continue, 103 Early Hints) precede the response; a 101 is
+                    // final, and refused by `Framing::of`.
+                    Ok(Some(h))
+                        if h.status.is_informational()
+                            && h.status != http::StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue
+                    }
+                    Ok(Some(h)) => {
+                        let framing = Framing::of(&h, head_request).map_err(SendError::Backend)?;
+                        let clean = upload_failed.is_none();
+                        return Ok(body::response(conn, h, framing, upload, clean));
+                    }
+                    Ok(None) if conn.rbuf.len() > MAX_HEAD => {
+                        return Err(SendError::Backend(format!(
+                            "backend's response head is larger than {MAX_HEAD} bytes"
+                        )))
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(SendError::Backend(e)),
+                }
+            }
+            let n = std::future::poll_fn(|cx| {
+                if let Some(u) = upload.as_mut() {
+                    match u.poll(&mut conn.io, cx) {
+                        Poll::Ready(Ok(())) => upload = None,
+                        // The client's body failed: the backend must not get a truncated
+                        // request that looks whole, so the exchange ends here.
+                        Poll::Ready(Err(e @ SendError::Body(_))) => return Poll::Ready(Err(e)),
+                        // The backend stopped taking the body (it answered early and
+                        // closed, as a 413 does): its answer may already be on its way,
+                        // so reading goes on; the connection is not reused.
+                        Poll::Ready(Err(e)) => {
+                            upload = None;
+                            upload_failed = Some(e);
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                conn.poll_fill(cx)
+                    .map_err(|e| SendError::Backend(format!("reading the response: {e}")))
+            })
+            .await;
+            let n = match (n, upload_failed.take()) {
+                (Ok(n), failed) => {
+                    upload_failed = failed;
+                    n
+                }
+                (Err(_), Some(failed)) => return Err(failed),
+                (Err(e), None) => {
+                    return Err(if again && seen == 0 {
+                        SendError::Stale(Box::new(req))
+                    } else {
+                        e
+                    });
+                }
+            };
+            if n == 0 {
+                if let Some(failed) = upload_failed {
+                    return Err(failed);
+                }
+                if again && seen == 0 {
+                    return Err(SendError::Stale(Box::new(req)));
+                }
+                return Err(SendError::Backend(if seen == 0 && conn.rbuf.is_empty() {
+                    "backend closed the connection without answering".into()
+                } else {
+                    "backend closed the connection in the middle of the response head".into()
+                }));
+            }
+            seen += n;
+        }
     }
 }

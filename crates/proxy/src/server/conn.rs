@@ -3,6 +3,7 @@
 //! It makes no routing decision.
 
 use super::*;
+use futures_util::FutureExt as _;
 
 /// What a reload may change on a running listener: certificates and limits. Read once
 /// per accepted connection; connections keep the settings they started with.
@@ -174,11 +175,7 @@ impl Connection {
             let rt = own_rt.load_full();
             let info = own_info.clone();
             let guard = RequestGuard::new(own_activity.clone());
-            Box::pin(async move {
-                let resp = forward::handle(rt, info, req).await;
-                drop(guard);
-                resp
-            })
+            Box::pin(Guarded::new(forward::handle(rt, info, req), guard))
         };
         let service = service_fn(move |req| {
             let rt = runtime.load_full();
@@ -187,11 +184,7 @@ impl Connection {
             // Boxed: hyper keeps a slot for the request future in every connection,
             // idle ones included, so an inline future would cost its full size (a few
             // KiB) per idle connection; boxed, it costs a pointer until a request comes.
-            Box::pin(async move {
-                let resp = forward::handle(rt, info, req).await;
-                drop(guard);
-                Ok::<_, std::convert::Infallible>(resp)
-            })
+            Box::pin(Guarded::new(forward::handle(rt, info, req), guard).never_error())
         });
         let conn = builder.serve(io, service, own);
         tokio::pin!(conn);
@@ -286,6 +279,37 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future that ends its [`RequestGuard`] when it completes. A named
+    /// future rather than an `async` block around the request's, which would keep the
+    /// request a second time beside the future that already holds it.
+    pub(super) struct Guarded<F> {
+        #[pin]
+        fut: F,
+        guard: Option<RequestGuard>,
+    }
+}
+
+impl<F> Guarded<F> {
+    pub(super) fn new(fut: F, guard: RequestGuard) -> Self {
+        Self {
+            fut,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Guarded<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        this.guard.take();
+        Poll::Ready(out)
     }
 }
 
