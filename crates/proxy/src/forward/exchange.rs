@@ -217,23 +217,49 @@ pub(super) fn body_facts(watch: Option<&BodyWatch>) -> BodyFacts {
 /// backend is never timed out (and blamed) for a client's slow upload. The wait still
 /// ends `limit` after sending began if the body is then still streaming (`None`, as
 /// for any timeout; whose fault that is, `Fault::of` decides).
+///
+/// `timer` is the connection's (see [`h1::Conn::take_timer`]), or made here when it has
+/// none; it is left in `timer` for the next exchange. A kept timer is not moved to this
+/// exchange's deadline unless it would fire after it: one armed for an earlier exchange
+/// fires early, and is only then moved on. A request on a warm connection so costs a
+/// clock reading instead of registering and removing a timer.
 pub(super) async fn within_protocol_timeout<F: Future>(
     mut fut: Pin<&mut F>,
     limit: Duration,
     body: Option<&BodyWatch>,
+    timer: &mut Option<h1::Timer>,
 ) -> Option<F::Output> {
     let started = tokio::time::Instant::now();
     let mut deadline = started + limit;
-    loop {
-        if let Ok(out) = tokio::time::timeout_at(deadline, fut.as_mut()).await {
-            return Some(out);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
         }
-        let sent = body.map_or(Some(started.into_std()), BodyWatch::sent_at);
-        match sent.map(|at| tokio::time::Instant::from_std(at) + limit) {
-            Some(later) if later > deadline => deadline = later,
-            _ => return None,
+        let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if t.deadline() > deadline {
+            // Armed for a later moment (an earlier exchange's extended wait, or a longer
+            // protocol_timeout before a reload): brought forward to this one's.
+            t.as_mut().reset(deadline);
         }
-    }
+        while t.as_mut().poll(cx).is_ready() {
+            if tokio::time::Instant::now() < deadline {
+                // An earlier exchange's deadline: moved to this one's, and polled again
+                // so that it is registered.
+                t.as_mut().reset(deadline);
+                continue;
+            }
+            let sent = body.map_or(Some(started.into_std()), BodyWatch::sent_at);
+            match sent.map(|at| tokio::time::Instant::from_std(at) + limit) {
+                Some(later) if later > deadline => {
+                    deadline = later;
+                    t.as_mut().reset(deadline);
+                }
+                _ => return Poll::Ready(None),
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Resolves when `permit` runs out while the body is still on its way to the backend;
@@ -274,18 +300,69 @@ mod tests {
         });
         let a = std::pin::pin!(answer());
         assert_eq!(
-            within_protocol_timeout(a, limit, Some(&watch)).await,
+            within_protocol_timeout(a, limit, Some(&watch), &mut None).await,
             Some(7)
         );
         // Without a body, sending ended at once: the same answer is late.
         let a = std::pin::pin!(answer());
-        assert_eq!(within_protocol_timeout(a, limit, None).await, None);
+        assert_eq!(
+            within_protocol_timeout(a, limit, None, &mut None).await,
+            None
+        );
         // A body still streaming when the limit passes is cut.
         let streaming = BodyWatch::new();
         let started = Instant::now();
         let never = std::pin::pin!(std::future::pending::<()>());
-        let cut = within_protocol_timeout(never, limit, Some(&streaming)).await;
+        let cut = within_protocol_timeout(never, limit, Some(&streaming), &mut None).await;
         assert_eq!(cut, None);
+        assert!(started.elapsed() >= limit);
+    }
+
+    /// A timer kept from earlier exchanges serves the next one whatever it was armed
+    /// for: one that already fired does not time the new exchange out, one armed for a
+    /// later moment does not let it wait past its own deadline, and the timer is left
+    /// in the slot for the exchange after.
+    #[tokio::test]
+    async fn a_kept_timer_serves_the_next_exchange() {
+        let ms = Duration::from_millis;
+        let limit = ms(300);
+        let answer = |after| async move {
+            tokio::time::sleep(after).await;
+            7
+        };
+        // Fired long ago (armed for an earlier exchange's deadline).
+        let mut slot: Option<h1::Timer> = Some(Box::pin(tokio::time::sleep(ms(0))));
+        tokio::time::sleep(ms(5)).await;
+        let a = std::pin::pin!(answer(ms(50)));
+        assert_eq!(
+            within_protocol_timeout(a, limit, None, &mut slot).await,
+            Some(7)
+        );
+        assert!(slot.is_some(), "the timer is kept for the next exchange");
+        // Still armed for an earlier, nearer deadline (the previous exchange's): fires
+        // first, then waits on for this one.
+        slot.as_mut()
+            .unwrap()
+            .as_mut()
+            .reset(tokio::time::Instant::now() + ms(20));
+        let a = std::pin::pin!(answer(ms(100)));
+        assert_eq!(
+            within_protocol_timeout(a, limit, None, &mut slot).await,
+            Some(7)
+        );
+        // Armed for an hour from now: this exchange still ends at its own deadline.
+        slot.as_mut()
+            .unwrap()
+            .as_mut()
+            .reset(tokio::time::Instant::now() + ms(3_600_000));
+        let started = Instant::now();
+        let never = std::pin::pin!(std::future::pending::<()>());
+        let waited = tokio::time::timeout(
+            ms(10_000),
+            within_protocol_timeout(never, limit, None, &mut slot),
+        )
+        .await;
+        assert_eq!(waited, Ok(None), "timed out at protocol_timeout");
         assert!(started.elapsed() >= limit);
     }
 }

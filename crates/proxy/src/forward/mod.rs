@@ -287,7 +287,7 @@ where
 
         loop {
             // 1. A slot and a connection: the pinned backend first, then the cluster's strategy.
-            let (idx, sender, slot) =
+            let (idx, mut sender, slot) =
                 match pick_and_connect(cluster, pinned, &mut retry.tried, purpose, &eligible).await
                 {
                     Ok(x) => x,
@@ -346,6 +346,12 @@ where
                 a.apply(req.headers_mut());
             }
             let pt = cluster.cfg.protocol_timeout;
+            // The connection's timer, if it kept one: lent to this exchange, and given
+            // back with the answer.
+            let mut timer = match &mut sender {
+                Sender::H1(conn) => conn.take_timer(),
+                _ => None,
+            };
             // Pinned here, not inside the helper: moving it in would store it twice in this
             // future, which hyper moves on every request.
             let sending = std::pin::pin!(send(
@@ -355,7 +361,7 @@ where
                 &backend,
                 cluster.cfg.connect_timeout
             ));
-            let exchange = within_protocol_timeout(sending, pt, watch.as_deref());
+            let exchange = within_protocol_timeout(sending, pt, watch.as_deref(), &mut timer);
             // A write whose body is still arriving when this instance's write lease runs
             // out is cut off: the old primary never gets (or acts on) the whole request,
             // so it cannot commit it after another backend became primary.
@@ -380,7 +386,10 @@ where
             };
             let count_5xx = cluster.cfg.outlier.count_5xx;
             let (failure, unsent, ending) = match result {
-                Some(Ok(resp)) => {
+                Some(Ok(mut resp)) => {
+                    if let (Some(t), UpBody::Own(b)) = (timer.take(), resp.body_mut()) {
+                        b.keep_timer(t);
+                    }
                     let mut inflight = inflight;
                     inflight.carry(eligible.ticket.take());
                     let answer = Answer {

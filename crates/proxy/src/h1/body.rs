@@ -329,6 +329,13 @@ pub(super) fn response(
 }
 
 impl RespBody {
+    /// Hands the exchange's timer back to the connection, for its next exchange.
+    pub fn keep_timer(&mut self, timer: super::Timer) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.keep_timer(timer);
+        }
+    }
+
     /// The connection, if the exchange ended cleanly and it may carry another request
     /// (it is taken either way: the body reads nothing more).
     pub fn take_reusable(&mut self) -> Option<Conn> {

@@ -127,7 +127,14 @@ pub struct Conn {
     next_read: usize,
     /// It carried an exchange before (it came from the pool).
     reused: bool,
+    /// The protocol-timeout timer, kept from one exchange to the next: lent to each
+    /// exchange (see [`Conn::take_timer`]), so a warm connection registers no timer
+    /// per request.
+    timer: Option<Timer>,
 }
+
+/// A timer an exchange borrows from its connection.
+pub type Timer = Pin<Box<tokio::time::Sleep>>;
 
 impl Conn {
     /// A fresh connection over `io`.
@@ -139,7 +146,18 @@ impl Conn {
             spans: Vec::new(),
             next_read: MIN_READ,
             reused: false,
+            timer: None,
         }
+    }
+
+    /// The timer an exchange on this connection waits with (`None` until one was kept).
+    pub fn take_timer(&mut self) -> Option<Timer> {
+        self.timer.take()
+    }
+
+    /// Keeps `timer` for the next exchange.
+    pub fn keep_timer(&mut self, timer: Timer) {
+        self.timer = Some(timer);
     }
 
     /// Marks the connection as one that carried an exchange before (see
