@@ -80,7 +80,7 @@ async fn connect_within(
 pub async fn connect_h1(
     backend: &Arc<Backend>,
     connect_timeout: Duration,
-) -> Result<h1::Conn, ProxyError> {
+) -> Result<Box<h1::Conn>, ProxyError> {
     match connect_within(backend, Purpose::Request, connect_timeout).await? {
         Sender::H1(conn) => Ok(conn),
         _ => Err(connect_error(

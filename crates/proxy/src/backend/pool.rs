@@ -25,7 +25,7 @@ use crate::h1;
 /// A ready-to-use connection to a backend.
 pub enum Sender {
     /// An HTTP/1.1 connection for ordinary requests: one request at a time, pooled.
-    H1(h1::Conn),
+    H1(Box<h1::Conn>),
     /// An HTTP/2 connection: shared, multiplexed.
     H2(http2::SendRequest<Body>),
     /// A dedicated HTTP/1.1 connection through hyper's client, never pooled: Upgrade
@@ -34,7 +34,7 @@ pub enum Sender {
 }
 
 struct Idle {
-    conn: h1::Conn,
+    conn: Box<h1::Conn>,
     /// When it will have been idle for `idle_timeout` (`None`: past the clock's range,
     /// never). Kept instead of when it went idle, so a check compares two readings
     /// rather than subtracting them.
@@ -116,7 +116,7 @@ impl Pool {
     /// Returns an HTTP/1.1 connection after its exchange ended cleanly.
     /// Connections idle past `idle_timeout` at the cold end are closed on the way, so a
     /// burst's surplus does not stay open once traffic is back to normal.
-    pub fn put_h1(&self, conn: h1::Conn) {
+    pub fn put_h1(&self, conn: Box<h1::Conn>) {
         let now = Instant::now();
         let here = crate::workers::current() % self.h1.len();
         if let Ok(mut idle) = self.h1[here].lock() {
@@ -161,7 +161,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    async fn conn() -> h1::Conn {
+    async fn conn() -> Box<h1::Conn> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (a, b) = tokio::join!(
             tokio::net::TcpStream::connect(listener.local_addr().unwrap()),

@@ -115,7 +115,7 @@ pub(super) fn send<'a>(
 // Deliberately not an `async fn` (the note inside says why).
 #[allow(clippy::manual_async_fn)]
 fn send_own<'a>(
-    conn: h1::Conn,
+    conn: Box<h1::Conn>,
     req: Request<Body>,
     extra: Option<&'a headers::Added>,
     backend: &'a Arc<Backend>,

@@ -289,7 +289,7 @@ enum Decode {
 /// A backend's response body, read from the connection as it is polled. Owns the
 /// connection; [`RespBody::take_reusable`] gives it back when the exchange ended cleanly.
 pub struct RespBody {
-    pub(super) conn: Option<Conn>,
+    pub(super) conn: Option<Box<Conn>>,
     state: Decode,
     upload: Option<Upload>,
     reusable: bool,
@@ -297,7 +297,7 @@ pub struct RespBody {
 
 /// Builds the response for `head`, its body reading from `conn`.
 pub(super) fn response(
-    conn: Conn,
+    conn: Box<Conn>,
     mut head: Head,
     framing: Framing,
     upload: Option<Upload>,
@@ -338,7 +338,7 @@ impl RespBody {
 
     /// The connection, if the exchange ended cleanly and it may carry another request
     /// (it is taken either way: the body reads nothing more).
-    pub fn take_reusable(&mut self) -> Option<Conn> {
+    pub fn take_reusable(&mut self) -> Option<Box<Conn>> {
         let clean = self.state == Decode::Done && self.reusable && self.upload.is_none();
         let mut conn = self.conn.take()?;
         conn.release_buffers();
@@ -553,7 +553,7 @@ fn parse_trailers(block: &Bytes) -> Result<HeaderMap, String> {
 #[cfg(test)]
 impl RespBody {
     /// A chunked body reading from `conn`, fed by hand.
-    pub(super) fn chunked_for_test(conn: Conn) -> Self {
+    pub(super) fn chunked_for_test(conn: Box<Conn>) -> Self {
         Self {
             conn: Some(conn),
             state: Decode::ChunkSize,

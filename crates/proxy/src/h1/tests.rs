@@ -375,7 +375,7 @@ fn streamed(pieces: Vec<Vec<u8>>, trailers: Option<http::HeaderMap>) -> Body {
     http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
 }
 
-async fn upload(conn: Conn, req: Request<Body>) -> (String, Option<Conn>) {
+async fn upload(conn: Box<Conn>, req: Request<Body>) -> (String, Option<Box<Conn>>) {
     let resp = send(conn, req, None).await.unwrap();
     let mut body = resp.into_body();
     let mut text = Vec::new();
@@ -533,7 +533,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn idle_conn() -> Conn {
+async fn idle_conn() -> Box<Conn> {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
