@@ -25,6 +25,31 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// `hop_by_hop`'s answer for `Upgrade`, which is not in [`HOP_BY_HOP`].
+const UPGRADE: usize = HOP_BY_HOP.len();
+
+/// Where `name` (lower case, as a `HeaderName` spells it) sits in [`HOP_BY_HOP`], or
+/// [`UPGRADE`]. Picks the candidate by length first: most fields (`host`, `date`,
+/// `content-length`) are rejected by one jump, where comparing each against the nine
+/// names cost about 150 instructions per field.
+fn hop_by_hop(name: &str) -> Option<usize> {
+    let candidates: &[usize] = match name.len() {
+        2 => &[5],
+        7 => &[6, UPGRADE],
+        10 => &[0, 1],
+        14 => &[8],
+        16 => &[2],
+        17 => &[7],
+        18 => &[3],
+        19 => &[4],
+        _ => return None,
+    };
+    candidates.iter().copied().find(|&i| {
+        let known = HOP_BY_HOP.get(i).unwrap_or(&header::UPGRADE);
+        known.as_str() == name
+    })
+}
+
 /// Removes hop-by-hop headers, including any named in `Connection`. `Upgrade` is removed
 /// too unless `keep_upgrade` (a WebSocket handshake keeps `Connection: upgrade` and
 /// `Upgrade`).
@@ -34,10 +59,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let mut present = [false; 9];
     let mut upgrade = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        } else if name == header::UPGRADE {
-            upgrade = true;
+        match hop_by_hop(name.as_str()) {
+            Some(UPGRADE) => upgrade = true,
+            Some(i) => present[i] = true,
+            None => {}
         }
     }
     // `present[0]` is Connection: headers it names are per-connection as well. The
@@ -376,6 +401,34 @@ pub fn affinity_cookie(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_hop_by_hop_name_is_recognised_and_no_other() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(name.as_str()), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop("upgrade"), Some(UPGRADE));
+        for other in [
+            "host",
+            "date",
+            "content-length",
+            "content-type",
+            "accept",
+            "cookie",
+            "set-cookie",
+            "tk",
+            "trailers",
+            "connections",
+            "keep-alive2",
+            "x-forwarded-for",
+            "authorization",
+            "proxy-authorizatio",
+            "transfer-encodinx",
+            "http2-settingz",
+        ] {
+            assert_eq!(hop_by_hop(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
