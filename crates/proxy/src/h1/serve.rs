@@ -214,7 +214,13 @@ fn head_may_be_complete(buf: &[u8], scanned: &mut usize) -> bool {
     }
     let from = scanned.saturating_sub(3);
     *scanned = buf.len();
-    buf[from..].windows(2).any(|w| w == b"\n\n") || buf[from..].windows(3).any(|w| w == b"\n\r\n")
+    // Each line end, found with memchr: `\n\n` or `\n\r\n` is an empty line.
+    let rest = &buf[from..];
+    memchr::memchr_iter(b'\n', rest).any(|at| match rest.get(at + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => rest.get(at + 2) == Some(&b'\n'),
+        _ => false,
+    })
 }
 
 // === reading ===
