@@ -98,6 +98,8 @@ pub struct Head {
     /// Whether Transfer-Encoding or Connection is among the headers (most responses
     /// carry neither, and then need no lookup for them).
     pub framing_fields: bool,
+    /// The Content-Length, read while the fields were parsed (see [`content_length`]).
+    pub length: Result<Option<u64>, String>,
 }
 
 /// Parses a response head from the front of `buf` and consumes it. `Ok(None)`: not
@@ -107,6 +109,7 @@ pub struct Head {
 pub fn parse_response(
     buf: &mut BytesMut,
     spans: &mut Vec<[usize; 4]>,
+    recycled: &mut HeaderMap,
 ) -> Result<Option<Head>, String> {
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -141,13 +144,22 @@ pub fn parse_response(
     }));
     let count = spans.len();
     let head: Bytes = buf.split_to(len).freeze();
-    // Room for what the way back adds (Via, cookies), so the map is not grown for them.
-    let mut headers = HeaderMap::with_capacity(count + 3);
+    // The request's map, emptied, holds the response (its room is kept: no allocation
+    // on a warm connection), with room for what the way back adds (Via, cookies).
+    let mut headers = std::mem::take(recycled);
+    headers.clear();
+    headers.reserve(count + 3);
     let mut framing_fields = false;
+    let mut length = Ok(None);
     for &[n0, n1, v0, v1] in spans.iter() {
         let name = HeaderName::from_bytes(&head[n0..n1])
             .map_err(|_| "backend sent an invalid header name".to_string())?;
         framing_fields |= name == header::TRANSFER_ENCODING || name == header::CONNECTION;
+        if name == header::CONTENT_LENGTH {
+            if let Ok(found) = length {
+                length = content_length(found, &head[v0..v1]);
+            }
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| format!("backend sent an invalid value for header `{name}`"))?;
         headers.append(name, value);
@@ -157,6 +169,7 @@ pub fn parse_response(
         version,
         headers,
         framing_fields,
+        length,
     }))
 }
 
@@ -204,34 +217,34 @@ impl Framing {
                 Framing::Close
             });
         }
-        match content_length(&head.headers)? {
+        match head.length.clone()? {
             Some(n) => Ok(Framing::Length(n)),
             None => Ok(Framing::Close),
         }
     }
 }
 
-/// The Content-Length, if any: every value (and every element of a list) must be the
-/// same number, or the response is refused.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
-    let mut found: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let s = v
-            .to_str()
-            .map_err(|_| "backend sent an invalid Content-Length".to_string())?;
-        for part in s.split(',') {
-            let part = part.trim();
-            if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!("backend sent an invalid Content-Length `{s}`"));
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| format!("backend sent an invalid Content-Length `{s}`"))?;
-            if found.is_some_and(|f| f != n) {
-                return Err("backend sent conflicting Content-Length values".into());
-            }
-            found = Some(n);
+/// The Content-Length once `value` (one Content-Length field) is added to `found` (the
+/// fields before it): every value, and every element of a list, must be the same number,
+/// or the response is refused.
+fn content_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, String> {
+    let invalid = || {
+        format!(
+            "backend sent an invalid Content-Length `{}`",
+            String::from_utf8_lossy(value)
+        )
+    };
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(invalid());
         }
+        // At most 19 digits: within u64.
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return Err("backend sent conflicting Content-Length values".into());
+        }
+        found = Some(n);
     }
     Ok(found)
 }

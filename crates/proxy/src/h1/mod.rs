@@ -328,7 +328,7 @@ pub fn send(
         let mut upload_failed: Option<SendError> = None;
         loop {
             if !conn.rbuf.is_empty() {
-                match head::parse_response(&mut conn.rbuf, &mut conn.spans) {
+                match head::parse_response(&mut conn.rbuf, &mut conn.spans, req.headers_mut()) {
                     // 1xx (100 Continue, 103 Early Hints) precede the response; a 101 is
                     // final, and refused by `Framing::of`.
                     Ok(Some(h))
