@@ -129,7 +129,9 @@ pub struct Conn {
     reused: bool,
     /// The protocol-timeout timer, kept from one exchange to the next: lent to each
     /// exchange (see [`Conn::take_timer`]), so a warm connection registers no timer
-    /// per request.
+    /// per request. While the connection idles, the timer may still hold the waker of
+    /// the task that used it last, until it fires (at most protocol_timeout later) or
+    /// the next exchange polls it: a pooled connection is bounded, and so is this.
     timer: Option<Timer>,
 }
 
