@@ -63,7 +63,7 @@ impl Builder {
     pub(crate) fn serve<I, S, H>(self: &Arc<Self>, io: I, service: S, own: H) -> Connection<I, S>
     where
         S: HttpService<Incoming>,
-        H: OwnHandler,
+        H: FnMut(Request<NoBody>) -> OwnAnswer + Send + 'static,
     {
         Connection {
             state: State::Detect {
@@ -83,19 +83,7 @@ impl Builder {
 pub(crate) type OwnAnswer = Pin<Box<dyn Future<Output = Response<crate::body::Body>> + Send>>;
 
 /// What keyway's own HTTP/1.1 side calls for each request it serves.
-pub(crate) trait OwnHandler: Send + 'static {
-    /// The answer to `req`.
-    fn call(&mut self, req: Request<NoBody>) -> OwnAnswer;
-}
-
-impl<F> OwnHandler for F
-where
-    F: FnMut(Request<NoBody>) -> OwnAnswer + Send + 'static,
-{
-    fn call(&mut self, req: Request<NoBody>) -> OwnAnswer {
-        self(req)
-    }
-}
+type OwnHandler = Box<dyn FnMut(Request<NoBody>) -> OwnAnswer + Send>;
 
 type OwnFuture<I> = Pin<Box<dyn Future<Output = Ended<I>> + Send>>;
 
@@ -120,7 +108,7 @@ pin_project_lite::pin_project! {
             builder: Arc<Builder>,
             io: Option<I>,
             service: Option<S>,
-            own: Option<Box<dyn OwnHandler>>,
+            own: Option<OwnHandler>,
             pre: [u8; 24],
             filled: usize,
             cancelled: bool,
@@ -241,20 +229,15 @@ where
                         return Poll::Ready(Ok(()));
                     };
                     let own = own.take();
-                    if let (false, true, Some(settings), Some(mut own)) =
+                    if let (false, true, Some(settings), Some(own)) =
                         (h2, *filled > 0, builder.own, own)
                     {
                         // keyway's own side, starting from the bytes read so far.
-                        let mut buf = BytesMut::with_capacity(8 * 1024);
+                        let mut buf = BytesMut::with_capacity(serve::INITIAL_BUF);
                         buf.extend_from_slice(&pre[..*filled]);
                         let closing = Arc::new(AtomicBool::new(false));
-                        let serving = Box::pin(serve::serve(
-                            stream,
-                            buf,
-                            move |req| own.call(req),
-                            settings,
-                            closing.clone(),
-                        ));
+                        let serving =
+                            Box::pin(serve::serve(stream, buf, own, settings, closing.clone()));
                         State::Own {
                             serving,
                             builder: builder.clone(),

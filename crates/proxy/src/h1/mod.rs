@@ -264,7 +264,7 @@ pub fn send(
     extra: Option<&crate::headers::Added>,
 ) -> impl Future<Output = Result<Response<RespBody>, SendError>> + '_ {
     // Not an `async fn`: that moves the arguments into locals and keeps both copies
-    // (the connection and the request, about 400 bytes) in every request's future.
+    // (the request is about 250 bytes) in every request's future.
     async move {
         let framing = ReqFraming::of(&req);
         // A body's first bytes are awaited (for at most FIRST_BYTES_WAIT) before the head

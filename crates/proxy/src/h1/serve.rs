@@ -37,12 +37,13 @@ use crate::body::Body;
 /// The request body of a request served here: there is none.
 pub type NoBody = Empty<Bytes>;
 
-/// Most header fields in a request head served here (hyper's limit too).
-pub const MAX_HEADERS: usize = 100;
+// Most header fields in a request head served here: the client side's limit, and
+// hyper's too.
+use super::MAX_HEADERS;
 /// Longest request target served here; hyper answers a longer one with 414.
 const MAX_URI_LEN: usize = 65534;
 /// The read buffer starts at this size and grows, up to the head limit, for a large head.
-const INITIAL_BUF: usize = 8 * 1024;
+pub(crate) const INITIAL_BUF: usize = 8 * 1024;
 /// Buffered response bytes are written once they reach this much.
 const FLUSH_AT: usize = 16 * 1024;
 /// Body frames up to this size are copied into the write buffer; larger ones are
@@ -377,8 +378,6 @@ enum Framing {
     Length(u64),
     /// Chunked; trailers are written only for the fields the head's `Trailer` names.
     Chunked,
-    /// Until the connection closes.
-    Close,
 }
 
 /// Writes the response head into `out` with hyper's framing rules: a `Content-Length`
@@ -485,7 +484,7 @@ fn encode_head(
     } else {
         Framing::Length(0)
     };
-    last |= said_close || framing == Framing::Close;
+    last |= said_close;
     if last && !said_close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -561,7 +560,7 @@ async fn write_body<I: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), ()> {
     let mut left = match framing {
         Framing::Length(n) => n,
-        _ => u64::MAX,
+        Framing::Chunked => u64::MAX,
     };
     loop {
         let next = poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await;
@@ -621,7 +620,6 @@ async fn write_body<I: AsyncRead + AsyncWrite + Unpin>(
                             put_hex(out, data.len());
                             out.extend_from_slice(b"\r\n");
                         }
-                        Framing::Close => {}
                     }
                     put_data(io, out, data).await.map_err(|_| ())?;
                     if framing == Framing::Chunked {
