@@ -171,6 +171,9 @@ where
         let mut headers = std::mem::take(resp.headers_mut());
         headers.clear();
         cached = Some(headers);
+        // Written once the other ready connections have read theirs (see
+        // `behind_ready_tasks`).
+        super::behind_ready_tasks().await;
         let sent = match framing {
             Framing::Length(0) => write_all(&mut io, &mut out).await.is_ok(),
             framing => {

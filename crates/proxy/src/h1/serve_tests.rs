@@ -431,3 +431,99 @@ fn the_end_of_a_head_is_found_across_reads_scanning_each_byte_once() {
         &mut scanned
     ));
 }
+
+/// A pipe end that notes its first write in a shared log.
+struct Noted {
+    io: DuplexStream,
+    name: &'static str,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+    wrote: bool,
+}
+
+impl AsyncRead for Noted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Noted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if !self.wrote {
+            self.wrote = true;
+            let line = format!("{} written", self.name);
+            self.log.lock().unwrap().push(line);
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Two connections whose requests are ready in the same runtime turn: both are read and
+/// answered before either answer is written (see `behind_ready_tasks`), so the answers
+/// go out together.
+#[tokio::test]
+async fn answers_are_written_after_the_turns_other_requests_are_read() {
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    let mut servers = Vec::new();
+    for name in ["a", "b"] {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(
+                format!("GET /{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        clients.push(client);
+        let io = Noted {
+            io: server,
+            name,
+            log: log.clone(),
+            wrote: false,
+        };
+        let seen = log.clone();
+        let handler = move |req: Request<NoBody>| -> Answer {
+            seen.lock().unwrap().push(format!("{} answered", req.uri()));
+            Box::pin(async { Response::new(body::full("ok")) })
+        };
+        let closing = Arc::new(AtomicBool::new(false));
+        servers.push(tokio::spawn(serve(
+            io,
+            BytesMut::new(),
+            handler,
+            SETTINGS,
+            closing,
+        )));
+    }
+    for server in servers {
+        let ended = tokio::time::timeout(Duration::from_secs(10), server).await;
+        assert!(matches!(ended, Ok(Ok(Ended::Closed))));
+    }
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["/a answered", "/b answered", "a written", "b written"]
+    );
+    for mut client in clients {
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n") && got.ends_with("\r\n\r\nok"),
+            "{got}"
+        );
+    }
+}
