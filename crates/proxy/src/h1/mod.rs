@@ -328,7 +328,6 @@ pub fn send(
             }
         };
         head::encode_request(&req, extra, framing, &mut conn.wbuf);
-        behind_ready_tasks().await;
         let mut written = 0;
         while written < conn.wbuf.len() {
             match conn.io.write(&conn.wbuf[written..]).await {
