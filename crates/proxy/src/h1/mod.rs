@@ -47,46 +47,6 @@ const FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(2
 const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 
-/// Lets the tasks the runtime already has ready run before this one goes on: awaited
-/// before an answer is written to the client (`serve`), so that the receives of one
-/// runtime turn come before its answers.
-///
-/// When the peer is a process on this host (loopback, a sidecar), a send runs the
-/// receiver's side of TCP inside the sender's system call, and if the receiver sleeps in
-/// `epoll_wait` the sender also wakes it (on a VM, an interrupt to another core is a VM
-/// exit). A task that receives and sends in one poll spreads its sends between the other
-/// tasks' receives, and the peer falls asleep between them; sends that come together
-/// find it awake. `bench/kernel-split.sh` counts it: 0.22 to 0.92 wakeups per request
-/// without, 0.16 to 0.19 with (HAProxy, whose event loop receives for every ready
-/// connection before it sends: 0.06 to 0.10). The upstream write does not wait: there
-/// the pause sits deep in the request's future, and the extra poll cost about 1,500
-/// instructions per request for no measured further drop in wakeups.
-///
-/// The task wakes itself and returns `Pending` once; tokio queues a task that woke
-/// itself behind the ready ones, with no trip through the poller (unlike
-/// `tokio::task::yield_now`, which waits for the next poll of the I/O driver).
-pub(crate) fn behind_ready_tasks() -> BehindReadyTasks {
-    BehindReadyTasks { yielded: false }
-}
-
-/// See [`behind_ready_tasks`].
-pub(crate) struct BehindReadyTasks {
-    yielded: bool,
-}
-
-impl Future for BehindReadyTasks {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.yielded {
-            return Poll::Ready(());
-        }
-        self.yielded = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
 /// The byte stream under a connection: plain TCP or TLS.
 pub enum Stream {
     /// Plain TCP.

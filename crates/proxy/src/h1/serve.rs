@@ -59,6 +59,46 @@ pub struct Settings {
     pub header_read_timeout: Duration,
 }
 
+/// Lets the tasks the runtime already has ready run before this one goes on: awaited
+/// before an answer is written to the client ([`serve`]), so that the receives of one
+/// runtime turn come before its answers.
+///
+/// When the peer is a process on this host (loopback, a sidecar), a send runs the
+/// receiver's side of TCP inside the sender's system call, and if the receiver sleeps in
+/// `epoll_wait` the sender also wakes it (on a VM, an interrupt to another core is a VM
+/// exit). A task that receives and sends in one poll spreads its sends between the other
+/// tasks' receives, and the peer falls asleep between them; sends that come together
+/// find it awake. `bench/kernel-split.sh` counts it: 0.22 to 0.92 wakeups per request
+/// without, 0.16 to 0.19 with (HAProxy, whose event loop receives for every ready
+/// connection before it sends: 0.06 to 0.10). The upstream write does not wait: there
+/// the pause sits deep in the request's future, and the extra poll cost about 1,500
+/// instructions per request for no measured further drop in wakeups.
+///
+/// The task wakes itself and returns `Pending` once; tokio queues a task that woke
+/// itself behind the ready ones, with no trip through the poller (unlike
+/// `tokio::task::yield_now`, which waits for the next poll of the I/O driver).
+fn behind_ready_tasks() -> BehindReadyTasks {
+    BehindReadyTasks { yielded: false }
+}
+
+/// See [`behind_ready_tasks`].
+struct BehindReadyTasks {
+    yielded: bool,
+}
+
+impl Future for BehindReadyTasks {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.yielded {
+            return Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 /// How serving ended.
 pub enum Ended<I> {
     /// The connection is done (closed by either side, or by a graceful shutdown).
@@ -173,7 +213,7 @@ where
         cached = Some(headers);
         // Written once the other ready connections have read theirs (see
         // `behind_ready_tasks`).
-        super::behind_ready_tasks().await;
+        behind_ready_tasks().await;
         let sent = match framing {
             Framing::Length(0) => write_all(&mut io, &mut out).await.is_ok(),
             framing => {

@@ -375,6 +375,10 @@ async fn an_idle_keep_alive_connection_closes_after_header_read_timeout() {
     assert!(got.ends_with("GET /a"), "{got}");
 }
 
+/// A client that pipelines and then half-closes: a request whose successor is already
+/// buffered is answered (nothing more is read while it is served, as in hyper); the
+/// last one meets the client's EOF, which hyper's default (no half-close) and nginx
+/// both take as the client going away.
 #[tokio::test]
 async fn a_half_close_does_not_cancel_a_request_with_a_pipelined_successor() {
     let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -526,4 +530,27 @@ async fn answers_are_written_after_the_turns_other_requests_are_read() {
             "{got}"
         );
     }
+}
+
+/// Two tasks that each "receive" and then "send" behind the ready tasks: both receives
+/// come before either send, in the order the tasks were queued. Without the pause (or
+/// with one that completes at once) each task would send right after its receive.
+#[tokio::test]
+async fn sends_wait_behind_the_ready_tasks() {
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let task = |name: &'static str| {
+        let order = order.clone();
+        tokio::spawn(async move {
+            order.lock().unwrap().push(format!("{name} receives"));
+            behind_ready_tasks().await;
+            order.lock().unwrap().push(format!("{name} sends"));
+        })
+    };
+    let (a, b) = (task("a"), task("b"));
+    a.await.unwrap();
+    b.await.unwrap();
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["a receives", "b receives", "a sends", "b sends"]
+    );
 }

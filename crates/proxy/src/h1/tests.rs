@@ -658,26 +658,3 @@ async fn a_pooled_connection_does_not_keep_a_large_read_buffer() {
         conn.rbuf.capacity()
     );
 }
-
-/// Two tasks that each "receive" and then "send" behind the ready tasks: both receives
-/// come before either send, in the order the tasks were queued. Without the pause (or
-/// with one that completes at once) each task would send right after its receive.
-#[tokio::test]
-async fn sends_wait_behind_the_ready_tasks() {
-    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let task = |name: &'static str| {
-        let order = order.clone();
-        tokio::spawn(async move {
-            order.lock().unwrap().push(format!("{name} receives"));
-            behind_ready_tasks().await;
-            order.lock().unwrap().push(format!("{name} sends"));
-        })
-    };
-    let (a, b) = (task("a"), task("b"));
-    a.await.unwrap();
-    b.await.unwrap();
-    assert_eq!(
-        *order.lock().unwrap(),
-        ["a receives", "b receives", "a sends", "b sends"]
-    );
-}
