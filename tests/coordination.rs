@@ -16,19 +16,15 @@ struct Instance {
 
 impl Instance {
     fn start(config: &Path) -> Self {
-        use std::io::BufRead;
+        let log = config.with_extension("log");
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyway-instance"))
             .arg(config)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start keyway-instance");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = instance_ready_line(&mut child, &log);
         let words: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(words.first(), Some(&"listening"), "instance failed: {line}");
         Self {
             child,
             addr: words[1].parse().unwrap(),

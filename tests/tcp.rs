@@ -48,7 +48,7 @@ struct Server {
 
 impl Server {
     async fn start(behaviour: Behaviour) -> Self {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), behaviour).await
+        Self::start_on(free_port(), behaviour).await
     }
 
     async fn start_on(addr: SocketAddr, behaviour: Behaviour) -> Self {
@@ -724,10 +724,7 @@ async fn memory_stays_bounded_while_a_hundred_megabytes_pass_each_way() {
     // keyway in its own process, so its memory is its own.
     const SIZE: u64 = 100 * 1024 * 1024;
     let bulk = Server::start(Behaviour::Bulk(SIZE)).await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port().port();
     let file = unique_dir("tcp-memory").join("keyway.toml");
     std::fs::write(
         &file,
@@ -744,13 +741,7 @@ async fn memory_stays_bounded_while_a_hundred_megabytes_pass_each_way() {
         .env("RUST_LOG", "info")
         .spawn()
         .expect("start keyway-instance");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("listening"), "{line}");
+    instance_ready_line(&mut child, &file.with_extension("log"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // A first transfer warms up the runtime, the allocator and the metric handles.
     transfer(addr, SIZE / 10).await;

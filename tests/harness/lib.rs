@@ -129,9 +129,7 @@ impl TestBackend {
 
     /// A backend with options (TLS, slow handshakes).
     pub async fn start_with(name: &str, opts: BackendOptions) -> Self {
-        let sock = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        let sock = listen_on_free_port().await;
         let state = Arc::new(BackendState {
             name: name.to_string(),
             health_status: std::sync::atomic::AtomicU16::new(200),
@@ -451,10 +449,7 @@ async fn answer(st: Arc<BackendState>, mut req: Request<Incoming>) -> Response<T
 
 /// An address on which nothing listens (connections are refused).
 pub async fn refused_addr() -> SocketAddr {
-    let sock = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = sock.local_addr().expect("addr");
-    drop(sock);
-    addr
+    free_port()
 }
 
 /// A TCP server that accepts connections, reads the request, and closes the connection
@@ -1185,11 +1180,74 @@ fn etcd_binary() -> PathBuf {
     found.clone().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A loopback address with a port free right now (for configs that must name their
-/// ports before the server starts).
+/// A loopback address with a port free right now, for a server that must name its port
+/// before it starts (etcd, a keyway instance's admin listener) or listen on it again
+/// after a stop.
+///
+/// The port comes from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), so no outgoing connection and no `bind(0)` can take
+/// it between this call and the server's own bind (with `bind(0)` ports, that race made
+/// an etcd or an instance fail to start on a busy machine); ports are handed out once
+/// per test process, starting at an offset taken from the process id.
 pub fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    const LOWEST: usize = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST);
+    if span < 1_000 {
+        // No room below the ephemeral range: the kernel's choice is all there is.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        return l.local_addr().expect("addr");
+    }
+    let _ = NEXT.compare_exchange(
+        usize::MAX,
+        std::process::id() as usize * 7_919 % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = LOWEST + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port between {LOWEST} and {ephemeral}");
+}
+
+/// The `listening …` line a `keyway-instance` child prints once it serves; when the
+/// child exits before printing it, panics with what the child wrote to `log`.
+pub fn instance_ready_line(child: &mut std::process::Child, log: &Path) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("the instance's stdout is piped");
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    if !line.starts_with("listening ") {
+        // A child that closed its stdout has exited or is about to (a zombie ignores
+        // the kill); one that printed something else is stopped.
+        let _ = child.kill();
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        panic!(
+            "keyway-instance did not start ({status}); stdout {line:?}; {}:\n{text}",
+            log.display()
+        );
+    }
+    line
+}
+
+/// A listener on a [`free_port`], for servers a test stops and starts again on the same
+/// address.
+pub async fn listen_on_free_port() -> TcpListener {
+    loop {
+        // Only another process can have taken the port since `free_port` saw it free.
+        if let Ok(l) = TcpListener::bind(free_port()).await {
+            return l;
+        }
+    }
 }
 
 impl Etcd {
@@ -1227,7 +1285,12 @@ impl Etcd {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.join("etcd.log")).expect("log");
+        // Appended to, so a restart keeps what the previous run wrote.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("log");
         let mut cmd = std::process::Command::new(etcd_binary());
         if let Some(t) = &self.tls {
             cmd.arg("--cert-file")
@@ -1263,20 +1326,48 @@ impl Etcd {
             .spawn()
             .expect("start etcd");
         self.child = Some(child);
-        let addr = self.addr;
-        let tls = self.tls.as_ref().map(|t| t.client.clone());
-        eventually(Duration::from_secs(20), "etcd to answer", || {
-            let tls = tls.clone();
-            async move {
-                let req = request("POST", "etcd", "/v3/kv/range", r#"{"key":"AA=="}"#);
-                let got = match tls {
-                    None => try_send(addr, req).await,
-                    Some(cfg) => try_send_tls(addr, "127.0.0.1", cfg, req).await,
-                };
-                got.is_ok_and(|r| r.status == 200)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let req = request("POST", "etcd", "/v3/kv/range", r#"{"key":"AA=="}"#);
+            let probe = async {
+                match &self.tls {
+                    None => try_send(self.addr, req).await,
+                    Some(t) => try_send_tls(self.addr, "127.0.0.1", t.client.clone(), req).await,
+                }
+            };
+            // Bounded: whatever else might hold the port need not answer.
+            let got = tokio::time::timeout(Duration::from_secs(1), probe).await;
+            if got.is_ok_and(|r| r.is_ok_and(|r| r.status == 200)) {
+                return;
             }
-        })
-        .await;
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || tokio::time::Instant::now() >= deadline {
+                let what = match exited {
+                    Some(status) => format!("etcd exited ({status})"),
+                    None => "etcd did not answer within 30 s".to_string(),
+                };
+                panic!(
+                    "{what}; the end of {}:\n{}",
+                    self.log().display(),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("etcd.log")
+    }
+
+    /// The last lines etcd wrote, for a failure message.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// Stops etcd (kill), keeping its data.
@@ -1409,7 +1500,7 @@ pub struct Forwarder {
 impl Forwarder {
     /// Forwards `addr` to `target`.
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = listen_on_free_port().await;
         let addr = listener.local_addr().unwrap();
         let (path, rx) = tokio::sync::watch::channel(Link::Open);
         let accepted = Arc::new(AtomicUsize::new(0));
