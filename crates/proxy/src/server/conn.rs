@@ -4,6 +4,7 @@
 
 use super::*;
 use futures_util::FutureExt as _;
+use std::future::Future;
 
 /// What a reload may change on a running listener: certificates and limits. Read once
 /// per accepted connection; connections keep the settings they started with.
@@ -197,21 +198,54 @@ impl Connection {
         let mut next_check = tokio::time::Instant::now() + tick;
         // An idle connection gets one more tick to say goodbye (GOAWAY, a finished
         // response); one that still has not ended (its peer stopped reading, so nothing
-        // can be written) is dropped then, instead of being held for ever.
-        let mut idle_close_by: Option<tokio::time::Instant> = None;
+        // can be written) is dropped then, instead of being held for ever. The same timer
+        // serves both: the next check, then (once idle) that last tick's end.
+        let mut idle_close = false;
+        let timer = tokio::time::sleep_until(next_check);
+        tokio::pin!(timer);
+        let shutdown = shutdown.changed();
+        tokio::pin!(shutdown);
+        // The connection is polled on every wake-up of this task; the shutdown signal and
+        // the timer only when one of them woke it (they fire a few times a minute, the
+        // connection thousands of times a second).
+        let side = Arc::new(SideWake::default());
+        let side_waker = std::task::Waker::from(side.clone());
         loop {
-            tokio::select! {
-                res = conn.as_mut() => {
+            let turn = std::future::poll_fn(|cx| {
+                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Turn::Ended(res));
+                }
+                if !side.fired(cx.waker()) {
+                    return Poll::Pending;
+                }
+                let mut side_cx = Context::from_waker(&side_waker);
+                if !draining && shutdown.as_mut().poll(&mut side_cx).is_ready() {
+                    return Poll::Ready(Turn::Shutdown);
+                }
+                if (!draining || idle_close) && timer.as_mut().poll(&mut side_cx).is_ready() {
+                    return Poll::Ready(Turn::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            // Whatever happened, both are looked at again on the next turn.
+            side.rearm();
+            match turn {
+                Turn::Ended(res) => {
                     if let Err(e) = res {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
                     break;
                 }
-                _ = shutdown.changed(), if !draining => {
+                Turn::Shutdown => {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                _ = tokio::time::sleep_until(next_check), if !draining => {
+                Turn::Timer if idle_close => {
+                    tracing::debug!(client = %info_client, "idle client connection did not close gracefully; dropped");
+                    break;
+                }
+                Turn::Timer => {
                     next_check += tick;
                     let io = activity.io();
                     if io != last_io || activity.in_flight() > 0 {
@@ -221,18 +255,68 @@ impl Connection {
                         quiet += tick;
                         if quiet >= idle_timeout {
                             draining = true;
-                            idle_close_by = Some(tokio::time::Instant::now() + tick);
+                            idle_close = true;
+                            next_check = tokio::time::Instant::now() + tick;
                             conn.as_mut().graceful_shutdown();
                         }
                     }
-                }
-                _ = tokio::time::sleep_until(idle_close_by.unwrap_or(next_check)), if idle_close_by.is_some() => {
-                    tracing::debug!(client = %info_client, "idle client connection did not close gracefully; dropped");
-                    break;
+                    timer.as_mut().reset(next_check);
                 }
             }
         }
         open.decrement(1.0);
+    }
+}
+
+/// What woke a connection's task: the connection ended, or one of its side events.
+enum Turn<E> {
+    Ended(Result<(), E>),
+    Shutdown,
+    Timer,
+}
+
+/// The waker given to a task's rarely ready futures (a shutdown signal, an idle timer):
+/// it notes that it fired before waking the task, so the task polls those futures only
+/// when one of them can have something to say.
+pub(super) struct SideWake {
+    fired: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Default for SideWake {
+    /// Fired: the side futures are polled (and so registered) on the first turn.
+    fn default() -> Self {
+        Self {
+            fired: AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        }
+    }
+}
+
+impl SideWake {
+    /// Whether a side future woke the task since the last call; `task` is what a side
+    /// wake-up wakes from now on. Registered before the flag is read, so a wake-up that
+    /// lands in between is seen on the next turn.
+    pub(super) fn fired(&self, task: &std::task::Waker) -> bool {
+        self.task.register(task);
+        self.fired.swap(false, Ordering::AcqRel)
+    }
+
+    /// Makes the next turn poll the side futures (after one of them completed or was
+    /// reset).
+    pub(super) fn rearm(&self) {
+        self.fired.store(true, Ordering::Release);
+    }
+}
+
+impl std::task::Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
@@ -375,5 +459,61 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Wake, Waker};
+
+    /// Counts how often it is woken.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The first turn polls the side futures; later turns only after a side future woke
+    /// the task (and that wake-up reaches the task), or after `rearm`.
+    #[test]
+    fn side_futures_are_polled_only_after_they_woke_the_task() {
+        let task = Arc::new(Count::default());
+        let task_waker = Waker::from(task.clone());
+        let side = Arc::new(SideWake::default());
+        let side_waker = Waker::from(side.clone());
+
+        assert!(side.fired(&task_waker), "the first turn registers them");
+        assert!(
+            !side.fired(&task_waker),
+            "the connection woke the task, not them"
+        );
+        assert!(!side.fired(&task_waker));
+
+        side_waker.wake_by_ref();
+        assert_eq!(
+            task.0.load(Ordering::SeqCst),
+            1,
+            "a side wake-up wakes the task"
+        );
+        assert!(side.fired(&task_waker));
+        assert!(!side.fired(&task_waker), "seen once");
+
+        side.rearm();
+        assert!(side.fired(&task_waker), "rearmed after a side event");
+        assert!(!side.fired(&task_waker));
+
+        // The task waker in use is the one of the latest turn.
+        let moved = Arc::new(Count::default());
+        assert!(!side.fired(&Waker::from(moved.clone())));
+        side_waker.wake();
+        assert_eq!(moved.0.load(Ordering::SeqCst), 1);
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
     }
 }
