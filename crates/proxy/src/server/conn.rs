@@ -176,7 +176,7 @@ impl Connection {
             let rt = own_rt.load_full();
             let info = own_info.clone();
             let guard = RequestGuard::new(own_activity.clone());
-            Box::pin(Guarded::new(forward::handle(rt, info, req), guard))
+            pin_in_place(|| Guarded::new(forward::handle(rt, info, req), guard))
         };
         let service = service_fn(move |req| {
             let rt = runtime.load_full();
@@ -185,7 +185,7 @@ impl Connection {
             // Boxed: hyper keeps a slot for the request future in every connection,
             // idle ones included, so an inline future would cost its full size (a few
             // KiB) per idle connection; boxed, it costs a pointer until a request comes.
-            Box::pin(Guarded::new(forward::handle(rt, info, req), guard).never_error())
+            pin_in_place(|| Guarded::new(forward::handle(rt, info, req), guard).never_error())
         });
         let conn = builder.serve(io, service, own);
         tokio::pin!(conn);
@@ -266,6 +266,15 @@ impl Connection {
         }
         open.decrement(1.0);
     }
+}
+
+/// `make()` in a new pinned box. The room is allocated first and the value written into
+/// it, which lets the compiler build it there: `Box::pin(make())` builds it on the stack
+/// and copies it, and a request's future is a few KiB.
+#[inline(always)]
+fn pin_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let room = Box::<F>::new_uninit();
+    Box::into_pin(Box::write(room, make()))
 }
 
 /// What woke a connection's task: the connection ended, or one of its side events.
