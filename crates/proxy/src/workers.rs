@@ -24,6 +24,16 @@ thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
 
+/// How many tasks a worker runs before it asks the poller for new events (tokio's
+/// default is 61). A turn under load has a task per ready connection, each polled two or
+/// three times per request (read, the pause before the answer, write); asking the poller
+/// in the middle of that starts the next turn's reads between this turn's writes, and
+/// the peers, woken by each write on its own, fall asleep between them. With 256, wrk
+/// at 256 connections got 5.9% more requests through one worker and keyway woke its
+/// peers 0.137 instead of 0.187 times per request (an A/B of two instances of one
+/// binary, three alternating rounds); 1024 measured the same as 256.
+const TASKS_BETWEEN_IO_POLLS: u32 = 256;
+
 /// The most workers started in this process, at least one per core: how many slots a
 /// per-worker structure (a backend's pool) makes.
 static SLOTS: AtomicUsize = AtomicUsize::new(0);
@@ -90,6 +100,7 @@ impl Workers {
                 .spawn(move || {
                     WORKER.with(|w| w.set(i));
                     let rt = match tokio::runtime::Builder::new_current_thread()
+                        .event_interval(TASKS_BETWEEN_IO_POLLS)
                         .enable_all()
                         .build()
                     {
