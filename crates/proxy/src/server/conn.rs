@@ -287,7 +287,7 @@ enum Turn<E> {
 /// The waker given to a task's rarely ready futures (a shutdown signal, an idle timer):
 /// it notes that it fired before waking the task, so the task polls those futures only
 /// when one of them can have something to say.
-pub(super) struct SideWake {
+struct SideWake {
     fired: AtomicBool,
     task: futures_util::task::AtomicWaker,
 }
@@ -306,14 +306,14 @@ impl SideWake {
     /// Whether a side future woke the task since the last call; `task` is what a side
     /// wake-up wakes from now on. Registered before the flag is read, so a wake-up that
     /// lands in between is seen on the next turn.
-    pub(super) fn fired(&self, task: &std::task::Waker) -> bool {
+    fn fired(&self, task: &std::task::Waker) -> bool {
         self.task.register(task);
         self.fired.swap(false, Ordering::AcqRel)
     }
 
     /// Makes the next turn poll the side futures (after one of them completed or was
     /// reset).
-    pub(super) fn rearm(&self) {
+    fn rearm(&self) {
         self.fired.store(true, Ordering::Release);
     }
 }
