@@ -1242,12 +1242,20 @@ pub fn instance_ready_line(child: &mut std::process::Child, log: &Path) -> Strin
 /// A listener on a [`free_port`], for servers a test stops and starts again on the same
 /// address.
 pub async fn listen_on_free_port() -> TcpListener {
-    loop {
-        // Only another process can have taken the port since `free_port` saw it free.
-        if let Ok(l) = TcpListener::bind(free_port()).await {
-            return l;
+    let mut last = None;
+    // Only another process can have taken the port since `free_port` saw it free; an
+    // error that persists (no file descriptors left) is reported as itself.
+    for _ in 0..10 {
+        let addr = free_port();
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => last = Some(format!("{addr}: {e}")),
         }
     }
+    panic!(
+        "cannot listen on a free loopback port: {}",
+        last.unwrap_or_default()
+    );
 }
 
 impl Etcd {
