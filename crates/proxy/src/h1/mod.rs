@@ -220,6 +220,47 @@ impl Conn {
     }
 }
 
+/// Lets the tasks the runtime already has ready run before this one goes on: awaited
+/// before a request head is written to its backend ([`send`]) and before an answer is
+/// written to the client ([`serve::serve`]), so that the receives of one runtime turn
+/// come before its sends, and the sends come together.
+///
+/// When the peer is a process on this host (loopback, a sidecar), a send runs the
+/// receiver's side of TCP inside the sender's system call, and if the receiver sleeps in
+/// `epoll_wait` the sender also wakes it (on a VM, an interrupt to another core is a VM
+/// exit; `perf` puts about 8 µs of the sender's time on each). A task that receives and
+/// sends in one poll spreads its sends between the other tasks' receives, and the peer
+/// (a backend that answers in a few microseconds) falls asleep between them; sends that
+/// come together find it awake. `bench/kernel-split.sh` counts it: 0.22 to 0.92 wakeups
+/// per request with neither pause, 0.16 to 0.19 with the answers' (HAProxy, whose event
+/// loop receives for every ready connection before it sends: 0.06 to 0.10), WAKEUPS_BOTH
+/// with both.
+///
+/// The task wakes itself and returns `Pending` once; tokio queues a task that woke
+/// itself behind the ready ones, with no trip through the poller (unlike
+/// `tokio::task::yield_now`, which waits for the next poll of the I/O driver).
+pub(crate) fn behind_ready_tasks() -> BehindReadyTasks {
+    BehindReadyTasks { yielded: false }
+}
+
+/// See [`behind_ready_tasks`].
+pub(crate) struct BehindReadyTasks {
+    yielded: bool,
+}
+
+impl Future for BehindReadyTasks {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.yielded {
+            return Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 /// Why an exchange failed before a response head.
 #[derive(Debug)]
 pub enum SendError {
@@ -291,6 +332,9 @@ pub fn send(
             }
         };
         head::encode_request(&req, extra, framing, &mut conn.wbuf);
+        // Written once the other ready tasks have had their turn (see
+        // `behind_ready_tasks`): the requests of one turn reach the backend together.
+        behind_ready_tasks().await;
         let mut written = 0;
         while written < conn.wbuf.len() {
             match conn.io.write(&conn.wbuf[written..]).await {

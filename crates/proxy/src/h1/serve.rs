@@ -39,7 +39,7 @@ pub type NoBody = Empty<Bytes>;
 
 // Most header fields in a request head served here: the client side's limit, and
 // hyper's too.
-use super::MAX_HEADERS;
+use super::{behind_ready_tasks, MAX_HEADERS};
 /// Longest request target served here; hyper answers a longer one with 414.
 const MAX_URI_LEN: usize = 65534;
 /// The read buffer starts at this size and grows, up to the head limit, for a large head.
@@ -57,46 +57,6 @@ pub struct Settings {
     pub max_head: usize,
     /// How long a started head may take to arrive in full.
     pub header_read_timeout: Duration,
-}
-
-/// Lets the tasks the runtime already has ready run before this one goes on: awaited
-/// before an answer is written to the client ([`serve`]), so that the receives of one
-/// runtime turn come before its answers.
-///
-/// When the peer is a process on this host (loopback, a sidecar), a send runs the
-/// receiver's side of TCP inside the sender's system call, and if the receiver sleeps in
-/// `epoll_wait` the sender also wakes it (on a VM, an interrupt to another core is a VM
-/// exit). A task that receives and sends in one poll spreads its sends between the other
-/// tasks' receives, and the peer falls asleep between them; sends that come together
-/// find it awake. `bench/kernel-split.sh` counts it: 0.22 to 0.92 wakeups per request
-/// without, 0.16 to 0.19 with (HAProxy, whose event loop receives for every ready
-/// connection before it sends: 0.06 to 0.10). The upstream write does not wait: there
-/// the pause sits deep in the request's future, and the extra poll cost about 1,500
-/// instructions per request for no measured further drop in wakeups.
-///
-/// The task wakes itself and returns `Pending` once; tokio queues a task that woke
-/// itself behind the ready ones, with no trip through the poller (unlike
-/// `tokio::task::yield_now`, which waits for the next poll of the I/O driver).
-fn behind_ready_tasks() -> BehindReadyTasks {
-    BehindReadyTasks { yielded: false }
-}
-
-/// See [`behind_ready_tasks`].
-struct BehindReadyTasks {
-    yielded: bool,
-}
-
-impl Future for BehindReadyTasks {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.yielded {
-            return Poll::Ready(());
-        }
-        self.yielded = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
 }
 
 /// How serving ended.

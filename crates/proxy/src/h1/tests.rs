@@ -658,3 +658,73 @@ async fn a_pooled_connection_does_not_keep_a_large_read_buffer() {
         conn.rbuf.capacity()
     );
 }
+
+/// Two exchanges that start in the same runtime turn: when a task queued behind both
+/// runs, neither request has reached its backend yet (each waits behind the ready tasks,
+/// see `behind_ready_tasks`); then both go out and are answered. Without the pause the
+/// first exchange would have written its head during its first poll.
+#[test]
+fn requests_go_out_after_the_turns_ready_tasks_ran() {
+    runtime().block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut conns = Vec::new();
+        let mut backends = Vec::new();
+        for _ in 0..2 {
+            let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            conns.push(Conn::new(Stream::Plain(ours.unwrap())));
+            backends.push(theirs.unwrap().0.into_std().unwrap());
+        }
+        // Queued in one go, with no await between: they start in the same turn.
+        let exchanges: Vec<_> = conns
+            .into_iter()
+            .map(|conn| {
+                tokio::spawn(async move {
+                    let resp = send(conn, request(&Method::GET), None).await;
+                    resp.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        // Loopback delivers a sent segment before `send` returns, so a head written
+        // during the exchanges' first polls would be readable here.
+        let early = tokio::spawn(async move {
+            let arrived: Vec<bool> = backends
+                .iter()
+                .map(|b| match b.peek(&mut [0u8; 1]) {
+                    Ok(n) => n > 0,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                    Err(e) => panic!("peeking at the backend's socket: {e}"),
+                })
+                .collect();
+            (arrived, backends)
+        });
+        let (arrived, backends) = early.await.unwrap();
+        assert_eq!(
+            arrived,
+            [false, false],
+            "a request went out before the turn ended"
+        );
+        for b in backends {
+            let mut b = TcpStream::from_std(b).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = b.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request never arrived");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got.starts_with(b"GET /r HTTP/1.1\r\n"), "{got:?}");
+            b.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            std::mem::forget(b);
+        }
+        for exchange in exchanges {
+            let status = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+                .await
+                .expect("the exchange ends once answered")
+                .unwrap();
+            assert_eq!(status, Ok(204));
+        }
+    });
+}
