@@ -24,6 +24,42 @@ thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
 
+thread_local! {
+    /// Requests this thread is handling: from the request head read to the answer's head
+    /// (see [`Handling`]).
+    static HANDLING: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Counts one request as handled on this thread while it lives (the server holds one
+/// per request, beside the connection's in-flight count). A send that would wait behind
+/// the turn's other ready tasks asks [`others_handling`] first: with no other request on
+/// the thread there is nothing to wait for, and the wait (one more poll of the request's
+/// future) is skipped.
+///
+/// Every runtime that serves connections is single-threaded, so a guard is dropped on
+/// the thread that made it; were one dropped elsewhere, the counts would only be off
+/// (never below zero), which changes when sends wait, never what they send.
+pub(crate) struct Handling(());
+
+impl Handling {
+    pub(crate) fn enter() -> Self {
+        HANDLING.with(|n| n.set(n.get().saturating_add(1)));
+        Self(())
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        HANDLING.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
+/// Whether this thread handles requests other than the caller's: `own` says whether
+/// the caller's own request still holds its [`Handling`].
+pub(crate) fn others_handling(own: bool) -> bool {
+    HANDLING.with(Cell::get) > u32::from(own)
+}
+
 /// How many tasks a worker runs before it asks the poller for new events (tokio's
 /// default is 61). A turn under load has a task per ready connection, each polled two or
 /// three times per request (read, the pause before the answer, write); asking the poller

@@ -172,8 +172,10 @@ where
         headers.clear();
         cached = Some(headers);
         // Written once the other ready connections have read theirs (see
-        // `behind_ready_tasks`).
-        behind_ready_tasks().await;
+        // `behind_ready_tasks`). The request's own count ended with its answer's head.
+        if crate::workers::others_handling(false) {
+            behind_ready_tasks().await;
+        }
         let sent = match framing {
             Framing::Length(0) => write_all(&mut io, &mut out).await.is_ok(),
             framing => {

@@ -477,11 +477,11 @@ impl AsyncWrite for Noted {
     }
 }
 
-/// Two connections whose requests are ready in the same runtime turn: both are read and
-/// answered before either answer is written (see `behind_ready_tasks`), so the answers
-/// go out together.
-#[tokio::test]
-async fn answers_are_written_after_the_turns_other_requests_are_read() {
+/// Serves two connections whose requests are ready in the same runtime turn, with
+/// another request in flight on the thread (one waiting for its backend) or none;
+/// returns the order in which requests were answered and answers written.
+async fn two_in_one_turn(another_in_flight: bool) -> Vec<String> {
+    let other = another_in_flight.then(crate::workers::Handling::enter);
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut clients = Vec::new();
     let mut servers = Vec::new();
@@ -518,10 +518,7 @@ async fn answers_are_written_after_the_turns_other_requests_are_read() {
         let ended = tokio::time::timeout(Duration::from_secs(10), server).await;
         assert!(matches!(ended, Ok(Ok(Ended::Closed))));
     }
-    assert_eq!(
-        *log.lock().unwrap(),
-        ["/a answered", "/b answered", "a written", "b written"]
-    );
+    drop(other);
     for mut client in clients {
         let mut got = String::new();
         client.read_to_string(&mut got).await.unwrap();
@@ -530,6 +527,28 @@ async fn answers_are_written_after_the_turns_other_requests_are_read() {
             "{got}"
         );
     }
+    let order = log.lock().unwrap().clone();
+    order
+}
+
+/// With other requests on the thread, both connections are read and answered before
+/// either answer is written (see `behind_ready_tasks`), so the answers go out together.
+#[tokio::test]
+async fn answers_are_written_after_the_turns_other_requests_are_read() {
+    assert_eq!(
+        two_in_one_turn(true).await,
+        ["/a answered", "/b answered", "a written", "b written"]
+    );
+}
+
+/// With no other request on the thread when an answer is ready, it is written at once:
+/// there is nothing in flight to wait for.
+#[tokio::test]
+async fn a_lone_answer_is_written_at_once() {
+    assert_eq!(
+        two_in_one_turn(false).await,
+        ["/a answered", "a written", "/b answered", "b written"]
+    );
 }
 
 /// Two tasks that each "receive" and then "send" behind the ready tasks: both receives

@@ -659,18 +659,18 @@ async fn a_pooled_connection_does_not_keep_a_large_read_buffer() {
     );
 }
 
-/// Two exchanges that start in the same runtime turn: when a task queued behind both
-/// runs, neither request has reached its backend yet (each waits behind the ready tasks,
-/// see `behind_ready_tasks`); then both go out and are answered. Without the pause the
-/// first exchange would have written its head during its first poll.
-#[test]
-fn requests_go_out_after_the_turns_ready_tasks_ran() {
+/// Starts `n` exchanges in one runtime turn, each counting itself as handled on the
+/// thread (as the server's per-request guard does), with one more request in flight
+/// (waiting for its backend) or not; returns, per exchange, whether its request had
+/// reached the backend when a task queued behind them all ran. Then answers them.
+fn arrived_within_the_turn(n: usize, another_in_flight: bool) -> Vec<bool> {
     runtime().block_on(async {
+        let other = another_in_flight.then(crate::workers::Handling::enter);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut conns = Vec::new();
         let mut backends = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..n {
             let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
             conns.push(Conn::new(Stream::Plain(ours.unwrap())));
             backends.push(theirs.unwrap().0.into_std().unwrap());
@@ -680,13 +680,14 @@ fn requests_go_out_after_the_turns_ready_tasks_ran() {
             .into_iter()
             .map(|conn| {
                 tokio::spawn(async move {
+                    let _handling = crate::workers::Handling::enter();
                     let resp = send(conn, request(&Method::GET), None).await;
                     resp.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
                 })
             })
             .collect();
         // Loopback delivers a sent segment before `send` returns, so a head written
-        // during the exchanges' first polls would be readable here.
+        // during the exchanges' first polls is readable here.
         let early = tokio::spawn(async move {
             let arrived: Vec<bool> = backends
                 .iter()
@@ -699,11 +700,6 @@ fn requests_go_out_after_the_turns_ready_tasks_ran() {
             (arrived, backends)
         });
         let (arrived, backends) = early.await.unwrap();
-        assert_eq!(
-            arrived,
-            [false, false],
-            "a request went out before the turn ended"
-        );
         for b in backends {
             let mut b = TcpStream::from_std(b).unwrap();
             let mut got = Vec::new();
@@ -726,5 +722,22 @@ fn requests_go_out_after_the_turns_ready_tasks_ran() {
                 .unwrap();
             assert_eq!(status, Ok(204));
         }
-    });
+        drop(other);
+        arrived
+    })
+}
+
+/// With other requests on the thread, exchanges that start in the same turn write
+/// nothing until the turn's ready tasks ran (see `behind_ready_tasks`): their requests
+/// reach the backend together. Without the pause each would write in its first poll.
+#[test]
+fn requests_go_out_after_the_turns_ready_tasks_ran() {
+    assert_eq!(arrived_within_the_turn(2, true), [false, false]);
+}
+
+/// A request alone on its thread goes out in its exchange's first poll: there is
+/// nothing to wait behind.
+#[test]
+fn a_lone_request_goes_out_at_once() {
+    assert_eq!(arrived_within_the_turn(1, false), [true]);
 }

@@ -359,12 +359,12 @@ impl Activity {
     }
 }
 
-pub(super) struct RequestGuard(Arc<Activity>);
+pub(super) struct RequestGuard(Arc<Activity>, crate::workers::Handling);
 
 impl RequestGuard {
     pub(super) fn new(a: Arc<Activity>) -> Self {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(a)
+        Self(a, crate::workers::Handling::enter())
     }
 }
 
@@ -475,6 +475,24 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
 mod tests {
     use super::*;
     use std::task::{Wake, Waker};
+
+    /// A request's guard counts it as handled on this thread (what decides whether its
+    /// sends wait behind the turn's ready tasks) for as long as it lives.
+    #[test]
+    fn a_request_counts_as_handled_on_its_thread_while_its_guard_lives() {
+        let activity = Arc::new(Activity::new());
+        assert!(!crate::workers::others_handling(false));
+        let first = RequestGuard::new(activity.clone());
+        assert!(crate::workers::others_handling(false));
+        assert!(!crate::workers::others_handling(true));
+        let second = RequestGuard::new(activity.clone());
+        assert!(crate::workers::others_handling(true));
+        assert_eq!(activity.in_flight(), 2);
+        drop(first);
+        drop(second);
+        assert!(!crate::workers::others_handling(false));
+        assert_eq!(activity.in_flight(), 0);
+    }
 
     /// Counts how often it is woken.
     #[derive(Default)]
