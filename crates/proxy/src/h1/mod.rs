@@ -228,13 +228,13 @@ impl Conn {
 /// When the peer is a process on this host (loopback, a sidecar), a send runs the
 /// receiver's side of TCP inside the sender's system call, and if the receiver sleeps in
 /// `epoll_wait` the sender also wakes it (on a VM, an interrupt to another core is a VM
-/// exit; `perf` puts about 8 µs of the sender's time on each). A task that receives and
+/// exit: several microseconds of the sender's time per wakeup). A task that receives and
 /// sends in one poll spreads its sends between the other tasks' receives, and the peer
 /// (a backend that answers in a few microseconds) falls asleep between them; sends that
 /// come together find it awake. `bench/kernel-split.sh` counts it: 0.22 to 0.92 wakeups
-/// per request with neither pause, 0.16 to 0.19 with the answers' (HAProxy, whose event
-/// loop receives for every ready connection before it sends: 0.06 to 0.10), WAKEUPS_BOTH
-/// with both.
+/// per request with neither pause, 0.16 to 0.19 with the answers' alone, 0.11 to 0.16
+/// with both (HAProxy, whose event loop receives for every ready connection before it
+/// sends: 0.06 to 0.10).
 ///
 /// Only worth it when other requests are on the thread
 /// ([`crate::workers::others_handling`]): a lone request has nothing to wait behind, and
