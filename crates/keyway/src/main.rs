@@ -155,10 +155,7 @@ fn main() -> ExitCode {
     }
     // The control plane and the first worker; the data plane starts the other workers
     // (`keyway_proxy::workers`), each on a single-threaded runtime of its own.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match keyway_proxy::workers::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyway: cannot start the runtime: {e}");

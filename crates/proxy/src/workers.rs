@@ -70,6 +70,16 @@ pub(crate) fn others_handling(own: bool) -> bool {
 /// binary, three alternating rounds); 1024 measured the same as 256.
 const TASKS_BETWEEN_IO_POLLS: u32 = 256;
 
+/// A runtime that serves connections: single-threaded, with [`TASKS_BETWEEN_IO_POLLS`].
+/// Every worker's, the first included (the one keyway starts on, built by the binary):
+/// with `workers = 1` that one serves every connection.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .event_interval(TASKS_BETWEEN_IO_POLLS)
+        .enable_all()
+        .build()
+}
+
 /// The most workers started in this process, at least one per core: how many slots a
 /// per-worker structure (a backend's pool) makes.
 static SLOTS: AtomicUsize = AtomicUsize::new(0);
@@ -135,11 +145,7 @@ impl Workers {
                 .name(format!("keyway-worker-{i}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(i));
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .event_interval(TASKS_BETWEEN_IO_POLLS)
-                        .enable_all()
-                        .build()
-                    {
+                    let rt = match runtime() {
                         Ok(rt) => rt,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
