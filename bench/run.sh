@@ -258,6 +258,19 @@ kc() { echo "$(u "h1/keyway/$1") vs $(u "h1/haproxy/$1")"; }
 cls() { ratio "${rps_m[h1/keyway-cls/$1]:-}" "${rps_m[h1/keyway-pr/$1]:-}"; }
 scale() { ratio "${rps_m[2w/keyway-2w/$1]:-}" "${rps_m[h1/keyway/$1]:-}"; }
 k2h2() { ratio "${rps_m[2w/keyway-2w/$1]:-}" "${rps_m[2w/haproxy-2t/$1]:-}"; }
+# paired KEY_A KEY_B: A/B within each round (the two ran minutes apart, on the machine as
+# it was then), listed, and their median. The ratio of the two medians can pair a slow
+# round of one with a fast round of the other: on this VM whole rounds move by 20%.
+paired() {
+  paste -d' ' <(tr ' ' '\n' <<<"${all_rps[$1]:-}") <(tr ' ' '\n' <<<"${all_rps[$2]:-}") |
+    awk '$1 ~ /^[0-9.]+$/ && $2 ~ /^[0-9.]+$/ && $2 > 0 { r[++n] = $1 / $2; l = l sprintf("%s%.2f", n > 1 ? " " : "", r[n]) }
+         END { if (!n) { print "-"; exit }
+               for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+               printf "%.2f (%s)", r[int((n + 1) / 2)], l }'
+}
+pkh() { paired "h1/keyway/$1" "h1/haproxy/$1"; }
+paired2w() { paired "2w/keyway-2w/$1" "2w/haproxy-2t/$1"; }
+pcls() { paired "h1/keyway-cls/$1" "h1/keyway-pr/$1"; }
 
 mkdir -p bench/results
 {
@@ -298,15 +311,16 @@ mkdir -p bench/results
   echo
   if has keyway && has haproxy; then
     echo "keyway/HAProxy throughput: $(each_c kh)"
+    echo "keyway/HAProxy throughput per round, median (rounds): $(each_c pkh)"
     echo "CPU µs/request keyway vs HAProxy: $(each_c kc)"
     echo "added p99 at $RATE req/s, keyway vs HAProxy: $(added "${p99[keyway]}" "${p99[direct]:-}") vs $(added "${p99[haproxy]}" "${p99[direct]:-}") µs (added p50: $(added "${p50[keyway]}" "${p50[direct]:-}") vs $(added "${p50[haproxy]}" "${p50[direct]:-}") µs)"
   fi
   has keyway && has nginx && echo "keyway/nginx throughput: $(each_c kn)"
   if part 2w; then
-    echo "workers = 2 (unpinned): keyway-2w/keyway (pinned, one worker) $(each_c scale); keyway-2w/haproxy-2t $(each_c k2h2)"
+    echo "workers = 2 (unpinned): keyway-2w/keyway (pinned, one worker) $(each_c scale); keyway-2w/haproxy-2t $(each_c k2h2), per round $(each_c paired2w)"
   fi
-  part h2 && echo "h2c keyway/HAProxy throughput: $(ratio "${rps_m[h2/keyway/$H2_CONNS]:-}" "${rps_m[h2/haproxy/$H2_CONNS]:-}"); CPU µs/request $(u "h2/keyway/$H2_CONNS") vs $(u "h2/haproxy/$H2_CONNS")"
-  part tls && echo "TLS keyway/HAProxy throughput: $(ratio "${rps_m[tls/keyway/$TLS_CONNS]:-}" "${rps_m[tls/haproxy/$TLS_CONNS]:-}"); CPU µs/request $(u "tls/keyway/$TLS_CONNS") vs $(u "tls/haproxy/$TLS_CONNS")"
-  has keyway-cls && has keyway-pr && echo "classifier plugin on/off (keyway-cls/keyway-pr) throughput: $(each_c cls)"
+  part h2 && echo "h2c keyway/HAProxy throughput: $(ratio "${rps_m[h2/keyway/$H2_CONNS]:-}" "${rps_m[h2/haproxy/$H2_CONNS]:-}"), per round $(paired "h2/keyway/$H2_CONNS" "h2/haproxy/$H2_CONNS"); CPU µs/request $(u "h2/keyway/$H2_CONNS") vs $(u "h2/haproxy/$H2_CONNS")"
+  part tls && echo "TLS keyway/HAProxy throughput: $(ratio "${rps_m[tls/keyway/$TLS_CONNS]:-}" "${rps_m[tls/haproxy/$TLS_CONNS]:-}"), per round $(paired "tls/keyway/$TLS_CONNS" "tls/haproxy/$TLS_CONNS"); CPU µs/request $(u "tls/keyway/$TLS_CONNS") vs $(u "tls/haproxy/$TLS_CONNS")"
+  has keyway-cls && has keyway-pr && echo "classifier plugin on/off (keyway-cls/keyway-pr) throughput: $(each_c cls); per round $(each_c pcls)"
   true
 } | tee bench/results/latest.md
