@@ -23,20 +23,9 @@ for tool in wrk haproxy valgrind; do
   command -v "$tool" >/dev/null || { echo "cache-per-request: needs $tool (apt-get install $tool)" >&2; exit 1; }
 done
 source bench/common.sh
-cores=$(nproc); front=0; proxy_core=$((cores > 1 ? 1 : 0))
-cat config/certs/pvwa.pem config/certs/pvwa.key >"$tmp/haproxy-tls.pem"
-taskset -c $front "$bin/bench-backend" 127.0.0.1:18080 2>/dev/null & pids+=($!)
-vg=(valgrind --tool=callgrind --cache-sim=yes --instr-atstart=no)
 declare -A pid port
-taskset -c $proxy_core "${vg[@]}" --callgrind-out-file="$tmp/keyway.out" \
-  "$bin/keyway" run --config bench/keyway.toml >"$tmp/keyway.log" 2>&1 & pids+=($!)
-pid[keyway]=$!
-port[keyway]=18081
-BENCH_TMP=$tmp taskset -c $proxy_core "${vg[@]}" --callgrind-out-file="$tmp/haproxy.out" \
-  haproxy -f bench/haproxy.cfg -db >"$tmp/haproxy.log" 2>&1 & pids+=($!)
-pid[haproxy]=$!
-port[haproxy]=18083
-wait_port 18080; wait_port 18081 900; wait_port 18083 900
+# %p: each proxy's file is named by its process id.
+start_pair valgrind --tool=callgrind --cache-sim=yes --instr-atstart=no --callgrind-out-file="$tmp/callgrind.%p"
 
 declare -A served
 for p in keyway haproxy; do
@@ -56,7 +45,7 @@ done
 
 printf '%-8s %9s %12s %10s %10s %10s %10s\n' proxy requests "instr/req" "I1 miss" "D1 read" "D1 write" "LL miss"
 for p in keyway haproxy; do
-  f=$(ls "$tmp/$p.out"* 2>/dev/null | head -1)
+  f=$(ls "$tmp/callgrind.${pid[$p]}"* 2>/dev/null | head -1)
   [ -n "$f" ] || { echo "cache-per-request: $p wrote no callgrind output" >&2; exit 1; }
   awk -v n="${served[$p]}" -v p="$p" '
     /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }

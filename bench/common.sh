@@ -18,3 +18,23 @@ wait_port() {
   echo "bench: nothing listening on port $1" >&2
   exit 1
 }
+
+# start_pair [WRAPPER...]: the bench backend on the front core (18080), and keyway
+# (bench/keyway.toml, 18081) and HAProxy (bench/haproxy.cfg, 18083) alone on the proxy
+# core, each run under WRAPPER when one is given (valgrind: then the ports get longer to
+# open). Sets `front` and `proxy_core`, and pid[NAME] and port[NAME] for keyway and
+# haproxy, which the caller declares (`declare -A pid port`); returns once all listen.
+start_pair() {
+  local cores tries=150
+  cores=$(nproc); front=0; proxy_core=$((cores > 1 ? 1 : 0))
+  [ $# -gt 0 ] && tries=900
+  cat config/certs/pvwa.pem config/certs/pvwa.key >"$tmp/haproxy-tls.pem"
+  taskset -c $front "$bin/bench-backend" 127.0.0.1:18080 2>/dev/null & pids+=($!)
+  taskset -c $proxy_core "$@" "$bin/keyway" run --config bench/keyway.toml >"$tmp/keyway.log" 2>&1 & pids+=($!)
+  pid[keyway]=$!
+  port[keyway]=18081
+  BENCH_TMP=$tmp taskset -c $proxy_core "$@" haproxy -f bench/haproxy.cfg -db >"$tmp/haproxy.log" 2>&1 & pids+=($!)
+  pid[haproxy]=$!
+  port[haproxy]=18083
+  wait_port 18080; wait_port 18081 $tries; wait_port 18083 $tries
+}

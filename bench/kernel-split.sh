@@ -23,17 +23,8 @@ ROUNDS=${ROUNDS:-2}
 command -v wrk >/dev/null || { echo "kernel-split: needs wrk (apt-get install wrk)" >&2; exit 1; }
 command -v haproxy >/dev/null || { echo "kernel-split: needs haproxy (apt-get install haproxy)" >&2; exit 1; }
 source bench/common.sh
-cores=$(nproc); front=0; proxy_core=$((cores > 1 ? 1 : 0))
-cat config/certs/pvwa.pem config/certs/pvwa.key >"$tmp/haproxy-tls.pem"
-taskset -c $front "$bin/bench-backend" 127.0.0.1:18080 2>/dev/null & pids+=($!)
-taskset -c $proxy_core "$bin/keyway" run --config bench/keyway.toml >"$tmp/keyway.log" 2>&1 & pids+=($!)
 declare -A pid port
-pid[keyway]=$!
-port[keyway]=18081
-BENCH_TMP=$tmp taskset -c $proxy_core haproxy -f bench/haproxy.cfg -db >"$tmp/haproxy.log" 2>&1 & pids+=($!)
-pid[haproxy]=$!
-port[haproxy]=18083
-wait_port 18080; wait_port 18081; wait_port 18083
+start_pair
 
 tracing=0
 if command -v perf >/dev/null &&

@@ -27,17 +27,8 @@ for tool in wrk haproxy perf ss python3; do
   command -v "$tool" >/dev/null || { echo "send-order: needs $tool" >&2; exit 1; }
 done
 source bench/common.sh
-cores=$(nproc); front=0; proxy_core=$((cores > 1 ? 1 : 0))
-cat config/certs/pvwa.pem config/certs/pvwa.key >"$tmp/haproxy-tls.pem"
-taskset -c $front "$bin/bench-backend" 127.0.0.1:18080 2>/dev/null & pids+=($!)
 declare -A pid port
-taskset -c $proxy_core "$bin/keyway" run --config bench/keyway.toml >"$tmp/keyway.log" 2>&1 & pids+=($!)
-pid[keyway]=$!
-port[keyway]=18081
-BENCH_TMP=$tmp taskset -c $proxy_core haproxy -f bench/haproxy.cfg -db >"$tmp/haproxy.log" 2>&1 & pids+=($!)
-pid[haproxy]=$!
-port[haproxy]=18083
-wait_port 18080; wait_port 18081; wait_port 18083
+start_pair
 perf stat -e syscalls:sys_enter_sendto -p "${pid[keyway]}" -- sleep 0.1 >/dev/null 2>&1 ||
   { echo "send-order: perf cannot read syscall tracepoints here (run as root)" >&2; exit 1; }
 
