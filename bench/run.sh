@@ -258,8 +258,8 @@ kc() { echo "$(u "h1/keyway/$1") vs $(u "h1/haproxy/$1")"; }
 cls() { ratio "${rps_m[h1/keyway-cls/$1]:-}" "${rps_m[h1/keyway-pr/$1]:-}"; }
 scale() { ratio "${rps_m[2w/keyway-2w/$1]:-}" "${rps_m[h1/keyway/$1]:-}"; }
 k2h2() { ratio "${rps_m[2w/keyway-2w/$1]:-}" "${rps_m[2w/haproxy-2t/$1]:-}"; }
-# paired KEY_A KEY_B: A/B within each round (the two ran minutes apart, on the machine as
-# it was then), listed, and their median. The ratio of the two medians can pair a slow
+# paired KEY_A KEY_B: A/B within each round (the two ran within a minute, on the machine
+# as it was then), listed, and their median. The ratio of the two medians can pair a slow
 # round of one with a fast round of the other: on this VM whole rounds move by 20%.
 paired() {
   paste -d' ' <(tr ' ' '\n' <<<"${all_rps[$1]:-}") <(tr ' ' '\n' <<<"${all_rps[$2]:-}") |
