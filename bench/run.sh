@@ -13,7 +13,7 @@
 # alone on core 1, one worker/thread each, keep-alive to the backend. Part 3 cannot keep
 # a 2-thread proxy apart from its load on 2 cores: it runs unpinned, with its own backend.
 #
-#   bash bench/run.sh                          # defaults below: about 10 minutes
+#   bash bench/run.sh                          # defaults below: about 13 minutes
 #   DURATION=2 ROUNDS=1 bash bench/run.sh      # a quick check of the harness
 #   DURATION=10 ROUNDS=5 CONNS_LIST="50 128 256" RATE=8000 bash bench/run.sh
 #   TARGETS="direct:18080 keyway-pr:18084 keyway-cls:18085" PARTS= bash bench/run.sh
