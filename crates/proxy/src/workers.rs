@@ -22,9 +22,6 @@ thread_local! {
     /// This thread's worker: 0 for the runtime keyway starts on (and any thread that is
     /// not a worker), I for `keyway-worker-I`.
     static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-thread_local! {
     /// Requests this thread is handling: from the request head read to the answer's head
     /// (see [`Handling`]).
     static HANDLING: Cell<u32> = const { Cell::new(0) };
@@ -70,7 +67,8 @@ pub(crate) fn others_handling(own: bool) -> bool {
 /// binary, three alternating rounds); 1024 measured the same as 256.
 const TASKS_BETWEEN_IO_POLLS: u32 = 256;
 
-/// A runtime that serves connections: single-threaded, with [`TASKS_BETWEEN_IO_POLLS`].
+/// A runtime that serves connections: single-threaded, running `TASKS_BETWEEN_IO_POLLS`
+/// (256) tasks between polls for new I/O events.
 /// Every worker's, the first included (the one keyway starts on, built by the binary):
 /// with `workers = 1` that one serves every connection.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -236,15 +236,25 @@ impl Conn {
 /// with both (HAProxy, whose event loop receives for every ready connection before it
 /// sends: 0.06 to 0.10).
 ///
-/// Only worth it when other requests are on the thread
-/// ([`crate::workers::others_handling`]): a lone request has nothing to wait behind, and
-/// the wait costs one more poll of its future (about 1,000 instructions).
+/// Only worth it when other requests are on the thread, so the request path waits with
+/// [`behind_other_requests`]: a lone request has nothing to wait behind, and the wait
+/// costs one more poll of its future (about 1,000 instructions).
 ///
 /// The task wakes itself and returns `Pending` once; tokio queues a task that woke
 /// itself behind the ready ones, with no trip through the poller (unlike
 /// `tokio::task::yield_now`, which waits for the next poll of the I/O driver).
 pub(crate) fn behind_ready_tasks() -> BehindReadyTasks {
     BehindReadyTasks { yielded: false }
+}
+
+/// [`behind_ready_tasks`] when other requests are on the thread
+/// ([`crate::workers::others_handling`]; `own`: whether the caller's request still
+/// counts itself), and ready at once otherwise.
+pub(crate) fn behind_other_requests(own: bool) -> BehindReadyTasks {
+    let mut wait = behind_ready_tasks();
+    // Counted as done already: there is nothing on the thread to wait behind.
+    wait.yielded = !crate::workers::others_handling(own);
+    wait
 }
 
 /// See [`behind_ready_tasks`].
@@ -339,9 +349,7 @@ pub fn send(
         // Written once the other ready tasks have had their turn (see
         // `behind_ready_tasks`): the requests of one turn reach the backend together.
         // The caller's request counts itself as handled until its answer's head.
-        if crate::workers::others_handling(true) {
-            behind_ready_tasks().await;
-        }
+        behind_other_requests(true).await;
         let mut written = 0;
         while written < conn.wbuf.len() {
             match conn.io.write(&conn.wbuf[written..]).await {

@@ -39,7 +39,7 @@ pub type NoBody = Empty<Bytes>;
 
 // Most header fields in a request head served here: the client side's limit, and
 // hyper's too.
-use super::{behind_ready_tasks, MAX_HEADERS};
+use super::{behind_other_requests, MAX_HEADERS};
 /// Longest request target served here; hyper answers a longer one with 414.
 const MAX_URI_LEN: usize = 65534;
 /// The read buffer starts at this size and grows, up to the head limit, for a large head.
@@ -173,9 +173,7 @@ where
         cached = Some(headers);
         // Written once the other ready connections have read theirs (see
         // `behind_ready_tasks`). The request's own count ended with its answer's head.
-        if crate::workers::others_handling(false) {
-            behind_ready_tasks().await;
-        }
+        behind_other_requests(false).await;
         let sent = match framing {
             Framing::Length(0) => write_all(&mut io, &mut out).await.is_ok(),
             framing => {

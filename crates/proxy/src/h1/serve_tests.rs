@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
 use crate::body;
+use crate::h1::behind_ready_tasks;
 
 const SETTINGS: Settings = Settings {
     max_head: 8192,
