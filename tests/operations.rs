@@ -63,10 +63,15 @@ async fn metrics_status_and_healthz() {
         metric(&after, &ce),
         "each connect error was retried once, on `up`: {after}"
     );
-    assert!(
-        after.contains("keyway_request_duration_seconds_bucket"),
-        "latency histogram exported"
+    let count = format!("keyway_request_duration_seconds_count{{cluster=\"{cluster}\"}}");
+    assert_eq!(
+        metric(&after, &count),
+        10.0,
+        "one latency per request: {after}"
     );
+    let within_a_minute =
+        format!("keyway_request_duration_seconds_bucket{{cluster=\"{cluster}\",le=\"60\"}}");
+    assert_eq!(metric(&after, &within_a_minute), 10.0, "{after}");
 
     let status: serde_json::Value =
         serde_json::from_str(&admin_get(admin, "/status").await).unwrap();

@@ -243,7 +243,7 @@ fn route(
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            telemetry::metrics_handle().render(),
+            telemetry::render(),
         ),
         (&Method::GET, "/status") => reply(
             StatusCode::OK,

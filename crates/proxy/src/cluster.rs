@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics::{counter, gauge, Counter, Gauge};
 
 use crate::balance::Balancer;
 use crate::classify::Classifier;
@@ -64,7 +64,7 @@ struct ClusterMetrics {
     retries_denied: Counter,
     writes_refused: Counter,
     in_flight: Gauge,
-    duration: Histogram,
+    duration: Arc<crate::telemetry::Latency>,
 }
 
 impl Cluster {
@@ -113,7 +113,7 @@ impl Cluster {
                 retries_denied: counter!("keyway_retries_denied_total", &labels),
                 writes_refused: counter!("keyway_writes_refused_total", &labels),
                 in_flight: gauge!("keyway_requests_in_flight", &labels),
-                duration: histogram!("keyway_request_duration_seconds", &labels),
+                duration: crate::telemetry::request_latency(&cfg.name),
             },
             by_priority,
             backends,
@@ -270,10 +270,7 @@ impl ClusterRequest<'_> {
 impl Drop for ClusterRequest<'_> {
     fn drop(&mut self) {
         self.cluster.metrics.in_flight.decrement(1.0);
-        self.cluster
-            .metrics
-            .duration
-            .record(self.started.elapsed().as_secs_f64());
+        self.cluster.metrics.duration.record(self.started.elapsed());
     }
 }
 
