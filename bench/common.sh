@@ -9,6 +9,30 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
+# ensure_tools CMD:PACKAGE...: installs (as root, from Debian) the packages whose command
+# is missing; otherwise says which to install.
+ensure_tools() {
+  local t missing=()
+  for t in "$@"; do command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t##*:}"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "bench: needs ${missing[*]} (apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+}
+
+# sources_id: names the proxy's sources as committed (the crates, the manifest and the
+# lock file), with "-dirty" when the work tree differs from them: what a PGO build was
+# trained and built from (bench/pgo.sh), compared by bench/run.sh before it uses one.
+sources_id() {
+  local id
+  id=$(git rev-parse HEAD:crates HEAD:Cargo.toml HEAD:Cargo.lock | sha1sum | cut -c1-12)
+  [ -n "$(git status --porcelain -- crates Cargo.toml Cargo.lock)" ] && id+="-dirty"
+  echo "$id"
+}
+
 # wait_port PORT [TRIES]: polls every 0.2 s (default 150 tries: 30 s; valgrind needs more).
 wait_port() {
   for _ in $(seq 1 "${2:-150}"); do
