@@ -8,7 +8,9 @@
 #   3. keyway `workers = 2` vs HAProxy `nbthread 2` at each of CONNS_LIST connections;
 #   4. HTTP/2 (h2c by prior knowledge, h2load) and HTTP/1.1 over TLS (wrk, keep-alive),
 #      keyway vs HAProxy, with CPU per request;
-#   5. the classifier plugin's cost (keyway-pr vs keyway-cls, part of 1 and 2).
+#   5. the classifier plugin's cost (keyway-pr vs keyway-cls, part of 1 and 2);
+#   6. keyway built with PGO (keyway-pgo, in 1, 2 and 4) when bench/pgo.sh has built it
+#      from the sources checked out (PGO=0: never).
 # Layout on a 2-core box: backend and load generators on core 0, the proxy under test
 # alone on core 1, one worker/thread each, keep-alive to the backend. Part 3 cannot keep
 # a 2-thread proxy apart from its load on 2 cores: it runs unpinned, with its own backend.
@@ -37,23 +39,9 @@ TARGETS=${TARGETS:-"direct:18080 keyway:18081 haproxy:18083 nginx:18082 keyway-p
 read -ra conns_list <<<"$CONNS_LIST"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
-need() { command -v "$1" >/dev/null 2>&1; }
-missing=()
-need wrk || missing+=(wrk)
-need haproxy || missing+=(haproxy)
-need nginx || missing+=(nginx-light)
-need h2load || missing+=(nghttp2-client)
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "bench: needs ${missing[*]} (apt-get install ${missing[*]})" >&2
-    exit 1
-  fi
-fi
-
 # shellcheck source=bench/common.sh
 source bench/common.sh
+ensure_tools wrk:wrk haproxy:haproxy nginx:nginx-light h2load:nghttp2-client
 # 256 client connections plus as many to the backend, per proxy.
 ulimit -n 65536 2>/dev/null || true
 
@@ -88,6 +76,22 @@ export BENCH_TMP=$tmp
 "${on_proxy[@]}" haproxy -f bench/haproxy.cfg -db >"$tmp/haproxy.log" 2>&1 & pids+=("$!")
 pid[haproxy]=$!
 for p in 18081 18082 18083 18084 18085 18088 18089 18091; do wait_port "$p"; done
+# keyway built with PGO (bench/pgo.sh), when that build is of the sources checked out:
+# the same config on its own ports, in every part but 2w.
+pgo_bin=${CARGO_TARGET_DIR:-target}/pgo/release/keyway
+pgo_note="no PGO build (bash bench/pgo.sh makes one)"
+if [ "${PGO:-1}" = 0 ]; then
+  pgo_note="PGO=0"
+elif [ -x "$pgo_bin" ] && [ "$(cat "$pgo_bin.sources" 2>/dev/null)" = "$(sources_id)" ]; then
+  "${on_proxy[@]}" "$pgo_bin" run --config bench/keyway-pgo.toml >"$tmp/keyway-pgo.log" 2>&1 & pids+=("$!")
+  pid[keyway-pgo]=$!
+  wait_port 18093; wait_port 18094
+  [[ " $TARGETS " == *" keyway:"* ]] && TARGETS+=" keyway-pgo:18093"
+  pgo_note="keyway-pgo: $pgo_bin, built by bench/pgo.sh from these sources ($(sources_id))"
+elif [ -x "$pgo_bin" ]; then
+  pgo_note="the PGO build is of other sources ($(cat "$pgo_bin.sources" 2>/dev/null || echo unknown), checked out $(sources_id)): not measured; bash bench/pgo.sh rebuilds it"
+fi
+echo "bench: $pgo_note" >&2
 if part 2w; then
   # Unpinned, on both cores, with their own backend so the pinned one stays on core 0.
   "$bin/bench-backend" 127.0.0.1:18092 2>/dev/null & pids+=("$!")
@@ -164,6 +168,10 @@ if part 2w; then
 fi
 if part h2; then cases+=("h2:keyway:18081:$H2_CONNS" "h2:haproxy:18088:$H2_CONNS"); fi
 if part tls; then cases+=("tls:keyway:18091:$TLS_CONNS" "tls:haproxy:18089:$TLS_CONNS"); fi
+if [ -n "${pid[keyway-pgo]:-}" ]; then
+  part h2 && cases+=("h2:keyway-pgo:18093:$H2_CONNS")
+  part tls && cases+=("tls:keyway-pgo:18094:$TLS_CONNS")
+fi
 
 declare -A all_rps all_cpu all_p50 all_p99
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -271,6 +279,9 @@ paired() {
 pkh() { paired "h1/keyway/$1" "h1/haproxy/$1"; }
 paired2w() { paired "2w/keyway-2w/$1" "2w/haproxy-2t/$1"; }
 pcls() { paired "h1/keyway-cls/$1" "h1/keyway-pr/$1"; }
+pgh() { ratio "${rps_m[h1/keyway-pgo/$1]:-}" "${rps_m[h1/haproxy/$1]:-}"; }
+ppgh() { paired "h1/keyway-pgo/$1" "h1/haproxy/$1"; }
+pgc() { echo "$(u "h1/keyway-pgo/$1") vs $(u "h1/haproxy/$1")"; }
 
 mkdir -p bench/results
 {
@@ -302,7 +313,8 @@ mkdir -p bench/results
     echo "|---|---|---:|---:|"
     for k in h2:$H2_CONNS tls:$TLS_CONNS; do
       part "${k%%:*}" || continue
-      for n in keyway haproxy; do
+      for n in keyway keyway-pgo haproxy; do
+        [ "$n" = keyway-pgo ] && [ -z "${pid[keyway-pgo]:-}" ] && continue
         label=${k%%:*}; [ "$label" = h2 ] && label=h2c; [ "$label" = tls ] && label=https
         echo "| $label | $n | $(r "${k%%:*}/$n/${k##*:}") | $(u "${k%%:*}/$n/${k##*:}") |"
       done
@@ -314,6 +326,14 @@ mkdir -p bench/results
     echo "keyway/HAProxy throughput per round, median (rounds): $(each_c pkh)"
     echo "CPU µs/request keyway vs HAProxy: $(each_c kc)"
     echo "added p99 at $RATE req/s, keyway vs HAProxy: $(added "${p99[keyway]}" "${p99[direct]:-}") vs $(added "${p99[haproxy]}" "${p99[direct]:-}") µs (added p50: $(added "${p50[keyway]}" "${p50[direct]:-}") vs $(added "${p50[haproxy]}" "${p50[direct]:-}") µs)"
+  fi
+  echo "PGO: $pgo_note"
+  if has keyway-pgo && has haproxy; then
+    echo "keyway-pgo/HAProxy throughput: $(each_c pgh); per round $(each_c ppgh)"
+    echo "CPU µs/request keyway-pgo vs HAProxy: $(each_c pgc)"
+    echo "added p99 at $RATE req/s, keyway-pgo vs HAProxy: $(added "${p99[keyway-pgo]}" "${p99[direct]:-}") vs $(added "${p99[haproxy]}" "${p99[direct]:-}") µs (added p50: $(added "${p50[keyway-pgo]}" "${p50[direct]:-}") vs $(added "${p50[haproxy]}" "${p50[direct]:-}") µs)"
+    part h2 && echo "h2c keyway-pgo/HAProxy throughput: $(ratio "${rps_m[h2/keyway-pgo/$H2_CONNS]:-}" "${rps_m[h2/haproxy/$H2_CONNS]:-}"), per round $(paired "h2/keyway-pgo/$H2_CONNS" "h2/haproxy/$H2_CONNS")"
+    part tls && echo "TLS keyway-pgo/HAProxy throughput: $(ratio "${rps_m[tls/keyway-pgo/$TLS_CONNS]:-}" "${rps_m[tls/haproxy/$TLS_CONNS]:-}"), per round $(paired "tls/keyway-pgo/$TLS_CONNS" "tls/haproxy/$TLS_CONNS")"
   fi
   has keyway && has nginx && echo "keyway/nginx throughput: $(each_c kn)"
   if part 2w; then
