@@ -246,26 +246,10 @@ mod tests {
         l.record(Duration::from_millis(1));
         l.record(Duration::from_secs(61));
         let out = rendered(&l);
-        assert_eq!(
-            line(&out, "t_bucket{cluster=\"c\",le=\"0.0005\"}"),
-            "1",
-            "{out}"
-        );
-        assert_eq!(
-            line(&out, "t_bucket{cluster=\"c\",le=\"0.001\"}"),
-            "3",
-            "{out}"
-        );
-        assert_eq!(
-            line(&out, "t_bucket{cluster=\"c\",le=\"60\"}"),
-            "3",
-            "{out}"
-        );
-        assert_eq!(
-            line(&out, "t_bucket{cluster=\"c\",le=\"+Inf\"}"),
-            "4",
-            "{out}"
-        );
+        for (le, cumulative) in [("0.0005", "1"), ("0.001", "3"), ("60", "3"), ("+Inf", "4")] {
+            let key = format!("t_bucket{{cluster=\"c\",le=\"{le}\"}}");
+            assert_eq!(line(&out, &key), cumulative, "{out}");
+        }
         assert_eq!(line(&out, "t_count{cluster=\"c\"}"), "4", "{out}");
         let sum: f64 = line(&out, "t_sum{cluster=\"c\"}").parse().unwrap();
         assert!((sum - 61.002_000_001).abs() < 1e-9, "{out}");
